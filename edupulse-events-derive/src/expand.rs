@@ -1,0 +1,373 @@
+//! Generates the impls from a model that `valid.rs` has accepted.
+
+use proc_macro2::{Literal, Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::DeriveInput;
+use syn::spanned::Spanned;
+
+use crate::ast::{Enum, Input, Struct};
+use crate::ctxt::Ctxt;
+use crate::{fallback, valid};
+
+/// Entry point: parse, validate, expand.
+pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
+    let cx = Ctxt::default();
+    let model = Input::from_syn(&cx, input);
+    if let Some(model) = &model {
+        valid::validate(&cx, model);
+    }
+    match (model, cx.has_errors()) {
+        (Some(Input::Struct(s)), false) => Ok(expand_struct(&s)),
+        (Some(Input::Enum(e)), false) => Ok(expand_enum(&e)),
+        _ => {
+            let stand_in = fallback::expand(input);
+            let errors = match cx.check() {
+                Err(e) => e.into_compile_error(),
+                Ok(()) => TokenStream::new(),
+            };
+            Ok(quote! { #errors #stand_in })
+        }
+    }
+}
+
+fn u32_lit(n: u32) -> Literal {
+    Literal::u32_unsuffixed(n)
+}
+
+fn expand_struct(s: &Struct<'_>) -> TokenStream {
+    let ident = &s.original.ident;
+    let event_type = s.event_type();
+    let aliases = s.aliases();
+    let subject = s.subject();
+    let version = s.version();
+    let version_lit = u32_lit(version);
+
+    let aggregate_id = match s.aggregate_field() {
+        Some(field) => {
+            let member = &field.member;
+            let span = field.ty.span();
+            quote_spanned! {span=>
+                ::edupulse_events::__private::Option::Some(
+                    ::edupulse_events::__private::aggregate_uuid(&self.#member)
+                )
+            }
+        }
+        None => quote!(::edupulse_events::__private::Option::None),
+    };
+
+    let keys = s.keys();
+    let key_names: Vec<&String> = keys.iter().map(|(name, _)| name).collect();
+    let key_count = keys.len();
+    let push_keys = keys.iter().map(|(name, field)| {
+        let member = &field.member;
+        let span = field.ty.span();
+        quote_spanned! {span=>
+            ::edupulse_events::__private::push_key(&mut __keys, #name, &self.#member);
+        }
+    });
+
+    let chain = expand_chain(s, version);
+    let previous_check = s.attrs.previous.as_ref().map(|previous| {
+        let expected = u32_lit(version.saturating_sub(1));
+        let message = format!(
+            "`previous` of `{ident}` (version {version}) must be the shape of version {}: set \
+             `#[event(version = {})]` on the previous type",
+            version.saturating_sub(1),
+            version.saturating_sub(1),
+        );
+        quote_spanned! {previous.span()=>
+            const _: () = ::core::assert!(
+                <#previous as ::edupulse_events::__private::EventSchema>::VERSION == #expected,
+                #message
+            );
+        }
+    });
+
+    quote! {
+        #[automatically_derived]
+        #[allow(unused_qualifications)]
+        impl ::edupulse_events::__private::DomainEvent for #ident {
+            const EVENT_TYPES: &'static [&'static str] = &[#event_type];
+            const ACCEPTED_TYPES: &'static [&'static str] = &[#event_type #(, #aliases)*];
+            const SUBJECTS: &'static [&'static str] = &[#subject];
+
+            #[inline]
+            fn event_type(&self) -> &'static str {
+                #event_type
+            }
+
+            #[inline]
+            fn subject(&self) -> &'static str {
+                #subject
+            }
+
+            #[inline]
+            fn schema_version(&self) -> u32 {
+                #version_lit
+            }
+
+            fn aggregate_id(&self) -> ::edupulse_events::__private::Option<::edupulse_events::__private::Uuid> {
+                #aggregate_id
+            }
+
+            fn promoted_keys(&self) -> ::edupulse_events::__private::Vec<::edupulse_events::__private::PromotedKey> {
+                #[allow(unused_mut)]
+                let mut __keys = ::edupulse_events::__private::Vec::with_capacity(#key_count);
+                #(#push_keys)*
+                __keys
+            }
+
+            fn to_payload(&self) -> ::edupulse_events::__private::Result<
+                ::edupulse_events::__private::Box<::edupulse_events::__private::RawValue>,
+                ::edupulse_events::__private::EventError,
+            > {
+                ::edupulse_events::__private::to_payload(#event_type, self)
+            }
+
+            fn decode(
+                __event_type: &str,
+                __version: u32,
+                __payload: &[u8],
+            ) -> ::edupulse_events::__private::Result<Self, ::edupulse_events::__private::EventError> {
+                if __event_type == #event_type #(|| __event_type == #aliases)* {
+                    <Self as ::edupulse_events::__private::EventSchema>::decode_version(__event_type, __version, __payload)
+                } else {
+                    ::edupulse_events::__private::Result::Err(::edupulse_events::__private::unknown(
+                        __event_type,
+                        <Self as ::edupulse_events::__private::DomainEvent>::ACCEPTED_TYPES,
+                    ))
+                }
+            }
+        }
+
+        #[automatically_derived]
+        #[allow(unused_qualifications)]
+        impl ::edupulse_events::__private::EventSchema for #ident {
+            const EVENT_TYPE: &'static str = #event_type;
+            const ALIASES: &'static [&'static str] = &[#(#aliases),*];
+            const VERSION: u32 = #version_lit;
+            const SUBJECT: &'static str = #subject;
+            const KEYS: &'static [&'static str] = &[#(#key_names),*];
+
+            fn decode_version(
+                __event_type: &str,
+                __version: u32,
+                __payload: &[u8],
+            ) -> ::edupulse_events::__private::Result<Self, ::edupulse_events::__private::EventError> {
+                #chain
+            }
+        }
+
+        #previous_check
+    }
+}
+
+/// The body of `decode_version`: the current version decodes directly; older ones go
+/// through the typed `previous` type or the raw JSON steps.
+fn expand_chain(s: &Struct<'_>, version: u32) -> TokenStream {
+    let version_lit = u32_lit(version);
+    let current = quote! {
+        if __version == #version_lit {
+            return ::edupulse_events::__private::from_slice::<Self>(__event_type, __version, __payload);
+        }
+        if __version == 0 || __version > #version_lit {
+            return ::edupulse_events::__private::Result::Err(
+                ::edupulse_events::__private::unsupported(__event_type, __version, #version_lit),
+            );
+        }
+    };
+    if let Some(previous) = &s.attrs.previous {
+        let from = quote_spanned! {previous.span()=>
+            <Self as ::edupulse_events::__private::From<#previous>>::from
+        };
+        return quote! {
+            #current
+            <#previous as ::edupulse_events::__private::EventSchema>::decode_version(__event_type, __version, __payload)
+                .map(#from)
+        };
+    }
+    if version == 1 {
+        // Only version 1 exists; versions other than 1 were refused above.
+        return quote! {
+            #current
+            ::edupulse_events::__private::Result::Err(
+                ::edupulse_events::__private::unsupported(__event_type, __version, #version_lit),
+            )
+        };
+    }
+    let mut steps: Vec<_> =
+        s.attrs.upcasts.iter().filter_map(|u| Some((u.from.as_ref()?.value, u.with.as_ref()?))).collect();
+    steps.sort_by_key(|(from, _)| *from);
+    let arms = steps.iter().map(|(from, with)| {
+        let from = u32_lit(*from);
+        quote_spanned! {with.span()=>
+            #from => ::edupulse_events::__private::upcast(__event_type, __version, #from, #with, __value)?,
+        }
+    });
+    quote! {
+        #current
+        let mut __value = ::edupulse_events::__private::value_from_slice(__event_type, __version, __payload)?;
+        let mut __at = __version;
+        while __at < #version_lit {
+            __value = match __at {
+                #(#arms)*
+                _ => {
+                    return ::edupulse_events::__private::Result::Err(
+                        ::edupulse_events::__private::unsupported(__event_type, __version, #version_lit),
+                    );
+                }
+            };
+            __at += 1;
+        }
+        ::edupulse_events::__private::from_value::<Self>(__event_type, __version, __value)
+    }
+}
+
+fn expand_enum(e: &Enum<'_>) -> TokenStream {
+    let ident = &e.original.ident;
+    let types: Vec<_> = e.variants.iter().map(|v| v.ty).collect();
+    let idents: Vec<_> = e.variants.iter().map(|v| v.ident).collect();
+    let tys_as_event: Vec<_> = types
+        .iter()
+        .map(|ty| quote_spanned!(ty.span()=> <#ty as ::edupulse_events::__private::DomainEvent>))
+        .collect();
+
+    let list = |name: &str| {
+        let name = format_ident!("{}", name);
+        quote! {{
+            const __PARTS: &[&[&'static str]] = &[#(#tys_as_event::#name),*];
+            const __N: usize = ::edupulse_events::__private::concat_len(__PARTS);
+            const __ALL: [&'static str; __N] = ::edupulse_events::__private::concat_strs(__PARTS);
+            &__ALL
+        }}
+    };
+    let event_types = list("EVENT_TYPES");
+    let accepted = list("ACCEPTED_TYPES");
+    let subjects = list("SUBJECTS");
+
+    let dispatch = |method: TokenStream| {
+        quote! {
+            match self {
+                #(Self::#idents(__event) => #tys_as_event::#method(__event),)*
+            }
+        }
+    };
+    let event_type = dispatch(quote!(event_type));
+    let subject = dispatch(quote!(subject));
+    let schema_version = dispatch(quote!(schema_version));
+    let aggregate_id = dispatch(quote!(aggregate_id));
+    let promoted_keys = dispatch(quote!(promoted_keys));
+    let to_payload = dispatch(quote!(to_payload));
+
+    let mut checks = Vec::new();
+    for (j, later) in e.variants.iter().enumerate() {
+        for earlier in &e.variants[..j] {
+            let message = format!(
+                "variants `{}` and `{}` of `{ident}` share an event type name or alias, so decoding \
+                 could not tell them apart: rename one with `#[event(name = \"…\")]`",
+                earlier.ident, later.ident
+            );
+            let (a, b) = (earlier.ty, later.ty);
+            checks.push(quote_spanned! {later.ty.span()=>
+                const _: () = ::core::assert!(
+                    !::edupulse_events::__private::intersects(
+                        <#a as ::edupulse_events::__private::DomainEvent>::ACCEPTED_TYPES,
+                        <#b as ::edupulse_events::__private::DomainEvent>::ACCEPTED_TYPES,
+                    ),
+                    #message
+                );
+            });
+        }
+    }
+    if let Some(context) = &e.attrs.context {
+        let context_value = context.value();
+        for v in &e.variants {
+            let ty = v.ty;
+            let message = format!(
+                "variant `{}` of `{ident}` is published outside the context `{context_value}`: give its \
+                 event `#[event(context = \"{context_value}\")]` or a subject that starts with `{context_value}.`",
+                v.ident
+            );
+            checks.push(quote_spanned! {ty.span()=>
+                const _: () = ::core::assert!(
+                    ::edupulse_events::__private::all_in_context(
+                        <#ty as ::edupulse_events::__private::DomainEvent>::SUBJECTS,
+                        #context_value,
+                    ),
+                    #message
+                );
+            });
+        }
+    }
+
+    let from_impls = e.variants.iter().map(|v| {
+        let (variant, ty) = (v.ident, v.ty);
+        quote! {
+            #[automatically_derived]
+            #[allow(unused_qualifications)]
+            impl ::edupulse_events::__private::From<#ty> for #ident {
+                #[inline]
+                fn from(event: #ty) -> Self {
+                    Self::#variant(event)
+                }
+            }
+        }
+    });
+
+    let span = Span::call_site();
+    quote_spanned! {span=>
+        #[automatically_derived]
+        #[allow(unused_qualifications)]
+        impl ::edupulse_events::__private::DomainEvent for #ident {
+            const EVENT_TYPES: &'static [&'static str] = #event_types;
+            const ACCEPTED_TYPES: &'static [&'static str] = #accepted;
+            const SUBJECTS: &'static [&'static str] = #subjects;
+
+            fn event_type(&self) -> &'static str {
+                #event_type
+            }
+
+            fn subject(&self) -> &'static str {
+                #subject
+            }
+
+            fn schema_version(&self) -> u32 {
+                #schema_version
+            }
+
+            fn aggregate_id(&self) -> ::edupulse_events::__private::Option<::edupulse_events::__private::Uuid> {
+                #aggregate_id
+            }
+
+            fn promoted_keys(&self) -> ::edupulse_events::__private::Vec<::edupulse_events::__private::PromotedKey> {
+                #promoted_keys
+            }
+
+            fn to_payload(&self) -> ::edupulse_events::__private::Result<
+                ::edupulse_events::__private::Box<::edupulse_events::__private::RawValue>,
+                ::edupulse_events::__private::EventError,
+            > {
+                #to_payload
+            }
+
+            fn decode(
+                __event_type: &str,
+                __version: u32,
+                __payload: &[u8],
+            ) -> ::edupulse_events::__private::Result<Self, ::edupulse_events::__private::EventError> {
+                #(
+                    if #tys_as_event::accepts(__event_type) {
+                        return #tys_as_event::decode(__event_type, __version, __payload).map(Self::#idents);
+                    }
+                )*
+                ::edupulse_events::__private::Result::Err(::edupulse_events::__private::unknown(
+                    __event_type,
+                    <Self as ::edupulse_events::__private::DomainEvent>::ACCEPTED_TYPES,
+                ))
+            }
+        }
+
+        #(#from_impls)*
+        #(#checks)*
+    }
+}

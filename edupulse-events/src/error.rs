@@ -1,0 +1,146 @@
+//! The one error type of the crate.
+
+use std::error::Error as StdError;
+
+use uuid::Uuid;
+
+/// A boxed error from a lower layer (serde_json, an upcaster, a driver).
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Everything that can go wrong while encoding, storing, decoding or publishing events.
+///
+/// Callers branch on the variants: a [`Concurrency`](EventError::Concurrency) conflict is
+/// retried after reloading the aggregate, an [`UnknownEventType`](EventError::UnknownEventType)
+/// row may be skipped by a projection, and so on. Decoding errors carry the global position
+/// of the stored row when the error comes from the store, so the faulty row can be found.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventError {
+    /// Another writer appended to the aggregate first: reload it and decide again.
+    #[error(
+        "concurrency conflict on aggregate {aggregate_id}: expected sequence {expected}, \
+         but the stream is at {actual}; reload the aggregate and retry the command"
+    )]
+    Concurrency {
+        /// The aggregate both writers appended to.
+        aggregate_id: Uuid,
+        /// The sequence the losing writer expected the stream to be at.
+        expected: i64,
+        /// The sequence the stream is really at.
+        actual: i64,
+    },
+
+    /// A stored or received event has a type that this build does not know.
+    #[error(
+        "unknown event type `{event_type}`{at}; known types: {known}; add the event type to \
+         the enum, or declare the old name with `#[event(alias = \"{event_type}\")]`",
+        at = fmt_position(*position),
+        known = known.join(", ")
+    )]
+    UnknownEventType {
+        /// The event type found in the row or message.
+        event_type: String,
+        /// The names (event types and aliases) this decoder accepts.
+        known: &'static [&'static str],
+        /// Global position of the stored row, when the event came from the store.
+        position: Option<i64>,
+    },
+
+    /// A stored or received event has a schema version this build cannot decode.
+    #[error(
+        "event `{event_type}`{at} has schema version {found}, but this build knows versions \
+         1 to {newest_known}; deploy a build that knows version {found} before reading it",
+        at = fmt_position(*position)
+    )]
+    UnsupportedVersion {
+        /// The event type of the payload.
+        event_type: String,
+        /// The version found in the row or message.
+        found: u32,
+        /// The newest version this build can decode.
+        newest_known: u32,
+        /// Global position of the stored row, when the event came from the store.
+        position: Option<i64>,
+    },
+
+    /// A payload could not be decoded or upcast into the current type.
+    #[error(
+        "cannot decode event `{event_type}` version {version}{at}: {source}",
+        at = fmt_position(*position)
+    )]
+    Decode {
+        /// The event type of the payload.
+        event_type: String,
+        /// The schema version of the payload as stored.
+        version: u32,
+        /// Global position of the stored row, when the event came from the store.
+        position: Option<i64>,
+        /// What serde_json or the upcaster reported.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An event could not be serialized to JSON.
+    #[error("cannot serialize event `{event_type}`: {source}")]
+    Serialization {
+        /// The event type being serialized.
+        event_type: &'static str,
+        /// What serde_json reported.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A NATS subject or one of its tokens is invalid.
+    #[error("invalid subject `{subject}`: {reason}")]
+    InvalidSubject {
+        /// The offending subject or token.
+        subject: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// The configuration is invalid (a table name, a URL, an option).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl EventError {
+    /// Attaches the global position of the stored row to a decoding error.
+    ///
+    /// Other errors are returned unchanged.
+    #[must_use]
+    pub fn at_position(mut self, global_position: i64) -> Self {
+        match &mut self {
+            Self::UnknownEventType { position, .. }
+            | Self::UnsupportedVersion { position, .. }
+            | Self::Decode { position, .. } => *position = Some(global_position),
+            _ => {}
+        }
+        self
+    }
+
+    /// The global position of the stored row this error is about, if any.
+    pub fn position(&self) -> Option<i64> {
+        match self {
+            Self::UnknownEventType { position, .. }
+            | Self::UnsupportedVersion { position, .. }
+            | Self::Decode { position, .. } => *position,
+            _ => None,
+        }
+    }
+
+    /// Whether this error is about one event that cannot be decoded (unknown type, newer
+    /// version, malformed payload), as opposed to a failure of the system.
+    ///
+    /// A projection may choose to skip such events; it must never skip other errors.
+    pub fn is_undecodable_event(&self) -> bool {
+        matches!(self, Self::UnknownEventType { .. } | Self::UnsupportedVersion { .. } | Self::Decode { .. })
+    }
+}
+
+fn fmt_position(position: Option<i64>) -> String {
+    match position {
+        Some(p) => format!(" at global position {p}"),
+        None => String::new(),
+    }
+}

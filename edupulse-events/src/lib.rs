@@ -1,0 +1,108 @@
+//! Domain events for Rust services: annotate plain event structs with
+//! `#[derive(DomainEvent)]` and get stable type names, NATS subjects, schema versions with an
+//! upcaster chain for old payloads, and typed SQL bindings.
+//!
+//! # Example
+//!
+//! ```
+//! use edupulse_events::{DomainEvent, EventError, EventSchema, Uuid, upcast};
+//! use serde::{Deserialize, Serialize};
+//!
+//! /// Version 2 of the event, as an older deployment wrote it.
+//! #[derive(Debug, Serialize, Deserialize, DomainEvent)]
+//! #[event(name = "LessonPublished", version = 2, context = "courses",
+//!         upcast(from = 1, with = v1_to_v2))]
+//! pub struct LessonPublishedV2 {
+//!     #[event(aggregate_id)]
+//!     pub lesson_id: Uuid,
+//!     pub title: String,
+//! }
+//!
+//! /// Version 1 called the title `name`.
+//! fn v1_to_v2(payload: upcast::JsonValue) -> Result<upcast::JsonValue, upcast::UpcastError> {
+//!     upcast::rename_field(payload, "name", "title")
+//! }
+//!
+//! /// The current shape: version 3 added tags.
+//! #[derive(Debug, Serialize, Deserialize, DomainEvent)]
+//! #[event(version = 3, context = "courses", previous = LessonPublishedV2)]
+//! pub struct LessonPublished {
+//!     #[event(aggregate_id)]
+//!     pub lesson_id: Uuid,
+//!     #[event(key)]
+//!     pub author_id: Uuid,
+//!     pub title: String,
+//!     pub tags: Vec<String>,
+//! }
+//!
+//! impl From<LessonPublishedV2> for LessonPublished {
+//!     fn from(old: LessonPublishedV2) -> Self {
+//!         Self { lesson_id: old.lesson_id, author_id: Uuid::nil(), title: old.title, tags: vec![] }
+//!     }
+//! }
+//!
+//! # fn main() -> Result<(), EventError> {
+//! assert_eq!(LessonPublished::EVENT_TYPE, "LessonPublished");
+//! assert_eq!(LessonPublished::SUBJECT, "courses.LessonPublished");
+//! assert_eq!(LessonPublished::VERSION, 3);
+//!
+//! // A payload stored by version 1 decodes into the current type.
+//! let v1 = br#"{"lesson_id":"0190c4a8-6ad8-7f0e-9b1a-3c5d2f4e6a7b","name":"Ownership"}"#;
+//! let event = LessonPublished::decode("LessonPublished", 1, v1)?;
+//! assert_eq!(event.title, "Ownership");
+//!
+//! // A version from the future is refused with a typed error, not a panic.
+//! let err = LessonPublished::decode("LessonPublished", 4, v1).unwrap_err();
+//! assert!(matches!(err, EventError::UnsupportedVersion { found: 4, newest_known: 3, .. }));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Details
+//!
+//! - Struct attributes, all optional, inside `#[event(...)]`:
+//!   - `name = "…"`: the stable event type (default: the struct's name); `alias = "…"`,
+//!     repeatable, for names that older payloads carry;
+//!   - `context = "…"`: the subject prefix, giving the subject `<context>.<name>`;
+//!     `subject = "…"` sets the whole subject instead. Both are checked at compile time:
+//!     no empty token, no whitespace, no `*` or `>`. Without either, the subject is the name;
+//!   - `version = N` (default 1) and the upcaster chain for versions `1..N`: either
+//!     `previous = OldShape` (the version `N - 1` shape, itself deriving `DomainEvent`, with
+//!     `impl From<OldShape> for Self`), or one `upcast(from = K, with = path::to_fn)` per older
+//!     version `K`, each a raw JSON step `K -> K + 1` (see [`upcast`]). A gap is a compile
+//!     error.
+//! - Field attributes: `#[event(aggregate_id)]` on one field of type `Uuid` (or a newtype
+//!   implementing [`AggregateId`]); `#[event(key)]` or `#[event(key = "name")]` promotes a
+//!   field into the store's indexed keys (see [`IntoKeyValue`]).
+//! - On an enum whose variants each wrap one event type, the derive dispatches all of the
+//!   above and decodes by event type (aliases included). `#[event(context = "…")]` on the
+//!   enum checks at compile time that every variant is published under that context. A
+//!   subject belongs to the event type, never to the enum wrapping it, so an event travels on
+//!   the same subject wherever it is published.
+//! - Decoding never panics: unknown types, versions newer than the code, malformed payloads
+//!   and refusing upcasters all give an [`EventError`].
+//! - Upcasting is pure and runs on every read: stored rows are never rewritten.
+
+mod envelope;
+mod error;
+mod event;
+mod subject;
+pub mod upcast;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use chrono;
+pub use serde_json;
+pub use uuid::{self, Uuid};
+
+pub use crate::envelope::{EventEnvelope, Metadata};
+pub use crate::error::{BoxError, EventError};
+pub use crate::event::{
+    AggregateId, DomainEvent, EncodedEvent, EventSchema, IntoKeyValue, KeyValue, PromotedKey,
+};
+pub use crate::subject::{validate_subject, validate_subject_token};
+
+/// Derives [`DomainEvent`] (and, on structs, [`EventSchema`]). See the [crate docs](crate).
+#[cfg(feature = "derive")]
+pub use edupulse_events_derive::DomainEvent;

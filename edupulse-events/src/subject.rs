@@ -1,0 +1,132 @@
+//! NATS subjects: the checks every subject and every run-time token passes.
+//!
+//! A subject is a dot-separated list of tokens. We accept a token when it is non-empty and
+//! made of printable ASCII other than the wildcards `*` and `>`: no whitespace, no control
+//! characters, no non-ASCII. Subjects of event types are checked at compile time by the
+//! derive; values that reach a subject at run time (an aggregate id, a tenant) go through
+//! [`validate_subject_token`], so user data can never widen a subscription or publish to a
+//! subject nobody expects.
+
+use crate::EventError;
+
+/// Why a subject or token is refused, or `None` when it is valid.
+///
+/// `const` so that the derive can check subjects assembled from other types' constants at
+/// compile time.
+#[doc(hidden)]
+pub const fn subject_problem(subject: &str, single_token: bool) -> Option<&'static str> {
+    let bytes = subject.as_bytes();
+    if bytes.is_empty() {
+        return Some("a subject must not be empty");
+    }
+    let mut i = 0;
+    let mut token_len = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'.' {
+            if single_token {
+                return Some("a subject token must not contain `.`");
+            }
+            if token_len == 0 {
+                return Some("a subject must not contain an empty token (`..`, or `.` at either end)");
+            }
+            token_len = 0;
+        } else if b == b'*' || b == b'>' {
+            return Some("the wildcards `*` and `>` are not allowed in a published subject");
+        } else if b <= b' ' || b == 0x7f {
+            return Some("whitespace and control characters are not allowed in a subject");
+        } else if b > 0x7f {
+            return Some("only ASCII characters are allowed in a subject");
+        } else {
+            token_len += 1;
+        }
+        i += 1;
+    }
+    if token_len == 0 {
+        return Some("a subject must not contain an empty token (`..`, or `.` at either end)");
+    }
+    None
+}
+
+/// Checks a complete subject such as `edupulse.courses.lesson-published`.
+///
+/// # Errors
+/// [`EventError::InvalidSubject`] for an empty subject or token, whitespace, control or
+/// non-ASCII characters, or the wildcards `*` and `>`.
+pub fn validate_subject(subject: &str) -> Result<(), EventError> {
+    match subject_problem(subject, false) {
+        None => Ok(()),
+        Some(reason) => Err(EventError::InvalidSubject { subject: subject.to_owned(), reason }),
+    }
+}
+
+/// Checks one token that is about to be put into a subject at run time, such as a tenant
+/// name or an aggregate id. Unlike [`validate_subject`] it also refuses `.`.
+///
+/// # Errors
+/// [`EventError::InvalidSubject`] for anything that is not exactly one valid token.
+pub fn validate_subject_token(token: &str) -> Result<(), EventError> {
+    match subject_problem(token, true) {
+        None => Ok(()),
+        Some(reason) => Err(EventError::InvalidSubject { subject: token.to_owned(), reason }),
+    }
+}
+
+/// Whether every subject in `subjects` is `context` followed by at least one more token.
+#[doc(hidden)]
+pub const fn all_in_context(subjects: &[&str], context: &str) -> bool {
+    let mut i = 0;
+    while i < subjects.len() {
+        let s = subjects[i].as_bytes();
+        let c = context.as_bytes();
+        if s.len() <= c.len() + 1 || s[c.len()] != b'.' {
+            return false;
+        }
+        let mut j = 0;
+        while j < c.len() {
+            if s[j] != c[j] {
+                return false;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_subjects() {
+        for s in ["a", "edupulse.courses.lesson-published", "Courses.LessonPublished", "a_b.c-d.9"] {
+            assert!(validate_subject(s).is_ok(), "{s}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_subjects() {
+        for s in ["", ".", "a.", ".a", "a..b", "a.*", "a.>", "a b", "a\tb", "a\nb", "é", "a\u{7f}"] {
+            let err = validate_subject(s).expect_err(s);
+            assert!(matches!(err, EventError::InvalidSubject { .. }), "{s}: {err}");
+        }
+    }
+
+    #[test]
+    fn tokens_refuse_dots() {
+        assert!(validate_subject_token("tenant-1").is_ok());
+        assert!(validate_subject_token("tenant.1").is_err());
+        assert!(validate_subject_token("").is_err());
+        assert!(validate_subject_token(">").is_err());
+    }
+
+    #[test]
+    fn context_prefix() {
+        assert!(all_in_context(&["courses.A", "courses.b.c"], "courses"));
+        assert!(!all_in_context(&["courses"], "courses"));
+        assert!(!all_in_context(&["coursesx.A"], "courses"));
+        assert!(!all_in_context(&["billing.A"], "courses"));
+        assert!(all_in_context(&[], "courses"));
+    }
+}
