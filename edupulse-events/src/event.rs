@@ -12,6 +12,11 @@ use crate::EventError;
 /// Implemented by `#[derive(DomainEvent)]`; see the [crate docs](crate) for the attributes.
 /// On an event struct it describes that one event; on an enum of event structs it dispatches
 /// to the variant.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a domain event",
+    label = "not a domain event",
+    note = "add `#[derive(DomainEvent)]` (and serde's `Serialize`, `Deserialize`) to `{Self}`"
+)]
 pub trait DomainEvent: Sized + Send + Sync + 'static {
     /// The current event type names this type produces (one for a struct).
     const EVENT_TYPES: &'static [&'static str];
@@ -83,6 +88,11 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
 ///
 /// Implemented by `#[derive(DomainEvent)]` on structs only. Old shapes of an event named by
 /// `#[event(previous = OldShape)]` implement it too, which is how the typed chain recurses.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an event struct",
+    label = "not an event struct",
+    note = "an old shape named by `previous` derives `DomainEvent` too, with `#[event(version = N)]`"
+)]
 pub trait EventSchema: DomainEvent + Serialize + DeserializeOwned {
     /// The stable event type name.
     const EVENT_TYPE: &'static str;

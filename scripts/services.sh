@@ -1,0 +1,154 @@
+# shellcheck shell=bash
+# Starts a throw-away PostgreSQL and a JetStream-enabled nats-server on loopback, unless
+# DATABASE_URL / NATS_URL already point at running servers. Sourced by scripts/test.sh.
+#
+#   services_start   installs what is missing (Debian packages, as root), starts both
+#                    servers, waits until they answer, exports DATABASE_URL and NATS_URL
+#   services_stop    stops what services_start started (also run on EXIT)
+#
+# Everything lives in one temporary directory that is removed on stop.
+
+SERVICES_DIR=""
+SERVICES_PG_STARTED=""
+SERVICES_NATS_PID=""
+SERVICES_PG_USER=""
+
+log() { printf '[services] %s\n' "$*" >&2; }
+die() { printf '[services] error: %s\n' "$*" >&2; exit 1; }
+
+# A TCP port on 127.0.0.1 that nothing listens on.
+free_port() {
+  local port
+  for _ in $(seq 1 50); do
+    port=$(( 20000 + RANDOM % 30000 ))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
+  die "no free port found on 127.0.0.1"
+}
+
+wait_for_port() { # host port seconds what
+  local i
+  for i in $(seq 1 $(( $3 * 10 ))); do
+    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "$4 did not start listening on $1:$2 within $3 s"
+}
+
+apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then
+    die "$1 is not installed and this is not root: install the Debian package(s) '$*' and re-run"
+  fi
+  log "installing $* (Debian packages)"
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; then
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
+  fi
+}
+
+pg_bindir() {
+  local d
+  for d in /usr/lib/postgresql/*/bin; do
+    if [ -x "$d/initdb" ]; then echo "$d"; fi
+  done | sort -V | tail -n 1
+}
+
+run_as_pg() {
+  if [ -n "$SERVICES_PG_USER" ]; then
+    runuser -u "$SERVICES_PG_USER" -- "$@"
+  else
+    "$@"
+  fi
+}
+
+start_postgres() {
+  local bin port data
+  bin=$(pg_bindir)
+  if [ -z "$bin" ]; then
+    apt_install postgresql
+    bin=$(pg_bindir)
+    [ -n "$bin" ] || die "PostgreSQL was installed but initdb was not found under /usr/lib/postgresql"
+  fi
+  # initdb refuses to run as root: use the package's `postgres` user, or make one.
+  if [ "$(id -u)" -eq 0 ]; then
+    if ! id postgres >/dev/null 2>&1; then
+      useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+    fi
+    SERVICES_PG_USER=postgres
+  fi
+  data="$SERVICES_DIR/pg"
+  mkdir -p "$data"
+  if [ -n "$SERVICES_PG_USER" ]; then chown -R "$SERVICES_PG_USER" "$SERVICES_DIR"; fi
+  run_as_pg "$bin/initdb" -D "$data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >"$SERVICES_DIR/initdb.log" 2>&1 \
+    || { cat "$SERVICES_DIR/initdb.log" >&2; die "initdb failed"; }
+  port=$(free_port)
+  # A throw-away server: durability settings off, loopback only, enough connections for
+  # tests that run in parallel.
+  run_as_pg "$bin/pg_ctl" -D "$data" -l "$SERVICES_DIR/postgres.log" -w -t 60 start -o \
+    "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$data -c max_connections=300 \
+     -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=128MB" >/dev/null \
+    || { cat "$SERVICES_DIR/postgres.log" >&2; die "PostgreSQL did not start"; }
+  SERVICES_PG_STARTED="$bin"
+  export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  log "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
+}
+
+nats_binary() {
+  if command -v nats-server >/dev/null 2>&1; then command -v nats-server; return; fi
+  if [ -x /usr/sbin/nats-server ]; then echo /usr/sbin/nats-server; fi
+}
+
+start_nats() {
+  local bin port
+  bin=$(nats_binary)
+  if [ -z "$bin" ]; then
+    apt_install nats-server
+    bin=$(nats_binary)
+    [ -n "$bin" ] || die "nats-server was installed but is not on PATH"
+  fi
+  port=$(free_port)
+  mkdir -p "$SERVICES_DIR/nats"
+  "$bin" -js -a 127.0.0.1 -p "$port" -sd "$SERVICES_DIR/nats" >"$SERVICES_DIR/nats.log" 2>&1 &
+  SERVICES_NATS_PID=$!
+  wait_for_port 127.0.0.1 "$port" 30 nats-server
+  export NATS_URL="nats://127.0.0.1:$port"
+  # Test helpers that stop and restart the broker to inject faults need the binary and
+  # the store directory.
+  export EDUPULSE_NATS_SERVER_BIN="$bin"
+  log "nats-server $("$bin" --version | awk '{print $2}') with JetStream on 127.0.0.1:$port"
+}
+
+services_start() {
+  SERVICES_DIR=$(mktemp -d "${TMPDIR:-/tmp}/edupulse-services.XXXXXX")
+  chmod 755 "$SERVICES_DIR"
+  trap services_stop EXIT
+  if [ -n "${DATABASE_URL:-}" ]; then
+    log "using the PostgreSQL given by DATABASE_URL"
+  else
+    start_postgres
+  fi
+  if [ -n "${NATS_URL:-}" ]; then
+    log "using the NATS server given by NATS_URL"
+  else
+    start_nats
+  fi
+}
+
+services_stop() {
+  if [ -n "$SERVICES_NATS_PID" ]; then
+    kill "$SERVICES_NATS_PID" 2>/dev/null || true
+    wait "$SERVICES_NATS_PID" 2>/dev/null || true
+    SERVICES_NATS_PID=""
+  fi
+  if [ -n "$SERVICES_PG_STARTED" ]; then
+    run_as_pg "$SERVICES_PG_STARTED/pg_ctl" -D "$SERVICES_DIR/pg" -m immediate -w stop >/dev/null 2>&1 || true
+    SERVICES_PG_STARTED=""
+  fi
+  if [ -n "$SERVICES_DIR" ]; then
+    rm -rf "$SERVICES_DIR"
+    SERVICES_DIR=""
+  fi
+}

@@ -1,0 +1,15 @@
+use edupulse_events::{DomainEvent, Uuid};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+struct LessonPublished {
+    lesson_id: Uuid,
+}
+
+#[derive(DomainEvent)]
+enum CourseEvent {
+    Published(LessonPublished),
+    Released(LessonPublished),
+}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use edupulse_events::{DomainEvent, Uuid};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+struct LessonPublished {
+    #[event(aggregate_id)]
+    lesson_id: Uuid,
+    #[event(key)]
+    tags: Vec<String>,
+}
+
+fn main() {}

@@ -1,0 +1,26 @@
+use edupulse_events::{DomainEvent, Uuid};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+#[event(name = "LessonPublished")]
+struct LessonPublishedV1 {
+    lesson_id: Uuid,
+}
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+#[event(version = 2, previous = LessonPublishedV1, upcast(from = 1, with = step))]
+struct LessonPublished {
+    lesson_id: Uuid,
+}
+
+impl From<LessonPublishedV1> for LessonPublished {
+    fn from(old: LessonPublishedV1) -> Self {
+        Self { lesson_id: old.lesson_id }
+    }
+}
+
+fn step(v: edupulse_events::upcast::JsonValue) -> edupulse_events::upcast::JsonValue {
+    v
+}
+
+fn main() {}

@@ -1,0 +1,21 @@
+use edupulse_events::{DomainEvent, Uuid};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct LessonPublishedV1 {
+    lesson_id: Uuid,
+}
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+#[event(version = 2, previous = LessonPublishedV1)]
+struct LessonPublished {
+    lesson_id: Uuid,
+}
+
+impl From<LessonPublishedV1> for LessonPublished {
+    fn from(old: LessonPublishedV1) -> Self {
+        Self { lesson_id: old.lesson_id }
+    }
+}
+
+fn main() {}

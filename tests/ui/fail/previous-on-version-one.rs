@@ -1,0 +1,22 @@
+use edupulse_events::{DomainEvent, Uuid};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+#[event(name = "LessonPublished")]
+struct LessonPublishedV0 {
+    lesson_id: Uuid,
+}
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+#[event(previous = LessonPublishedV0)]
+struct LessonPublished {
+    lesson_id: Uuid,
+}
+
+impl From<LessonPublishedV0> for LessonPublished {
+    fn from(old: LessonPublishedV0) -> Self {
+        Self { lesson_id: old.lesson_id }
+    }
+}
+
+fn main() {}

@@ -1,0 +1,16 @@
+use edupulse_events::{DomainEvent, Uuid};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+#[event(name = "LessonPublished")]
+struct LessonPublishedV1 {
+    lesson_id: Uuid,
+}
+
+#[derive(Serialize, Deserialize, DomainEvent)]
+#[event(version = 2, previous = LessonPublishedV1)]
+struct LessonPublished {
+    lesson_id: Uuid,
+}
+
+fn main() {}

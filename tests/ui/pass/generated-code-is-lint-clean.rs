@@ -1,0 +1,34 @@
+//! The expansion compiles without warnings under strict lints in the user's crate.
+#![deny(warnings, unused_qualifications, missing_docs, unreachable_pub, rust_2018_idioms)]
+
+use edupulse_events::upcast::JsonValue;
+use edupulse_events::{DomainEvent, Uuid};
+use serde::{Deserialize, Serialize};
+
+/// An event.
+#[derive(Debug, Serialize, Deserialize, DomainEvent)]
+#[event(version = 2, context = "courses", upcast(from = 1, with = step))]
+pub struct LessonPublished {
+    /// The lesson.
+    #[event(aggregate_id)]
+    pub lesson_id: Uuid,
+    /// The author.
+    #[event(key)]
+    pub author_id: Uuid,
+}
+
+fn step(v: JsonValue) -> JsonValue {
+    v
+}
+
+/// Events.
+#[derive(Debug, DomainEvent)]
+#[event(context = "courses")]
+pub enum CourseEvent {
+    /// A lesson.
+    LessonPublished(LessonPublished),
+}
+
+fn main() {
+    let _ = CourseEvent::EVENT_TYPES;
+}
