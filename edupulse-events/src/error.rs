@@ -99,6 +99,11 @@ pub enum EventError {
         reason: &'static str,
     },
 
+    /// The database failed or could not be reached. Connection URLs are never part of the
+    /// message.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
     /// The configuration is invalid (a table name, a URL, an option).
     #[error("invalid configuration: {0}")]
     Config(String),

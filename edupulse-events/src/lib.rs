@@ -86,6 +86,9 @@
 mod envelope;
 mod error;
 mod event;
+mod postgres;
+mod store;
+mod stream;
 mod subject;
 pub mod upcast;
 
@@ -101,7 +104,11 @@ pub use crate::error::{BoxError, EventError};
 pub use crate::event::{
     AggregateId, DomainEvent, EncodedEvent, EventSchema, IntoKeyValue, KeyValue, PromotedKey,
 };
+pub use crate::store::{EventStore, ExpectedSequence, SchemaName, StoreConfig, StreamPosition, Transaction};
+pub use crate::stream::EventStream;
 pub use crate::subject::{validate_subject, validate_subject_token};
+pub use futures_core::Stream;
+pub use sqlx;
 
 /// Derives [`DomainEvent`] (and, on structs, [`EventSchema`]). See the [crate docs](crate).
 #[cfg(feature = "derive")]

@@ -1,0 +1,368 @@
+//! The PostgreSQL backend: the SQL of the store, built once per schema.
+//!
+//! Every statement binds its values as parameters. The only text put into SQL is the schema
+//! name, validated by [`SchemaName`] and quoted as an identifier.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
+use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr};
+use uuid::Uuid;
+
+use crate::store::{ExpectedSequence, SchemaName, StreamPosition};
+use crate::stream::{PageQuery, StoredRow};
+use crate::{DomainEvent, EventEnvelope, EventError};
+
+static MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// A transaction on the store's pool.
+pub(crate) type PgTransaction = sqlx::Transaction<'static, Postgres>;
+
+const COLUMNS: &str = "global_position, transaction_id, event_id, aggregate_type, aggregate_id, sequence, \
+     event_type, schema_version, payload::text AS payload, metadata::text AS metadata, occurred_at, recorded_at";
+
+/// The store's statements for one schema.
+struct Queries {
+    append_new: SqlStr,
+    append_existing: SqlStr,
+    stream_state: SqlStr,
+    current_sequence: SqlStr,
+    load_page: SqlStr,
+    all_page: SqlStr,
+    all_page_typed: SqlStr,
+    key_page: SqlStr,
+}
+
+impl Queries {
+    fn new(schema: &SchemaName) -> Self {
+        // Safe: `SchemaName` admits only `[a-z0-9_]`, and it is quoted besides.
+        let s = format!("\"{}\"", schema.as_str());
+        let insert_events = format!(
+            "INSERT INTO {s}.events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
+                 schema_version, payload, metadata, keys, occurred_at) \
+             SELECT e.event_id, $2, $1, bump.version - $4 + e.ord, e.event_type, e.schema_version, \
+                 e.payload::jsonb, e.metadata::jsonb, e.keys::jsonb, e.occurred_at \
+             FROM bump CROSS JOIN unnest($5::uuid[], $6::text[], $7::int4[], $8::text[], $9::text[], \
+                 $10::text[], $11::timestamptz[]) WITH ORDINALITY \
+                 AS e(event_id, event_type, schema_version, payload, metadata, keys, occurred_at, ord) \
+             ORDER BY e.ord \
+             RETURNING global_position, sequence, recorded_at"
+        );
+        let sql = |text: String| AssertSqlSafe(text).into_sql_str();
+        Self {
+            // A new stream (expected 0) or any sequence: insert the stream row, or bump it
+            // when the expectation holds. A lost race returns no row, never an error.
+            append_new: sql(format!(
+                "WITH bump AS ( \
+                     INSERT INTO {s}.streams AS st (aggregate_id, aggregate_type, version) VALUES ($1, $2, $4) \
+                     ON CONFLICT (aggregate_id) DO UPDATE SET version = st.version + $4 \
+                     WHERE st.aggregate_type = $2 AND ($3 < 0 OR st.version = $3) \
+                     RETURNING st.version) \
+                 {insert_events}"
+            )),
+            // An existing stream at an exact sequence.
+            append_existing: sql(format!(
+                "WITH bump AS ( \
+                     UPDATE {s}.streams SET version = version + $4 \
+                     WHERE aggregate_id = $1 AND aggregate_type = $2 AND version = $3 \
+                     RETURNING version) \
+                 {insert_events}"
+            )),
+            stream_state: sql(format!(
+                "SELECT aggregate_type, version FROM {s}.streams WHERE aggregate_id = $1"
+            )),
+            current_sequence: sql(format!(
+                "SELECT coalesce((SELECT version FROM {s}.streams WHERE aggregate_id = $1), 0)"
+            )),
+            load_page: sql(format!(
+                "SELECT {COLUMNS} FROM {s}.events WHERE aggregate_id = $1 AND sequence > $2 \
+                 ORDER BY sequence LIMIT $3"
+            )),
+            all_page: sql(format!(
+                "SELECT {COLUMNS} FROM {s}.events \
+                 WHERE (transaction_id, global_position) > ($1, $2) \
+                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+                 ORDER BY transaction_id, global_position LIMIT $3"
+            )),
+            all_page_typed: sql(format!(
+                "SELECT {COLUMNS} FROM {s}.events \
+                 WHERE (transaction_id, global_position) > ($1, $2) \
+                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+                   AND event_type = ANY($4) \
+                 ORDER BY transaction_id, global_position LIMIT $3"
+            )),
+            key_page: sql(format!(
+                "SELECT {COLUMNS} FROM {s}.events \
+                 WHERE keys @> $1::text::jsonb AND global_position > $2 AND event_type = ANY($4) \
+                 ORDER BY global_position LIMIT $3"
+            )),
+        }
+    }
+}
+
+pub(crate) struct PgBackend {
+    pub(crate) pool: PgPool,
+    sql: Queries,
+}
+
+impl PgBackend {
+    pub(crate) fn new(pool: PgPool, schema: &SchemaName) -> Self {
+        Self { pool, sql: Queries::new(schema) }
+    }
+
+    pub(crate) async fn migrate(&self, schema: &SchemaName) -> Result<(), EventError> {
+        // A connection of its own: `search_path` is changed for the migrator and must not
+        // leak into the pool.
+        let options = self.pool.connect_options();
+        let mut conn = PgConnection::connect_with(&options).await?;
+        let quoted = format!("\"{}\"", schema.as_str());
+        let create = sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {quoted}")));
+        if let Err(e) = create.execute(&mut conn).await {
+            // Two processes creating the schema at once: one loses with a duplicate error.
+            let duplicate =
+                e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P06" || c == "23505");
+            if !duplicate {
+                return Err(e.into());
+            }
+        }
+        sqlx::raw_sql(AssertSqlSafe(format!("SET search_path TO {quoted}"))).execute(&mut conn).await?;
+        MIGRATOR.run(&mut conn).await.map_err(|e| EventError::Config(format!("migration failed: {e}")))?;
+        conn.close().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn current_sequence(&self, aggregate_id: Uuid) -> Result<i64, EventError> {
+        let n: i64 = sqlx::query_scalar(self.sql.current_sequence.clone())
+            .bind(aggregate_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
+    pub(crate) async fn append<E: DomainEvent>(
+        &self,
+        conn: &mut PgConnection,
+        expected: ExpectedSequence,
+        mut envelopes: Vec<EventEnvelope<E>>,
+    ) -> Result<Vec<EventEnvelope<E>>, EventError> {
+        let Some(first) = envelopes.first() else { return Ok(envelopes) };
+        let aggregate_id = first.aggregate_id;
+        let aggregate_type = first.aggregate_type.clone();
+        if let ExpectedSequence::Exactly(n) = expected
+            && n < 0
+        {
+            return Err(EventError::Config(format!(
+                "expected sequence {n} is negative: use 0 for a new aggregate"
+            )));
+        }
+        let count = envelopes.len();
+        let mut event_ids = Vec::with_capacity(count);
+        let mut event_types = Vec::with_capacity(count);
+        let mut versions = Vec::with_capacity(count);
+        let mut payloads = Vec::with_capacity(count);
+        let mut metadata = Vec::with_capacity(count);
+        let mut keys = Vec::with_capacity(count);
+        let mut occurred = Vec::with_capacity(count);
+        for envelope in &envelopes {
+            check_aggregate(envelope, aggregate_id, &aggregate_type)?;
+            let encoded = envelope.event.encode()?;
+            event_ids.push(envelope.event_id);
+            event_types.push(encoded.event_type);
+            versions.push(i32::try_from(encoded.schema_version).map_err(|_| {
+                EventError::Config(format!(
+                    "schema version {} does not fit the store",
+                    encoded.schema_version
+                ))
+            })?);
+            payloads.push(String::from(encoded.payload.get()));
+            metadata
+                .push(serde_json::to_string(&envelope.metadata).map_err(|source| {
+                    EventError::Serialization { event_type: encoded.event_type, source }
+                })?);
+            let map: BTreeMap<&str, _> = encoded.keys.iter().map(|k| (k.name, &k.value)).collect();
+            keys.push(
+                serde_json::to_string(&map)
+                    .map_err(|source| EventError::Serialization { event_type: encoded.event_type, source })?,
+            );
+            occurred.push(envelope.occurred_at);
+        }
+        let sql = match expected {
+            ExpectedSequence::Exactly(n) if n > 0 => self.sql.append_existing.clone(),
+            _ => self.sql.append_new.clone(),
+        };
+        let n =
+            i64::try_from(count).map_err(|_| EventError::Config("too many events in one append".into()))?;
+        let result = sqlx::query(sql)
+            .bind(aggregate_id)
+            .bind(&aggregate_type)
+            .bind(expected.as_i64())
+            .bind(n)
+            .bind(&event_ids)
+            .bind(&event_types)
+            .bind(&versions)
+            .bind(&payloads)
+            .bind(&metadata)
+            .bind(&keys)
+            .bind(&occurred)
+            .fetch_all(&mut *conn)
+            .await;
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) if is_unique_violation(&e, "events_aggregate_sequence_key") => {
+                // Only reachable when rows were written around the store; the transaction
+                // is aborted, so read the committed sequence on another connection.
+                let actual = self.current_sequence(aggregate_id).await?;
+                return Err(EventError::Concurrency { aggregate_id, expected: expected.as_i64(), actual });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if rows.is_empty() {
+            return Err(self.explain_refusal(conn, aggregate_id, &aggregate_type, expected).await);
+        }
+        let mut stored: Vec<(i64, i64, DateTime<Utc>)> = rows
+            .iter()
+            .map(|row| {
+                Ok((row.try_get("sequence")?, row.try_get("global_position")?, row.try_get("recorded_at")?))
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        stored.sort_unstable_by_key(|(sequence, _, _)| *sequence);
+        if stored.len() != envelopes.len() {
+            return Err(EventError::Config(format!(
+                "the store wrote {} of {} events; the transaction must be rolled back",
+                stored.len(),
+                envelopes.len()
+            )));
+        }
+        for (envelope, (sequence, position, recorded_at)) in envelopes.iter_mut().zip(stored) {
+            envelope.sequence = sequence;
+            envelope.global_position = Some(position);
+            envelope.recorded_at = Some(recorded_at);
+        }
+        Ok(envelopes)
+    }
+
+    /// Why an append wrote nothing: a concurrency conflict, or a stream of another type.
+    async fn explain_refusal(
+        &self,
+        conn: &mut PgConnection,
+        aggregate_id: Uuid,
+        aggregate_type: &str,
+        expected: ExpectedSequence,
+    ) -> EventError {
+        let state =
+            sqlx::query(self.sql.stream_state.clone()).bind(aggregate_id).fetch_optional(&mut *conn).await;
+        match state {
+            Err(e) => e.into(),
+            Ok(None) => EventError::Concurrency { aggregate_id, expected: expected.as_i64(), actual: 0 },
+            Ok(Some(row)) => {
+                let stored_type: String = match row.try_get("aggregate_type") {
+                    Ok(t) => t,
+                    Err(e) => return e.into(),
+                };
+                let actual: i64 = match row.try_get("version") {
+                    Ok(v) => v,
+                    Err(e) => return e.into(),
+                };
+                if stored_type != aggregate_type {
+                    EventError::Config(format!(
+                        "aggregate {aggregate_id} is a `{stored_type}`, not a `{aggregate_type}`: one id, one aggregate type"
+                    ))
+                } else {
+                    EventError::Concurrency { aggregate_id, expected: expected.as_i64(), actual }
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn fetch_page(
+        &self,
+        query: &PageQuery,
+        after: StreamPosition,
+        limit: i64,
+    ) -> Result<Vec<StoredRow>, EventError> {
+        let rows = match query {
+            PageQuery::Aggregate(id) => {
+                sqlx::query(self.sql.load_page.clone())
+                    .bind(id)
+                    .bind(after.global_position)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            PageQuery::All { event_types: None } => {
+                sqlx::query(self.sql.all_page.clone())
+                    .bind(after.transaction_id)
+                    .bind(after.global_position)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            PageQuery::All { event_types: Some(types) } => {
+                sqlx::query(self.sql.all_page_typed.clone())
+                    .bind(after.transaction_id)
+                    .bind(after.global_position)
+                    .bind(limit)
+                    .bind(types)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            PageQuery::Key { filter, event_types } => {
+                sqlx::query(self.sql.key_page.clone())
+                    .bind(filter.to_string())
+                    .bind(after.global_position)
+                    .bind(limit)
+                    .bind(event_types)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(stored_row).collect::<Result<_, sqlx::Error>>().map_err(EventError::from)
+    }
+}
+
+fn stored_row(row: &PgRow) -> Result<StoredRow, sqlx::Error> {
+    Ok(StoredRow {
+        global_position: row.try_get("global_position")?,
+        transaction_id: row.try_get("transaction_id")?,
+        event_id: row.try_get("event_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        occurred_at: row.try_get("occurred_at")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+fn check_aggregate<E: DomainEvent>(
+    envelope: &EventEnvelope<E>,
+    aggregate_id: Uuid,
+    aggregate_type: &str,
+) -> Result<(), EventError> {
+    if envelope.aggregate_id != aggregate_id || envelope.aggregate_type != aggregate_type {
+        return Err(EventError::Config(format!(
+            "one append writes to one aggregate: {} {} and {aggregate_type} {aggregate_id} are both in it",
+            envelope.aggregate_type, envelope.aggregate_id
+        )));
+    }
+    if let Some(own) = envelope.event.aggregate_id()
+        && own != aggregate_id
+    {
+        return Err(EventError::Config(format!(
+            "event `{}` names aggregate {own} in its `#[event(aggregate_id)]` field but is appended to {aggregate_id}",
+            envelope.event.event_type()
+        )));
+    }
+    Ok(())
+}
+
+fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|d| d.code().as_deref() == Some("23505") && d.constraint() == Some(constraint))
+}

@@ -1,0 +1,416 @@
+//! The event store: append with optimistic concurrency, load an aggregate, read the global
+//! stream, query by promoted key.
+//!
+//! One public type, [`EventStore`], whatever the backend: the backend is chosen at connect
+//! time from the URL (today `postgres://`), so user code does not change with it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use uuid::Uuid;
+
+use crate::postgres::{PgBackend, PgTransaction};
+use crate::stream::{EventStream, PageQuery};
+use crate::{DomainEvent, EventEnvelope, EventError, IntoKeyValue};
+
+/// The sequence an append expects the aggregate's stream to be at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedSequence {
+    /// Append whatever the stream's sequence is (no concurrency check).
+    Any,
+    /// The stream must be at exactly this sequence; 0 means the aggregate has no events yet.
+    Exactly(i64),
+}
+
+impl From<i64> for ExpectedSequence {
+    fn from(sequence: i64) -> Self {
+        Self::Exactly(sequence)
+    }
+}
+
+impl ExpectedSequence {
+    /// As stored procedures see it: -1 for `Any`.
+    pub(crate) fn as_i64(self) -> i64 {
+        match self {
+            Self::Any => -1,
+            Self::Exactly(n) => n,
+        }
+    }
+}
+
+/// A place in the global stream, from which [`EventStore::stream_all`] resumes.
+///
+/// The global stream is ordered by the writing transaction, then by position: events of a
+/// transaction are read only once every older transaction has finished, so an event that
+/// commits late with a lower position is never skipped (see [`EventStore::stream_all`]).
+/// Save both numbers as a projection's checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamPosition {
+    /// The writing transaction's id (PostgreSQL `xid8`).
+    pub transaction_id: i64,
+    /// The event's global position.
+    pub global_position: i64,
+}
+
+impl StreamPosition {
+    /// The start of the stream.
+    pub const START: Self = Self { transaction_id: 0, global_position: 0 };
+}
+
+/// A validated SQL schema name: 1 to 63 characters, lowercase ASCII letters, digits and `_`,
+/// not starting with a digit and not `pg_…`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SchemaName(String);
+
+impl SchemaName {
+    /// Checks a schema name.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] when the name is not a plain lowercase identifier.
+    pub fn new(name: impl Into<String>) -> Result<Self, EventError> {
+        let name = name.into();
+        let valid_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        let starts_ok = name.bytes().next().is_some_and(|b| !b.is_ascii_digit());
+        if !valid_chars || !starts_ok || name.len() > 63 || name.starts_with("pg_") {
+            return Err(EventError::Config(format!(
+                "invalid schema name {name:?}: use 1 to 63 lowercase ASCII letters, digits and `_`, \
+                 not starting with a digit or `pg_`"
+            )));
+        }
+        Ok(Self(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// How the store is set up.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The schema holding the store's tables (default `edupulse`).
+    pub schema: SchemaName,
+    /// The most connections the store's own pool opens (default 10).
+    pub max_connections: u32,
+    /// How many rows one page of a stream reads (default 500).
+    pub page_size: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { schema: SchemaName("edupulse".into()), max_connections: 10, page_size: 500 }
+    }
+}
+
+impl StoreConfig {
+    /// The default configuration with another schema.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid schema name.
+    pub fn with_schema(schema: &str) -> Result<Self, EventError> {
+        Ok(Self { schema: SchemaName::new(schema)?, ..Self::default() })
+    }
+}
+
+pub(crate) enum Backend {
+    Postgres(PgBackend),
+}
+
+pub(crate) struct Inner {
+    pub(crate) backend: Backend,
+    pub(crate) config: StoreConfig,
+}
+
+/// The event store. Cheap to clone: clones share one connection pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), edupulse_events::EventError> {
+/// use edupulse_events::{EventStore, StoreConfig};
+/// let store = EventStore::connect("postgres://app@127.0.0.1/app", StoreConfig::default()).await?;
+/// store.migrate().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EventStore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for EventStore {
+    // Never prints connection options: they hold the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let backend = match self.inner.backend {
+            Backend::Postgres(_) => "postgres",
+        };
+        f.debug_struct("EventStore")
+            .field("backend", &backend)
+            .field("schema", &self.inner.config.schema.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventStore {
+    /// Connects to the database named by `url` (`postgres://…`).
+    ///
+    /// The URL is never logged or put in an error message: it may hold a password.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for a URL that cannot be parsed or has an unsupported scheme;
+    /// [`EventError::Database`] when the server cannot be reached.
+    pub async fn connect(url: &str, config: StoreConfig) -> Result<Self, EventError> {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme).unwrap_or_default();
+        match scheme {
+            "postgres" | "postgresql" => {
+                let options: PgConnectOptions = url.parse().map_err(|_| {
+                    EventError::Config(
+                        "the PostgreSQL URL cannot be parsed (it is not shown: it may hold a password)"
+                            .into(),
+                    )
+                })?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(config.max_connections)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options)
+                    .await?;
+                Ok(Self::from_pg_pool(pool, config))
+            }
+            _ => Err(EventError::Config(format!(
+                "unsupported database URL scheme {scheme:?}: expected `postgres://`"
+            ))),
+        }
+    }
+
+    /// Uses an existing PostgreSQL pool, for example the application's own.
+    pub fn from_pg_pool(pool: PgPool, config: StoreConfig) -> Self {
+        let backend = Backend::Postgres(PgBackend::new(pool, &config.schema));
+        Self { inner: Arc::new(Inner { backend, config }) }
+    }
+
+    /// The PostgreSQL pool, for the application's own queries.
+    pub fn pg_pool(&self) -> Option<&PgPool> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => Some(&pg.pool),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// Creates the schema if needed and applies the embedded migrations
+    /// (`migrations/postgres`). Safe to run from several processes at once.
+    ///
+    /// # Errors
+    /// [`EventError::Database`] when a migration fails.
+    pub async fn migrate(&self) -> Result<(), EventError> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => pg.migrate(&self.inner.config.schema).await,
+        }
+    }
+
+    /// Starts a transaction: append events to one or several aggregates, do your own
+    /// writes, and commit them all at once.
+    ///
+    /// # Errors
+    /// [`EventError::Database`] when no connection can be had.
+    pub async fn begin(&self) -> Result<Transaction, EventError> {
+        let inner = match &self.inner.backend {
+            Backend::Postgres(pg) => TxInner::Postgres(pg.pool.begin().await?),
+        };
+        Ok(Transaction { store: self.clone(), inner })
+    }
+
+    /// Appends events to one aggregate in a transaction of its own.
+    ///
+    /// # Errors
+    /// As [`Transaction::append`].
+    pub async fn append<E: DomainEvent>(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected: impl Into<ExpectedSequence>,
+        events: impl IntoIterator<Item = E>,
+    ) -> Result<Vec<EventEnvelope<E>>, EventError> {
+        let mut tx = self.begin().await?;
+        let stored = tx.append(aggregate_type, aggregate_id, expected, events).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Appends events inside a PostgreSQL transaction the caller manages with sqlx (pass
+    /// `&mut *tx`). Same rules as [`Transaction::append_envelopes`].
+    ///
+    /// # Errors
+    /// As [`Transaction::append`].
+    pub async fn append_in_pg<E: DomainEvent>(
+        &self,
+        conn: &mut PgConnection,
+        expected: impl Into<ExpectedSequence>,
+        envelopes: Vec<EventEnvelope<E>>,
+    ) -> Result<Vec<EventEnvelope<E>>, EventError> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => pg.append(conn, expected.into(), envelopes).await,
+        }
+    }
+
+    /// The current sequence of an aggregate: the number of its events, 0 when it has none.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn current_sequence(&self, aggregate_id: Uuid) -> Result<i64, EventError> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => pg.current_sequence(aggregate_id).await,
+        }
+    }
+
+    /// One aggregate's events with a sequence of at least `from_sequence` (1 for all),
+    /// decoded and upcast, in order, read page by page as the stream is polled.
+    ///
+    /// An event that cannot be decoded is an `Err` item naming its global position; the
+    /// stream goes on after it, so the caller chooses to stop or skip.
+    pub fn load<E: DomainEvent>(&self, aggregate_id: Uuid, from_sequence: i64) -> EventStream<E> {
+        let after = StreamPosition { transaction_id: 0, global_position: from_sequence.saturating_sub(1) };
+        EventStream::new(self.clone(), PageQuery::Aggregate(aggregate_id), after)
+    }
+
+    /// The global stream for projections: every event after `from`, decoded and upcast,
+    /// ordered and resumable, read page by page as it is polled (back-pressure).
+    ///
+    /// The stream ends when it has caught up; call [`EventStream::follow`] to keep
+    /// polling for new events instead. After each item, [`EventStream::position`] is the
+    /// checkpoint to save.
+    ///
+    /// # Why events are ordered by transaction
+    ///
+    /// PostgreSQL hands out an identity value when a row is inserted, not when it commits:
+    /// position 101 can commit after 102, and a reader of `position > last` would skip 101
+    /// for ever. Each row records its transaction id, and the stream reads only rows whose
+    /// transaction is older than every transaction still running
+    /// (`transaction_id < pg_snapshot_xmin(pg_current_snapshot())`), in
+    /// `(transaction_id, global_position)` order. Nothing can be inserted below that
+    /// horizon any more, so the order is final and nothing is skipped. The cost: a write
+    /// transaction that stays open holds back readers until it ends (only readers; writers
+    /// are not blocked). Keep write transactions short.
+    pub fn stream_all<E: DomainEvent>(&self, from: StreamPosition) -> EventStream<E> {
+        EventStream::new(self.clone(), PageQuery::All { event_types: None }, from)
+    }
+
+    /// Events whose promoted key `key` (an `#[event(key)]` field) equals `value`, in global
+    /// position order, found through the keys index without reading payloads. Only event
+    /// types `E` accepts are returned.
+    pub fn events_by_key<E: DomainEvent>(&self, key: &str, value: impl IntoKeyValue) -> EventStream<E> {
+        let filter = match value.key_value() {
+            Some(v) => serde_json::json!({ key: v }),
+            None => serde_json::Value::Null,
+        };
+        let types = E::ACCEPTED_TYPES.iter().map(|t| (*t).to_owned()).collect();
+        EventStream::new(self.clone(), PageQuery::Key { filter, event_types: types }, StreamPosition::START)
+    }
+}
+
+pub(crate) enum TxInner {
+    Postgres(PgTransaction),
+}
+
+/// A database transaction of the store: appends and the caller's own writes commit or roll
+/// back together. Dropping it without [`commit`](Transaction::commit) rolls it back.
+pub struct Transaction {
+    store: EventStore,
+    inner: TxInner,
+}
+
+impl fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transaction").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+impl Transaction {
+    /// Appends `events` to the aggregate `aggregate_id` of kind `aggregate_type`, in one
+    /// statement, if its stream is at `expected`. The events get the sequences that follow,
+    /// fresh UUID v7 ids and `occurred_at` = now; the stored envelopes are returned.
+    ///
+    /// Several appends in one transaction (to one or several aggregates, each with its own
+    /// expected sequence) commit all together or not at all.
+    ///
+    /// # Errors
+    /// - [`EventError::Concurrency`] when the stream is not at `expected`, with the actual
+    ///   sequence. The transaction is still usable, but the usual answer is to roll back,
+    ///   reload and decide again;
+    /// - [`EventError::Config`] when an event names another aggregate in its
+    ///   `#[event(aggregate_id)]` field, or the aggregate exists with another type;
+    /// - [`EventError::Serialization`], [`EventError::Database`].
+    pub async fn append<E: DomainEvent>(
+        &mut self,
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        expected: impl Into<ExpectedSequence>,
+        events: impl IntoIterator<Item = E>,
+    ) -> Result<Vec<EventEnvelope<E>>, EventError> {
+        let envelopes =
+            events.into_iter().map(|e| EventEnvelope::new(aggregate_type, aggregate_id, e)).collect();
+        self.append_envelopes(expected, envelopes).await
+    }
+
+    /// Appends prepared envelopes (with their own ids, times and metadata, for example
+    /// [`EventEnvelope::caused_by`]). All must name the same aggregate.
+    ///
+    /// # Errors
+    /// As [`append`](Transaction::append).
+    pub async fn append_envelopes<E: DomainEvent>(
+        &mut self,
+        expected: impl Into<ExpectedSequence>,
+        envelopes: Vec<EventEnvelope<E>>,
+    ) -> Result<Vec<EventEnvelope<E>>, EventError> {
+        match (&self.store.inner.backend, &mut self.inner) {
+            (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.append(tx, expected.into(), envelopes).await,
+        }
+    }
+
+    /// The PostgreSQL connection of this transaction, for the caller's own writes.
+    pub fn pg_connection(&mut self) -> Option<&mut PgConnection> {
+        match &mut self.inner {
+            TxInner::Postgres(tx) => Some(&mut **tx),
+        }
+    }
+
+    /// Commits everything written in the transaction.
+    ///
+    /// # Errors
+    /// [`EventError::Database`]; nothing is committed then.
+    pub async fn commit(self) -> Result<(), EventError> {
+        match self.inner {
+            TxInner::Postgres(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+
+    /// Rolls everything back.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn rollback(self) -> Result<(), EventError> {
+        match self.inner {
+            TxInner::Postgres(tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for ok in ["edupulse", "a", "_x", "t_0123456789abcdef"] {
+            assert!(SchemaName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Edupulse", "1abc", "a-b", "a b", "a;drop", "pg_catalog", "\"x\"", &"a".repeat(64)] {
+            assert!(matches!(SchemaName::new(bad), Err(EventError::Config(_))), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Streams of stored events, read page by page as they are polled.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_core::Stream;
+use uuid::Uuid;
+
+use crate::store::{Backend, EventStore, StreamPosition};
+use crate::{DomainEvent, EventEnvelope, EventError, Metadata};
+
+/// One row of the events table, before decoding.
+pub(crate) struct StoredRow {
+    pub(crate) global_position: i64,
+    pub(crate) transaction_id: i64,
+    pub(crate) event_id: Uuid,
+    pub(crate) aggregate_type: String,
+    pub(crate) aggregate_id: Uuid,
+    pub(crate) sequence: i64,
+    pub(crate) event_type: String,
+    pub(crate) schema_version: i32,
+    pub(crate) payload: String,
+    pub(crate) metadata: String,
+    pub(crate) occurred_at: DateTime<Utc>,
+    pub(crate) recorded_at: DateTime<Utc>,
+}
+
+impl StoredRow {
+    /// Decodes the row through `E`'s upcaster chain; errors name the global position.
+    pub(crate) fn decode<E: DomainEvent>(self) -> Result<EventEnvelope<E>, EventError> {
+        let position = self.global_position;
+        // A negative or zero version is reported as unsupported by the decoder.
+        let version = u32::try_from(self.schema_version).unwrap_or(0);
+        let event = E::decode(&self.event_type, version, self.payload.as_bytes())
+            .map_err(|e| e.at_position(position))?;
+        let metadata: Metadata =
+            serde_json::from_str(&self.metadata).map_err(|source| EventError::Decode {
+                event_type: self.event_type.clone(),
+                version,
+                position: Some(position),
+                source: format!("invalid metadata: {source}").into(),
+            })?;
+        Ok(EventEnvelope {
+            event_id: self.event_id,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            global_position: Some(position),
+            occurred_at: self.occurred_at,
+            recorded_at: Some(self.recorded_at),
+            metadata,
+            event,
+        })
+    }
+}
+
+/// What a stream reads.
+pub(crate) enum PageQuery {
+    /// One aggregate, by sequence.
+    Aggregate(Uuid),
+    /// The global stream, optionally only some event types.
+    All { event_types: Option<Vec<String>> },
+    /// Events whose keys contain `filter` (a JSON object), by global position.
+    Key { filter: serde_json::Value, event_types: Vec<String> },
+}
+
+impl PageQuery {
+    /// The cursor after `row`.
+    fn cursor_after(&self, row: &StoredRow) -> StreamPosition {
+        match self {
+            Self::Aggregate(_) => StreamPosition { transaction_id: 0, global_position: row.sequence },
+            Self::All { .. } => {
+                StreamPosition { transaction_id: row.transaction_id, global_position: row.global_position }
+            }
+            Self::Key { .. } => StreamPosition { transaction_id: 0, global_position: row.global_position },
+        }
+    }
+}
+
+type PageFuture = Pin<Box<dyn Future<Output = Result<Vec<StoredRow>, EventError>> + Send>>;
+
+/// A stream of decoded, upcast events from the store, read one page at a time as it is
+/// polled: a slow consumer slows the reads, memory holds at most one page.
+///
+/// Items are `Result`s: a row that cannot be decoded is an `Err` naming its global position,
+/// and the stream goes on after it; a database error is an `Err` too, and the next poll
+/// retries the same page. The caller decides whether to stop or skip.
+pub struct EventStream<E> {
+    store: EventStore,
+    query: std::sync::Arc<PageQuery>,
+    position: StreamPosition,
+    next_fetch: StreamPosition,
+    buffer: VecDeque<StoredRow>,
+    fetch: Option<PageFuture>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    follow: Option<Duration>,
+    page_size: i64,
+    done: bool,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E> std::fmt::Debug for EventStream<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("position", &self.position)
+            .field("buffered", &self.buffer.len())
+            .field("follow", &self.follow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: DomainEvent> EventStream<E> {
+    pub(crate) fn new(store: EventStore, query: PageQuery, from: StreamPosition) -> Self {
+        let page_size = i64::from(store.config().page_size.max(1));
+        Self {
+            store,
+            query: std::sync::Arc::new(query),
+            position: from,
+            next_fetch: from,
+            buffer: VecDeque::new(),
+            fetch: None,
+            sleep: None,
+            follow: None,
+            page_size,
+            done: false,
+            _event: PhantomData,
+        }
+    }
+
+    /// Keeps polling for new events every `interval` once caught up, instead of ending.
+    #[must_use]
+    pub fn follow(mut self, interval: Duration) -> Self {
+        self.follow = Some(interval);
+        self
+    }
+
+    /// Reads `rows` rows per page (default: the store's `page_size`).
+    #[must_use]
+    pub fn page_size(mut self, rows: u32) -> Self {
+        self.page_size = i64::from(rows.max(1));
+        self
+    }
+
+    /// Reads only the event types `E` accepts (the global stream only; the others always
+    /// do). Events of other types are left out instead of being `UnknownEventType` errors:
+    /// what a projection interested in one context wants.
+    #[must_use]
+    pub fn only_known_types(mut self) -> Self {
+        if let PageQuery::All { .. } = &*self.query {
+            let types = E::ACCEPTED_TYPES.iter().map(|t| (*t).to_owned()).collect();
+            self.query = std::sync::Arc::new(PageQuery::All { event_types: Some(types) });
+        }
+        self
+    }
+
+    /// The position after the last item yielded (an event or an undecodable row): where
+    /// to resume. For [`EventStore::stream_all`] this is the checkpoint to save; for
+    /// [`EventStore::load`], `global_position` holds the last sequence read.
+    pub fn position(&self) -> StreamPosition {
+        self.position
+    }
+
+    fn start_fetch(&mut self) {
+        let store = self.store.clone();
+        let query = self.query.clone();
+        let after = self.next_fetch;
+        let limit = self.page_size;
+        self.fetch = Some(Box::pin(async move {
+            match &store.inner.backend {
+                Backend::Postgres(pg) => pg.fetch_page(&query, after, limit).await,
+            }
+        }));
+    }
+}
+
+impl<E: DomainEvent> Stream for EventStream<E> {
+    type Item = Result<EventEnvelope<E>, EventError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(row) = this.buffer.pop_front() {
+                this.position = this.query.cursor_after(&row);
+                return Poll::Ready(Some(row.decode()));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(sleep) = &mut this.sleep {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.sleep = None;
+            }
+            if this.fetch.is_none() {
+                this.start_fetch();
+            }
+            let Some(fetch) = &mut this.fetch else { continue };
+            let page = match fetch.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(page) => page,
+            };
+            this.fetch = None;
+            match page {
+                Err(e) => return Poll::Ready(Some(Err(e))),
+                Ok(rows) => {
+                    let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= this.page_size;
+                    if let Some(last) = rows.last() {
+                        this.next_fetch = this.query.cursor_after(last);
+                    }
+                    this.buffer.extend(rows);
+                    if !full {
+                        match this.follow {
+                            Some(interval) if this.buffer.is_empty() => {
+                                this.sleep = Some(Box::pin(tokio::time::sleep(interval)));
+                            }
+                            Some(_) => {}
+                            None => this.done = true,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+-- The event store, its outbox and projection checkpoints.
+-- Applied by `EventStore::migrate()` with `search_path` set to the configured schema, so
+-- the names below are unqualified. Never edit a released migration: add a new one.
+
+-- One row per aggregate: its type and current sequence. Appends lock this row (INSERT ...
+-- ON CONFLICT DO UPDATE ... WHERE version = expected), which serialises writers of one
+-- aggregate and turns a lost race into "0 rows" instead of an error that aborts the
+-- caller's transaction.
+CREATE TABLE streams (
+    aggregate_id   uuid   PRIMARY KEY,
+    aggregate_type text   NOT NULL,
+    version        bigint NOT NULL CHECK (version >= 0)
+);
+
+CREATE TABLE events (
+    global_position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id        uuid        NOT NULL,
+    aggregate_type  text        NOT NULL,
+    aggregate_id    uuid        NOT NULL,
+    sequence        bigint      NOT NULL CHECK (sequence > 0),
+    event_type      text        NOT NULL,
+    schema_version  integer     NOT NULL,
+    payload         jsonb       NOT NULL,
+    metadata        jsonb       NOT NULL DEFAULT '{}',
+    -- Promoted `#[event(key)]` fields as a JSON object, indexed with GIN.
+    keys            jsonb       NOT NULL DEFAULT '{}',
+    occurred_at     timestamptz NOT NULL,
+    recorded_at     timestamptz NOT NULL DEFAULT now(),
+    -- The writing transaction (xid8 as bigint). The global stream reads only rows of
+    -- transactions older than every running one, so a late commit with a lower position
+    -- is never skipped.
+    transaction_id  bigint      NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
+    CONSTRAINT events_event_id_key UNIQUE (event_id),
+    CONSTRAINT events_aggregate_sequence_key UNIQUE (aggregate_id, sequence)
+);
+
+-- stream_all: WHERE (transaction_id, global_position) > (...) ORDER BY the same.
+CREATE INDEX events_stream_order_idx ON events (transaction_id, global_position);
+-- events_by_key: WHERE keys @> '{"author_id": "..."}'.
+CREATE INDEX events_keys_idx ON events USING gin (keys jsonb_path_ops);
+
+-- Transactional outbox: one row per event to publish, written in the same transaction as
+-- the event. `partition` (a hash of the aggregate id) lets several relays work at once
+-- without reordering one aggregate's events.
+CREATE TABLE outbox (
+    global_position bigint      PRIMARY KEY,
+    event_id        uuid        NOT NULL,
+    aggregate_id    uuid        NOT NULL,
+    sequence        bigint      NOT NULL,
+    subject         text        NOT NULL,
+    partition       integer     NOT NULL,
+    attempts        integer     NOT NULL DEFAULT 0,
+    last_error      text,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    published_at    timestamptz
+);
+
+CREATE INDEX outbox_pending_idx ON outbox (partition, aggregate_id, sequence) WHERE published_at IS NULL;
+
+-- Projection checkpoints, written in the same transaction as the read model.
+CREATE TABLE checkpoints (
+    name            text        PRIMARY KEY,
+    transaction_id  bigint      NOT NULL,
+    global_position bigint      NOT NULL,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);

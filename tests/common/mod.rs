@@ -1,0 +1,89 @@
+//! Shared test helpers: servers from the environment, a fresh schema per test, and a small
+//! set of events in three schema versions.
+#![allow(dead_code, missing_docs, unreachable_pub)]
+
+use edupulse_events::upcast::{self, JsonValue, UpcastError};
+use edupulse_events::{DomainEvent, EventStore, StoreConfig, Uuid};
+use serde::{Deserialize, Serialize};
+
+/// The PostgreSQL URL of the test server. Tests that need it fail, loudly, without it.
+pub fn database_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "DATABASE_URL is not set: this test needs PostgreSQL. Run `bash scripts/test.sh`, which starts \
+             a throw-away server on loopback, or set DATABASE_URL to a server of your own."
+        ),
+    }
+}
+
+/// A store on a schema of its own, migrated, so tests run in parallel.
+pub async fn store() -> EventStore {
+    store_with(|_| {}).await
+}
+
+pub async fn store_with(tune: impl FnOnce(&mut StoreConfig)) -> EventStore {
+    let schema = format!("t_{}", Uuid::now_v7().simple());
+    let mut config = StoreConfig::with_schema(&schema).expect("valid schema name");
+    config.max_connections = 24;
+    tune(&mut config);
+    let store = EventStore::connect(&database_url(), config).await.expect("connect to PostgreSQL");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Version 1 stored `{ "lesson_id", "name" }`; version 2 renamed `name` to `title`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(name = "LessonPublished", version = 2, context = "courses", upcast(from = 1, with = v1_to_v2))]
+pub struct LessonPublishedV2 {
+    #[event(aggregate_id)]
+    pub lesson_id: Uuid,
+    pub title: String,
+}
+
+fn v1_to_v2(payload: JsonValue) -> Result<JsonValue, UpcastError> {
+    upcast::rename_field(payload, "name", "title")
+}
+
+/// Version 3 added the author, promoted as a key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(version = 3, context = "courses", previous = LessonPublishedV2)]
+pub struct LessonPublished {
+    #[event(aggregate_id)]
+    pub lesson_id: Uuid,
+    #[event(key)]
+    pub author_id: Option<Uuid>,
+    pub title: String,
+}
+
+impl From<LessonPublishedV2> for LessonPublished {
+    fn from(old: LessonPublishedV2) -> Self {
+        Self { lesson_id: old.lesson_id, author_id: None, title: old.title }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(context = "courses")]
+pub struct LessonRenamed {
+    #[event(aggregate_id)]
+    pub lesson_id: Uuid,
+    pub title: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(context = "courses")]
+pub struct Counted {
+    pub n: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[event(context = "courses")]
+pub enum CourseEvent {
+    LessonPublished(LessonPublished),
+    LessonRenamed(LessonRenamed),
+    Counted(Counted),
+}
+
+pub fn counted(n: u64) -> CourseEvent {
+    CourseEvent::Counted(Counted { n })
+}
