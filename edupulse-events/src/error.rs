@@ -104,6 +104,11 @@ pub enum EventError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 
+    /// The broker failed, refused a message or could not be reached. The outbox keeps
+    /// the events; the relay retries.
+    #[error("broker error: {0}")]
+    Broker(String),
+
     /// The configuration is invalid (a table name, a URL, an option).
     #[error("invalid configuration: {0}")]
     Config(String),

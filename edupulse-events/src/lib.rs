@@ -83,14 +83,18 @@
 //!   and refusing upcasters all give an [`EventError`].
 //! - Upcasting is pure and runs on every read: stored rows are never rewritten.
 
+mod bus;
 mod envelope;
 mod error;
 mod event;
+mod outbox;
 mod postgres;
+mod publisher;
 mod store;
 mod stream;
 mod subject;
 pub mod upcast;
+pub mod wire;
 
 #[doc(hidden)]
 pub mod __private;
@@ -99,14 +103,18 @@ pub use chrono;
 pub use serde_json;
 pub use uuid::{self, Uuid};
 
+pub use crate::bus::{BusConfig, BusTransaction, EventBus};
 pub use crate::envelope::{EventEnvelope, Metadata};
 pub use crate::error::{BoxError, EventError};
 pub use crate::event::{
     AggregateId, DomainEvent, EncodedEvent, EventSchema, IntoKeyValue, KeyValue, PromotedKey,
 };
+pub use crate::outbox::{OutboxLag, OutboxRelay, PARTITIONS, RelayConfig, RelayPass};
+pub use crate::publisher::{BoxFuture, NatsConfig, NatsPublisher, PublishReceipt, Publisher, StreamSpec};
 pub use crate::store::{EventStore, ExpectedSequence, SchemaName, StoreConfig, StreamPosition, Transaction};
 pub use crate::stream::EventStream;
 pub use crate::subject::{validate_subject, validate_subject_token};
+pub use async_nats;
 pub use futures_core::Stream;
 pub use sqlx;
 

@@ -20,6 +20,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
 /// A transaction on the store's pool.
 pub(crate) type PgTransaction = sqlx::Transaction<'static, Postgres>;
 
+const EVENT_COLUMNS: &str = "e.global_position, e.transaction_id, e.event_id, e.aggregate_type, e.aggregate_id, \
+     e.sequence, e.event_type, e.schema_version, e.payload::text AS payload, e.metadata::text AS metadata, \
+     e.occurred_at, e.recorded_at";
+
 const COLUMNS: &str = "global_position, transaction_id, event_id, aggregate_type, aggregate_id, sequence, \
      event_type, schema_version, payload::text AS payload, metadata::text AS metadata, occurred_at, recorded_at";
 
@@ -33,6 +37,12 @@ struct Queries {
     all_page: SqlStr,
     all_page_typed: SqlStr,
     key_page: SqlStr,
+    outbox_insert: SqlStr,
+    outbox_partitions: SqlStr,
+    outbox_claim: SqlStr,
+    outbox_delete: SqlStr,
+    outbox_failed: SqlStr,
+    outbox_lag: SqlStr,
 }
 
 impl Queries {
@@ -98,6 +108,29 @@ impl Queries {
                  WHERE keys @> $1::text::jsonb AND global_position > $2 AND event_type = ANY($4) \
                  ORDER BY global_position LIMIT $3"
             )),
+            outbox_insert: sql(format!(
+                "WITH ins AS ( \
+                     INSERT INTO {s}.outbox (global_position, event_id, aggregate_id, sequence, subject, partition) \
+                     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::int4[])) \
+                 SELECT pg_notify($7, '')"
+            )),
+            outbox_partitions: sql(format!("SELECT DISTINCT partition FROM {s}.outbox")),
+            outbox_claim: sql(format!(
+                "SELECT o.subject, {EVENT_COLUMNS} FROM {s}.outbox o \
+                 JOIN {s}.events e ON e.global_position = o.global_position \
+                 WHERE o.partition = $1 ORDER BY o.global_position LIMIT $2 FOR UPDATE OF o SKIP LOCKED"
+            )),
+            outbox_delete: sql(format!("DELETE FROM {s}.outbox WHERE global_position = ANY($1)")),
+            outbox_failed: sql(format!(
+                "UPDATE {s}.outbox o SET attempts = o.attempts + 1, last_error = f.error, last_attempt_at = now() \
+                 FROM unnest($1::bigint[], $2::text[]) AS f(position, error) WHERE o.global_position = f.position"
+            )),
+            outbox_lag: sql(format!(
+                "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8, max(attempts), \
+                     (SELECT last_error FROM {s}.outbox WHERE last_error IS NOT NULL \
+                      ORDER BY last_attempt_at DESC LIMIT 1) \
+                 FROM {s}.outbox"
+            )),
         }
     }
 }
@@ -105,11 +138,124 @@ impl Queries {
 pub(crate) struct PgBackend {
     pub(crate) pool: PgPool,
     sql: Queries,
+    /// The LISTEN/NOTIFY channel that wakes relays.
+    pub(crate) channel: String,
+    /// The first key of the partition advisory locks: a hash of the schema name.
+    lock_class: i32,
+}
+
+/// A row claimed from the outbox: its subject and the stored event.
+pub(crate) struct ClaimedRow {
+    pub(crate) subject: String,
+    pub(crate) row: StoredRow,
+}
+
+/// The outbox's backlog.
+pub(crate) struct LagRow {
+    pub(crate) pending: i64,
+    pub(crate) oldest_seconds: Option<f64>,
+    pub(crate) max_attempts: Option<i32>,
+    pub(crate) last_error: Option<String>,
 }
 
 impl PgBackend {
     pub(crate) fn new(pool: PgPool, schema: &SchemaName) -> Self {
-        Self { pool, sql: Queries::new(schema) }
+        let mut channel = format!("edupulse_outbox_{}", schema.as_str());
+        channel.truncate(63);
+        // FNV-1a: stable across processes and versions, unlike `DefaultHasher`.
+        let hash = format!("edupulse.outbox.{}", schema.as_str())
+            .bytes()
+            .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+        let lock_class = i32::from_ne_bytes(hash.to_ne_bytes());
+        Self { pool, sql: Queries::new(schema), channel, lock_class }
+    }
+
+    /// Writes the outbox rows of appended events and wakes the relays (at commit).
+    pub(crate) async fn outbox_insert(
+        &self,
+        conn: &mut PgConnection,
+        rows: &crate::outbox::OutboxRows,
+    ) -> Result<(), EventError> {
+        sqlx::query(self.sql.outbox_insert.clone())
+            .bind(&rows.positions)
+            .bind(&rows.event_ids)
+            .bind(&rows.aggregate_ids)
+            .bind(&rows.sequences)
+            .bind(&rows.subjects)
+            .bind(&rows.partitions)
+            .bind(&self.channel)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The partitions that have pending rows.
+    pub(crate) async fn outbox_partitions(&self) -> Result<Vec<i32>, EventError> {
+        Ok(sqlx::query_scalar(self.sql.outbox_partitions.clone()).fetch_all(&self.pool).await?)
+    }
+
+    /// Takes the partition's claimer lock for the transaction; false when another holds it.
+    pub(crate) async fn lock_partition(
+        &self,
+        conn: &mut PgConnection,
+        partition: i32,
+    ) -> Result<bool, EventError> {
+        Ok(sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
+            .bind(self.lock_class)
+            .bind(partition)
+            .fetch_one(conn)
+            .await?)
+    }
+
+    /// Locks and returns up to `limit` pending rows of a partition, oldest first.
+    pub(crate) async fn outbox_claim(
+        &self,
+        conn: &mut PgConnection,
+        partition: i32,
+        limit: i64,
+    ) -> Result<Vec<ClaimedRow>, EventError> {
+        let rows =
+            sqlx::query(self.sql.outbox_claim.clone()).bind(partition).bind(limit).fetch_all(conn).await?;
+        rows.iter()
+            .map(|r| Ok(ClaimedRow { subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(EventError::from)
+    }
+
+    /// Removes acknowledged rows.
+    pub(crate) async fn outbox_delete(
+        &self,
+        conn: &mut PgConnection,
+        positions: &[i64],
+    ) -> Result<(), EventError> {
+        if !positions.is_empty() {
+            sqlx::query(self.sql.outbox_delete.clone()).bind(positions).execute(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Records a failed attempt for each row.
+    pub(crate) async fn outbox_failed(
+        &self,
+        conn: &mut PgConnection,
+        positions: &[i64],
+        errors: &[String],
+    ) -> Result<(), EventError> {
+        if !positions.is_empty() {
+            sqlx::query(self.sql.outbox_failed.clone()).bind(positions).bind(errors).execute(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// The backlog.
+    pub(crate) async fn outbox_lag(&self) -> Result<LagRow, EventError> {
+        let row = sqlx::query(self.sql.outbox_lag.clone()).fetch_one(&self.pool).await?;
+        Ok(LagRow {
+            pending: row.try_get(0)?,
+            oldest_seconds: row.try_get(1)?,
+            max_attempts: row.try_get(2)?,
+            last_error: row.try_get(3)?,
+        })
     }
 
     pub(crate) async fn migrate(&self, schema: &SchemaName) -> Result<(), EventError> {

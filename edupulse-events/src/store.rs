@@ -370,6 +370,11 @@ impl Transaction {
         }
     }
 
+    /// The store this transaction writes to.
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
     /// The PostgreSQL connection of this transaction, for the caller's own writes.
     pub fn pg_connection(&mut self) -> Option<&mut PgConnection> {
         match &mut self.inner {

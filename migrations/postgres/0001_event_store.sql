@@ -40,8 +40,10 @@ CREATE INDEX events_stream_order_idx ON events (transaction_id, global_position)
 CREATE INDEX events_keys_idx ON events USING gin (keys jsonb_path_ops);
 
 -- Transactional outbox: one row per event to publish, written in the same transaction as
--- the event. `partition` (a hash of the aggregate id) lets several relays work at once
--- without reordering one aggregate's events.
+-- the event and deleted once the broker acknowledged it. `partition` (a hash of the
+-- aggregate id) lets several relays work at once: one claimer per partition (an advisory
+-- lock), rows claimed with FOR UPDATE SKIP LOCKED in position order, so one aggregate's
+-- events are never reordered.
 CREATE TABLE outbox (
     global_position bigint      PRIMARY KEY,
     event_id        uuid        NOT NULL,
@@ -51,12 +53,12 @@ CREATE TABLE outbox (
     partition       integer     NOT NULL,
     attempts        integer     NOT NULL DEFAULT 0,
     last_error      text,
-    next_attempt_at timestamptz NOT NULL DEFAULT now(),
-    created_at      timestamptz NOT NULL DEFAULT now(),
-    published_at    timestamptz
+    last_attempt_at timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE INDEX outbox_pending_idx ON outbox (partition, aggregate_id, sequence) WHERE published_at IS NULL;
+CREATE INDEX outbox_partition_idx ON outbox (partition, global_position);
+CREATE INDEX outbox_created_idx ON outbox (created_at);
 
 -- Projection checkpoints, written in the same transaction as the read model.
 CREATE TABLE checkpoints (

@@ -2,6 +2,8 @@
 //! set of events in three schema versions.
 #![allow(dead_code, missing_docs, unreachable_pub)]
 
+pub mod nats;
+
 use edupulse_events::upcast::{self, JsonValue, UpcastError};
 use edupulse_events::{DomainEvent, EventStore, StoreConfig, Uuid};
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,313 @@
+//! The outbox relay: publishes what the bus committed but the broker has not acknowledged.
+//!
+//! Ordering across several relays: outbox rows carry a partition (a hash of the aggregate
+//! id, [`PARTITIONS`] of them). A claimer holds the partition's advisory lock for its
+//! transaction, claims the partition's oldest rows with `FOR UPDATE SKIP LOCKED`, publishes
+//! them in position order, deletes what was acknowledged and records the failures. One
+//! claimer per partition at a time, so one aggregate's events are never reordered, whatever
+//! the number of relays; `SKIP LOCKED` alone would let two relays interleave an aggregate.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use uuid::Uuid;
+
+use crate::EventError;
+use crate::publisher::Publisher;
+use crate::store::{Backend, EventStore};
+use crate::wire::{self, OutgoingMessage};
+
+/// The number of outbox partitions: the most relays that can publish at once.
+pub const PARTITIONS: i32 = 64;
+
+/// The partition of an aggregate.
+pub(crate) fn partition_of(aggregate_id: Uuid) -> i32 {
+    // `as` is exact: the remainder is below 64.
+    (aggregate_id.as_u128() % PARTITIONS as u128) as i32
+}
+
+/// Outbox rows to insert, as arrays (one statement).
+#[derive(Default)]
+pub(crate) struct OutboxRows {
+    pub(crate) positions: Vec<i64>,
+    pub(crate) event_ids: Vec<Uuid>,
+    pub(crate) aggregate_ids: Vec<Uuid>,
+    pub(crate) sequences: Vec<i64>,
+    pub(crate) subjects: Vec<String>,
+    pub(crate) partitions: Vec<i32>,
+}
+
+/// What one pass over a partition did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayPass {
+    /// Events the broker acknowledged.
+    pub published: u64,
+    /// Events the broker did not acknowledge (left pending, attempt recorded).
+    pub failed: u64,
+    /// Partitions skipped because another claimer held them.
+    pub busy_partitions: u32,
+}
+
+impl RelayPass {
+    fn add(&mut self, other: Self) {
+        self.published += other.published;
+        self.failed += other.failed;
+        self.busy_partitions += other.busy_partitions;
+    }
+}
+
+/// The outbox's backlog, for monitoring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxLag {
+    /// Events committed but not yet acknowledged by the broker.
+    pub pending: i64,
+    /// Age of the oldest pending event.
+    pub oldest_age: Option<Duration>,
+    /// The most attempts any pending event has had.
+    pub max_attempts: i32,
+    /// The newest error recorded on a pending event.
+    pub last_error: Option<String>,
+}
+
+/// Claims and publishes outbox rows; shared by the bus (right after commit) and the relay.
+pub(crate) struct Claimer {
+    pub(crate) store: EventStore,
+    pub(crate) publisher: Arc<dyn Publisher>,
+    pub(crate) batch_size: i64,
+}
+
+impl Claimer {
+    /// Publishes a partition's pending rows until none are left or the broker fails.
+    pub(crate) async fn drain_partition(&self, partition: i32) -> Result<RelayPass, EventError> {
+        let Backend::Postgres(pg) = &self.store.inner.backend;
+        let mut pass = RelayPass::default();
+        loop {
+            let mut tx = pg.pool.begin().await?;
+            if !pg.lock_partition(&mut tx, partition).await? {
+                pass.busy_partitions += 1;
+                return Ok(pass);
+            }
+            let claimed = pg.outbox_claim(&mut tx, partition, self.batch_size).await?;
+            if claimed.is_empty() {
+                tx.commit().await?;
+                return Ok(pass);
+            }
+            let full = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= self.batch_size;
+            let mut messages: Vec<OutgoingMessage> = Vec::with_capacity(claimed.len());
+            let mut failed_positions = Vec::new();
+            let mut errors = Vec::new();
+            for claimed in claimed {
+                let position = claimed.row.global_position;
+                match wire::outgoing(claimed.row, claimed.subject) {
+                    Ok(message) => messages.push(message),
+                    Err(e) => {
+                        failed_positions.push(position);
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+            let outcomes = self.publisher.publish(&messages).await;
+            let mut acked = Vec::with_capacity(messages.len());
+            for (message, outcome) in messages.iter().zip(outcomes) {
+                match outcome {
+                    Ok(_) => acked.push(message.global_position),
+                    Err(e) => {
+                        failed_positions.push(message.global_position);
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+            pg.outbox_delete(&mut tx, &acked).await?;
+            pg.outbox_failed(&mut tx, &failed_positions, &errors).await?;
+            tx.commit().await?;
+            pass.published += acked.len() as u64;
+            pass.failed += failed_positions.len() as u64;
+            if let Some(error) = errors.first() {
+                tracing::warn!(partition, failed = failed_positions.len(), %error, "outbox: publish failed, events stay pending");
+                return Ok(pass);
+            }
+            if !full {
+                return Ok(pass);
+            }
+        }
+    }
+
+    /// Drains the given partitions, one after the other.
+    pub(crate) async fn drain(
+        &self,
+        partitions: impl IntoIterator<Item = i32>,
+    ) -> Result<RelayPass, EventError> {
+        let mut total = RelayPass::default();
+        for partition in partitions {
+            total.add(self.drain_partition(partition).await?);
+        }
+        Ok(total)
+    }
+}
+
+/// Settings of an [`OutboxRelay`].
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows claimed and published per round trip (default 500).
+    pub batch_size: u32,
+    /// How often to look for pending rows when no notification arrives (default 1 s).
+    /// LISTEN/NOTIFY wakes the relay at once after a commit; polling is the safety net.
+    pub poll_interval: Duration,
+    /// First delay after a failed publish (default 100 ms); doubled after each failure.
+    pub min_backoff: Duration,
+    /// Longest delay between retries (default 30 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Republishes whatever the broker did not acknowledge, in order per aggregate, until shut
+/// down. Run one or several (in this process or others): see the module docs for why they
+/// never reorder an aggregate's events.
+pub struct OutboxRelay {
+    claimer: Claimer,
+    config: RelayConfig,
+}
+
+impl std::fmt::Debug for OutboxRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxRelay")
+            .field("store", &self.claimer.store)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl OutboxRelay {
+    /// A relay for `store`'s outbox, publishing through `publisher`.
+    pub fn new(store: EventStore, publisher: Arc<dyn Publisher>, config: RelayConfig) -> Self {
+        let batch_size = i64::from(config.batch_size.max(1));
+        Self { claimer: Claimer { store, publisher, batch_size }, config }
+    }
+
+    /// One pass: drains every partition with pending rows that no other claimer holds.
+    ///
+    /// # Errors
+    /// [`EventError::Database`]; broker failures are not errors here but
+    /// [`RelayPass::failed`], the events staying pending.
+    pub async fn run_once(&self) -> Result<RelayPass, EventError> {
+        let Backend::Postgres(pg) = &self.claimer.store.inner.backend;
+        let mut partitions = pg.outbox_partitions().await?;
+        // Start at a random partition, so that several relays spread out.
+        let offset = (Uuid::now_v7().as_u128() as usize) % partitions.len().max(1);
+        partitions.rotate_left(offset);
+        self.claimer.drain(partitions).await
+    }
+
+    /// The backlog: pending events, the oldest one's age, attempts and the last error.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn lag(&self) -> Result<OutboxLag, EventError> {
+        outbox_lag(&self.claimer.store).await
+    }
+
+    /// Runs until `shutdown` completes: drains, then waits for a notification or the poll
+    /// interval; after a failure, waits with capped exponential backoff and jitter. A pass
+    /// in progress finishes before the relay stops (at most one acknowledgement timeout).
+    ///
+    /// # Errors
+    /// None in practice: database and broker failures are logged and retried.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), EventError> {
+        let Backend::Postgres(pg) = &self.claimer.store.inner.backend;
+        let mut listener = match PgListener::connect_with(&pg.pool).await {
+            Ok(mut listener) => match listener.listen(&pg.channel).await {
+                Ok(()) => Some(listener),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay: LISTEN failed, polling only");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay: no LISTEN connection, polling only");
+                None
+            }
+        };
+        tokio::pin!(shutdown);
+        let mut backoff = self.config.min_backoff;
+        loop {
+            let wait = match self.run_once().await {
+                Ok(pass) if pass.failed > 0 => {
+                    let wait = jitter(backoff);
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                    wait
+                }
+                Ok(pass) if pass.published > 0 => {
+                    backoff = self.config.min_backoff;
+                    if let Ok(lag) = self.lag().await {
+                        tracing::info!(
+                            published = pass.published,
+                            pending = lag.pending,
+                            "outbox relay: published"
+                        );
+                    }
+                    Duration::ZERO
+                }
+                Ok(_) => {
+                    backoff = self.config.min_backoff;
+                    self.config.poll_interval
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay: pass failed");
+                    let wait = jitter(backoff);
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                    wait
+                }
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            let notified = async {
+                match &mut listener {
+                    Some(listener) => {
+                        if listener.recv().await.is_err() {
+                            // The listener reconnects on the next call; meanwhile poll.
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            // After a failure, a notification must not cut the backoff short.
+            let failing = backoff > self.config.min_backoff;
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+                () = notified, if !failing => {}
+            }
+        }
+    }
+}
+
+pub(crate) async fn outbox_lag(store: &EventStore) -> Result<OutboxLag, EventError> {
+    let Backend::Postgres(pg) = &store.inner.backend;
+    let lag = pg.outbox_lag().await?;
+    Ok(OutboxLag {
+        pending: lag.pending,
+        oldest_age: lag.oldest_seconds.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        max_attempts: lag.max_attempts.unwrap_or(0),
+        last_error: lag.last_error,
+    })
+}
+
+/// `base` scaled by a random factor in [0.5, 1.5).
+fn jitter(base: Duration) -> Duration {
+    let random = (Uuid::now_v7().as_u128() & 0xffff) as f64 / 65536.0;
+    base.mul_f64(0.5 + random)
+}

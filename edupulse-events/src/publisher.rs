@@ -1,0 +1,271 @@
+//! Publishing to the broker: the [`Publisher`] trait and its NATS JetStream implementation.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use futures_util::future::join_all;
+
+use crate::EventError;
+use crate::wire::OutgoingMessage;
+
+/// A boxed future, as trait objects return them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the broker said about one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishReceipt {
+    /// The message's sequence in the broker's stream (0 for brokers without one).
+    pub stream_sequence: u64,
+    /// The broker had the message already (a re-send inside the duplicate window).
+    pub duplicate: bool,
+}
+
+/// A broker the bus and the outbox relay publish to.
+///
+/// Contract: messages are sent in the order given, many in flight at once; one outcome per
+/// message comes back, in the same order. After a message of an aggregate fails, the
+/// publisher does not send that aggregate's later messages of the batch (they fail too), so
+/// a retry can never put them before it.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes `messages` and waits for every acknowledgement.
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>>;
+}
+
+/// Settings of a [`NatsPublisher`].
+#[derive(Clone)]
+pub struct NatsConfig {
+    /// How long to wait for JetStream's acknowledgement of a message (default 5 s).
+    pub ack_timeout: Duration,
+    /// How long the first connection attempt may take (default 5 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self { ack_timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(5) }
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("ack_timeout", &self.ack_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// The JetStream stream events are stored in.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    /// The stream's name: letters, digits, `-` and `_`.
+    pub name: String,
+    /// The subjects it captures, wildcards allowed (`courses.>`).
+    pub subjects: Vec<String>,
+    /// How long JetStream remembers a `Nats-Msg-Id` to drop re-sends (default 2 minutes).
+    /// The outbox relay's retries are de-duplicated only inside this window: keep it longer
+    /// than a broker outage you want re-sends to be invisible across.
+    pub duplicate_window: Duration,
+    /// Keep messages this long; zero keeps them until limits apply (default zero).
+    pub max_age: Duration,
+}
+
+impl StreamSpec {
+    /// A file-backed stream with a two-minute duplicate window.
+    pub fn new(name: impl Into<String>, subjects: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            name: name.into(),
+            subjects: subjects.into_iter().map(Into::into).collect(),
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::ZERO,
+        }
+    }
+}
+
+/// Publishes events to NATS JetStream: one message per event on its subject, with
+/// `Nats-Msg-Id` = event id and the `Edupulse-*` headers; acknowledgements are awaited
+/// together, not one round trip per event.
+///
+/// Security: async-nats logs its CONNECT line, credentials included, at TRACE level; do not
+/// enable TRACE for `async_nats` in production. This type never logs or formats the URL.
+#[derive(Clone)]
+pub struct NatsPublisher {
+    jetstream: jetstream::Context,
+}
+
+impl fmt::Debug for NatsPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsPublisher").finish_non_exhaustive()
+    }
+}
+
+fn broker(what: &str, e: impl fmt::Display) -> EventError {
+    EventError::Broker(format!("{what}: {e}"))
+}
+
+impl NatsPublisher {
+    /// Connects to the NATS server at `url`. When the server is down, the client keeps
+    /// trying in the background and publishes fail until it is back (the outbox keeps the
+    /// events).
+    ///
+    /// # Errors
+    /// [`EventError::Broker`] when the URL is invalid.
+    pub async fn connect(url: &str, config: NatsConfig) -> Result<Self, EventError> {
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(config.connect_timeout)
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+            .map_err(|e| broker("cannot connect to NATS (the URL is not shown)", e.kind()))?;
+        Ok(Self::from_client(client, &config))
+    }
+
+    /// Uses an existing client.
+    pub fn from_client(client: async_nats::Client, config: &NatsConfig) -> Self {
+        let jetstream = jetstream::ContextBuilder::new().timeout(config.ack_timeout).build(client);
+        Self { jetstream }
+    }
+
+    /// The JetStream context, for the application's own use.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// Creates the stream, or updates it to `spec`.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid name or subject filter; [`EventError::Broker`]
+    /// when JetStream refuses.
+    pub async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), EventError> {
+        validate_stream_name(&spec.name)?;
+        for filter in &spec.subjects {
+            validate_filter(filter)?;
+        }
+        let config = jetstream::stream::Config {
+            name: spec.name.clone(),
+            subjects: spec.subjects.clone(),
+            duplicate_window: spec.duplicate_window,
+            max_age: spec.max_age,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        match self.jetstream.get_stream(&spec.name).await {
+            Ok(_) => {
+                self.jetstream
+                    .update_stream(&config)
+                    .await
+                    .map_err(|e| broker("cannot update the stream", e))?;
+            }
+            Err(_) => {
+                self.jetstream
+                    .create_stream(config)
+                    .await
+                    .map_err(|e| broker("cannot create the stream", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Publisher for NatsPublisher {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        Box::pin(async move {
+            let mut failed_aggregates = HashSet::new();
+            let mut pending = Vec::with_capacity(messages.len());
+            for message in messages {
+                if failed_aggregates.contains(&message.aggregate_id) {
+                    pending.push(Err(EventError::Broker(
+                        "not sent: an earlier event of the same aggregate failed".into(),
+                    )));
+                    continue;
+                }
+                let mut headers = HeaderMap::new();
+                for (name, value) in &message.headers {
+                    headers.insert(*name, value.as_str());
+                }
+                let publish = PublishMessage::build().payload(message.body.clone().into()).headers(headers);
+                match self.jetstream.send_publish(message.subject.clone(), publish).await {
+                    Ok(ack) => pending.push(Ok(ack)),
+                    Err(e) => {
+                        failed_aggregates.insert(message.aggregate_id);
+                        pending.push(Err(publish_error(&e)));
+                    }
+                }
+            }
+            let acks = pending.into_iter().map(|sent| async move {
+                match sent {
+                    Ok(ack) => ack
+                        .await
+                        .map(|ack| PublishReceipt { stream_sequence: ack.sequence, duplicate: ack.duplicate })
+                        .map_err(|e| publish_error(&e)),
+                    Err(e) => Err(e),
+                }
+            });
+            join_all(acks).await
+        })
+    }
+}
+
+fn publish_error(e: &jetstream::context::PublishError) -> EventError {
+    let hint = match e.kind() {
+        PublishErrorKind::StreamNotFound => {
+            "; no JetStream stream captures this subject (see `ensure_stream`)"
+        }
+        PublishErrorKind::TimedOut => "; is the NATS server up?",
+        _ => "",
+    };
+    EventError::Broker(format!("publish failed: {e}{hint}"))
+}
+
+fn validate_stream_name(name: &str) -> Result<(), EventError> {
+    let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(EventError::Config(format!(
+            "invalid stream name {name:?}: use ASCII letters, digits, `-` and `_`"
+        )))
+    }
+}
+
+/// A subscription filter: tokens are non-empty; `*` stands alone; `>` stands alone, last.
+pub(crate) fn validate_filter(filter: &str) -> Result<(), EventError> {
+    let tokens: Vec<&str> = filter.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        let wildcard = *token == "*" || (*token == ">" && i + 1 == tokens.len());
+        if !wildcard {
+            crate::validate_subject_token(token)
+                .map_err(|e| EventError::Config(format!("invalid subject filter {filter:?}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_and_names() {
+        for ok in ["courses.>", "*.courses.*", "a", "a.b.c"] {
+            assert!(validate_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a..b", "a.>.b", "a b", "a.b*", "a.>x"] {
+            assert!(validate_filter(bad).is_err(), "{bad}");
+        }
+        assert!(validate_stream_name("EDUPULSE_events-1").is_ok());
+        assert!(validate_stream_name("a.b").is_err());
+        assert!(validate_stream_name("").is_err());
+    }
+}

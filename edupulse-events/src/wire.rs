@@ -1,0 +1,176 @@
+//! What travels on the broker: one message per event, its headers and its JSON body.
+//!
+//! The body is the envelope, with the payload exactly as stored; the headers repeat what a
+//! consumer needs to route or filter a message without parsing it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::stream::StoredRow;
+use crate::{DomainEvent, EventEnvelope, EventError, Metadata};
+
+/// Header names set on every published message.
+pub mod headers {
+    /// JetStream's de-duplication id: the event id.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// The event type.
+    pub const EVENT_TYPE: &str = "Edupulse-Event-Type";
+    /// The schema version of the payload.
+    pub const SCHEMA_VERSION: &str = "Edupulse-Schema-Version";
+    /// The aggregate type.
+    pub const AGGREGATE_TYPE: &str = "Edupulse-Aggregate-Type";
+    /// The aggregate id.
+    pub const AGGREGATE_ID: &str = "Edupulse-Aggregate-Id";
+    /// The event's sequence in its aggregate.
+    pub const SEQUENCE: &str = "Edupulse-Sequence";
+    /// The correlation id (the event's own id when it starts a conversation).
+    pub const CORRELATION_ID: &str = "Edupulse-Correlation-Id";
+    /// The causation id, when the event has a cause.
+    pub const CAUSATION_ID: &str = "Edupulse-Causation-Id";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// One message ready for the broker.
+#[derive(Debug, Clone)]
+pub struct OutgoingMessage {
+    /// The event id, also the de-duplication id.
+    pub event_id: Uuid,
+    /// The aggregate: a publisher never sends an aggregate's later event after an earlier
+    /// one failed.
+    pub aggregate_id: Uuid,
+    /// The event's global position in the store.
+    pub global_position: i64,
+    /// The subject, validated when the event was committed.
+    pub subject: String,
+    /// Header name and value pairs.
+    pub headers: Vec<(&'static str, String)>,
+    /// The JSON body: [`WireEnvelope`].
+    pub body: Vec<u8>,
+}
+
+/// The JSON body of a message.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireEnvelope {
+    /// The event id.
+    pub event_id: Uuid,
+    /// The event type.
+    pub event_type: String,
+    /// The schema version of `payload`.
+    pub schema_version: u32,
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: Uuid,
+    /// The sequence in the aggregate.
+    pub sequence: i64,
+    /// The global position in the store.
+    pub global_position: i64,
+    /// When it happened.
+    pub occurred_at: DateTime<Utc>,
+    /// When the store recorded it.
+    pub recorded_at: DateTime<Utc>,
+    /// Correlation, causation, trace context, user fields.
+    pub metadata: Box<RawValue>,
+    /// The event's fields, as stored (an older version is upcast by the consumer).
+    pub payload: Box<RawValue>,
+}
+
+impl WireEnvelope {
+    /// Decodes the event through `E`'s upcaster chain.
+    ///
+    /// # Errors
+    /// The errors of [`DomainEvent::decode`], with the global position set; a
+    /// [`EventError::Decode`] for invalid metadata.
+    pub fn decode<E: DomainEvent>(self) -> Result<EventEnvelope<E>, EventError> {
+        let position = self.global_position;
+        let event = E::decode(&self.event_type, self.schema_version, self.payload.get().as_bytes())
+            .map_err(|e| e.at_position(position))?;
+        let metadata: Metadata =
+            serde_json::from_str(self.metadata.get()).map_err(|e| EventError::Decode {
+                event_type: self.event_type.clone(),
+                version: self.schema_version,
+                position: Some(position),
+                source: format!("invalid metadata: {e}").into(),
+            })?;
+        Ok(EventEnvelope {
+            event_id: self.event_id,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            global_position: Some(position),
+            occurred_at: self.occurred_at,
+            recorded_at: Some(self.recorded_at),
+            metadata,
+            event,
+        })
+    }
+}
+
+/// Decodes a message body into an envelope of `E`, upcasting old versions.
+///
+/// # Errors
+/// [`EventError::Decode`] when the body is not a [`WireEnvelope`]; otherwise as
+/// [`WireEnvelope::decode`].
+pub fn decode_message<E: DomainEvent>(body: &[u8]) -> Result<EventEnvelope<E>, EventError> {
+    let wire: WireEnvelope = serde_json::from_slice(body).map_err(|e| EventError::Decode {
+        event_type: String::from("<unknown>"),
+        version: 0,
+        position: None,
+        source: format!("the message body is not an event envelope: {e}").into(),
+    })?;
+    wire.decode()
+}
+
+/// The message for a stored row (the outbox relay publishes rows it does not decode).
+pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessage, EventError> {
+    let bad = |what: &str, e: serde_json::Error| EventError::Decode {
+        event_type: row.event_type.clone(),
+        version: u32::try_from(row.schema_version).unwrap_or(0),
+        position: Some(row.global_position),
+        source: format!("stored {what} is not valid JSON: {e}").into(),
+    };
+    let metadata = RawValue::from_string(row.metadata.clone()).map_err(|e| bad("metadata", e))?;
+    let payload = RawValue::from_string(row.payload.clone()).map_err(|e| bad("payload", e))?;
+    let parsed: Metadata = serde_json::from_str(metadata.get()).unwrap_or_default();
+    let mut headers = vec![
+        (headers::MSG_ID, row.event_id.to_string()),
+        (headers::EVENT_TYPE, row.event_type.clone()),
+        (headers::SCHEMA_VERSION, row.schema_version.to_string()),
+        (headers::AGGREGATE_TYPE, row.aggregate_type.clone()),
+        (headers::AGGREGATE_ID, row.aggregate_id.to_string()),
+        (headers::SEQUENCE, row.sequence.to_string()),
+        (headers::CORRELATION_ID, parsed.correlation_id.unwrap_or(row.event_id).to_string()),
+    ];
+    if let Some(causation) = parsed.causation_id {
+        headers.push((headers::CAUSATION_ID, causation.to_string()));
+    }
+    if let Some(traceparent) = parsed.traceparent {
+        headers.push((headers::TRACEPARENT, traceparent));
+    }
+    let wire = WireEnvelope {
+        event_id: row.event_id,
+        event_type: row.event_type,
+        schema_version: u32::try_from(row.schema_version).unwrap_or(0),
+        aggregate_type: row.aggregate_type,
+        aggregate_id: row.aggregate_id,
+        sequence: row.sequence,
+        global_position: row.global_position,
+        occurred_at: row.occurred_at,
+        recorded_at: row.recorded_at,
+        metadata,
+        payload,
+    };
+    let body = serde_json::to_vec(&wire)
+        .map_err(|source| EventError::Serialization { event_type: "WireEnvelope", source })?;
+    Ok(OutgoingMessage {
+        event_id: wire.event_id,
+        aggregate_id: wire.aggregate_id,
+        global_position: wire.global_position,
+        subject,
+        headers,
+        body,
+    })
+}

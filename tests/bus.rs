@@ -1,0 +1,382 @@
+//! The commit-then-publish bus and the outbox relay, against a real PostgreSQL and real
+//! nats-server processes that the tests start, kill and restart.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::nats::{self, NatsServer, stream_messages};
+use common::{CourseEvent, LessonPublished, counted, store};
+use edupulse_events::wire::{OutgoingMessage, decode_message, headers};
+use edupulse_events::{
+    BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, Metadata, NatsPublisher,
+    OutboxRelay, PublishReceipt, Publisher, RelayConfig, Uuid,
+};
+use futures_util::StreamExt;
+
+fn bus(store: &EventStore, publisher: &NatsPublisher, config: BusConfig) -> EventBus {
+    EventBus::new(store.clone(), Arc::new(publisher.clone()), config)
+}
+
+fn relay(store: &EventStore, publisher: Arc<dyn Publisher>, batch_size: u32) -> OutboxRelay {
+    let config = RelayConfig {
+        batch_size,
+        poll_interval: Duration::from_millis(50),
+        min_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+    };
+    OutboxRelay::new(store.clone(), publisher, config)
+}
+
+/// Runs relay passes until the outbox is empty.
+async fn drain(relay: &OutboxRelay) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        relay.run_once().await.unwrap();
+        if relay.lag().await.unwrap().pending == 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the outbox did not drain: {:?}", relay.lag().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every committed event is in the stream exactly once, and each aggregate's events are in
+/// sequence order.
+fn assert_exactly_once_in_order(stored: &[nats::Stored], committed: &BTreeSet<Uuid>) {
+    let ids: Vec<String> = stored.iter().map(|m| m.event_id.clone()).collect();
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), unique.len(), "an event is in the stream twice");
+    let expected: BTreeSet<String> = committed.iter().map(Uuid::to_string).collect();
+    assert_eq!(
+        unique.into_iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "the stream holds exactly the committed events"
+    );
+    let mut last: BTreeMap<Uuid, i64> = BTreeMap::new();
+    for m in stored {
+        let previous = last.insert(m.wire.aggregate_id, m.wire.sequence).unwrap_or(0);
+        assert_eq!(m.wire.sequence, previous + 1, "aggregate {} out of order", m.wire.aggregate_id);
+    }
+}
+
+async fn commit_events(
+    bus: &EventBus,
+    aggregates: &[Uuid],
+    per_aggregate: u64,
+    per_commit: u64,
+) -> BTreeSet<Uuid> {
+    let mut ids = BTreeSet::new();
+    for &aggregate in aggregates {
+        let mut sequence = 0;
+        while sequence < per_aggregate {
+            let n = per_commit.min(per_aggregate - sequence);
+            let events: Vec<_> = (sequence..sequence + n).map(counted).collect();
+            let stored = bus
+                .commit(async |tx| tx.append("lesson", aggregate, sequence as i64, events).await)
+                .await
+                .unwrap();
+            ids.extend(stored.iter().map(|e| e.event_id));
+            sequence += n;
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn subscriber_receives_a_committed_event_with_all_headers() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let bus = bus(&store, &publisher, BusConfig::default());
+
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut subscription = client.subscribe("courses.LessonPublished").await.unwrap();
+    client.flush().await.unwrap();
+
+    let id = Uuid::now_v7();
+    let cause = EventEnvelope::new("course", Uuid::now_v7(), counted(0));
+    let mut envelope = EventEnvelope::new(
+        "lesson",
+        id,
+        CourseEvent::LessonPublished(LessonPublished {
+            lesson_id: id,
+            author_id: None,
+            title: "Live".into(),
+        }),
+    )
+    .caused_by(&cause);
+    envelope.metadata.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+    let event_id = envelope.event_id;
+    bus.commit(async |tx| tx.append_envelopes(0, vec![envelope]).await).await.unwrap();
+
+    let message = tokio::time::timeout(Duration::from_secs(3), subscription.next())
+        .await
+        .expect("received within 3 s")
+        .expect("a message");
+    let h = message.headers.as_ref().expect("headers");
+    let header = |name: &str| h.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(header(headers::MSG_ID), Some(event_id.to_string()));
+    assert_eq!(header(headers::EVENT_TYPE).as_deref(), Some("LessonPublished"));
+    assert_eq!(header(headers::SCHEMA_VERSION).as_deref(), Some("3"));
+    assert_eq!(header(headers::AGGREGATE_TYPE).as_deref(), Some("lesson"));
+    assert_eq!(header(headers::AGGREGATE_ID), Some(id.to_string()));
+    assert_eq!(header(headers::SEQUENCE).as_deref(), Some("1"));
+    assert_eq!(header(headers::CORRELATION_ID), Some(cause.event_id.to_string()));
+    assert_eq!(header(headers::CAUSATION_ID), Some(cause.event_id.to_string()));
+    assert_eq!(
+        header(headers::TRACEPARENT).as_deref(),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    );
+
+    let decoded = decode_message::<CourseEvent>(&message.payload).unwrap();
+    assert_eq!(decoded.event_id, event_id);
+    assert_eq!(decoded.metadata.causation_id, Some(cause.event_id));
+    assert!(matches!(decoded.event, CourseEvent::LessonPublished(ref p) if p.title == "Live"));
+    assert_eq!(bus.lag().await.unwrap().pending, 0, "acknowledged rows leave the outbox");
+}
+
+#[tokio::test]
+async fn a_rolled_back_commit_publishes_nothing() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let bus = bus(&store, &publisher, BusConfig::default());
+    let id = Uuid::now_v7();
+
+    let result: Result<(), EventError> = bus
+        .commit(async |tx| {
+            tx.append("lesson", id, 0, [counted(1)]).await?;
+            Err(EventError::Config("the domain said no".into()))
+        })
+        .await;
+    assert!(result.is_err());
+
+    // A panic inside the closure rolls back as well.
+    let panicking = bus.clone();
+    let join = tokio::spawn(async move {
+        panicking
+            .commit(async |tx| {
+                tx.append("lesson", id, 0, [counted(2)]).await?;
+                if id != Uuid::nil() {
+                    panic!("the handler crashed");
+                }
+                Ok::<_, EventError>(())
+            })
+            .await
+    })
+    .await;
+    assert!(join.unwrap_err().is_panic());
+
+    // A conflict inside the closure: nothing either.
+    store.append("lesson", id, 0, [counted(3)]).await.unwrap();
+    let conflict = bus.commit(async |tx| tx.append("lesson", id, 0, [counted(4)]).await).await;
+    assert!(matches!(conflict, Err(EventError::Concurrency { .. })));
+
+    relay(&store, Arc::new(publisher.clone()), 100).run_once().await.unwrap();
+    assert!(stream_messages(&publisher).await.is_empty(), "nothing rolled back is ever published");
+    assert_eq!(bus.lag().await.unwrap().pending, 0);
+    assert_eq!(store.current_sequence(id).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn nats_down_at_commit_then_back_the_relay_delivers_everything_once() {
+    let mut server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let bus = bus(&store, &publisher, BusConfig::default());
+
+    server.kill().await;
+    let aggregates: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let committed = commit_events(&bus, &aggregates, 4, 2).await;
+    let lag = bus.lag().await.unwrap();
+    assert_eq!(lag.pending, 12, "commits succeed while NATS is down; the events wait");
+    assert!(lag.max_attempts >= 1 && lag.last_error.is_some(), "{lag:?}");
+
+    server.restart().await;
+    let relay = relay(&store, Arc::new(publisher.clone()), 100);
+    drain(&relay).await;
+    let stored = stream_messages(&publisher).await;
+    assert_exactly_once_in_order(&stored, &committed);
+}
+
+#[tokio::test]
+async fn process_dies_between_commit_and_publish_a_fresh_relay_delivers() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let aggregates: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let committed = {
+        // The hook: the bus commits and "dies" before its publish after commit.
+        let dying =
+            bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
+        commit_events(&dying, &aggregates, 5, 5).await
+    };
+    assert!(stream_messages(&publisher).await.is_empty());
+
+    // A new process: its own store handle, publisher connection and relay.
+    let store_again = EventStore::connect(&common::database_url(), store.config().clone()).await.unwrap();
+    let publisher_again = nats::publisher(&server).await;
+    let relay = relay(&store_again, Arc::new(publisher_again.clone()), 100);
+    assert_eq!(relay.lag().await.unwrap().pending, 20);
+    drain(&relay).await;
+    assert_exactly_once_in_order(&stream_messages(&publisher_again).await, &committed);
+}
+
+/// Publishes the first `limit` messages it is given, then never answers again: a relay
+/// that dies in the middle of a batch.
+struct DiesMidBatch {
+    inner: NatsPublisher,
+    limit: usize,
+}
+
+impl Publisher for DiesMidBatch {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        Box::pin(async move {
+            let n = self.limit.min(messages.len());
+            let _ = self.inner.publish(&messages[..n]).await;
+            std::future::pending().await
+        })
+    }
+}
+
+#[tokio::test]
+async fn relay_killed_mid_batch_and_restarted_duplicates_nothing() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let dying = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
+    let aggregates: Vec<Uuid> = (0..2).map(|_| Uuid::now_v7()).collect();
+    let committed = commit_events(&dying, &aggregates, 30, 10).await;
+
+    let doomed = relay(&store, Arc::new(DiesMidBatch { inner: publisher.clone(), limit: 7 }), 20);
+    let task = tokio::spawn(async move { doomed.run_once().await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stream_messages(&publisher).await.len() < 7 {
+        assert!(tokio::time::Instant::now() < deadline, "the doomed relay published nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    let _ = task.await;
+    assert_eq!(store.pg_pool().map(|_| ()), Some(()));
+    let relay = relay(&store, Arc::new(publisher.clone()), 20);
+    assert_eq!(relay.lag().await.unwrap().pending, 60, "the killed relay's batch was not marked done");
+    drain(&relay).await;
+    let stored = stream_messages(&publisher).await;
+    assert_eq!(stored.len(), 60, "re-sent messages were dropped by the duplicate window");
+    assert_exactly_once_in_order(&stored, &committed);
+}
+
+#[tokio::test]
+async fn two_relays_on_ten_thousand_events_keep_every_aggregate_in_order() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = common::store_with(|c| c.max_connections = 30).await;
+    let writer = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
+    let aggregates: Vec<Uuid> = (0..100).map(|_| Uuid::now_v7()).collect();
+    let committed = commit_events(&writer, &aggregates, 100, 50).await;
+    assert_eq!(committed.len(), 10_000);
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let relays: Vec<_> = (0..2)
+        .map(|_| {
+            let relay = relay(&store, Arc::new(publisher.clone()), 250);
+            let mut stopped = stopped.clone();
+            tokio::spawn(async move {
+                relay
+                    .run(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let watcher = relay(&store, Arc::new(publisher.clone()), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while watcher.lag().await.unwrap().pending > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not drained: {:?}", watcher.lag().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(true).unwrap();
+    for relay in relays {
+        tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("graceful shutdown")
+            .unwrap()
+            .unwrap();
+    }
+    let stored = stream_messages(&publisher).await;
+    assert_eq!(stored.len(), 10_000);
+    assert_exactly_once_in_order(&stored, &committed);
+}
+
+#[tokio::test]
+async fn run_time_subject_tokens_are_checked() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let bus = bus(&store, &publisher, BusConfig::default());
+    let id = Uuid::now_v7();
+    for bad in ["", "a.b", "*", ">", "a b", "tab\t", "é", "x>"] {
+        let result = bus
+            .commit(async |tx| {
+                tx.subject_prefix(&[bad])?;
+                tx.append("lesson", id, 0, [counted(1)]).await
+            })
+            .await;
+        assert!(matches!(result, Err(EventError::InvalidSubject { .. })), "{bad:?}: {result:?}");
+    }
+    assert_eq!(store.current_sequence(id).await.unwrap(), 0, "nothing was written");
+
+    bus.commit(async |tx| {
+        tx.subject_prefix(&["tenant-42"])?;
+        tx.append("lesson", id, 0, [counted(1)]).await
+    })
+    .await
+    .unwrap();
+    let stored = stream_messages(&publisher).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].subject, "tenant-42.courses.Counted");
+}
+
+#[tokio::test]
+async fn resends_inside_the_duplicate_window_are_dropped() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let bus = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
+    let id = Uuid::now_v7();
+    let envelope = EventEnvelope::new("lesson", id, counted(1)).with_metadata(Metadata::default());
+    bus.commit(async |tx| tx.append_envelopes(0, vec![envelope]).await).await.unwrap();
+
+    // Publish the same pending rows twice, as two relays racing would.
+    let relay_a = relay(&store, Arc::new(publisher.clone()), 10);
+    let message = {
+        let row = store.load::<CourseEvent>(id, 1).next().await.unwrap().unwrap();
+        let body = serde_json::json!({
+            "event_id": row.event_id, "event_type": "Counted", "schema_version": 1, "aggregate_type": "lesson",
+            "aggregate_id": id, "sequence": 1, "global_position": row.global_position,
+            "occurred_at": row.occurred_at, "recorded_at": row.recorded_at, "metadata": {}, "payload": {"n": 1}
+        });
+        OutgoingMessage {
+            event_id: row.event_id,
+            aggregate_id: id,
+            global_position: row.global_position.unwrap(),
+            subject: "courses.Counted".into(),
+            headers: vec![(headers::MSG_ID, row.event_id.to_string())],
+            body: serde_json::to_vec(&body).unwrap(),
+        }
+    };
+    let first = publisher.publish(std::slice::from_ref(&message)).await.remove(0).unwrap();
+    assert!(!first.duplicate);
+    drain(&relay_a).await;
+    let again = publisher.publish(std::slice::from_ref(&message)).await.remove(0).unwrap();
+    assert!(again.duplicate, "JetStream recognised the re-send");
+    assert_eq!(again.stream_sequence, first.stream_sequence);
+    assert_eq!(stream_messages(&publisher).await.len(), 1);
+}
