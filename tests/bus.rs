@@ -380,3 +380,32 @@ async fn resends_inside_the_duplicate_window_are_dropped() {
     assert_eq!(again.stream_sequence, first.stream_sequence);
     assert_eq!(stream_messages(&publisher).await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_running_relay_is_woken_by_notify_not_by_polling() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let writer = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
+    let config = RelayConfig { poll_interval: Duration::from_secs(3600), ..RelayConfig::default() };
+    let relay = OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    // Let the relay finish its first (empty) pass and start waiting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let committed = commit_events(&writer, &[Uuid::now_v7()], 3, 3).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while stream_messages(&publisher).await.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the relay was not woken by the commit's NOTIFY");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running).await.expect("stops on the shutdown signal").unwrap().unwrap();
+}

@@ -1,6 +1,8 @@
 //! Domain events for Rust services: annotate plain event structs with
 //! `#[derive(DomainEvent)]` and get stable type names, NATS subjects, schema versions with an
-//! upcaster chain for old payloads, and typed SQL bindings.
+//! upcaster chain for old payloads, and typed SQL bindings; store them in PostgreSQL with
+//! optimistic concurrency, and publish them to NATS JetStream after commit through a
+//! transactional outbox.
 //!
 //! # Example
 //!
@@ -82,6 +84,55 @@
 //! - Decoding never panics: unknown types, versions newer than the code, malformed payloads
 //!   and refusing upcasters all give an [`EventError`].
 //! - Upcasting is pure and runs on every read: stored rows are never rewritten.
+//!
+//! # The store, the bus and the relay
+//!
+//! ```no_run
+//! # use edupulse_events::*;
+//! # use std::sync::Arc;
+//! # async fn demo<E: DomainEvent + Clone>(event: E, lesson_id: Uuid) -> Result<(), EventError> {
+//! let store = EventStore::connect("postgres://app@127.0.0.1/app", StoreConfig::default()).await?;
+//! store.migrate().await?;
+//! let nats = NatsPublisher::connect("nats://127.0.0.1:4222", NatsConfig::default()).await?;
+//! nats.ensure_stream(&StreamSpec::new("EDUPULSE", ["courses.>"])).await?;
+//! let nats: Arc<dyn Publisher> = Arc::new(nats);
+//!
+//! // Events and the caller's own writes commit together; published right after COMMIT.
+//! let bus = EventBus::new(store.clone(), nats.clone(), BusConfig::default());
+//! bus.commit(async |tx| tx.append("lesson", lesson_id, 0, [event.clone()]).await).await?;
+//!
+//! // Whatever the broker did not acknowledge is republished by a relay (one or several).
+//! let relay = OutboxRelay::new(store.clone(), nats, RelayConfig::default());
+//! tokio::spawn(async move { relay.run(std::future::pending()).await });
+//!
+//! // Replay one aggregate, or follow the global stream from a checkpoint.
+//! use futures_util::StreamExt;
+//! let mut history = store.load::<E>(lesson_id, 1);
+//! while let Some(envelope) = history.next().await {
+//!     let envelope = envelope?;
+//! }
+//! let mut all = store.stream_all::<E>(StreamPosition::START).follow(std::time::Duration::from_millis(200));
+//! # Ok(()) }
+//! ```
+//!
+//! - [`EventStore`]: `append` in the caller's transaction with an expected sequence (a lost
+//!   race is [`EventError::Concurrency`] with the actual sequence, never a raw
+//!   unique-violation); several aggregates in one transaction commit all or nothing;
+//!   [`EventStore::load`], [`EventStore::stream_all`] and [`EventStore::events_by_key`] are
+//!   streams read page by page. `stream_all` orders by writing transaction so that a late
+//!   commit with a lower position is never skipped; its docs explain the cost.
+//! - [`EventBus::commit`]: events plus outbox rows in one transaction; rollback (error or
+//!   panic) publishes nothing; after COMMIT the events are published at once, and what the
+//!   broker does not acknowledge waits for the [`OutboxRelay`].
+//! - [`OutboxRelay`]: partitions, advisory locks and `FOR UPDATE SKIP LOCKED` keep one
+//!   aggregate's events in order with any number of relays; LISTEN/NOTIFY wakes it, polling
+//!   is the safety net; failures back off exponentially with jitter. Re-sends carry the same
+//!   `Nats-Msg-Id`, dropped by JetStream inside the stream's duplicate window
+//!   ([`StreamSpec::duplicate_window`], 2 minutes by default).
+//! - Secrets: connection URLs are never logged or put in errors, and our types implement
+//!   `Debug` without them. sqlx's `PgConnectOptions` derives `Debug` with the password and
+//!   async-nats logs its CONNECT (credentials included) at TRACE level: never format the
+//!   former with `{:?}`, never enable TRACE for `async_nats` in production.
 
 mod bus;
 mod envelope;
