@@ -407,5 +407,9 @@ async fn a_running_relay_is_woken_by_notify_not_by_polling() {
     }
     assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
     stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), running).await.expect("stops on the shutdown signal").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("stops on the shutdown signal")
+        .unwrap()
+        .unwrap();
 }
