@@ -1,22 +1,23 @@
-//! Quickstart: define a context's events with `#[derive(DomainEvent)]`, wrap one in an
-//! envelope, encode it for the store, and read an old stored payload back as the current
-//! version.
+//! Quickstart: define a context's events with `#[derive(DomainEvent)]`, commit them through
+//! the bus, publish them, replay an aggregate, and catch a concurrency conflict.
 //!
-//! Run it with `cargo run --example quickstart`. Later versions of this example commit
-//! through the bus and replay from the store; this one shows the event model they share.
+//! `cargo run --example quickstart` runs on the embedded default (SQLite in memory and an
+//! in-process broker). With `DATABASE_URL=postgres://…` and `NATS_URL=nats://…` set, the
+//! same code runs on PostgreSQL and NATS JetStream.
 
 use edupulse_events::upcast::{self, JsonValue, UpcastError};
-use edupulse_events::{DomainEvent, EventEnvelope, EventError, EventSchema, Uuid};
+use edupulse_events::{Backends, BusConfig, DomainEvent, EventBus, EventError, StreamSpec, Uuid};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 /// A lesson went live. Version 2 renamed `name` to `title`.
 #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
 #[event(version = 2, context = "courses", upcast(from = 1, with = rename_name))]
 pub struct LessonPublished {
-    /// The lesson: the aggregate this event belongs to.
+    /// The course the lesson belongs to: the aggregate.
     #[event(aggregate_id)]
-    pub lesson_id: Uuid,
-    /// Who wrote it; promoted so the store can find a teacher's lessons without reading payloads.
+    pub course_id: Uuid,
+    /// Who wrote it; promoted, so the store finds a teacher's lessons without reading payloads.
     #[event(key)]
     pub author_id: Uuid,
     /// The lesson's title.
@@ -49,57 +50,78 @@ pub enum CourseEvent {
     StudentEnrolled(StudentEnrolled),
 }
 
-fn main() -> Result<(), EventError> {
-    println!("The courses context publishes: {:?}", CourseEvent::EVENT_TYPES);
-    println!("on the subjects: {:?}", CourseEvent::SUBJECTS);
+#[tokio::main]
+async fn main() -> Result<(), EventError> {
+    let backends =
+        Backends::from_env(&StreamSpec::new("EDUPULSE_EXAMPLES", ["courses.>", "quizzes.>"])).await?;
+    println!("Store: {}. Broker: {}.", backends.database_kind, backends.broker_kind);
+    println!("The courses context publishes {:?} on {:?}.", CourseEvent::EVENT_TYPES, CourseEvent::SUBJECTS);
 
-    let lesson_id = Uuid::now_v7();
-    let event = CourseEvent::from(LessonPublished {
-        lesson_id,
-        author_id: Uuid::now_v7(),
-        title: "Ownership in ten minutes".into(),
-    });
-    let envelope = EventEnvelope::new("lesson", lesson_id, event);
-    let encoded = envelope.event.encode()?;
-    println!(
-        "\nEvent {} ({} v{}) for aggregate {} goes to subject `{}`",
-        envelope.event_id, encoded.event_type, encoded.schema_version, envelope.aggregate_id, encoded.subject
-    );
-    println!("  payload column: {}", encoded.payload);
-    for key in &encoded.keys {
-        println!("  promoted key:   {} = {:?}", key.name, key.value);
+    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), BusConfig::default());
+    let course = Uuid::now_v7();
+    let author = Uuid::now_v7();
+
+    // 1. Commit two events in one transaction; they are published right after COMMIT.
+    let stored = bus
+        .commit(async |tx| {
+            let events = [
+                CourseEvent::from(LessonPublished {
+                    course_id: course,
+                    author_id: author,
+                    title: "Ownership".into(),
+                }),
+                CourseEvent::from(StudentEnrolled { course_id: course, student_id: Uuid::now_v7() }),
+            ];
+            tx.append("course", course, 0, events).await
+        })
+        .await?;
+    for e in &stored {
+        println!(
+            "Committed {} #{} of course {} at global position {}.",
+            e.event.event_type(),
+            e.sequence,
+            e.aggregate_id,
+            e.global_position.unwrap_or_default()
+        );
+    }
+    let lag = bus.lag().await?;
+    println!("Published and acknowledged by the broker: {} pending in the outbox.", lag.pending);
+    if let Some(broker) = &backends.in_memory {
+        for message in broker.messages() {
+            println!(
+                "  the broker holds `{}` (Nats-Msg-Id {})",
+                message.subject,
+                message.header("Nats-Msg-Id").unwrap_or("?")
+            );
+        }
     }
 
-    let follow_up = EventEnvelope::new(
-        "course",
-        Uuid::now_v7(),
-        CourseEvent::from(StudentEnrolled { course_id: Uuid::now_v7(), student_id: Uuid::now_v7() }),
-    )
-    .caused_by(&envelope);
-    println!(
-        "\nA follow-up event is caused by {} and correlated with {}",
-        follow_up.metadata.causation_id.unwrap_or_default(),
-        follow_up.correlation_id()
-    );
-
-    let stored_v1 = format!(r#"{{"lesson_id":"{lesson_id}","author_id":"{lesson_id}","name":"Old title"}}"#);
-    let CourseEvent::LessonPublished(read) = CourseEvent::decode("LessonPublished", 1, stored_v1.as_bytes())?
-    else {
-        return Err(EventError::Config("the v1 payload decoded as another event".into()));
-    };
-    println!(
-        "\nA payload stored as v1 reads back as v{}: title = {:?}",
-        LessonPublished::VERSION,
-        read.title
-    );
-
-    match CourseEvent::decode("LessonPublished", 7, stored_v1.as_bytes()) {
-        Err(err @ EventError::UnsupportedVersion { .. }) => println!("A v7 payload is refused: {err}"),
-        other => return Err(EventError::Config(format!("expected a refusal, got {other:?}"))),
+    // 2. Replay the aggregate.
+    let mut history = backends.store.load::<CourseEvent>(course, 1);
+    println!("Replaying course {course}:");
+    while let Some(envelope) = history.next().await {
+        let envelope = envelope?;
+        println!("  #{} {:?}", envelope.sequence, envelope.event);
     }
-    match CourseEvent::decode("LessonDeleted", 1, b"{}") {
-        Err(err @ EventError::UnknownEventType { .. }) => println!("An unknown type is refused: {err}"),
-        other => return Err(EventError::Config(format!("expected a refusal, got {other:?}"))),
+
+    // 3. Two writers decide on the same version; the second one loses, with a typed error.
+    let late = bus
+        .commit(async |tx| {
+            let event = LessonPublished { course_id: course, author_id: author, title: "Borrowing".into() };
+            tx.append("course", course, 0, [CourseEvent::from(event)]).await
+        })
+        .await;
+    match late {
+        Err(EventError::Concurrency { expected, actual, .. }) => {
+            println!(
+                "A writer that expected sequence {expected} was refused: the course is at {actual}. Reload and retry."
+            );
+        }
+        other => return Err(EventError::Config(format!("expected a concurrency conflict, got {other:?}"))),
     }
+
+    // 4. Find a teacher's lessons through the promoted key.
+    let count = backends.store.events_by_key::<CourseEvent>("author_id", author).count().await;
+    println!("Lessons by author {author}: {count}.");
     Ok(())
 }

@@ -104,6 +104,12 @@ impl EventBus {
         };
         let partitions = std::mem::take(&mut bus_tx.partitions);
         bus_tx.tx.commit().await?;
+        if let Backend::Sqlite(sq) = &self.claimer.store.inner.backend
+            && !partitions.is_empty()
+        {
+            // PostgreSQL wakes relays with NOTIFY at commit; the embedded backend in process.
+            sq.notify_outbox();
+        }
         if self.config.publish_after_commit && !partitions.is_empty() {
             match self.claimer.drain(partitions).await {
                 Ok(pass) if pass.failed > 0 => {
@@ -206,12 +212,15 @@ impl BusTransaction {
         }
         if !rows.positions.is_empty() {
             let store = self.tx.store().clone();
-            let Backend::Postgres(pg) = &store.inner.backend;
-            let conn = self
-                .tx
-                .pg_connection()
-                .ok_or_else(|| EventError::Config("not a PostgreSQL transaction".into()))?;
-            pg.outbox_insert(conn, &rows).await?;
+            let wrong = || EventError::Config("the transaction belongs to another backend".into());
+            match &store.inner.backend {
+                Backend::Postgres(pg) => {
+                    pg.outbox_insert(self.tx.pg_connection().ok_or_else(wrong)?, &rows).await?
+                }
+                Backend::Sqlite(sq) => {
+                    sq.outbox_insert(self.tx.sqlite_connection().ok_or_else(wrong)?, &rows).await?
+                }
+            }
         }
         Ok(stored)
     }
@@ -219,6 +228,12 @@ impl BusTransaction {
     /// The PostgreSQL connection of the transaction, for the caller's own writes.
     pub fn pg_connection(&mut self) -> Option<&mut PgConnection> {
         self.tx.pg_connection()
+    }
+
+    /// The SQLite connection of the transaction (embedded backend), for the caller's own
+    /// writes.
+    pub fn sqlite_connection(&mut self) -> Option<&mut sqlx::sqlite::SqliteConnection> {
+        self.tx.sqlite_connection()
     }
 
     fn subject_of<E: DomainEvent>(&self, envelope: &EventEnvelope<E>) -> Result<String, EventError> {

@@ -129,6 +129,10 @@
 //!   is the safety net; failures back off exponentially with jitter. Re-sends carry the same
 //!   `Nats-Msg-Id`, dropped by JetStream inside the stream's duplicate window
 //!   ([`StreamSpec::duplicate_window`], 2 minutes by default).
+//! - Embedded default: `EventStore::connect("sqlite::memory:")` (or a `sqlite://` file) and
+//!   the [`InMemoryBroker`] give the same API with no server; [`Backends::from_env`] picks
+//!   PostgreSQL and NATS when `DATABASE_URL` / `NATS_URL` are set. On SQLite one writer
+//!   works at a time, positions follow commit order, keys are matched without an index.
 //! - Secrets: connection URLs are never logged or put in errors, and our types implement
 //!   `Debug` without them. sqlx's `PgConnectOptions` derives `Debug` with the password and
 //!   async-nats logs its CONNECT (credentials included) at TRACE level: never format the
@@ -138,9 +142,12 @@ mod bus;
 mod envelope;
 mod error;
 mod event;
+mod memory;
 mod outbox;
 mod postgres;
 mod publisher;
+mod setup;
+mod sqlite;
 mod store;
 mod stream;
 mod subject;
@@ -160,8 +167,10 @@ pub use crate::error::{BoxError, EventError};
 pub use crate::event::{
     AggregateId, DomainEvent, EncodedEvent, EventSchema, IntoKeyValue, KeyValue, PromotedKey,
 };
+pub use crate::memory::{BrokerMessage, InMemoryBroker};
 pub use crate::outbox::{OutboxLag, OutboxRelay, PARTITIONS, RelayConfig, RelayPass};
 pub use crate::publisher::{BoxFuture, NatsConfig, NatsPublisher, PublishReceipt, Publisher, StreamSpec};
+pub use crate::setup::{Backends, EMBEDDED_DATABASE_URL};
 pub use crate::store::{EventStore, ExpectedSequence, SchemaName, StoreConfig, StreamPosition, Transaction};
 pub use crate::stream::EventStream;
 pub use crate::subject::{validate_subject, validate_subject_token};

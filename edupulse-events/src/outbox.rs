@@ -15,6 +15,7 @@ use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
 use crate::EventError;
+use crate::postgres::ClaimedRow;
 use crate::publisher::Publisher;
 use crate::store::{Backend, EventStore};
 use crate::wire::{self, OutgoingMessage};
@@ -78,60 +79,90 @@ pub(crate) struct Claimer {
     pub(crate) batch_size: i64,
 }
 
+/// The outcome of publishing one claimed batch.
+struct Published {
+    acked: Vec<i64>,
+    failed: Vec<i64>,
+    errors: Vec<String>,
+}
+
 impl Claimer {
     /// Publishes a partition's pending rows until none are left or the broker fails.
     pub(crate) async fn drain_partition(&self, partition: i32) -> Result<RelayPass, EventError> {
-        let Backend::Postgres(pg) = &self.store.inner.backend;
         let mut pass = RelayPass::default();
         loop {
-            let mut tx = pg.pool.begin().await?;
-            if !pg.lock_partition(&mut tx, partition).await? {
-                pass.busy_partitions += 1;
-                return Ok(pass);
-            }
-            let claimed = pg.outbox_claim(&mut tx, partition, self.batch_size).await?;
-            if claimed.is_empty() {
-                tx.commit().await?;
-                return Ok(pass);
-            }
-            let full = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= self.batch_size;
-            let mut messages: Vec<OutgoingMessage> = Vec::with_capacity(claimed.len());
-            let mut failed_positions = Vec::new();
-            let mut errors = Vec::new();
-            for claimed in claimed {
-                let position = claimed.row.global_position;
-                match wire::outgoing(claimed.row, claimed.subject) {
-                    Ok(message) => messages.push(message),
-                    Err(e) => {
-                        failed_positions.push(position);
-                        errors.push(e.to_string());
+            let (claimed, published) = match &self.store.inner.backend {
+                Backend::Postgres(pg) => {
+                    let mut tx = pg.pool.begin().await?;
+                    if !pg.lock_partition(&mut tx, partition).await? {
+                        pass.busy_partitions += 1;
+                        return Ok(pass);
                     }
+                    let claimed = pg.outbox_claim(&mut tx, partition, self.batch_size).await?;
+                    let count = claimed.len();
+                    let published = self.publish(claimed).await;
+                    pg.outbox_delete(&mut tx, &published.acked).await?;
+                    pg.outbox_failed(&mut tx, &published.failed, &published.errors).await?;
+                    tx.commit().await?;
+                    (count, published)
                 }
-            }
-            let outcomes = self.publisher.publish(&messages).await;
-            let mut acked = Vec::with_capacity(messages.len());
-            for (message, outcome) in messages.iter().zip(outcomes) {
-                match outcome {
-                    Ok(_) => acked.push(message.global_position),
-                    Err(e) => {
-                        failed_positions.push(message.global_position);
-                        errors.push(e.to_string());
-                    }
+                Backend::Sqlite(sq) => {
+                    let Some(_claimer) = sq.try_lock_partition(partition) else {
+                        pass.busy_partitions += 1;
+                        return Ok(pass);
+                    };
+                    let claimed = sq.outbox_claim(partition, self.batch_size).await?;
+                    let count = claimed.len();
+                    let published = self.publish(claimed).await;
+                    sq.outbox_finish(&published.acked, &published.failed, &published.errors).await?;
+                    (count, published)
                 }
-            }
-            pg.outbox_delete(&mut tx, &acked).await?;
-            pg.outbox_failed(&mut tx, &failed_positions, &errors).await?;
-            tx.commit().await?;
-            pass.published += acked.len() as u64;
-            pass.failed += failed_positions.len() as u64;
-            if let Some(error) = errors.first() {
-                tracing::warn!(partition, failed = failed_positions.len(), %error, "outbox: publish failed, events stay pending");
+            };
+            pass.published += published.acked.len() as u64;
+            pass.failed += published.failed.len() as u64;
+            if let Some(error) = published.errors.first() {
+                tracing::warn!(
+                    partition,
+                    failed = published.failed.len(),
+                    %error,
+                    "outbox: publish failed, events stay pending"
+                );
                 return Ok(pass);
             }
-            if !full {
+            if i64::try_from(claimed).unwrap_or(i64::MAX) < self.batch_size {
                 return Ok(pass);
             }
         }
+    }
+
+    /// Publishes claimed rows in order; sorts the outcomes into acknowledged and failed.
+    async fn publish(&self, claimed: Vec<ClaimedRow>) -> Published {
+        let mut out = Published { acked: Vec::new(), failed: Vec::new(), errors: Vec::new() };
+        let mut messages: Vec<OutgoingMessage> = Vec::with_capacity(claimed.len());
+        for claimed in claimed {
+            let position = claimed.row.global_position;
+            match wire::outgoing(claimed.row, claimed.subject) {
+                Ok(message) => messages.push(message),
+                Err(e) => {
+                    out.failed.push(position);
+                    out.errors.push(e.to_string());
+                }
+            }
+        }
+        if messages.is_empty() {
+            return out;
+        }
+        let outcomes = self.publisher.publish(&messages).await;
+        for (message, outcome) in messages.iter().zip(outcomes) {
+            match outcome {
+                Ok(_) => out.acked.push(message.global_position),
+                Err(e) => {
+                    out.failed.push(message.global_position);
+                    out.errors.push(e.to_string());
+                }
+            }
+        }
+        out
     }
 
     /// Drains the given partitions, one after the other.
@@ -202,8 +233,10 @@ impl OutboxRelay {
     /// [`EventError::Database`]; broker failures are not errors here but
     /// [`RelayPass::failed`], the events staying pending.
     pub async fn run_once(&self) -> Result<RelayPass, EventError> {
-        let Backend::Postgres(pg) = &self.claimer.store.inner.backend;
-        let mut partitions = pg.outbox_partitions().await?;
+        let mut partitions = match &self.claimer.store.inner.backend {
+            Backend::Postgres(pg) => pg.outbox_partitions().await?,
+            Backend::Sqlite(sq) => sq.outbox_partitions().await?,
+        };
         // Start at a random partition, so that several relays spread out.
         let offset = (Uuid::now_v7().as_u128() as usize) % partitions.len().max(1);
         partitions.rotate_left(offset);
@@ -225,19 +258,15 @@ impl OutboxRelay {
     /// # Errors
     /// None in practice: database and broker failures are logged and retried.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), EventError> {
-        let Backend::Postgres(pg) = &self.claimer.store.inner.backend;
-        let mut listener = match PgListener::connect_with(&pg.pool).await {
-            Ok(mut listener) => match listener.listen(&pg.channel).await {
-                Ok(()) => Some(listener),
+        let mut wakeup = match &self.claimer.store.inner.backend {
+            Backend::Postgres(pg) => match listen(pg).await {
+                Ok(listener) => Wakeup::Listen(listener),
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox relay: LISTEN failed, polling only");
-                    None
+                    Wakeup::Poll
                 }
             },
-            Err(e) => {
-                tracing::warn!(error = %e, "outbox relay: no LISTEN connection, polling only");
-                None
-            }
+            Backend::Sqlite(sq) => Wakeup::InProcess(sq.subscribe_outbox()),
         };
         tokio::pin!(shutdown);
         let mut backoff = self.config.min_backoff;
@@ -274,14 +303,19 @@ impl OutboxRelay {
                 continue;
             }
             let notified = async {
-                match &mut listener {
-                    Some(listener) => {
+                match &mut wakeup {
+                    Wakeup::Listen(listener) => {
                         if listener.recv().await.is_err() {
                             // The listener reconnects on the next call; meanwhile poll.
                             tokio::time::sleep(wait).await;
                         }
                     }
-                    None => std::future::pending::<()>().await,
+                    Wakeup::InProcess(receiver) => {
+                        if receiver.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    Wakeup::Poll => std::future::pending::<()>().await,
                 }
             };
             // After a failure, a notification must not cut the backoff short.
@@ -295,9 +329,24 @@ impl OutboxRelay {
     }
 }
 
+/// How a running relay learns that a commit wrote outbox rows.
+enum Wakeup {
+    Listen(PgListener),
+    InProcess(tokio::sync::watch::Receiver<u64>),
+    Poll,
+}
+
+async fn listen(pg: &crate::postgres::PgBackend) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(&pg.pool).await?;
+    listener.listen(&pg.channel).await?;
+    Ok(listener)
+}
+
 pub(crate) async fn outbox_lag(store: &EventStore) -> Result<OutboxLag, EventError> {
-    let Backend::Postgres(pg) = &store.inner.backend;
-    let lag = pg.outbox_lag().await?;
+    let lag = match &store.inner.backend {
+        Backend::Postgres(pg) => pg.outbox_lag().await?,
+        Backend::Sqlite(sq) => sq.outbox_lag().await?,
+    };
     Ok(OutboxLag {
         pending: lag.pending,
         oldest_age: lag.oldest_seconds.map(|s| Duration::from_secs_f64(s.max(0.0))),

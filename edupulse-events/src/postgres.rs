@@ -3,15 +3,13 @@
 //! Every statement binds its values as parameters. The only text put into SQL is the schema
 //! name, validated by [`SchemaName`] and quoted as an identifier.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
 use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
-use crate::store::{ExpectedSequence, SchemaName, StreamPosition};
+use crate::store::{ExpectedSequence, SchemaName, StreamPosition, encode_rows, refusal};
 use crate::stream::{PageQuery, StoredRow};
 use crate::{DomainEvent, EventEnvelope, EventError};
 
@@ -43,6 +41,8 @@ struct Queries {
     outbox_delete: SqlStr,
     outbox_failed: SqlStr,
     outbox_lag: SqlStr,
+    checkpoint_save: SqlStr,
+    checkpoint_load: SqlStr,
 }
 
 impl Queries {
@@ -131,6 +131,14 @@ impl Queries {
                       ORDER BY last_attempt_at DESC LIMIT 1) \
                  FROM {s}.outbox"
             )),
+            checkpoint_save: sql(format!(
+                "INSERT INTO {s}.checkpoints (name, transaction_id, global_position) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET transaction_id = excluded.transaction_id, \
+                     global_position = excluded.global_position, updated_at = now()"
+            )),
+            checkpoint_load: sql(format!(
+                "SELECT transaction_id, global_position FROM {s}.checkpoints WHERE name = $1"
+            )),
         }
     }
 }
@@ -187,6 +195,31 @@ impl PgBackend {
             .execute(conn)
             .await?;
         Ok(())
+    }
+
+    pub(crate) async fn save_checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+        position: StreamPosition,
+    ) -> Result<(), EventError> {
+        sqlx::query(self.sql.checkpoint_save.clone())
+            .bind(name)
+            .bind(position.transaction_id)
+            .bind(position.global_position)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn load_checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<Option<StreamPosition>, EventError> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as(self.sql.checkpoint_load.clone()).bind(name).fetch_optional(conn).await?;
+        Ok(row.map(|(transaction_id, global_position)| StreamPosition { transaction_id, global_position }))
     }
 
     /// The partitions that have pending rows.
@@ -303,37 +336,15 @@ impl PgBackend {
                 "expected sequence {n} is negative: use 0 for a new aggregate"
             )));
         }
-        let count = envelopes.len();
-        let mut event_ids = Vec::with_capacity(count);
-        let mut event_types = Vec::with_capacity(count);
-        let mut versions = Vec::with_capacity(count);
-        let mut payloads = Vec::with_capacity(count);
-        let mut metadata = Vec::with_capacity(count);
-        let mut keys = Vec::with_capacity(count);
-        let mut occurred = Vec::with_capacity(count);
-        for envelope in &envelopes {
-            check_aggregate(envelope, aggregate_id, &aggregate_type)?;
-            let encoded = envelope.event.encode()?;
-            event_ids.push(envelope.event_id);
-            event_types.push(encoded.event_type);
-            versions.push(i32::try_from(encoded.schema_version).map_err(|_| {
-                EventError::Config(format!(
-                    "schema version {} does not fit the store",
-                    encoded.schema_version
-                ))
-            })?);
-            payloads.push(String::from(encoded.payload.get()));
-            metadata
-                .push(serde_json::to_string(&envelope.metadata).map_err(|source| {
-                    EventError::Serialization { event_type: encoded.event_type, source }
-                })?);
-            let map: BTreeMap<&str, _> = encoded.keys.iter().map(|k| (k.name, &k.value)).collect();
-            keys.push(
-                serde_json::to_string(&map)
-                    .map_err(|source| EventError::Serialization { event_type: encoded.event_type, source })?,
-            );
-            occurred.push(envelope.occurred_at);
-        }
+        let rows = encode_rows(&envelopes, aggregate_id, &aggregate_type)?;
+        let event_ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+        let event_types: Vec<&str> = rows.iter().map(|r| r.event_type).collect();
+        let versions: Vec<i32> = rows.iter().map(|r| r.schema_version).collect();
+        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+        let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
+        let keys: Vec<&str> = rows.iter().map(|r| r.keys.as_str()).collect();
+        let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.occurred_at).collect();
+        let count = rows.len();
         let sql = match expected {
             ExpectedSequence::Exactly(n) if n > 0 => self.sql.append_existing.clone(),
             _ => self.sql.append_new.clone(),
@@ -397,28 +408,11 @@ impl PgBackend {
         aggregate_type: &str,
         expected: ExpectedSequence,
     ) -> EventError {
-        let state =
-            sqlx::query(self.sql.stream_state.clone()).bind(aggregate_id).fetch_optional(&mut *conn).await;
+        let state: Result<Option<(String, i64)>, sqlx::Error> =
+            sqlx::query_as(self.sql.stream_state.clone()).bind(aggregate_id).fetch_optional(&mut *conn).await;
         match state {
             Err(e) => e.into(),
-            Ok(None) => EventError::Concurrency { aggregate_id, expected: expected.as_i64(), actual: 0 },
-            Ok(Some(row)) => {
-                let stored_type: String = match row.try_get("aggregate_type") {
-                    Ok(t) => t,
-                    Err(e) => return e.into(),
-                };
-                let actual: i64 = match row.try_get("version") {
-                    Ok(v) => v,
-                    Err(e) => return e.into(),
-                };
-                if stored_type != aggregate_type {
-                    EventError::Config(format!(
-                        "aggregate {aggregate_id} is a `{stored_type}`, not a `{aggregate_type}`: one id, one aggregate type"
-                    ))
-                } else {
-                    EventError::Concurrency { aggregate_id, expected: expected.as_i64(), actual }
-                }
-            }
+            Ok(stream) => refusal(aggregate_id, aggregate_type, expected, stream),
         }
     }
 
@@ -483,28 +477,6 @@ fn stored_row(row: &PgRow) -> Result<StoredRow, sqlx::Error> {
         occurred_at: row.try_get("occurred_at")?,
         recorded_at: row.try_get("recorded_at")?,
     })
-}
-
-fn check_aggregate<E: DomainEvent>(
-    envelope: &EventEnvelope<E>,
-    aggregate_id: Uuid,
-    aggregate_type: &str,
-) -> Result<(), EventError> {
-    if envelope.aggregate_id != aggregate_id || envelope.aggregate_type != aggregate_type {
-        return Err(EventError::Config(format!(
-            "one append writes to one aggregate: {} {} and {aggregate_type} {aggregate_id} are both in it",
-            envelope.aggregate_type, envelope.aggregate_id
-        )));
-    }
-    if let Some(own) = envelope.event.aggregate_id()
-        && own != aggregate_id
-    {
-        return Err(EventError::Config(format!(
-            "event `{}` names aggregate {own} in its `#[event(aggregate_id)]` field but is appended to {aggregate_id}",
-            envelope.event.event_type()
-        )));
-    }
-    Ok(())
 }
 
 fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {

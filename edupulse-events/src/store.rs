@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::sqlite::SqliteConnection;
 use uuid::Uuid;
 
 use crate::postgres::{PgBackend, PgTransaction};
+use crate::sqlite::{SqliteBackend, SqliteTransaction};
 use crate::stream::{EventStream, PageQuery};
 use crate::{DomainEvent, EventEnvelope, EventError, IntoKeyValue};
 
@@ -115,8 +117,11 @@ impl StoreConfig {
     }
 }
 
+// One of each lives behind an `Arc` per store: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     Postgres(PgBackend),
+    Sqlite(SqliteBackend),
 }
 
 pub(crate) struct Inner {
@@ -143,6 +148,7 @@ impl fmt::Debug for EventStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let backend = match self.inner.backend {
             Backend::Postgres(_) => "postgres",
+            Backend::Sqlite(_) => "sqlite",
         };
         f.debug_struct("EventStore")
             .field("backend", &backend)
@@ -152,7 +158,9 @@ impl fmt::Debug for EventStore {
 }
 
 impl EventStore {
-    /// Connects to the database named by `url` (`postgres://…`).
+    /// Connects to the database named by `url`: `postgres://…` for PostgreSQL, or
+    /// `sqlite://path/to/file.db` / `sqlite::memory:` for the embedded backend (see the
+    /// crate docs for what differs).
     ///
     /// The URL is never logged or put in an error message: it may hold a password.
     ///
@@ -176,8 +184,12 @@ impl EventStore {
                     .await?;
                 Ok(Self::from_pg_pool(pool, config))
             }
+            _ if url.starts_with("sqlite:") => {
+                let backend = SqliteBackend::connect(url, &config).await?;
+                Ok(Self { inner: Arc::new(Inner { backend: Backend::Sqlite(backend), config }) })
+            }
             _ => Err(EventError::Config(format!(
-                "unsupported database URL scheme {scheme:?}: expected `postgres://`"
+                "unsupported database URL scheme {scheme:?}: expected `postgres://` or `sqlite:`"
             ))),
         }
     }
@@ -192,6 +204,7 @@ impl EventStore {
     pub fn pg_pool(&self) -> Option<&PgPool> {
         match &self.inner.backend {
             Backend::Postgres(pg) => Some(&pg.pool),
+            Backend::Sqlite(_) => None,
         }
     }
 
@@ -201,13 +214,15 @@ impl EventStore {
     }
 
     /// Creates the schema if needed and applies the embedded migrations
-    /// (`migrations/postgres`). Safe to run from several processes at once.
+    /// (`migrations/postgres`, or `migrations/sqlite`). Safe to run from several processes
+    /// at once.
     ///
     /// # Errors
     /// [`EventError::Database`] when a migration fails.
     pub async fn migrate(&self) -> Result<(), EventError> {
         match &self.inner.backend {
             Backend::Postgres(pg) => pg.migrate(&self.inner.config.schema).await,
+            Backend::Sqlite(sq) => sq.migrate().await,
         }
     }
 
@@ -219,6 +234,7 @@ impl EventStore {
     pub async fn begin(&self) -> Result<Transaction, EventError> {
         let inner = match &self.inner.backend {
             Backend::Postgres(pg) => TxInner::Postgres(pg.pool.begin().await?),
+            Backend::Sqlite(sq) => TxInner::Sqlite(sq.begin().await?),
         };
         Ok(Transaction { store: self.clone(), inner })
     }
@@ -253,6 +269,7 @@ impl EventStore {
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         match &self.inner.backend {
             Backend::Postgres(pg) => pg.append(conn, expected.into(), envelopes).await,
+            Backend::Sqlite(_) => Err(EventError::Config("append_in_pg needs a PostgreSQL store".into())),
         }
     }
 
@@ -263,6 +280,18 @@ impl EventStore {
     pub async fn current_sequence(&self, aggregate_id: Uuid) -> Result<i64, EventError> {
         match &self.inner.backend {
             Backend::Postgres(pg) => pg.current_sequence(aggregate_id).await,
+            Backend::Sqlite(sq) => sq.current_sequence(aggregate_id).await,
+        }
+    }
+
+    /// A projection's saved checkpoint; `None` before the first save.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn checkpoint(&self, name: &str) -> Result<Option<StreamPosition>, EventError> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => pg.load_checkpoint(&mut *pg.pool.acquire().await?, name).await,
+            Backend::Sqlite(sq) => sq.load_checkpoint(&mut *sq.pool.acquire().await?, name).await,
         }
     }
 
@@ -313,6 +342,7 @@ impl EventStore {
 
 pub(crate) enum TxInner {
     Postgres(PgTransaction),
+    Sqlite(SqliteTransaction),
 }
 
 /// A database transaction of the store: appends and the caller's own writes commit or roll
@@ -367,6 +397,8 @@ impl Transaction {
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         match (&self.store.inner.backend, &mut self.inner) {
             (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.append(tx, expected.into(), envelopes).await,
+            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.append(tx, expected.into(), envelopes).await,
+            _ => Err(EventError::Config("the transaction belongs to another backend".into())),
         }
     }
 
@@ -379,6 +411,42 @@ impl Transaction {
     pub fn pg_connection(&mut self) -> Option<&mut PgConnection> {
         match &mut self.inner {
             TxInner::Postgres(tx) => Some(&mut **tx),
+            TxInner::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite connection of this transaction (embedded backend), for the caller's own
+    /// writes.
+    pub fn sqlite_connection(&mut self) -> Option<&mut SqliteConnection> {
+        match &mut self.inner {
+            TxInner::Sqlite(tx) => Some(&mut **tx),
+            TxInner::Postgres(_) => None,
+        }
+    }
+
+    /// Saves a projection's checkpoint in this transaction, so that it commits together
+    /// with the read-model changes it accounts for: each event's effect applies exactly
+    /// once, whenever the process stops.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn save_checkpoint(&mut self, name: &str, position: StreamPosition) -> Result<(), EventError> {
+        match (&self.store.inner.backend, &mut self.inner) {
+            (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.save_checkpoint(tx, name, position).await,
+            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.save_checkpoint(tx, name, position).await,
+            _ => Err(EventError::Config("the transaction belongs to another backend".into())),
+        }
+    }
+
+    /// A projection's checkpoint as this transaction sees it; `None` before the first save.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn checkpoint(&mut self, name: &str) -> Result<Option<StreamPosition>, EventError> {
+        match (&self.store.inner.backend, &mut self.inner) {
+            (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.load_checkpoint(tx, name).await,
+            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.load_checkpoint(tx, name).await,
+            _ => Err(EventError::Config("the transaction belongs to another backend".into())),
         }
     }
 
@@ -389,6 +457,7 @@ impl Transaction {
     pub async fn commit(self) -> Result<(), EventError> {
         match self.inner {
             TxInner::Postgres(tx) => tx.commit().await?,
+            TxInner::Sqlite(tx) => tx.commit().await?,
         }
         Ok(())
     }
@@ -400,8 +469,92 @@ impl Transaction {
     pub async fn rollback(self) -> Result<(), EventError> {
         match self.inner {
             TxInner::Postgres(tx) => tx.rollback().await?,
+            TxInner::Sqlite(tx) => tx.rollback().await?,
         }
         Ok(())
+    }
+}
+
+/// One event ready for the events table, encoded once for any backend.
+pub(crate) struct EncodedRow {
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: &'static str,
+    pub(crate) schema_version: i32,
+    pub(crate) payload: String,
+    pub(crate) metadata: String,
+    pub(crate) keys: String,
+    pub(crate) occurred_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Encodes the envelopes of one append, checking that they all belong to one aggregate.
+pub(crate) fn encode_rows<E: DomainEvent>(
+    envelopes: &[EventEnvelope<E>],
+    aggregate_id: Uuid,
+    aggregate_type: &str,
+) -> Result<Vec<EncodedRow>, EventError> {
+    envelopes
+        .iter()
+        .map(|envelope| {
+            check_aggregate(envelope, aggregate_id, aggregate_type)?;
+            let encoded = envelope.event.encode()?;
+            let event_type = encoded.event_type;
+            let serialization = |source| EventError::Serialization { event_type, source };
+            let schema_version = i32::try_from(encoded.schema_version).map_err(|_| {
+                EventError::Config(format!(
+                    "schema version {} does not fit the store",
+                    encoded.schema_version
+                ))
+            })?;
+            let keys: std::collections::BTreeMap<&str, _> =
+                encoded.keys.iter().map(|k| (k.name, &k.value)).collect();
+            Ok(EncodedRow {
+                event_id: envelope.event_id,
+                event_type,
+                schema_version,
+                payload: String::from(encoded.payload.get()),
+                metadata: serde_json::to_string(&envelope.metadata).map_err(serialization)?,
+                keys: serde_json::to_string(&keys).map_err(serialization)?,
+                occurred_at: envelope.occurred_at,
+            })
+        })
+        .collect()
+}
+
+fn check_aggregate<E: DomainEvent>(
+    envelope: &EventEnvelope<E>,
+    aggregate_id: Uuid,
+    aggregate_type: &str,
+) -> Result<(), EventError> {
+    if envelope.aggregate_id != aggregate_id || envelope.aggregate_type != aggregate_type {
+        return Err(EventError::Config(format!(
+            "one append writes to one aggregate: {} {} and {aggregate_type} {aggregate_id} are both in it",
+            envelope.aggregate_type, envelope.aggregate_id
+        )));
+    }
+    if let Some(own) = envelope.event.aggregate_id()
+        && own != aggregate_id
+    {
+        return Err(EventError::Config(format!(
+            "event `{}` names aggregate {own} in its `#[event(aggregate_id)]` field but is appended to {aggregate_id}",
+            envelope.event.event_type()
+        )));
+    }
+    Ok(())
+}
+
+/// Why an append wrote nothing, from the stream row as it is now.
+pub(crate) fn refusal(
+    aggregate_id: Uuid,
+    aggregate_type: &str,
+    expected: ExpectedSequence,
+    stream: Option<(String, i64)>,
+) -> EventError {
+    match stream {
+        Some((stored_type, _)) if stored_type != aggregate_type => EventError::Config(format!(
+            "aggregate {aggregate_id} is a `{stored_type}`, not a `{aggregate_type}`: one id, one aggregate type"
+        )),
+        Some((_, actual)) => EventError::Concurrency { aggregate_id, expected: expected.as_i64(), actual },
+        None => EventError::Concurrency { aggregate_id, expected: expected.as_i64(), actual: 0 },
     }
 }
 

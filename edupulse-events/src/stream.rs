@@ -173,6 +173,7 @@ impl<E: DomainEvent> EventStream<E> {
         self.fetch = Some(Box::pin(async move {
             match &store.inner.backend {
                 Backend::Postgres(pg) => pg.fetch_page(&query, after, limit).await,
+                Backend::Sqlite(sq) => sq.fetch_page(&query, after, limit).await,
             }
         }));
     }

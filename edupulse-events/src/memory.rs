@@ -1,0 +1,222 @@
+//! An in-process broker behind the same [`Publisher`] trait, for the embedded default and
+//! for tests of domain code: a stream of messages with JetStream's de-duplication by
+//! `Nats-Msg-Id`, subscriptions with NATS subject filters, and a switch to simulate an
+//! outage.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::EventError;
+use crate::publisher::{BoxFuture, PublishReceipt, Publisher, validate_filter};
+use crate::wire::{OutgoingMessage, headers};
+
+/// A message as the in-process broker stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerMessage {
+    /// Its sequence in the broker's stream, from 1.
+    pub sequence: u64,
+    /// The subject it was published on.
+    pub subject: String,
+    /// Its headers.
+    pub headers: Vec<(String, String)>,
+    /// Its body (a [`WireEnvelope`](crate::wire::WireEnvelope)).
+    pub body: Vec<u8>,
+}
+
+impl BrokerMessage {
+    /// The value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    messages: Vec<BrokerMessage>,
+    seen: HashMap<String, (u64, Instant)>,
+    subscribers: Vec<(Vec<String>, mpsc::UnboundedSender<BrokerMessage>)>,
+}
+
+/// The in-process broker. Cheap to clone: clones share one stream.
+#[derive(Clone)]
+pub struct InMemoryBroker {
+    state: Arc<Mutex<State>>,
+    available: Arc<AtomicBool>,
+    duplicate_window: Duration,
+}
+
+impl Default for InMemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for InMemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryBroker")
+            .field("messages", &self.lock().messages.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InMemoryBroker {
+    /// An empty broker with a two-minute duplicate window, like JetStream's default.
+    pub fn new() -> Self {
+        Self {
+            state: Arc::default(),
+            available: Arc::new(AtomicBool::new(true)),
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data behind: keep going.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Simulates an outage (`false`: every publish fails) or the recovery (`true`).
+    pub fn set_available(&self, available: bool) {
+        self.available.store(available, Ordering::SeqCst);
+    }
+
+    /// Every message stored so far, in order.
+    pub fn messages(&self) -> Vec<BrokerMessage> {
+        self.lock().messages.clone()
+    }
+
+    /// Receives every message published from now on whose subject matches `filter`
+    /// (`*` one token, `>` the rest).
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid filter.
+    pub fn subscribe(&self, filter: &str) -> Result<mpsc::UnboundedReceiver<BrokerMessage>, EventError> {
+        validate_filter(filter)?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let tokens = filter.split('.').map(str::to_owned).collect();
+        self.lock().subscribers.push((tokens, sender));
+        Ok(receiver)
+    }
+
+    fn store(&self, message: &OutgoingMessage) -> Result<PublishReceipt, EventError> {
+        if !self.available.load(Ordering::SeqCst) {
+            return Err(EventError::Broker("the in-process broker is unavailable".into()));
+        }
+        let mut state = self.lock();
+        let now = Instant::now();
+        let window = self.duplicate_window;
+        state.seen.retain(|_, (_, at)| now.duration_since(*at) < window);
+        let id = message
+            .headers
+            .iter()
+            .find(|(name, _)| *name == headers::MSG_ID)
+            .map_or_else(|| message.event_id.to_string(), |(_, v)| v.clone());
+        if let Some((sequence, _)) = state.seen.get(&id) {
+            return Ok(PublishReceipt { stream_sequence: *sequence, duplicate: true });
+        }
+        let sequence = state.messages.len() as u64 + 1;
+        let stored = BrokerMessage {
+            sequence,
+            subject: message.subject.clone(),
+            headers: message.headers.iter().map(|(n, v)| ((*n).to_owned(), v.clone())).collect(),
+            body: message.body.clone(),
+        };
+        state.subscribers.retain(|(filter, sender)| {
+            !matches(filter, &stored.subject) || sender.send(stored.clone()).is_ok()
+        });
+        state.messages.push(stored);
+        state.seen.insert(id, (sequence, now));
+        Ok(PublishReceipt { stream_sequence: sequence, duplicate: false })
+    }
+}
+
+impl Publisher for InMemoryBroker {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        Box::pin(async move {
+            let mut failed = std::collections::HashSet::new();
+            messages
+                .iter()
+                .map(|message| {
+                    if failed.contains(&message.aggregate_id) {
+                        return Err(EventError::Broker(
+                            "not sent: an earlier event of the same aggregate failed".into(),
+                        ));
+                    }
+                    let outcome = self.store(message);
+                    if outcome.is_err() {
+                        failed.insert(message.aggregate_id);
+                    }
+                    outcome
+                })
+                .collect()
+        })
+    }
+}
+
+/// Whether `subject` matches the filter tokens.
+fn matches(filter: &[String], subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for (i, f) in filter.iter().enumerate() {
+        if f == ">" {
+            return i + 1 == filter.len() && tokens.next().is_some();
+        }
+        match tokens.next() {
+            Some(t) if f == "*" || f == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(f: &str) -> Vec<String> {
+        f.split('.').map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn subject_matching() {
+        assert!(matches(&filter("courses.>"), "courses.LessonPublished"));
+        assert!(matches(&filter("courses.>"), "courses.a.b"));
+        assert!(!matches(&filter("courses.>"), "courses"));
+        assert!(matches(&filter("*.courses.*"), "t1.courses.X"));
+        assert!(!matches(&filter("*.courses.*"), "t1.courses.X.y"));
+        assert!(matches(&filter("a.b"), "a.b"));
+        assert!(!matches(&filter("a.b"), "a.bc"));
+    }
+
+    fn message(id: &str, subject: &str) -> OutgoingMessage {
+        OutgoingMessage {
+            event_id: uuid::Uuid::nil(),
+            aggregate_id: uuid::Uuid::nil(),
+            global_position: 1,
+            subject: subject.into(),
+            headers: vec![(headers::MSG_ID, id.into())],
+            body: b"{}".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn dedup_outage_and_subscriptions() {
+        let broker = InMemoryBroker::new();
+        let mut rx = broker.subscribe("courses.*").unwrap();
+        let first = broker.publish(&[message("a", "courses.X")]).await;
+        let again = broker.publish(&[message("a", "courses.X")]).await;
+        assert_eq!(first[0].as_ref().unwrap(), &PublishReceipt { stream_sequence: 1, duplicate: false });
+        assert_eq!(again[0].as_ref().unwrap(), &PublishReceipt { stream_sequence: 1, duplicate: true });
+        assert_eq!(rx.recv().await.unwrap().subject, "courses.X");
+        broker.set_available(false);
+        let down = broker.publish(&[message("b", "courses.Y"), message("c", "courses.Y")]).await;
+        assert!(down.iter().all(Result::is_err));
+        broker.set_available(true);
+        assert_eq!(broker.messages().len(), 1);
+    }
+}

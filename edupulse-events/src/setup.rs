@@ -1,0 +1,80 @@
+//! Choosing the backends from URLs: PostgreSQL or the embedded SQLite store, NATS
+//! JetStream or the in-process broker. User code is the same for all four combinations.
+
+use std::sync::Arc;
+
+use crate::EventError;
+use crate::memory::InMemoryBroker;
+use crate::publisher::{NatsConfig, NatsPublisher, Publisher, StreamSpec};
+use crate::store::{EventStore, StoreConfig};
+
+/// The URL of the embedded default: an in-memory SQLite database.
+pub const EMBEDDED_DATABASE_URL: &str = "sqlite::memory:";
+
+/// A store and a publisher, connected, migrated and with the stream in place.
+#[derive(Clone)]
+pub struct Backends {
+    /// The event store.
+    pub store: EventStore,
+    /// The broker.
+    pub publisher: Arc<dyn Publisher>,
+    /// The in-process broker, when no NATS URL was given (to look at what was published).
+    pub in_memory: Option<InMemoryBroker>,
+    /// `"PostgreSQL"` or `"SQLite (embedded)"`.
+    pub database_kind: &'static str,
+    /// `"NATS JetStream"` or `"in-process broker"`.
+    pub broker_kind: &'static str,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends")
+            .field("database", &self.database_kind)
+            .field("broker", &self.broker_kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backends {
+    /// Connects to `database_url` (default: [`EMBEDDED_DATABASE_URL`]) and to `nats_url`
+    /// (default: an [`InMemoryBroker`]), applies the migrations and ensures `stream`.
+    ///
+    /// # Errors
+    /// [`EventError::Config`], [`EventError::Database`], [`EventError::Broker`]. URLs are
+    /// never part of the messages.
+    pub async fn connect(
+        database_url: Option<&str>,
+        nats_url: Option<&str>,
+        config: StoreConfig,
+        stream: &StreamSpec,
+    ) -> Result<Self, EventError> {
+        let database_url = database_url.filter(|u| !u.is_empty()).unwrap_or(EMBEDDED_DATABASE_URL);
+        let store = EventStore::connect(database_url, config).await?;
+        store.migrate().await?;
+        let database_kind = if store.pg_pool().is_some() { "PostgreSQL" } else { "SQLite (embedded)" };
+        let (publisher, in_memory, broker_kind): (Arc<dyn Publisher>, _, _) =
+            match nats_url.filter(|u| !u.is_empty()) {
+                Some(url) => {
+                    let nats = NatsPublisher::connect(url, NatsConfig::default()).await?;
+                    nats.ensure_stream(stream).await?;
+                    (Arc::new(nats), None, "NATS JetStream")
+                }
+                None => {
+                    let broker = InMemoryBroker::new();
+                    (Arc::new(broker.clone()), Some(broker), "in-process broker")
+                }
+            };
+        Ok(Self { store, publisher, in_memory, database_kind, broker_kind })
+    }
+
+    /// [`connect`](Backends::connect) with `DATABASE_URL` and `NATS_URL` from the
+    /// environment; either may be unset for the embedded default.
+    ///
+    /// # Errors
+    /// As [`connect`](Backends::connect).
+    pub async fn from_env(stream: &StreamSpec) -> Result<Self, EventError> {
+        let database_url = std::env::var("DATABASE_URL").ok();
+        let nats_url = std::env::var("NATS_URL").ok();
+        Self::connect(database_url.as_deref(), nats_url.as_deref(), StoreConfig::default(), stream).await
+    }
+}

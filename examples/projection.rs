@@ -1,0 +1,150 @@
+//! A projection: a read model (lessons per author) built from the store's global stream,
+//! with its checkpoint saved in the same transaction as the read model, so a restart
+//! resumes where it stopped and applies each event exactly once.
+//!
+//! `cargo run --example projection` (embedded), or with `DATABASE_URL` for PostgreSQL.
+
+use edupulse_events::{
+    Backends, DomainEvent, EventEnvelope, EventError, EventStore, StoreConfig, StreamPosition, StreamSpec,
+    Transaction, Uuid,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+const PROJECTION: &str = "lessons-per-author";
+
+/// A lesson went live.
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(name = "ExampleLessonPublished", context = "courses")]
+pub struct LessonPublished {
+    /// The lesson.
+    #[event(aggregate_id)]
+    pub lesson_id: Uuid,
+    /// Its author.
+    #[event(key)]
+    pub author: String,
+}
+
+/// The events this projection reads.
+#[derive(Debug, Clone, DomainEvent)]
+pub enum ProjectedEvent {
+    /// See [`LessonPublished`].
+    LessonPublished(LessonPublished),
+}
+
+async fn apply(tx: &mut Transaction, envelope: &EventEnvelope<ProjectedEvent>) -> Result<(), EventError> {
+    let ProjectedEvent::LessonPublished(e) = &envelope.event;
+    if let Some(conn) = tx.pg_connection() {
+        sqlx::query(
+            "INSERT INTO edupulse_example.lessons_per_author (author, lessons) VALUES ($1, 1) \
+             ON CONFLICT (author) DO UPDATE SET lessons = lessons_per_author.lessons + 1",
+        )
+        .bind(&e.author)
+        .execute(conn)
+        .await?;
+    } else if let Some(conn) = tx.sqlite_connection() {
+        sqlx::query(
+            "INSERT INTO lessons_per_author (author, lessons) VALUES (?1, 1) \
+             ON CONFLICT (author) DO UPDATE SET lessons = lessons + 1",
+        )
+        .bind(&e.author)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Reads from the checkpoint until caught up; returns how many events it applied.
+async fn run_projection(store: &EventStore) -> Result<u64, EventError> {
+    let from = store.checkpoint(PROJECTION).await?.unwrap_or(StreamPosition::START);
+    let mut stream = store.stream_all::<ProjectedEvent>(from).only_known_types();
+    let mut applied = 0;
+    while let Some(item) = stream.next().await {
+        let envelope = item?;
+        let mut tx = store.begin().await?;
+        apply(&mut tx, &envelope).await?;
+        tx.save_checkpoint(PROJECTION, stream.position()).await?;
+        tx.commit().await?;
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+async fn read_model(store: &EventStore) -> Result<Vec<(String, i64)>, EventError> {
+    Ok(match store.pg_pool() {
+        Some(pool) => {
+            sqlx::query_as("SELECT author, lessons FROM edupulse_example.lessons_per_author ORDER BY author")
+                .fetch_all(pool)
+                .await?
+        }
+        None => {
+            let mut tx = store.begin().await?;
+            let conn =
+                tx.sqlite_connection().ok_or_else(|| EventError::Config("no SQLite connection".into()))?;
+            let rows = sqlx::query_as("SELECT author, lessons FROM lessons_per_author ORDER BY author")
+                .fetch_all(conn)
+                .await?;
+            tx.commit().await?;
+            rows
+        }
+    })
+}
+
+/// Creates the read model, empty, and resets the checkpoint: a rebuild from zero.
+async fn rebuild(store: &EventStore) -> Result<(), EventError> {
+    let mut tx = store.begin().await?;
+    if let Some(conn) = tx.pg_connection() {
+        sqlx::raw_sql(
+            "CREATE SCHEMA IF NOT EXISTS edupulse_example; \
+             DROP TABLE IF EXISTS edupulse_example.lessons_per_author; \
+             CREATE TABLE edupulse_example.lessons_per_author (author text PRIMARY KEY, lessons bigint NOT NULL)",
+        )
+        .execute(conn)
+        .await?;
+    } else if let Some(conn) = tx.sqlite_connection() {
+        sqlx::raw_sql(
+            "DROP TABLE IF EXISTS lessons_per_author; \
+             CREATE TABLE lessons_per_author (author TEXT PRIMARY KEY, lessons INTEGER NOT NULL)",
+        )
+        .execute(conn)
+        .await?;
+    }
+    tx.save_checkpoint(PROJECTION, StreamPosition::START).await?;
+    tx.commit().await
+}
+
+async fn publish_lessons(store: &EventStore, authors: &[&str]) -> Result<(), EventError> {
+    for author in authors {
+        let id = Uuid::now_v7();
+        store.append("lesson", id, 0, [LessonPublished { lesson_id: id, author: (*author).into() }]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), EventError> {
+    let database_url = std::env::var("DATABASE_URL").ok();
+    let config = StoreConfig::with_schema("edupulse_projection_example")?;
+    let backends =
+        Backends::connect(database_url.as_deref(), None, config, &StreamSpec::new("UNUSED", ["x"])).await?;
+    let store = &backends.store;
+    println!("Store: {}.", backends.database_kind);
+
+    rebuild(store).await?;
+    publish_lessons(store, &["ada", "grace", "ada", "linus", "ada"]).await?;
+    let first = run_projection(store).await?;
+    println!("First run (rebuilt from zero) applied {first} events: {:?}", read_model(store).await?);
+
+    // The process stops here; meanwhile three more lessons are published.
+    publish_lessons(store, &["grace", "ada", "barbara"]).await?;
+    let checkpoint = store.checkpoint(PROJECTION).await?.unwrap_or_default();
+    println!("Restarting from checkpoint {checkpoint:?}.");
+    let second = run_projection(store).await?;
+    println!("Second run applied {second} events: {:?}", read_model(store).await?);
+    if second != 3 {
+        return Err(EventError::Config(format!("the restart re-applied events: {second} instead of 3")));
+    }
+    let third = run_projection(store).await?;
+    println!("A run with nothing new applied {third} events.");
+    Ok(())
+}
