@@ -5,10 +5,9 @@
 //! `cargo run --example projection` (embedded), or with `DATABASE_URL` for PostgreSQL.
 
 use edupulse_events::{
-    Backends, DomainEvent, EventEnvelope, EventError, EventStore, StoreConfig, StreamPosition, StreamSpec,
-    Transaction, Uuid,
+    Backends, DomainEvent, EventEnvelope, EventError, EventStore, Projection, ProjectionRunner, StoreConfig,
+    StreamSpec, Transaction, Uuid,
 };
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 const PROJECTION: &str = "lessons-per-author";
@@ -32,42 +31,60 @@ pub enum ProjectedEvent {
     LessonPublished(LessonPublished),
 }
 
-async fn apply(tx: &mut Transaction, envelope: &EventEnvelope<ProjectedEvent>) -> Result<(), EventError> {
-    let ProjectedEvent::LessonPublished(e) = &envelope.event;
-    if let Some(conn) = tx.pg_connection() {
-        sqlx::query(
-            "INSERT INTO edupulse_example.lessons_per_author (author, lessons) VALUES ($1, 1) \
-             ON CONFLICT (author) DO UPDATE SET lessons = lessons_per_author.lessons + 1",
-        )
-        .bind(&e.author)
-        .execute(conn)
-        .await?;
-    } else if let Some(conn) = tx.sqlite_connection() {
-        sqlx::query(
-            "INSERT INTO lessons_per_author (author, lessons) VALUES (?1, 1) \
-             ON CONFLICT (author) DO UPDATE SET lessons = lessons + 1",
-        )
-        .bind(&e.author)
-        .execute(conn)
-        .await?;
-    }
-    Ok(())
-}
+/// The read model: how many lessons each author published.
+struct LessonsPerAuthor;
 
-/// Reads from the checkpoint until caught up; returns how many events it applied.
-async fn run_projection(store: &EventStore) -> Result<u64, EventError> {
-    let from = store.checkpoint(PROJECTION).await?.unwrap_or(StreamPosition::START);
-    let mut stream = store.stream_all::<ProjectedEvent>(from).only_known_types();
-    let mut applied = 0;
-    while let Some(item) = stream.next().await {
-        let envelope = item?;
-        let mut tx = store.begin().await?;
-        apply(&mut tx, &envelope).await?;
-        tx.save_checkpoint(PROJECTION, stream.position()).await?;
-        tx.commit().await?;
-        applied += 1;
+impl Projection<ProjectedEvent> for LessonsPerAuthor {
+    fn name(&self) -> &str {
+        PROJECTION
     }
-    Ok(applied)
+
+    async fn apply(
+        &self,
+        tx: &mut Transaction,
+        envelope: &EventEnvelope<ProjectedEvent>,
+    ) -> Result<(), EventError> {
+        let ProjectedEvent::LessonPublished(e) = &envelope.event;
+        if let Some(conn) = tx.pg_connection() {
+            sqlx::query(
+                "INSERT INTO edupulse_example.lessons_per_author (author, lessons) VALUES ($1, 1) \
+                 ON CONFLICT (author) DO UPDATE SET lessons = lessons_per_author.lessons + 1",
+            )
+            .bind(&e.author)
+            .execute(conn)
+            .await?;
+        } else if let Some(conn) = tx.sqlite_connection() {
+            sqlx::query(
+                "INSERT INTO lessons_per_author (author, lessons) VALUES (?1, 1) \
+                 ON CONFLICT (author) DO UPDATE SET lessons = lessons + 1",
+            )
+            .bind(&e.author)
+            .execute(conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A rebuild starts from an empty table.
+    async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
+        if let Some(conn) = tx.pg_connection() {
+            sqlx::raw_sql(
+                "CREATE SCHEMA IF NOT EXISTS edupulse_example; \
+                 DROP TABLE IF EXISTS edupulse_example.lessons_per_author; \
+                 CREATE TABLE edupulse_example.lessons_per_author (author text PRIMARY KEY, lessons bigint NOT NULL)",
+            )
+            .execute(conn)
+            .await?;
+        } else if let Some(conn) = tx.sqlite_connection() {
+            sqlx::raw_sql(
+                "DROP TABLE IF EXISTS lessons_per_author; \
+                 CREATE TABLE lessons_per_author (author TEXT PRIMARY KEY, lessons INTEGER NOT NULL)",
+            )
+            .execute(conn)
+            .await?;
+        }
+        Ok(())
+    }
 }
 
 async fn read_model(store: &EventStore) -> Result<Vec<(String, i64)>, EventError> {
@@ -90,29 +107,6 @@ async fn read_model(store: &EventStore) -> Result<Vec<(String, i64)>, EventError
     })
 }
 
-/// Creates the read model, empty, and resets the checkpoint: a rebuild from zero.
-async fn rebuild(store: &EventStore) -> Result<(), EventError> {
-    let mut tx = store.begin().await?;
-    if let Some(conn) = tx.pg_connection() {
-        sqlx::raw_sql(
-            "CREATE SCHEMA IF NOT EXISTS edupulse_example; \
-             DROP TABLE IF EXISTS edupulse_example.lessons_per_author; \
-             CREATE TABLE edupulse_example.lessons_per_author (author text PRIMARY KEY, lessons bigint NOT NULL)",
-        )
-        .execute(conn)
-        .await?;
-    } else if let Some(conn) = tx.sqlite_connection() {
-        sqlx::raw_sql(
-            "DROP TABLE IF EXISTS lessons_per_author; \
-             CREATE TABLE lessons_per_author (author TEXT PRIMARY KEY, lessons INTEGER NOT NULL)",
-        )
-        .execute(conn)
-        .await?;
-    }
-    tx.save_checkpoint(PROJECTION, StreamPosition::START).await?;
-    tx.commit().await
-}
-
 async fn publish_lessons(store: &EventStore, authors: &[&str]) -> Result<(), EventError> {
     for author in authors {
         let id = Uuid::now_v7();
@@ -130,21 +124,24 @@ async fn main() -> Result<(), EventError> {
     let store = &backends.store;
     println!("Store: {}.", backends.database_kind);
 
-    rebuild(store).await?;
+    // Each run reads from the checkpoint; a batch of events and the checkpoint commit together.
+    let runner = ProjectionRunner::new(store.clone(), LessonsPerAuthor);
+    runner.rebuild().await?; // an empty read model, from the first event
     publish_lessons(store, &["ada", "grace", "ada", "linus", "ada"]).await?;
-    let first = run_projection(store).await?;
-    println!("First run (rebuilt from zero) applied {first} events: {:?}", read_model(store).await?);
+    let first = runner.catch_up().await?;
+    println!("First run applied {first} events: {:?}", read_model(store).await?);
 
     // The process stops here; meanwhile three more lessons are published.
     publish_lessons(store, &["grace", "ada", "barbara"]).await?;
     let checkpoint = store.checkpoint(PROJECTION).await?.unwrap_or_default();
     println!("Restarting from checkpoint {checkpoint:?}.");
-    let second = run_projection(store).await?;
-    println!("Second run applied {second} events: {:?}", read_model(store).await?);
+    let restarted = ProjectionRunner::new(store.clone(), LessonsPerAuthor);
+    let second = restarted.catch_up().await?;
+    println!("The restarted projection applied {second} events: {:?}", read_model(store).await?);
     if second != 3 {
         return Err(EventError::Config(format!("the restart re-applied events: {second} instead of 3")));
     }
-    let third = run_projection(store).await?;
+    let third = restarted.catch_up().await?;
     println!("A run with nothing new applied {third} events.");
     Ok(())
 }

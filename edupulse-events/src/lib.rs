@@ -129,6 +129,13 @@
 //!   is the safety net; failures back off exponentially with jitter. Re-sends carry the same
 //!   `Nats-Msg-Id`, dropped by JetStream inside the stream's duplicate window
 //!   ([`StreamSpec::duplicate_window`], 2 minutes by default).
+//! - [`Subscriber`]: a durable JetStream pull consumer of a struct or enum of events;
+//!   acknowledges after the handler succeeds, negatively acknowledges with a delay on
+//!   failure, terminates and reports a poison message after `max_deliver` deliveries; unknown
+//!   event types are acknowledged and counted, or refused, by [`UnknownEventPolicy`].
+//! - [`ProjectionRunner`] runs a [`Projection`]: batches of the global stream applied with
+//!   the checkpoint in one transaction, so a crash anywhere applies each event exactly once;
+//!   catch up, follow, rebuild from zero.
 //! - Embedded default: `EventStore::connect("sqlite::memory:")` (or a `sqlite://` file) and
 //!   the [`InMemoryBroker`] give the same API with no server; [`Backends::from_env`] picks
 //!   PostgreSQL and NATS when `DATABASE_URL` / `NATS_URL` are set. On SQLite one writer
@@ -139,12 +146,14 @@
 //!   former with `{:?}`, never enable TRACE for `async_nats` in production.
 
 mod bus;
+mod consume;
 mod envelope;
 mod error;
 mod event;
 mod memory;
 mod outbox;
 mod postgres;
+mod projection;
 mod publisher;
 mod setup;
 mod sqlite;
@@ -162,6 +171,7 @@ pub use serde_json;
 pub use uuid::{self, Uuid};
 
 pub use crate::bus::{BusConfig, BusTransaction, EventBus};
+pub use crate::consume::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};
 pub use crate::envelope::{EventEnvelope, Metadata};
 pub use crate::error::{BoxError, EventError};
 pub use crate::event::{
@@ -169,6 +179,7 @@ pub use crate::event::{
 };
 pub use crate::memory::{BrokerMessage, InMemoryBroker};
 pub use crate::outbox::{OutboxLag, OutboxRelay, PARTITIONS, RelayConfig, RelayPass};
+pub use crate::projection::{Projection, ProjectionRunner, UndecodablePolicy};
 pub use crate::publisher::{BoxFuture, NatsConfig, NatsPublisher, PublishReceipt, Publisher, StreamSpec};
 pub use crate::setup::{Backends, EMBEDDED_DATABASE_URL};
 pub use crate::store::{EventStore, ExpectedSequence, SchemaName, StoreConfig, StreamPosition, Transaction};

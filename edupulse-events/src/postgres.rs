@@ -43,6 +43,8 @@ struct Queries {
     outbox_lag: SqlStr,
     checkpoint_save: SqlStr,
     checkpoint_load: SqlStr,
+    checkpoint_init: SqlStr,
+    checkpoint_lock: SqlStr,
 }
 
 impl Queries {
@@ -139,6 +141,13 @@ impl Queries {
             checkpoint_load: sql(format!(
                 "SELECT transaction_id, global_position FROM {s}.checkpoints WHERE name = $1"
             )),
+            checkpoint_init: sql(format!(
+                "INSERT INTO {s}.checkpoints (name, transaction_id, global_position) VALUES ($1, 0, 0) \
+                 ON CONFLICT (name) DO NOTHING"
+            )),
+            checkpoint_lock: sql(format!(
+                "SELECT transaction_id, global_position FROM {s}.checkpoints WHERE name = $1 FOR UPDATE"
+            )),
         }
     }
 }
@@ -220,6 +229,17 @@ impl PgBackend {
         let row: Option<(i64, i64)> =
             sqlx::query_as(self.sql.checkpoint_load.clone()).bind(name).fetch_optional(conn).await?;
         Ok(row.map(|(transaction_id, global_position)| StreamPosition { transaction_id, global_position }))
+    }
+
+    pub(crate) async fn lock_checkpoint(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<StreamPosition, EventError> {
+        sqlx::query(self.sql.checkpoint_init.clone()).bind(name).execute(&mut *conn).await?;
+        let (transaction_id, global_position): (i64, i64) =
+            sqlx::query_as(self.sql.checkpoint_lock.clone()).bind(name).fetch_one(&mut *conn).await?;
+        Ok(StreamPosition { transaction_id, global_position })
     }
 
     /// The partitions that have pending rows.

@@ -223,6 +223,24 @@ impl SqliteBackend {
         Ok(row.map(|(transaction_id, global_position)| StreamPosition { transaction_id, global_position }))
     }
 
+    /// The checkpoint, created at the start if missing. The transaction already holds the
+    /// database's write lock (`BEGIN IMMEDIATE`).
+    pub(crate) async fn lock_checkpoint(
+        &self,
+        conn: &mut SqliteConnection,
+        name: &str,
+    ) -> Result<StreamPosition, EventError> {
+        sqlx::query(
+            "INSERT INTO checkpoints (name, transaction_id, global_position, updated_at) VALUES (?1, 0, 0, ?2) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(Utc::now())
+        .execute(&mut *conn)
+        .await?;
+        Ok(self.load_checkpoint(conn, name).await?.unwrap_or(StreamPosition::START))
+    }
+
     pub(crate) async fn outbox_partitions(&self) -> Result<Vec<i32>, EventError> {
         Ok(sqlx::query_scalar("SELECT DISTINCT partition FROM outbox").fetch_all(&self.pool).await?)
     }

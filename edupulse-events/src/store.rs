@@ -450,6 +450,19 @@ impl Transaction {
         }
     }
 
+    /// A projection's checkpoint, locked until the transaction ends (created at the start
+    /// of the stream if missing): what a projection runner compares before applying a batch.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn checkpoint_for_update(&mut self, name: &str) -> Result<StreamPosition, EventError> {
+        match (&self.store.inner.backend, &mut self.inner) {
+            (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.lock_checkpoint(tx, name).await,
+            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.lock_checkpoint(tx, name).await,
+            _ => Err(EventError::Config("the transaction belongs to another backend".into())),
+        }
+    }
+
     /// Commits everything written in the transaction.
     ///
     /// # Errors

@@ -1,0 +1,270 @@
+//! Typed consumers: a durable JetStream pull consumer that yields decoded, upcast events.
+//!
+//! Delivery rules of [`Subscriber::run`]: a message is acknowledged after the handler
+//! succeeds; a failure is negatively acknowledged with a delay and redelivered; after
+//! `max_deliver` deliveries a failing ("poison") message is terminated and reported, never
+//! retried forever and never dropped silently. Messages of event types the consumer does not
+//! know are acknowledged and counted, or refused, by [`UnknownEventPolicy`].
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures_util::StreamExt;
+
+use crate::wire::{self, headers};
+use crate::{BoxError, DomainEvent, EventEnvelope, EventError};
+
+/// What to do with a message whose event type the consumer does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownEventPolicy {
+    /// Acknowledge it and count it in [`SubscriberStats::unknown`]: the consumer is not
+    /// interested (the default).
+    Ack,
+    /// Terminate it and report it like a poison message: every event on these subjects
+    /// should be known.
+    Refuse,
+}
+
+/// Settings of a [`Subscriber`].
+#[derive(Debug, Clone)]
+pub struct SubscriberConfig {
+    /// The JetStream stream to consume.
+    pub stream: String,
+    /// The durable consumer's name: the server remembers its progress.
+    pub durable_name: String,
+    /// Only subjects matching this filter (default: every subject of the stream).
+    pub filter_subject: Option<String>,
+    /// Deliveries before a failing message is terminated (default 5).
+    pub max_deliver: i64,
+    /// Delay before a failed message is redelivered (default 1 s).
+    pub nak_delay: Duration,
+    /// How long the server waits for an acknowledgement before redelivering (default 30 s).
+    pub ack_wait: Duration,
+    /// Messages fetched and unacknowledged at once: the memory bound (default 64).
+    pub max_in_flight: usize,
+    /// Unknown event types (default [`UnknownEventPolicy::Ack`]).
+    pub unknown_events: UnknownEventPolicy,
+}
+
+impl SubscriberConfig {
+    /// Defaults for a durable consumer `durable_name` of `stream`.
+    pub fn new(stream: impl Into<String>, durable_name: impl Into<String>) -> Self {
+        Self {
+            stream: stream.into(),
+            durable_name: durable_name.into(),
+            filter_subject: None,
+            max_deliver: 5,
+            nak_delay: Duration::from_secs(1),
+            ack_wait: Duration::from_secs(30),
+            max_in_flight: 64,
+            unknown_events: UnknownEventPolicy::Ack,
+        }
+    }
+}
+
+/// A message given up on: terminated after its last delivery, or refused.
+#[derive(Debug, Clone)]
+pub struct PoisonReport {
+    /// The message's sequence in the stream.
+    pub stream_sequence: u64,
+    /// Its subject.
+    pub subject: String,
+    /// Its event type header, if any.
+    pub event_type: Option<String>,
+    /// How often it was delivered.
+    pub deliveries: i64,
+    /// The last error.
+    pub error: String,
+}
+
+/// Counters of a subscriber.
+#[derive(Debug, Default)]
+pub struct SubscriberStats {
+    /// Messages handled and acknowledged.
+    pub handled: AtomicU64,
+    /// Failed attempts that were negatively acknowledged for redelivery.
+    pub retried: AtomicU64,
+    /// Messages terminated and reported.
+    pub poisoned: AtomicU64,
+    /// Messages of unknown event types acknowledged under [`UnknownEventPolicy::Ack`].
+    pub unknown: AtomicU64,
+}
+
+type PoisonHook = Arc<dyn Fn(&PoisonReport) + Send + Sync>;
+
+/// A durable JetStream pull consumer of events of `E` (a struct or a derived enum).
+pub struct Subscriber<E> {
+    consumer: PullConsumer,
+    config: SubscriberConfig,
+    stats: Arc<SubscriberStats>,
+    on_poison: Option<PoisonHook>,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E> fmt::Debug for Subscriber<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscriber").field("config", &self.config).field("stats", &self.stats).finish()
+    }
+}
+
+fn broker(what: &str, e: impl fmt::Display) -> EventError {
+    EventError::Broker(format!("{what}: {e}"))
+}
+
+impl<E: DomainEvent> Subscriber<E> {
+    /// Creates (or binds to) the durable consumer.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid filter; [`EventError::Broker`] when the stream
+    /// does not exist or the server refuses the consumer.
+    pub async fn new(jetstream: &jetstream::Context, config: SubscriberConfig) -> Result<Self, EventError> {
+        if let Some(filter) = &config.filter_subject {
+            crate::publisher::validate_filter(filter)?;
+        }
+        let stream = jetstream.get_stream(&config.stream).await.map_err(|e| broker("no such stream", e))?;
+        let in_flight = i64::try_from(config.max_in_flight.max(1)).unwrap_or(i64::MAX);
+        let consumer_config = jetstream::consumer::pull::Config {
+            durable_name: Some(config.durable_name.clone()),
+            filter_subject: config.filter_subject.clone().unwrap_or_default(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_deliver: config.max_deliver.max(1),
+            max_ack_pending: in_flight,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        let consumer = stream
+            .get_or_create_consumer(&config.durable_name, consumer_config)
+            .await
+            .map_err(|e| broker("cannot create the consumer", e))?;
+        Ok(Self { consumer, config, stats: Arc::default(), on_poison: None, _event: PhantomData })
+    }
+
+    /// Calls `hook` for every message given up on (in addition to a `tracing` error).
+    #[must_use]
+    pub fn on_poison(mut self, hook: impl Fn(&PoisonReport) + Send + Sync + 'static) -> Self {
+        self.on_poison = Some(Arc::new(hook));
+        self
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &SubscriberStats {
+        &self.stats
+    }
+
+    /// Handles messages one at a time until `shutdown` completes: decodes and upcasts each,
+    /// calls `handler`, acknowledges on success, negatively acknowledges with a delay on
+    /// failure, terminates and reports after the last delivery. At most `max_in_flight`
+    /// messages are fetched ahead, so a slow handler slows the consumer and memory stays
+    /// flat.
+    ///
+    /// # Errors
+    /// [`EventError::Broker`] when the message stream cannot be opened.
+    pub async fn run<H>(&self, mut handler: H, shutdown: impl Future<Output = ()>) -> Result<(), EventError>
+    where
+        H: AsyncFnMut(EventEnvelope<E>) -> Result<(), BoxError>,
+    {
+        let mut messages = self
+            .consumer
+            .stream()
+            .max_messages_per_batch(self.config.max_in_flight.max(1))
+            .messages()
+            .await
+            .map_err(|e| broker("cannot pull messages", e))?;
+        tokio::pin!(shutdown);
+        loop {
+            let next = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                next = messages.next() => next,
+            };
+            let message = match next {
+                None => return Ok(()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "subscriber: pull failed; retrying");
+                    continue;
+                }
+                Some(Ok(message)) => message,
+            };
+            self.handle(&mut handler, message).await;
+        }
+    }
+
+    async fn handle<H>(&self, handler: &mut H, message: jetstream::Message)
+    where
+        H: AsyncFnMut(EventEnvelope<E>) -> Result<(), BoxError>,
+    {
+        let (deliveries, stream_sequence) =
+            message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
+        let event_type =
+            message.headers.as_ref().and_then(|h| h.get(headers::EVENT_TYPE)).map(|v| v.as_str().to_owned());
+        if let Some(event_type) = &event_type
+            && !E::accepts(event_type)
+        {
+            match self.config.unknown_events {
+                UnknownEventPolicy::Ack => {
+                    self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+                    self.ack(&message, AckKind::Ack).await;
+                }
+                UnknownEventPolicy::Refuse => {
+                    let error = format!("unknown event type `{event_type}` refused by policy");
+                    self.give_up(&message, stream_sequence, deliveries, Some(event_type.clone()), error)
+                        .await;
+                }
+            }
+            return;
+        }
+        let outcome = match wire::decode_message::<E>(&message.payload) {
+            Ok(envelope) => handler(envelope).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                self.ack(&message, AckKind::Ack).await;
+            }
+            Err(error) if deliveries >= self.config.max_deliver => {
+                self.give_up(&message, stream_sequence, deliveries, event_type, error).await;
+            }
+            Err(error) => {
+                tracing::warn!(stream_sequence, deliveries, %error, "subscriber: handler failed; redelivering later");
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                self.ack(&message, AckKind::Nak(Some(self.config.nak_delay))).await;
+            }
+        }
+    }
+
+    async fn give_up(
+        &self,
+        message: &jetstream::Message,
+        stream_sequence: u64,
+        deliveries: i64,
+        event_type: Option<String>,
+        error: String,
+    ) {
+        let report = PoisonReport {
+            stream_sequence,
+            subject: message.subject.to_string(),
+            event_type,
+            deliveries,
+            error,
+        };
+        tracing::error!(?report, "subscriber: message terminated");
+        self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
+        self.ack(message, AckKind::Term).await;
+        if let Some(hook) = &self.on_poison {
+            hook(&report);
+        }
+    }
+
+    async fn ack(&self, message: &jetstream::Message, kind: AckKind) {
+        // A lost acknowledgement means a redelivery, which handlers must tolerate anyway.
+        if let Err(e) = message.ack_with(kind).await {
+            tracing::warn!(error = %e, "subscriber: acknowledgement failed");
+        }
+    }
+}

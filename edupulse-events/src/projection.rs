@@ -1,0 +1,184 @@
+//! Projections: read models built from the store's global stream, exactly once.
+//!
+//! A [`ProjectionRunner`] reads a batch of events after the projection's checkpoint, then in
+//! ONE database transaction applies them to the read model and saves the new checkpoint.
+//! A crash at any point rolls back both, so each event's effect is applied exactly once.
+//! The checkpoint row is locked in that transaction and compared with the position the batch
+//! was read from: two runners of the same projection never apply a batch twice.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::store::{EventStore, StreamPosition, Transaction};
+use crate::{DomainEvent, EventEnvelope, EventError};
+
+/// A read model fed by events of `E`.
+pub trait Projection<E: DomainEvent>: Send + Sync {
+    /// The checkpoint's name: unique per projection, stable across deployments.
+    fn name(&self) -> &str;
+
+    /// Applies one event to the read model, inside the runner's transaction (use
+    /// [`Transaction::pg_connection`] or [`Transaction::sqlite_connection`]).
+    fn apply(
+        &self,
+        tx: &mut Transaction,
+        event: &EventEnvelope<E>,
+    ) -> impl Future<Output = Result<(), EventError>> + Send;
+
+    /// Empties the read model before a rebuild. The default does nothing.
+    fn reset(&self, tx: &mut Transaction) -> impl Future<Output = Result<(), EventError>> + Send {
+        let _ = tx;
+        async { Ok(()) }
+    }
+}
+
+/// What to do with an event that cannot be decoded (unknown type, newer version, corrupt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UndecodablePolicy {
+    /// Stop with the error; the checkpoint stays before the event (the default).
+    Stop,
+    /// Log it and move the checkpoint past it.
+    Skip,
+}
+
+/// Runs a [`Projection`]: catch up, follow, rebuild.
+pub struct ProjectionRunner<E, P> {
+    store: EventStore,
+    projection: P,
+    /// Events applied per transaction (default 100).
+    pub batch_size: usize,
+    /// How often to look for new events when following (default 200 ms).
+    pub poll_interval: Duration,
+    /// Undecodable events (default [`UndecodablePolicy::Stop`]).
+    pub on_undecodable: UndecodablePolicy,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E, P> std::fmt::Debug for ProjectionRunner<E, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionRunner")
+            .field("batch_size", &self.batch_size)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
+    /// A runner of `projection` on `store`.
+    pub fn new(store: EventStore, projection: P) -> Self {
+        Self {
+            store,
+            projection,
+            batch_size: 100,
+            poll_interval: Duration::from_millis(200),
+            on_undecodable: UndecodablePolicy::Stop,
+            _event: PhantomData,
+        }
+    }
+
+    /// The projection.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// Applies every event after the checkpoint, batch by batch, until caught up; returns
+    /// how many it applied.
+    ///
+    /// # Errors
+    /// [`EventError::Database`], the projection's own errors, and undecodable events under
+    /// [`UndecodablePolicy::Stop`]. Nothing of the failed batch is applied.
+    pub async fn catch_up(&self) -> Result<u64, EventError> {
+        let mut applied = 0;
+        loop {
+            match self.apply_batch().await? {
+                Batch::CaughtUp => return Ok(applied),
+                Batch::Applied(n) => applied += n,
+                Batch::Raced => {}
+            }
+        }
+    }
+
+    /// Catches up, then keeps following new events until `shutdown` completes.
+    ///
+    /// # Errors
+    /// As [`catch_up`](ProjectionRunner::catch_up).
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), EventError> {
+        tokio::pin!(shutdown);
+        loop {
+            let applied = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                applied = self.catch_up() => applied?,
+            };
+            if applied == 0 {
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(self.poll_interval) => {}
+                }
+            }
+        }
+    }
+
+    /// Empties the read model, resets the checkpoint and rebuilds from the first event.
+    ///
+    /// # Errors
+    /// As [`catch_up`](ProjectionRunner::catch_up).
+    pub async fn rebuild(&self) -> Result<u64, EventError> {
+        let mut tx = self.store.begin().await?;
+        self.projection.reset(&mut tx).await?;
+        tx.save_checkpoint(self.projection.name(), StreamPosition::START).await?;
+        tx.commit().await?;
+        self.catch_up().await
+    }
+
+    /// Reads one batch after the checkpoint and applies it with the new checkpoint in one
+    /// transaction.
+    async fn apply_batch(&self) -> Result<Batch, EventError> {
+        let name = self.projection.name();
+        let from = self.store.checkpoint(name).await?.unwrap_or(StreamPosition::START);
+        let limit = u32::try_from(self.batch_size.max(1)).unwrap_or(u32::MAX);
+        let mut stream = self.store.stream_all::<E>(from).page_size(limit);
+        let mut batch = Vec::new();
+        while batch.len() < self.batch_size.max(1) {
+            let Some(item) = stream.next().await else { break };
+            let position = stream.position();
+            match item {
+                Ok(envelope) => batch.push((position, Some(envelope))),
+                Err(e) if e.is_undecodable_event() && self.on_undecodable == UndecodablePolicy::Skip => {
+                    tracing::warn!(projection = name, error = %e, "projection: skipping an undecodable event");
+                    batch.push((position, None));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((last, _)) = batch.last() else { return Ok(Batch::CaughtUp) };
+        let last = *last;
+        let mut tx = self.store.begin().await?;
+        // Lock the checkpoint and make sure nobody moved it since the batch was read.
+        if tx.checkpoint_for_update(name).await? != from {
+            tx.rollback().await?;
+            return Ok(Batch::Raced);
+        }
+        for (_, envelope) in &batch {
+            if let Some(envelope) = envelope {
+                self.projection.apply(&mut tx, envelope).await?;
+            }
+        }
+        tx.save_checkpoint(name, last).await?;
+        tx.commit().await?;
+        let applied = batch.iter().filter(|(_, e)| e.is_some()).count();
+        Ok(Batch::Applied(applied as u64))
+    }
+}
+
+/// The outcome of one batch.
+enum Batch {
+    /// Nothing after the checkpoint.
+    CaughtUp,
+    /// This many events applied (skipped undecodable ones not counted).
+    Applied(u64),
+    /// Another runner moved the checkpoint first; read again.
+    Raced,
+}

@@ -1,0 +1,194 @@
+//! Typed consumers against a real nats-server: ack after success, nak and redeliver on
+//! failure, poison messages terminated and reported, old versions upcast, unknown types by
+//! policy.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::nats::{self, NatsServer, STREAM};
+use common::{CourseEvent, LessonPublishedV2, LessonRenamed, counted, store};
+use edupulse_events::{
+    BoxError, BusConfig, DomainEvent, EventBus, EventEnvelope, NatsPublisher, PoisonReport, Subscriber,
+    SubscriberConfig, UnknownEventPolicy, Uuid,
+};
+use std::sync::atomic::Ordering;
+
+/// An enum that knows only one of the events on the stream.
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[event(context = "courses")]
+enum RenamesOnly {
+    LessonRenamed(LessonRenamed),
+}
+
+async fn setup() -> (NatsServer, NatsPublisher, EventBus) {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let bus = EventBus::new(store().await, Arc::new(publisher.clone()), BusConfig::default());
+    (server, publisher, bus)
+}
+
+fn config(name: &str, max_deliver: i64) -> SubscriberConfig {
+    SubscriberConfig {
+        max_deliver,
+        nak_delay: Duration::from_millis(30),
+        ..SubscriberConfig::new(STREAM, name)
+    }
+}
+
+/// Runs the subscriber until `done` holds (or 20 s), then stops it.
+async fn run_until<E: DomainEvent>(
+    subscriber: &Subscriber<E>,
+    handler: impl AsyncFnMut(EventEnvelope<E>) -> Result<(), BoxError>,
+    done: impl Fn(&Subscriber<E>) -> bool,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = subscriber.run(handler, async move {
+        let _ = stopped.await;
+    });
+    let watch = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !done(subscriber) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {:?}", subscriber.stats());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Give a wrongly redelivered message the chance to show up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = stop.send(());
+    };
+    let (result, ()) = tokio::join!(run, watch);
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn a_handler_that_fails_twice_applies_the_event_once() {
+    let (_server, publisher, bus) = setup().await;
+    let id = Uuid::now_v7();
+    bus.commit(async |tx| tx.append("lesson", id, 0, [counted(7)]).await).await.unwrap();
+
+    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("twice", 5)).await.unwrap();
+    let mut attempts = 0;
+    let mut applied = Vec::new();
+    run_until(
+        &subscriber,
+        async |envelope: EventEnvelope<CourseEvent>| {
+            attempts += 1;
+            if attempts <= 2 {
+                return Err("the read model is busy".into());
+            }
+            applied.push(envelope.event);
+            Ok(())
+        },
+        |s| s.stats().handled.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+    assert_eq!(attempts, 3);
+    assert_eq!(applied, [counted(7)]);
+    assert_eq!(subscriber.stats().retried.load(Ordering::Relaxed), 2);
+    assert_eq!(subscriber.stats().poisoned.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_poison_event_is_terminated_reported_and_the_consumer_moves_on() {
+    let (_server, publisher, bus) = setup().await;
+    let (poison, healthy) = (Uuid::now_v7(), Uuid::now_v7());
+    bus.commit(async |tx| tx.append("lesson", poison, 0, [counted(1)]).await).await.unwrap();
+    bus.commit(async |tx| tx.append("lesson", healthy, 0, [counted(2)]).await).await.unwrap();
+
+    let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
+    let sink = reports.clone();
+    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("poison", 3))
+        .await
+        .unwrap()
+        .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
+    let mut calls: HashMap<Uuid, u32> = HashMap::new();
+    run_until(
+        &subscriber,
+        async |envelope: EventEnvelope<CourseEvent>| {
+            *calls.entry(envelope.aggregate_id).or_default() += 1;
+            if envelope.aggregate_id == poison { Err("cannot apply".into()) } else { Ok(()) }
+        },
+        |s| s.stats().poisoned.load(Ordering::Relaxed) == 1 && s.stats().handled.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+    assert_eq!(calls.get(&poison), Some(&3), "delivered exactly max_deliver times, then given up");
+    assert_eq!(calls.get(&healthy), Some(&1));
+    let reports = reports.lock().unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].deliveries, 3);
+    assert_eq!(reports[0].event_type.as_deref(), Some("Counted"));
+    assert!(reports[0].error.contains("cannot apply"), "{:?}", reports[0]);
+}
+
+#[tokio::test]
+async fn an_old_version_on_the_wire_reaches_the_handler_upcast() {
+    let (_server, publisher, bus) = setup().await;
+    let id = Uuid::now_v7();
+    // An old deployment publishes version 2 of LessonPublished.
+    let old = LessonPublishedV2 { lesson_id: id, title: "From v2".into() };
+    bus.commit(async |tx| tx.append("lesson", id, 0, [old]).await).await.unwrap();
+
+    let subscriber =
+        Subscriber::<CourseEvent>::new(publisher.jetstream(), config("upcast", 3)).await.unwrap();
+    let mut received = Vec::new();
+    run_until(
+        &subscriber,
+        async |envelope: EventEnvelope<CourseEvent>| {
+            received.push(envelope.event);
+            Ok(())
+        },
+        |s| s.stats().handled.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+    match &received[..] {
+        [CourseEvent::LessonPublished(e)] => assert_eq!((e.title.as_str(), e.author_id), ("From v2", None)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
+    let (_server, publisher, bus) = setup().await;
+    let id = Uuid::now_v7();
+    bus.commit(async |tx| {
+        tx.append("lesson", id, 0, [counted(1)]).await?;
+        let renamed = CourseEvent::LessonRenamed(LessonRenamed { lesson_id: id, title: "New".into() });
+        tx.append("lesson", id, 1, [renamed]).await
+    })
+    .await
+    .unwrap();
+
+    let lenient = Subscriber::<RenamesOnly>::new(publisher.jetstream(), config("lenient", 3)).await.unwrap();
+    let mut seen = Vec::new();
+    run_until(
+        &lenient,
+        async |envelope: EventEnvelope<RenamesOnly>| {
+            seen.push(envelope.event);
+            Ok(())
+        },
+        |s| s.stats().handled.load(Ordering::Relaxed) == 1 && s.stats().unknown.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+    assert_eq!(seen, [RenamesOnly::LessonRenamed(LessonRenamed { lesson_id: id, title: "New".into() })]);
+    assert_eq!(lenient.stats().poisoned.load(Ordering::Relaxed), 0);
+
+    let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
+    let sink = reports.clone();
+    let strict_config =
+        SubscriberConfig { unknown_events: UnknownEventPolicy::Refuse, ..config("strict", 3) };
+    let strict = Subscriber::<RenamesOnly>::new(publisher.jetstream(), strict_config)
+        .await
+        .unwrap()
+        .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
+    run_until(
+        &strict,
+        async |_: EventEnvelope<RenamesOnly>| Ok(()),
+        |s| s.stats().handled.load(Ordering::Relaxed) == 1 && s.stats().poisoned.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+    let reports = reports.lock().unwrap();
+    assert_eq!(reports[0].event_type.as_deref(), Some("Counted"));
+    assert_eq!(strict.stats().unknown.load(Ordering::Relaxed), 0);
+}
