@@ -43,7 +43,8 @@ fn seconds_arg() -> Result<Option<u64>, EventError> {
 async fn main() -> Result<(), EventError> {
     let seconds = seconds_arg()?;
     let backends =
-        Backends::from_env(&StreamSpec::new("EDUPULSE_EXAMPLES", ["courses.>", "quizzes.>"])).await?;
+        Backends::from_env(&StreamSpec::new("EDUPULSE_EXAMPLES", ["courses.>", "quizzes.>", "enrolment.>"]))
+            .await?;
     println!("Store: {}. Broker: {}.", backends.database_kind, backends.broker_kind);
 
     // Commit without publishing: the events wait in the outbox.

@@ -53,7 +53,8 @@ pub enum CourseEvent {
 #[tokio::main]
 async fn main() -> Result<(), EventError> {
     let backends =
-        Backends::from_env(&StreamSpec::new("EDUPULSE_EXAMPLES", ["courses.>", "quizzes.>"])).await?;
+        Backends::from_env(&StreamSpec::new("EDUPULSE_EXAMPLES", ["courses.>", "quizzes.>", "enrolment.>"]))
+            .await?;
     println!("Store: {}. Broker: {}.", backends.database_kind, backends.broker_kind);
     println!("The courses context publishes {:?} on {:?}.", CourseEvent::EVENT_TYPES, CourseEvent::SUBJECTS);
 

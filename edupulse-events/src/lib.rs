@@ -136,6 +136,9 @@
 //! - [`ProjectionRunner`] runs a [`Projection`]: batches of the global stream applied with
 //!   the checkpoint in one transaction, so a crash anywhere applies each event exactly once;
 //!   catch up, follow, rebuild from zero.
+//! - [`Aggregate`] and [`Repository`]: load (snapshot of the current state version, then the
+//!   tail), decide, append through the bus at the loaded sequence, retry on a conflict;
+//!   [`testing::AggregateTest`] runs given / when / then on the embedded backend.
 //! - Embedded default: `EventStore::connect("sqlite::memory:")` (or a `sqlite://` file) and
 //!   the [`InMemoryBroker`] give the same API with no server; [`Backends::from_env`] picks
 //!   PostgreSQL and NATS when `DATABASE_URL` / `NATS_URL` are set. On SQLite one writer
@@ -145,6 +148,7 @@
 //!   async-nats logs its CONNECT (credentials included) at TRACE level: never format the
 //!   former with `{:?}`, never enable TRACE for `async_nats` in production.
 
+mod aggregate;
 mod bus;
 mod consume;
 mod envelope;
@@ -160,6 +164,7 @@ mod sqlite;
 mod store;
 mod stream;
 mod subject;
+pub mod testing;
 pub mod upcast;
 pub mod wire;
 
@@ -170,6 +175,7 @@ pub use chrono;
 pub use serde_json;
 pub use uuid::{self, Uuid};
 
+pub use crate::aggregate::{Aggregate, CommandError, Loaded, Repository};
 pub use crate::bus::{BusConfig, BusTransaction, EventBus};
 pub use crate::consume::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};
 pub use crate::envelope::{EventEnvelope, Metadata};
@@ -182,7 +188,9 @@ pub use crate::outbox::{OutboxLag, OutboxRelay, PARTITIONS, RelayConfig, RelayPa
 pub use crate::projection::{Projection, ProjectionRunner, UndecodablePolicy};
 pub use crate::publisher::{BoxFuture, NatsConfig, NatsPublisher, PublishReceipt, Publisher, StreamSpec};
 pub use crate::setup::{Backends, EMBEDDED_DATABASE_URL};
-pub use crate::store::{EventStore, ExpectedSequence, SchemaName, StoreConfig, StreamPosition, Transaction};
+pub use crate::store::{
+    EventStore, ExpectedSequence, SchemaName, StoreConfig, StoredSnapshot, StreamPosition, Transaction,
+};
 pub use crate::stream::EventStream;
 pub use crate::subject::{validate_subject, validate_subject_token};
 pub use async_nats;

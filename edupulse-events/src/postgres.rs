@@ -45,6 +45,8 @@ struct Queries {
     checkpoint_load: SqlStr,
     checkpoint_init: SqlStr,
     checkpoint_lock: SqlStr,
+    snapshot_save: SqlStr,
+    snapshot_load: SqlStr,
 }
 
 impl Queries {
@@ -145,6 +147,17 @@ impl Queries {
                 "INSERT INTO {s}.checkpoints (name, transaction_id, global_position) VALUES ($1, 0, 0) \
                  ON CONFLICT (name) DO NOTHING"
             )),
+            snapshot_save: sql(format!(
+                "INSERT INTO {s}.snapshots AS sn (aggregate_id, aggregate_type, sequence, state_version, state) \
+                 VALUES ($1, $2, $3, $4, $5::text::jsonb) \
+                 ON CONFLICT (aggregate_id) DO UPDATE SET sequence = excluded.sequence, \
+                     state_version = excluded.state_version, state = excluded.state, taken_at = now() \
+                 WHERE sn.sequence < excluded.sequence OR sn.state_version <> excluded.state_version"
+            )),
+            snapshot_load: sql(format!(
+                "SELECT aggregate_id, aggregate_type, sequence, state_version, state::text \
+                 FROM {s}.snapshots WHERE aggregate_id = $1"
+            )),
             checkpoint_lock: sql(format!(
                 "SELECT transaction_id, global_position FROM {s}.checkpoints WHERE name = $1 FOR UPDATE"
             )),
@@ -240,6 +253,38 @@ impl PgBackend {
         let (transaction_id, global_position): (i64, i64) =
             sqlx::query_as(self.sql.checkpoint_lock.clone()).bind(name).fetch_one(&mut *conn).await?;
         Ok(StreamPosition { transaction_id, global_position })
+    }
+
+    pub(crate) async fn save_snapshot(&self, snapshot: &crate::StoredSnapshot) -> Result<(), EventError> {
+        sqlx::query(self.sql.snapshot_save.clone())
+            .bind(snapshot.aggregate_id)
+            .bind(&snapshot.aggregate_type)
+            .bind(snapshot.sequence)
+            .bind(
+                i32::try_from(snapshot.state_version)
+                    .map_err(|_| EventError::Config("state version too large".into()))?,
+            )
+            .bind(&snapshot.state)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn load_snapshot(
+        &self,
+        aggregate_id: Uuid,
+    ) -> Result<Option<crate::StoredSnapshot>, EventError> {
+        let row: Option<(Uuid, String, i64, i32, String)> = sqlx::query_as(self.sql.snapshot_load.clone())
+            .bind(aggregate_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|(aggregate_id, aggregate_type, sequence, state_version, state)| crate::StoredSnapshot {
+            aggregate_id,
+            aggregate_type,
+            sequence,
+            state_version: u32::try_from(state_version).unwrap_or(0),
+            state,
+        }))
     }
 
     /// The partitions that have pending rows.

@@ -241,6 +241,44 @@ impl SqliteBackend {
         Ok(self.load_checkpoint(conn, name).await?.unwrap_or(StreamPosition::START))
     }
 
+    pub(crate) async fn save_snapshot(&self, snapshot: &crate::StoredSnapshot) -> Result<(), EventError> {
+        sqlx::query(
+            "INSERT INTO snapshots (aggregate_id, aggregate_type, sequence, state_version, state, taken_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (aggregate_id) DO UPDATE SET sequence = excluded.sequence, \
+                 state_version = excluded.state_version, state = excluded.state, taken_at = excluded.taken_at \
+             WHERE snapshots.sequence < excluded.sequence OR snapshots.state_version <> excluded.state_version",
+        )
+        .bind(snapshot.aggregate_id)
+        .bind(&snapshot.aggregate_type)
+        .bind(snapshot.sequence)
+        .bind(i64::from(snapshot.state_version))
+        .bind(&snapshot.state)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn load_snapshot(
+        &self,
+        aggregate_id: Uuid,
+    ) -> Result<Option<crate::StoredSnapshot>, EventError> {
+        let row: Option<(Uuid, String, i64, i64, String)> = sqlx::query_as(
+            "SELECT aggregate_id, aggregate_type, sequence, state_version, state FROM snapshots WHERE aggregate_id = ?1",
+        )
+        .bind(aggregate_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(aggregate_id, aggregate_type, sequence, state_version, state)| crate::StoredSnapshot {
+            aggregate_id,
+            aggregate_type,
+            sequence,
+            state_version: u32::try_from(state_version).unwrap_or(0),
+            state,
+        }))
+    }
+
     pub(crate) async fn outbox_partitions(&self) -> Result<Vec<i32>, EventError> {
         Ok(sqlx::query_scalar("SELECT DISTINCT partition FROM outbox").fetch_all(&self.pool).await?)
     }

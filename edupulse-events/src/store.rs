@@ -61,6 +61,22 @@ impl StreamPosition {
     pub const START: Self = Self { transaction_id: 0, global_position: 0 };
 }
 
+/// An aggregate's state after `sequence` events, as stored: a cache that spares replaying
+/// the whole history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// The aggregate.
+    pub aggregate_id: Uuid,
+    /// Its type.
+    pub aggregate_type: String,
+    /// The sequence of the last event folded into `state`.
+    pub sequence: i64,
+    /// The version of the state's shape; a snapshot of another version is ignored.
+    pub state_version: u32,
+    /// The state as JSON.
+    pub state: String,
+}
+
 /// A validated SQL schema name: 1 to 63 characters, lowercase ASCII letters, digits and `_`,
 /// not starting with a digit and not `pg_…`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -281,6 +297,28 @@ impl EventStore {
         match &self.inner.backend {
             Backend::Postgres(pg) => pg.current_sequence(aggregate_id).await,
             Backend::Sqlite(sq) => sq.current_sequence(aggregate_id).await,
+        }
+    }
+
+    /// Saves a snapshot, unless a newer one of the same state version is stored.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), EventError> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => pg.save_snapshot(snapshot).await,
+            Backend::Sqlite(sq) => sq.save_snapshot(snapshot).await,
+        }
+    }
+
+    /// The stored snapshot of an aggregate, if any.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn snapshot(&self, aggregate_id: Uuid) -> Result<Option<StoredSnapshot>, EventError> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => pg.load_snapshot(aggregate_id).await,
+            Backend::Sqlite(sq) => sq.load_snapshot(aggregate_id).await,
         }
     }
 
