@@ -1,0 +1,474 @@
+//! End-to-end load generator: each figure of ours beside its ceiling (raw sqlx, raw
+//! async-nats), in the same run on the same servers. Prints Markdown tables.
+//!
+//! `bash scripts/bench.sh` starts PostgreSQL and nats-server and runs it; or set
+//! `DATABASE_URL` and `NATS_URL` and run
+//! `cargo bench -p edupulse-events-bench --bench loadgen -- [--quick] [--only NAME]`.
+//! Scenarios: `append`, `publish`, `relay`, `replay`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edupulse_events::{
+    BusConfig, DomainEvent, EventBus, EventError, EventStore, NatsConfig, NatsPublisher, OutboxRelay,
+    Publisher, RelayConfig, StoreConfig, StreamPosition, StreamSpec, Uuid,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, QueryBuilder};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The benchmark's event: an id, a number and a short text, about 120 bytes of JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(context = "bench")]
+struct Tick {
+    #[event(aggregate_id)]
+    id: Uuid,
+    n: u64,
+    note: String,
+}
+
+fn tick(id: Uuid, n: u64) -> Tick {
+    Tick { id, n, note: "a lesson about ownership and borrowing".into() }
+}
+
+struct Env {
+    database_url: String,
+    nats_url: String,
+    quick: bool,
+    only: Option<String>,
+}
+
+fn rate(events: u64, elapsed: Duration) -> f64 {
+    events as f64 / elapsed.as_secs_f64()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+async fn fresh_store(env: &Env, connections: u32) -> Result<EventStore> {
+    let schema = format!("bench_{}", Uuid::now_v7().simple());
+    let config = StoreConfig { max_connections: connections, ..StoreConfig::with_schema(&schema)? };
+    let store = EventStore::connect(&env.database_url, config).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// The ceiling's table: the same columns and constraints as the store's events table.
+async fn raw_table(pool: &PgPool, schema: &str) -> Result<String> {
+    let table = format!("\"{schema}\".raw_events");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE {table} (global_position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+         event_id uuid NOT NULL UNIQUE, aggregate_type text NOT NULL, aggregate_id uuid NOT NULL, \
+         sequence bigint NOT NULL, event_type text NOT NULL, schema_version int NOT NULL, payload jsonb NOT NULL, \
+         metadata jsonb NOT NULL, keys jsonb NOT NULL, occurred_at timestamptz NOT NULL, \
+         recorded_at timestamptz NOT NULL DEFAULT now(), UNIQUE (aggregate_id, sequence))"
+    )))
+    .execute(pool)
+    .await?;
+    Ok(table)
+}
+
+/// The ceiling: one plain multi-row INSERT per batch.
+async fn raw_insert(
+    pool: &PgPool,
+    table: &str,
+    id: Uuid,
+    first_sequence: i64,
+    events: &[Tick],
+) -> Result<()> {
+    let mut query = QueryBuilder::new(format!(
+        "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
+         payload, metadata, keys, occurred_at) "
+    ));
+    let now = chrono_now();
+    query.push_values(events.iter().enumerate(), |mut row, (i, e)| {
+        row.push_bind(Uuid::now_v7())
+            .push_bind("bench")
+            .push_bind(id)
+            .push_bind(first_sequence + i as i64)
+            .push_bind("Tick")
+            .push_bind(1_i32)
+            .push_bind(serde_json::to_string(e).unwrap_or_default())
+            .push_unseparated("::jsonb")
+            .push_bind("{}")
+            .push_unseparated("::jsonb")
+            .push_bind("{}")
+            .push_unseparated("::jsonb")
+            .push_bind(now);
+    });
+    query.build().execute(pool).await?;
+    Ok(())
+}
+
+fn chrono_now() -> edupulse_events::chrono::DateTime<edupulse_events::chrono::Utc> {
+    edupulse_events::chrono::Utc::now()
+}
+
+async fn bench_append(env: &Env) -> Result<()> {
+    println!("\n### Append throughput (events/s)\n");
+    println!("| workload | edupulse `append` | raw sqlx multi-row INSERT | ratio |");
+    println!("| --- | ---: | ---: | ---: |");
+    let scale = if env.quick { 5 } else { 1 };
+    for (batch, total) in [(1usize, 4_000u64), (10, 20_000), (100, 50_000)] {
+        let total = total / scale;
+        let store = fresh_store(env, 4).await?;
+        let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
+        let table = raw_table(&pool, store.config().schema.as_str()).await?;
+        let id = Uuid::now_v7();
+        let started = Instant::now();
+        let mut sequence = 0i64;
+        while (sequence as u64) < total {
+            let events: Vec<_> = (0..batch).map(|i| tick(id, sequence as u64 + i as u64)).collect();
+            store.append("bench", id, sequence, events).await?;
+            sequence += batch as i64;
+        }
+        let ours = rate(total, started.elapsed());
+        let raw_id = Uuid::now_v7();
+        let started = Instant::now();
+        let mut sequence = 0i64;
+        while (sequence as u64) < total {
+            let events: Vec<_> = (0..batch).map(|i| tick(raw_id, sequence as u64 + i as u64)).collect();
+            raw_insert(&pool, &table, raw_id, sequence + 1, &events).await?;
+            sequence += batch as i64;
+        }
+        let ceiling = rate(total, started.elapsed());
+        println!(
+            "| 1 aggregate, batch {batch} | {ours:.0} | {ceiling:.0} | {:.0} % |",
+            100.0 * ours / ceiling
+        );
+    }
+
+    // 1 000 aggregates, 8 concurrent writers, batches of 10.
+    let aggregates = if env.quick { 200 } else { 1_000 };
+    let per_aggregate = 20u64;
+    let store = fresh_store(env, 10).await?;
+    let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
+    let table = raw_table(&pool, store.config().schema.as_str()).await?;
+    let ids: Arc<Vec<Uuid>> = Arc::new((0..aggregates).map(|_| Uuid::now_v7()).collect());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (store, ids) = (store.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            for id in ids.iter().skip(worker).step_by(8) {
+                for round in 0..per_aggregate / 10 {
+                    let events: Vec<_> = (0..10).map(|i| tick(*id, round * 10 + i)).collect();
+                    store.append("bench", *id, (round * 10) as i64, events).await?;
+                }
+            }
+            Ok::<_, EventError>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let total = aggregates as u64 * per_aggregate;
+    let ours = rate(total, started.elapsed());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (pool, table, ids) = (pool.clone(), table.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            for id in ids.iter().skip(worker).step_by(8) {
+                let raw = Uuid::now_v7();
+                for round in 0..per_aggregate / 10 {
+                    let events: Vec<_> = (0..10).map(|i| tick(*id, round * 10 + i)).collect();
+                    raw_insert(&pool, &table, raw, (round * 10 + 1) as i64, &events).await?;
+                }
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let ceiling = rate(total, started.elapsed());
+    println!(
+        "| {aggregates} aggregates, 8 writers, batch 10 | {ours:.0} | {ceiling:.0} | {:.0} % |",
+        100.0 * ours / ceiling
+    );
+    Ok(())
+}
+
+async fn nats(env: &Env, stream: &str) -> Result<NatsPublisher> {
+    let publisher = NatsPublisher::connect(&env.nats_url, NatsConfig::default()).await?;
+    let _ = publisher.jetstream().delete_stream(stream).await;
+    publisher.ensure_stream(&StreamSpec::new(stream, ["bench.>"])).await?;
+    Ok(publisher)
+}
+
+async fn bench_publish(env: &Env) -> Result<()> {
+    println!("\n### Commit-then-publish, commit to JetStream acknowledgement\n");
+    println!(
+        "| committers | edupulse events/s | p50 | p99 | raw JetStream publish events/s | p50 | p99 | ratio (events/s) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let per_run = if env.quick { 600 } else { 3_000 };
+    for committers in [1usize, 8, 64] {
+        let publisher = nats(env, "BENCH").await?;
+        let store = fresh_store(env, (committers as u32 + 4).min(80)).await?;
+        let bus = EventBus::new(store.clone(), Arc::new(publisher.clone()), BusConfig::default());
+        // A relay publishes what a fast path left to another claimer, as in production.
+        let relay = OutboxRelay::new(
+            store.clone(),
+            Arc::new(publisher.clone()),
+            RelayConfig { poll_interval: Duration::from_millis(50), ..RelayConfig::default() },
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay_task = tokio::spawn(async move {
+            relay
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        let per_committer = (per_run / committers).max(1);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..committers {
+            let bus = bus.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = Uuid::now_v7();
+                let mut latencies = Vec::with_capacity(per_committer);
+                for n in 0..per_committer {
+                    let t = Instant::now();
+                    bus.commit(async |tx| tx.append("bench", id, n as i64, [tick(id, n as u64)]).await)
+                        .await?;
+                    latencies.push(t.elapsed());
+                }
+                Ok::<_, EventError>(latencies)
+            }));
+        }
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await??);
+        }
+        // Wait until the broker has acknowledged everything.
+        while bus.lag().await?.pending > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let elapsed = started.elapsed();
+        let _ = stop.send(());
+        relay_task.await??;
+        latencies.sort();
+        let total = (per_committer * committers) as u64;
+        let ours = rate(total, elapsed);
+
+        // Ceiling: the same bytes with async-nats, each publisher awaiting its ack.
+        let js = publisher.jetstream().clone();
+        // The same bytes: an envelope of the same event, and eight headers as ours carry.
+        let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
+        let body = serde_json::to_vec(&envelope)?;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..committers {
+            let (js, body) = (js.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_committer);
+                for _ in 0..per_committer {
+                    let t = Instant::now();
+                    let mut headers = async_nats::HeaderMap::new();
+                    for name in [
+                        "Edupulse-Event-Type",
+                        "Edupulse-Schema-Version",
+                        "Edupulse-Aggregate-Type",
+                        "Edupulse-Aggregate-Id",
+                        "Edupulse-Sequence",
+                        "Edupulse-Correlation-Id",
+                        "traceparent",
+                    ] {
+                        headers.insert(name, "0190c4a8-6ad8-7f0e-9b1a-3c5d2f4e6a7b");
+                    }
+                    let publish = async_nats::jetstream::message::PublishMessage::build()
+                        .payload(body.clone().into())
+                        .headers(headers)
+                        .message_id(Uuid::now_v7().to_string());
+                    js.send_publish("bench.Raw", publish).await?.await?;
+                    latencies.push(t.elapsed());
+                }
+                Ok::<_, async_nats::Error>(latencies)
+            }));
+        }
+        let mut raw = Vec::new();
+        for task in tasks {
+            raw.extend(task.await?.map_err(|e| e.to_string())?);
+        }
+        let ceiling = rate(total, started.elapsed());
+        raw.sort();
+        println!(
+            "| {committers} | {ours:.0} | {:.1} ms | {:.1} ms | {ceiling:.0} | {:.2} ms | {:.2} ms | {:.0} % |",
+            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+            percentile(&raw, 0.5).as_secs_f64() * 1e3,
+            percentile(&raw, 0.99).as_secs_f64() * 1e3,
+            100.0 * ours / ceiling
+        );
+    }
+    Ok(())
+}
+
+/// Commits `total` events over `aggregates` aggregates without publishing them.
+async fn backlog(
+    store: &EventStore,
+    publisher: Arc<dyn Publisher>,
+    total: u64,
+    aggregates: u64,
+) -> Result<()> {
+    let bus = EventBus::new(
+        store.clone(),
+        publisher,
+        BusConfig { publish_after_commit: false, ..BusConfig::default() },
+    );
+    let per_aggregate = total / aggregates;
+    let mut tasks = Vec::new();
+    for worker in 0..4u64 {
+        let bus = bus.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in (0..aggregates).skip(worker as usize).step_by(4) {
+                let id = Uuid::now_v7();
+                let mut sequence = 0;
+                while sequence < per_aggregate {
+                    let n = 500.min(per_aggregate - sequence);
+                    let events: Vec<_> = (sequence..sequence + n).map(|i| tick(id, i)).collect();
+                    bus.commit(async |tx| tx.append("bench", id, sequence as i64, events).await).await?;
+                    sequence += n;
+                }
+            }
+            Ok::<_, EventError>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+async fn bench_relay(env: &Env) -> Result<()> {
+    let total = if env.quick { 20_000 } else { 100_000 };
+    let publisher = nats(env, "BENCH").await?;
+    let store = fresh_store(env, 10).await?;
+    backlog(&store, Arc::new(publisher.clone()), total, 1_000).await?;
+    let relay = OutboxRelay::new(
+        store.clone(),
+        Arc::new(publisher.clone()),
+        RelayConfig { batch_size: 1_000, ..RelayConfig::default() },
+    );
+    let started = Instant::now();
+    while relay.lag().await?.pending > 0 {
+        relay.run_once().await?;
+    }
+    let elapsed = started.elapsed();
+    let mut stream = publisher.jetstream().get_stream("BENCH").await?;
+    let stored = stream.info().await?.state.messages;
+    println!("\n### Relay drain\n");
+    println!("| backlog | relays | time | events/s | in the stream |");
+    println!("| ---: | ---: | ---: | ---: | ---: |");
+    println!("| {total} | 1 | {:.2} s | {:.0} | {stored} |", elapsed.as_secs_f64(), rate(total, elapsed));
+    Ok(())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn bench_replay(env: &Env) -> Result<()> {
+    println!("\n### Replay\n");
+    let store = fresh_store(env, 6).await?;
+    let id = Uuid::now_v7();
+    let mut sequence = 0i64;
+    while sequence < 10_000 {
+        let events: Vec<_> = (0..1_000).map(|i| tick(id, (sequence + i) as u64)).collect();
+        store.append("bench", id, sequence, events).await?;
+        sequence += 1_000;
+    }
+    let started = Instant::now();
+    let loaded = store.load::<Tick>(id, 1).filter(|r| std::future::ready(r.is_ok())).count().await;
+    let elapsed = started.elapsed();
+    println!("| read | events | time | events/s | RSS growth while reading |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| `load`, one aggregate | {loaded} | {:.1} ms | {:.0} | - |",
+        elapsed.as_secs_f64() * 1e3,
+        rate(loaded as u64, elapsed)
+    );
+
+    let total = if env.quick { 100_000 } else { 1_000_000 };
+    let mut written = 10_000u64;
+    let mut checkpoints = vec![total / 10, total];
+    checkpoints.dedup();
+    for target in checkpoints {
+        // Grow the store to `target` events (raw appends of 1 000, in 100 aggregates).
+        while written < target {
+            let id = Uuid::now_v7();
+            for round in 0..10 {
+                let events: Vec<_> = (0..1_000).map(|i| tick(id, i)).collect();
+                store.append("bench", id, round * 1_000, events).await?;
+            }
+            written += 10_000;
+        }
+        let before = rss_kib();
+        let mut peak = before;
+        let started = Instant::now();
+        let mut stream = store.stream_all::<Tick>(StreamPosition::START).page_size(1_000);
+        let mut read = 0u64;
+        while let Some(item) = stream.next().await {
+            item?;
+            read += 1;
+            if read.is_multiple_of(10_000) {
+                peak = peak.max(rss_kib());
+            }
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "| `stream_all` | {read} | {:.2} s | {:.0} | {} KiB |",
+            elapsed.as_secs_f64(),
+            rate(read, elapsed),
+            peak.saturating_sub(before)
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if std::env::var("DATABASE_URL").is_err() || std::env::var("NATS_URL").is_err() {
+        // A plain `cargo bench` on a machine without servers: say how to run it.
+        eprintln!("loadgen needs DATABASE_URL and NATS_URL: run `bash scripts/bench.sh` (it starts both)");
+        return Ok(());
+    }
+    let env = Env {
+        database_url: std::env::var("DATABASE_URL")
+            .map_err(|_| "set DATABASE_URL (or run scripts/bench.sh)")?,
+        nats_url: std::env::var("NATS_URL").map_err(|_| "set NATS_URL (or run scripts/bench.sh)")?,
+        quick: args.iter().any(|a| a == "--quick"),
+        only: args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1).cloned()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        println!("## edupulse-events load generator{}", if env.quick { " (quick)" } else { "" });
+        let wanted = |name: &str| env.only.as_deref().is_none_or(|o| o == name);
+        if wanted("append") {
+            bench_append(&env).await?;
+        }
+        if wanted("publish") {
+            bench_publish(&env).await?;
+        }
+        if wanted("relay") {
+            bench_relay(&env).await?;
+        }
+        if wanted("replay") {
+            bench_replay(&env).await?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the benchmarks: the criterion decode benchmark, then the end-to-end load generator
+# against a throw-away PostgreSQL and nats-server on loopback (unless DATABASE_URL / NATS_URL
+# are set). Arguments go to the load generator: --quick, --only append|publish|relay|replay.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+services_start
+cargo bench -p edupulse-events-bench --bench decode
+cargo bench -p edupulse-events-bench --bench loadgen -- "$@"
