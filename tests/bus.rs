@@ -26,6 +26,7 @@ fn relay(store: &EventStore, publisher: Arc<dyn Publisher>, batch_size: u32) -> 
         poll_interval: Duration::from_millis(50),
         min_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(500),
+        ..RelayConfig::default()
     };
     OutboxRelay::new(store.clone(), publisher, config)
 }
@@ -196,6 +197,12 @@ async fn nats_down_at_commit_then_back_the_relay_delivers_everything_once() {
     assert!(lag.max_attempts >= 1 && lag.last_error.is_some(), "{lag:?}");
 
     server.restart().await;
+    // Back up, but older events wait in the outbox: a new commit must not overtake them.
+    let mut committed = committed;
+    let late =
+        bus.commit(async |tx| tx.append("lesson", aggregates[0], 4, [counted(99)]).await).await.unwrap();
+    committed.insert(late[0].event_id);
+    // (Had it overtaken them, the order check below would fail: it comes after sequence 4.)
     let relay = relay(&store, Arc::new(publisher.clone()), 100);
     drain(&relay).await;
     let stored = stream_messages(&publisher).await;

@@ -127,6 +127,10 @@ async fn bus_publishes_to_the_in_process_broker_and_the_relay_recovers_an_outage
     }
     assert_eq!(bus.lag().await.unwrap().pending, 3);
     broker.set_available(true);
+    // The broker is back, but older events of the aggregate wait in the outbox: the fast
+    // path must not publish the new one before them.
+    bus.commit(async |tx| tx.append("lesson", id, 4, [counted(5)]).await).await.unwrap();
+    assert_eq!(broker.messages().len(), 1, "the new event did not overtake the pending ones");
     let relay = OutboxRelay::new(backends.store.clone(), backends.publisher.clone(), RelayConfig::default());
     relay.run_once().await.unwrap();
     assert_eq!(relay.lag().await.unwrap().pending, 0);
@@ -135,17 +139,17 @@ async fn bus_publishes_to_the_in_process_broker_and_the_relay_recovers_an_outage
         .iter()
         .map(|m| m.header("Edupulse-Sequence").unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(sequences, ["1", "2", "3", "4"]);
+    assert_eq!(sequences, ["1", "2", "3", "4", "5"]);
 
     // Rolled back: nothing.
     let _ = bus
         .commit(async |tx| {
-            tx.append("lesson", id, 4, [counted(5)]).await?;
+            tx.append("lesson", id, 5, [counted(6)]).await?;
             Err::<(), _>(EventError::Config("no".into()))
         })
         .await;
     relay.run_once().await.unwrap();
-    assert_eq!(broker.messages().len(), 4);
+    assert_eq!(broker.messages().len(), 5);
 }
 
 #[tokio::test]

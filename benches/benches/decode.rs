@@ -4,9 +4,9 @@
 
 use std::hint::black_box;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use edupulse_events::upcast::{self, JsonValue, UpcastError};
-use edupulse_events::{DomainEvent, Uuid};
+use edupulse_events::{DomainEvent, EventError, Uuid};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
@@ -39,16 +39,48 @@ impl From<LessonPublishedV2> for LessonPublished {
     }
 }
 
-/// What a careful hand-written upcaster does for a v1 payload: the same steps, no dispatch.
-fn hand_written_v1(payload: &[u8]) -> Result<LessonPublished, String> {
-    let mut value: JsonValue = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-    let object = value.as_object_mut().ok_or("not an object")?;
-    if let Some(name) = object.remove("name") {
-        object.insert("title".into(), name);
+/// What careful hand-written code does: the same checks (event type, version) and the same
+/// typed errors with their context, and the same upcasting steps.
+fn hand_written(event_type: &str, version: u32, payload: &[u8]) -> Result<LessonPublished, EventError> {
+    let decode_error = |e: serde_json::Error| EventError::Decode {
+        event_type: event_type.to_owned(),
+        version,
+        position: None,
+        source: Box::new(e),
+    };
+    if event_type != "LessonPublished" {
+        return Err(EventError::UnknownEventType {
+            event_type: event_type.to_owned(),
+            known: &["LessonPublished"],
+            position: None,
+        });
     }
-    object.entry("minutes").or_insert(0.into());
-    let v2: LessonPublishedV2 = serde_json::from_value(value).map_err(|e| e.to_string())?;
-    Ok(v2.into())
+    match version {
+        3 => serde_json::from_slice(payload).map_err(decode_error),
+        1 | 2 => {
+            let mut value: JsonValue = serde_json::from_slice(payload).map_err(decode_error)?;
+            if version == 1 {
+                let object = value.as_object_mut().ok_or_else(|| EventError::Decode {
+                    event_type: event_type.to_owned(),
+                    version,
+                    position: None,
+                    source: "not an object".into(),
+                })?;
+                if let Some(name) = object.remove("name") {
+                    object.insert("title".into(), name);
+                }
+                object.entry("minutes").or_insert(0.into());
+            }
+            let v2: LessonPublishedV2 = serde_json::from_value(value).map_err(decode_error)?;
+            Ok(v2.into())
+        }
+        found => Err(EventError::UnsupportedVersion {
+            event_type: event_type.to_owned(),
+            found,
+            newest_known: 3,
+            position: None,
+        }),
+    }
 }
 
 fn decode(c: &mut Criterion) {
@@ -64,8 +96,11 @@ fn decode(c: &mut Criterion) {
     group.bench_function("v3/derived", |b| {
         b.iter(|| LessonPublished::decode("LessonPublished", 3, black_box(v3.as_bytes())).map(|e| e.minutes))
     });
+    group.bench_function("v3/hand-written", |b| {
+        b.iter(|| hand_written("LessonPublished", 3, black_box(v3.as_bytes())).map(|e| e.minutes))
+    });
     group.bench_function("v1->v3/hand-written", |b| {
-        b.iter(|| hand_written_v1(black_box(v1.as_bytes())).map(|e| e.minutes))
+        b.iter(|| hand_written("LessonPublished", 1, black_box(v1.as_bytes())).map(|e| e.minutes))
     });
     group.bench_function("v1->v3/derived", |b| {
         b.iter(|| LessonPublished::decode("LessonPublished", 1, black_box(v1.as_bytes())).map(|e| e.minutes))
@@ -74,4 +109,45 @@ fn decode(c: &mut Criterion) {
 }
 
 criterion_group!(benches, decode);
-criterion_main!(benches);
+
+/// `decode -- --count VARIANT N`: runs one variant N times and exits, for instruction counts
+/// under `valgrind --tool=callgrind` (repeatable where wall-clock time on a shared machine is
+/// not). VARIANT: plain, derived3, hand3, derived1, hand1.
+fn count(variant: &str, n: u64) {
+    let id = Uuid::nil();
+    let v1 = format!(r#"{{"lesson_id":"{id}","name":"Ownership in ten minutes"}}"#);
+    let v3 = format!(
+        r#"{{"lesson_id":"{id}","title":"Ownership in ten minutes","minutes":10,"tags":["rust","intro"]}}"#
+    );
+    let mut sum = 0u64;
+    for _ in 0..n {
+        let minutes = match variant {
+            "plain" => {
+                serde_json::from_slice::<LessonPublished>(black_box(v3.as_bytes())).map(|e| e.minutes).ok()
+            }
+            "derived3" => LessonPublished::decode("LessonPublished", 3, black_box(v3.as_bytes()))
+                .map(|e| e.minutes)
+                .ok(),
+            "hand3" => hand_written("LessonPublished", 3, black_box(v3.as_bytes())).map(|e| e.minutes).ok(),
+            "derived1" => LessonPublished::decode("LessonPublished", 1, black_box(v1.as_bytes()))
+                .map(|e| e.minutes)
+                .ok(),
+            "hand1" => hand_written("LessonPublished", 1, black_box(v1.as_bytes())).map(|e| e.minutes).ok(),
+            _ => None,
+        };
+        sum += u64::from(minutes.unwrap_or(0));
+    }
+    println!("{variant} x{n}: {sum}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--count") {
+        let variant = args.get(i + 1).map_or("plain", String::as_str);
+        let n = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(0);
+        count(variant, n);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

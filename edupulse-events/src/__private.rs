@@ -26,6 +26,7 @@ fn decode_error(event_type: &str, version: u32, source: impl Into<crate::error::
 }
 
 /// Decodes a payload of the current version.
+#[inline]
 pub fn from_slice<T: DeserializeOwned>(
     event_type: &str,
     version: u32,
@@ -35,11 +36,13 @@ pub fn from_slice<T: DeserializeOwned>(
 }
 
 /// Parses a payload that raw upcasters will transform.
+#[inline]
 pub fn value_from_slice(event_type: &str, version: u32, payload: &[u8]) -> Result<JsonValue, EventError> {
     serde_json::from_slice(payload).map_err(|e| decode_error(event_type, version, e))
 }
 
 /// Decodes the result of the raw upcaster chain.
+#[inline]
 pub fn from_value<T: DeserializeOwned>(
     event_type: &str,
     version: u32,
@@ -49,6 +52,7 @@ pub fn from_value<T: DeserializeOwned>(
 }
 
 /// Runs one raw upcaster step `from -> from + 1`.
+#[inline]
 pub fn upcast<F, R>(
     event_type: &str,
     version: u32,

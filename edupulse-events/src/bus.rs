@@ -8,16 +8,18 @@
 //! leave rows pending, and a relay publishes them later; re-sends carry the same
 //! `Nats-Msg-Id`, so JetStream drops them inside its duplicate window.
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
 use sqlx::postgres::PgConnection;
 use uuid::Uuid;
 
-use crate::outbox::{Claimer, OutboxLag, OutboxRows, partition_of};
+use crate::outbox::{Claimer, OutboxLag, partition_of};
 use crate::publisher::Publisher;
-use crate::store::{Backend, EventStore, ExpectedSequence, Transaction};
+use crate::store::{Backend, EventStore, ExpectedSequence, OutboxTarget, Transaction};
+use crate::stream::StoredRow;
+use crate::wire::{self, OutgoingMessage};
 use crate::{DomainEvent, EventEnvelope, EventError, validate_subject, validate_subject_token};
 
 /// Settings of an [`EventBus`].
@@ -91,8 +93,14 @@ impl EventBus {
         Err: From<EventError>,
     {
         let tx = self.claimer.store.begin().await?;
-        let mut bus_tx =
-            BusTransaction { tx, config: self.config.clone(), prefix: None, partitions: BTreeSet::new() };
+        let mut bus_tx = BusTransaction {
+            tx,
+            config: self.config.clone(),
+            prefix: None,
+            outgoing: Vec::new(),
+            seen: HashSet::new(),
+            blocked: HashSet::new(),
+        };
         let value = match work(&mut bus_tx).await {
             Ok(value) => value,
             Err(e) => {
@@ -102,29 +110,70 @@ impl EventBus {
                 return Err(e);
             }
         };
-        let partitions = std::mem::take(&mut bus_tx.partitions);
-        bus_tx.tx.commit().await?;
-        if let Backend::Sqlite(sq) = &self.claimer.store.inner.backend
-            && !partitions.is_empty()
-        {
-            // PostgreSQL wakes relays with NOTIFY at commit; the embedded backend in process.
-            sq.notify_outbox();
-        }
-        if self.config.publish_after_commit && !partitions.is_empty() {
-            match self.claimer.drain(partitions).await {
-                Ok(pass) if pass.failed > 0 => {
-                    tracing::warn!(
-                        failed = pass.failed,
-                        "bus: events committed but not yet published; the relay will retry"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "bus: publish after commit failed; the relay will retry")
-                }
-            }
+        let BusTransaction { tx, outgoing, blocked, .. } = bus_tx;
+        tx.commit().await?;
+        if !outgoing.is_empty() {
+            self.publish_committed(outgoing, &blocked).await;
         }
         Ok(value)
+    }
+
+    /// The fast path after COMMIT: publish the events straight from memory, then delete
+    /// their outbox rows. An aggregate with older events still pending is left to the relay
+    /// (publishing its new events first would reorder it), and so is whatever the broker
+    /// does not acknowledge; the relays are woken for them.
+    async fn publish_committed(&self, outgoing: Vec<OutgoingMessage>, blocked: &HashSet<Uuid>) {
+        let store = &self.claimer.store;
+        let (direct, left): (Vec<_>, Vec<_>) = if self.config.publish_after_commit {
+            outgoing.into_iter().partition(|m| !blocked.contains(&m.aggregate_id))
+        } else {
+            (Vec::new(), outgoing)
+        };
+        let mut wake_relays = !left.is_empty();
+        if !direct.is_empty() {
+            let outcomes = self.claimer.publisher.publish(&direct).await;
+            let mut acked = Vec::with_capacity(direct.len());
+            let mut failed = Vec::new();
+            let mut errors = Vec::new();
+            for (message, outcome) in direct.iter().zip(outcomes) {
+                match outcome {
+                    Ok(_) => acked.push(message.global_position),
+                    Err(e) => {
+                        failed.push(message.global_position);
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                wake_relays = true;
+                tracing::warn!(
+                    failed = failed.len(),
+                    error = %errors[0],
+                    "bus: events committed but not acknowledged; the relay will retry"
+                );
+            }
+            let finished = match &store.inner.backend {
+                Backend::Postgres(pg) => pg.outbox_finish(&acked, &failed, &errors).await,
+                Backend::Sqlite(sq) => sq.outbox_finish(&acked, &failed, &errors).await,
+            };
+            if let Err(e) = finished {
+                // The rows stay; a relay re-sends them and JetStream drops the duplicates.
+                wake_relays = true;
+                tracing::warn!(error = %e, "bus: published, but the outbox rows were not cleared");
+            }
+        }
+        if wake_relays {
+            let notified = match &store.inner.backend {
+                Backend::Postgres(pg) => pg.notify_outbox().await,
+                Backend::Sqlite(sq) => {
+                    sq.notify_outbox();
+                    Ok(())
+                }
+            };
+            if let Err(e) = notified {
+                tracing::warn!(error = %e, "bus: cannot wake the relays; they will poll");
+            }
+        }
     }
 
     /// The outbox's backlog.
@@ -141,7 +190,12 @@ pub struct BusTransaction {
     tx: Transaction,
     config: BusConfig,
     prefix: Option<String>,
-    partitions: BTreeSet<i32>,
+    /// The committed events' messages, for the fast path.
+    outgoing: Vec<OutgoingMessage>,
+    /// Aggregates appended to in this transaction.
+    seen: HashSet<Uuid>,
+    /// Aggregates whose older events were still pending at their first append.
+    blocked: HashSet<Uuid>,
 }
 
 impl fmt::Debug for BusTransaction {
@@ -198,31 +252,30 @@ impl BusTransaction {
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         // Subjects first: an invalid one refuses the append before anything is written.
         let subjects = envelopes.iter().map(|e| self.subject_of(e)).collect::<Result<Vec<_>, _>>()?;
-        let stored = self.tx.append_envelopes(expected, envelopes).await?;
-        let mut rows = OutboxRows::default();
-        for (envelope, subject) in stored.iter().zip(subjects) {
-            let partition = partition_of(envelope.aggregate_id);
-            rows.positions.push(envelope.global_position.unwrap_or_default());
-            rows.event_ids.push(envelope.event_id);
-            rows.aggregate_ids.push(envelope.aggregate_id);
-            rows.sequences.push(envelope.sequence);
-            rows.subjects.push(subject);
-            rows.partitions.push(partition);
-            self.partitions.insert(partition);
+        let Some(aggregate_id) = envelopes.first().map(|e| e.aggregate_id) else { return Ok(envelopes) };
+        let target = OutboxTarget { subjects: &subjects, partition: partition_of(aggregate_id) };
+        let appended = self.tx.append_with_outbox(expected.into(), envelopes, target).await?;
+        if self.seen.insert(aggregate_id) && appended.older_pending {
+            self.blocked.insert(aggregate_id);
         }
-        if !rows.positions.is_empty() {
-            let store = self.tx.store().clone();
-            let wrong = || EventError::Config("the transaction belongs to another backend".into());
-            match &store.inner.backend {
-                Backend::Postgres(pg) => {
-                    pg.outbox_insert(self.tx.pg_connection().ok_or_else(wrong)?, &rows).await?
-                }
-                Backend::Sqlite(sq) => {
-                    sq.outbox_insert(self.tx.sqlite_connection().ok_or_else(wrong)?, &rows).await?
-                }
-            }
+        for ((envelope, row), subject) in appended.envelopes.iter().zip(appended.rows).zip(subjects) {
+            let stored = StoredRow {
+                global_position: envelope.global_position.unwrap_or_default(),
+                transaction_id: 0,
+                event_id: envelope.event_id,
+                aggregate_type: envelope.aggregate_type.clone(),
+                aggregate_id,
+                sequence: envelope.sequence,
+                event_type: row.event_type.to_owned(),
+                schema_version: row.schema_version,
+                payload: row.payload,
+                metadata: row.metadata,
+                occurred_at: envelope.occurred_at,
+                recorded_at: envelope.recorded_at.unwrap_or(envelope.occurred_at),
+            };
+            self.outgoing.push(wire::outgoing(stored, subject)?);
         }
-        Ok(stored)
+        Ok(appended.envelopes)
     }
 
     /// The PostgreSQL connection of the transaction, for the caller's own writes.

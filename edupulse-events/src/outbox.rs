@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
@@ -27,17 +28,6 @@ pub const PARTITIONS: i32 = 64;
 pub(crate) fn partition_of(aggregate_id: Uuid) -> i32 {
     // `as` is exact: the remainder is below 64.
     (aggregate_id.as_u128() % PARTITIONS as u128) as i32
-}
-
-/// Outbox rows to insert, as arrays (one statement).
-#[derive(Default)]
-pub(crate) struct OutboxRows {
-    pub(crate) positions: Vec<i64>,
-    pub(crate) event_ids: Vec<Uuid>,
-    pub(crate) aggregate_ids: Vec<Uuid>,
-    pub(crate) sequences: Vec<i64>,
-    pub(crate) subjects: Vec<String>,
-    pub(crate) partitions: Vec<i32>,
 }
 
 /// What one pass over a partition did.
@@ -164,18 +154,6 @@ impl Claimer {
         }
         out
     }
-
-    /// Drains the given partitions, one after the other.
-    pub(crate) async fn drain(
-        &self,
-        partitions: impl IntoIterator<Item = i32>,
-    ) -> Result<RelayPass, EventError> {
-        let mut total = RelayPass::default();
-        for partition in partitions {
-            total.add(self.drain_partition(partition).await?);
-        }
-        Ok(total)
-    }
 }
 
 /// Settings of an [`OutboxRelay`].
@@ -190,6 +168,8 @@ pub struct RelayConfig {
     pub min_backoff: Duration,
     /// Longest delay between retries (default 30 s).
     pub max_backoff: Duration,
+    /// Partitions drained at once by this relay (default 4).
+    pub concurrency: usize,
 }
 
 impl Default for RelayConfig {
@@ -199,6 +179,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
+            concurrency: 4,
         }
     }
 }
@@ -240,7 +221,16 @@ impl OutboxRelay {
         // Start at a random partition, so that several relays spread out.
         let offset = (Uuid::now_v7().as_u128() as usize) % partitions.len().max(1);
         partitions.rotate_left(offset);
-        self.claimer.drain(partitions).await
+        // Several partitions at once: each has its own claimer lock, so order per aggregate
+        // holds, and the broker's acknowledgements of one overlap the database work of another.
+        let mut passes = futures_util::stream::iter(partitions)
+            .map(|partition| self.claimer.drain_partition(partition))
+            .buffer_unordered(self.config.concurrency.max(1));
+        let mut total = RelayPass::default();
+        while let Some(pass) = passes.next().await {
+            total.add(pass?);
+        }
+        Ok(total)
     }
 
     /// The backlog: pending events, the oldest one's age, attempts and the last error.

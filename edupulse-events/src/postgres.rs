@@ -9,7 +9,9 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
 use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
-use crate::store::{ExpectedSequence, SchemaName, StreamPosition, encode_rows, refusal};
+use crate::store::{
+    Appended, ExpectedSequence, OutboxTarget, SchemaName, StreamPosition, encode_rows, refusal,
+};
 use crate::stream::{PageQuery, StoredRow};
 use crate::{DomainEvent, EventEnvelope, EventError};
 
@@ -29,13 +31,14 @@ const COLUMNS: &str = "global_position, transaction_id, event_id, aggregate_type
 struct Queries {
     append_new: SqlStr,
     append_existing: SqlStr,
+    append_new_outbox: SqlStr,
+    append_existing_outbox: SqlStr,
     stream_state: SqlStr,
     current_sequence: SqlStr,
     load_page: SqlStr,
     all_page: SqlStr,
     all_page_typed: SqlStr,
     key_page: SqlStr,
-    outbox_insert: SqlStr,
     outbox_partitions: SqlStr,
     outbox_claim: SqlStr,
     outbox_delete: SqlStr,
@@ -53,7 +56,7 @@ impl Queries {
     fn new(schema: &SchemaName) -> Self {
         // Safe: `SchemaName` admits only `[a-z0-9_]`, and it is quoted besides.
         let s = format!("\"{}\"", schema.as_str());
-        let insert_events = format!(
+        let events_insert = format!(
             "INSERT INTO {s}.events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
                  schema_version, payload, metadata, keys, occurred_at) \
              SELECT e.event_id, $2, $1, bump.version - $4 + e.ord, e.event_type, e.schema_version, \
@@ -61,29 +64,43 @@ impl Queries {
              FROM bump CROSS JOIN unnest($5::uuid[], $6::text[], $7::int4[], $8::text[], $9::text[], \
                  $10::text[], $11::timestamptz[]) WITH ORDINALITY \
                  AS e(event_id, event_type, schema_version, payload, metadata, keys, occurred_at, ord) \
-             ORDER BY e.ord \
-             RETURNING global_position, sequence, recorded_at"
+             ORDER BY e.ord"
         );
+        // A new stream (expected 0) or any sequence: insert the stream row, or bump it when
+        // the expectation holds. A lost race returns no row, never an error.
+        let bump_new = format!(
+            "WITH bump AS ( \
+                 INSERT INTO {s}.streams AS st (aggregate_id, aggregate_type, version) VALUES ($1, $2, $4) \
+                 ON CONFLICT (aggregate_id) DO UPDATE SET version = st.version + $4 \
+                 WHERE st.aggregate_type = $2 AND ($3 < 0 OR st.version = $3) \
+                 RETURNING st.version)"
+        );
+        // An existing stream at an exact sequence.
+        let bump_existing = format!(
+            "WITH bump AS ( \
+                 UPDATE {s}.streams SET version = version + $4 \
+                 WHERE aggregate_id = $1 AND aggregate_type = $2 AND version = $3 \
+                 RETURNING version)"
+        );
+        // With the bus: the outbox rows in the same statement, and whether older events of
+        // the aggregate are still pending (the statement's snapshot predates its own rows).
+        let with_outbox = format!(
+            ", ins AS ({events_insert} RETURNING global_position, sequence, recorded_at, event_id), \
+             ob AS (INSERT INTO {s}.outbox (global_position, event_id, aggregate_id, sequence, subject, partition) \
+                 SELECT ins.global_position, ins.event_id, $1, ins.sequence, o.subject, $13 FROM ins \
+                 JOIN unnest($12::text[]) WITH ORDINALITY AS o(subject, ord) \
+                 ON ins.sequence = (SELECT version FROM bump) - $4 + o.ord) \
+             SELECT ins.global_position, ins.sequence, ins.recorded_at, \
+                 EXISTS (SELECT 1 FROM {s}.outbox p WHERE p.partition = $13 AND p.aggregate_id = $1) AS older_pending \
+             FROM ins"
+        );
+        let plain = format!(" {events_insert} RETURNING global_position, sequence, recorded_at");
         let sql = |text: String| AssertSqlSafe(text).into_sql_str();
         Self {
-            // A new stream (expected 0) or any sequence: insert the stream row, or bump it
-            // when the expectation holds. A lost race returns no row, never an error.
-            append_new: sql(format!(
-                "WITH bump AS ( \
-                     INSERT INTO {s}.streams AS st (aggregate_id, aggregate_type, version) VALUES ($1, $2, $4) \
-                     ON CONFLICT (aggregate_id) DO UPDATE SET version = st.version + $4 \
-                     WHERE st.aggregate_type = $2 AND ($3 < 0 OR st.version = $3) \
-                     RETURNING st.version) \
-                 {insert_events}"
-            )),
-            // An existing stream at an exact sequence.
-            append_existing: sql(format!(
-                "WITH bump AS ( \
-                     UPDATE {s}.streams SET version = version + $4 \
-                     WHERE aggregate_id = $1 AND aggregate_type = $2 AND version = $3 \
-                     RETURNING version) \
-                 {insert_events}"
-            )),
+            append_new: sql(format!("{bump_new}{plain}")),
+            append_existing: sql(format!("{bump_existing}{plain}")),
+            append_new_outbox: sql(format!("{bump_new}{with_outbox}")),
+            append_existing_outbox: sql(format!("{bump_existing}{with_outbox}")),
             stream_state: sql(format!(
                 "SELECT aggregate_type, version FROM {s}.streams WHERE aggregate_id = $1"
             )),
@@ -111,12 +128,6 @@ impl Queries {
                 "SELECT {COLUMNS} FROM {s}.events \
                  WHERE keys @> $1::text::jsonb AND global_position > $2 AND event_type = ANY($4) \
                  ORDER BY global_position LIMIT $3"
-            )),
-            outbox_insert: sql(format!(
-                "WITH ins AS ( \
-                     INSERT INTO {s}.outbox (global_position, event_id, aggregate_id, sequence, subject, partition) \
-                     SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::int4[])) \
-                 SELECT pg_notify($7, '')"
             )),
             outbox_partitions: sql(format!("SELECT DISTINCT partition FROM {s}.outbox")),
             outbox_claim: sql(format!(
@@ -200,22 +211,9 @@ impl PgBackend {
         Self { pool, sql: Queries::new(schema), channel, lock_class }
     }
 
-    /// Writes the outbox rows of appended events and wakes the relays (at commit).
-    pub(crate) async fn outbox_insert(
-        &self,
-        conn: &mut PgConnection,
-        rows: &crate::outbox::OutboxRows,
-    ) -> Result<(), EventError> {
-        sqlx::query(self.sql.outbox_insert.clone())
-            .bind(&rows.positions)
-            .bind(&rows.event_ids)
-            .bind(&rows.aggregate_ids)
-            .bind(&rows.sequences)
-            .bind(&rows.subjects)
-            .bind(&rows.partitions)
-            .bind(&self.channel)
-            .execute(conn)
-            .await?;
+    /// Wakes the relays: events were committed and left in the outbox.
+    pub(crate) async fn notify_outbox(&self) -> Result<(), EventError> {
+        sqlx::query("SELECT pg_notify($1, '')").bind(&self.channel).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -320,6 +318,18 @@ impl PgBackend {
             .map_err(EventError::from)
     }
 
+    /// Clears acknowledged rows and records failed attempts, outside any transaction.
+    pub(crate) async fn outbox_finish(
+        &self,
+        acked: &[i64],
+        failed: &[i64],
+        errors: &[String],
+    ) -> Result<(), EventError> {
+        let mut conn = self.pool.acquire().await?;
+        self.outbox_delete(&mut conn, acked).await?;
+        self.outbox_failed(&mut conn, failed, errors).await
+    }
+
     /// Removes acknowledged rows.
     pub(crate) async fn outbox_delete(
         &self,
@@ -390,8 +400,11 @@ impl PgBackend {
         conn: &mut PgConnection,
         expected: ExpectedSequence,
         mut envelopes: Vec<EventEnvelope<E>>,
-    ) -> Result<Vec<EventEnvelope<E>>, EventError> {
-        let Some(first) = envelopes.first() else { return Ok(envelopes) };
+        outbox: Option<OutboxTarget<'_>>,
+    ) -> Result<Appended<E>, EventError> {
+        let Some(first) = envelopes.first() else {
+            return Ok(Appended { envelopes, rows: Vec::new(), older_pending: false });
+        };
         let aggregate_id = first.aggregate_id;
         let aggregate_type = first.aggregate_type.clone();
         if let ExpectedSequence::Exactly(n) = expected
@@ -410,13 +423,16 @@ impl PgBackend {
         let keys: Vec<&str> = rows.iter().map(|r| r.keys.as_str()).collect();
         let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.occurred_at).collect();
         let count = rows.len();
-        let sql = match expected {
-            ExpectedSequence::Exactly(n) if n > 0 => self.sql.append_existing.clone(),
-            _ => self.sql.append_new.clone(),
+        let existing = matches!(expected, ExpectedSequence::Exactly(n) if n > 0);
+        let sql = match (existing, outbox.is_some()) {
+            (true, false) => self.sql.append_existing.clone(),
+            (false, false) => self.sql.append_new.clone(),
+            (true, true) => self.sql.append_existing_outbox.clone(),
+            (false, true) => self.sql.append_new_outbox.clone(),
         };
         let n =
             i64::try_from(count).map_err(|_| EventError::Config("too many events in one append".into()))?;
-        let result = sqlx::query(sql)
+        let mut query = sqlx::query(sql)
             .bind(aggregate_id)
             .bind(&aggregate_type)
             .bind(expected.as_i64())
@@ -427,11 +443,13 @@ impl PgBackend {
             .bind(&payloads)
             .bind(&metadata)
             .bind(&keys)
-            .bind(&occurred)
-            .fetch_all(&mut *conn)
-            .await;
-        let rows = match result {
-            Ok(rows) => rows,
+            .bind(&occurred);
+        if let Some(target) = &outbox {
+            query = query.bind(target.subjects).bind(target.partition);
+        }
+        let result = query.fetch_all(&mut *conn).await;
+        let stored_rows = match result {
+            Ok(stored_rows) => stored_rows,
             Err(e) if is_unique_violation(&e, "events_aggregate_sequence_key") => {
                 // Only reachable when rows were written around the store; the transaction
                 // is aborted, so read the committed sequence on another connection.
@@ -440,10 +458,14 @@ impl PgBackend {
             }
             Err(e) => return Err(e.into()),
         };
-        if rows.is_empty() {
+        if stored_rows.is_empty() {
             return Err(self.explain_refusal(conn, aggregate_id, &aggregate_type, expected).await);
         }
-        let mut stored: Vec<(i64, i64, DateTime<Utc>)> = rows
+        let older_pending = match (&outbox, stored_rows.first()) {
+            (Some(_), Some(row)) => row.try_get("older_pending")?,
+            _ => false,
+        };
+        let mut stored: Vec<(i64, i64, DateTime<Utc>)> = stored_rows
             .iter()
             .map(|row| {
                 Ok((row.try_get("sequence")?, row.try_get("global_position")?, row.try_get("recorded_at")?))
@@ -462,7 +484,7 @@ impl PgBackend {
             envelope.global_position = Some(position);
             envelope.recorded_at = Some(recorded_at);
         }
-        Ok(envelopes)
+        Ok(Appended { envelopes, rows, older_pending })
     }
 
     /// Why an append wrote nothing: a concurrency conflict, or a stream of another type.

@@ -23,9 +23,11 @@ use sqlx::{Row, Sqlite};
 use tokio::sync::{Mutex, watch};
 use uuid::Uuid;
 
-use crate::outbox::{OutboxRows, PARTITIONS};
+use crate::outbox::PARTITIONS;
 use crate::postgres::{ClaimedRow, LagRow};
-use crate::store::{ExpectedSequence, StoreConfig, StreamPosition, encode_rows, refusal};
+use crate::store::{
+    Appended, ExpectedSequence, OutboxTarget, StoreConfig, StreamPosition, encode_rows, refusal,
+};
 use crate::stream::{PageQuery, StoredRow};
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
 
@@ -97,8 +99,11 @@ impl SqliteBackend {
         conn: &mut SqliteConnection,
         expected: ExpectedSequence,
         mut envelopes: Vec<EventEnvelope<E>>,
-    ) -> Result<Vec<EventEnvelope<E>>, EventError> {
-        let Some(first) = envelopes.first() else { return Ok(envelopes) };
+        outbox: Option<OutboxTarget<'_>>,
+    ) -> Result<Appended<E>, EventError> {
+        let Some(first) = envelopes.first() else {
+            return Ok(Appended { envelopes, rows: Vec::new(), older_pending: false });
+        };
         let aggregate_id = first.aggregate_id;
         let aggregate_type = first.aggregate_type.clone();
         if let ExpectedSequence::Exactly(n) = expected
@@ -137,9 +142,18 @@ impl SqliteBackend {
                     .await?;
             return Err(refusal(aggregate_id, &aggregate_type, expected, stream));
         };
+        let older_pending = match &outbox {
+            Some(_) => {
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE aggregate_id = ?1)")
+                    .bind(aggregate_id)
+                    .fetch_one(&mut *conn)
+                    .await?
+            }
+            None => false,
+        };
         let recorded_at = Utc::now();
         let mut sequence = version - n;
-        for (envelope, row) in envelopes.iter_mut().zip(rows) {
+        for (i, (envelope, row)) in envelopes.iter_mut().zip(&rows).enumerate() {
             sequence += 1;
             let position: i64 = sqlx::query_scalar(
                 "INSERT INTO events (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
@@ -162,32 +176,27 @@ impl SqliteBackend {
             envelope.sequence = sequence;
             envelope.global_position = Some(position);
             envelope.recorded_at = Some(recorded_at);
+            if let Some(target) = &outbox {
+                let subject = target
+                    .subjects
+                    .get(i)
+                    .ok_or_else(|| EventError::Config("one subject per event".into()))?;
+                sqlx::query(
+                    "INSERT INTO outbox (global_position, event_id, aggregate_id, sequence, subject, partition, \
+                         created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .bind(position)
+                .bind(row.event_id)
+                .bind(aggregate_id)
+                .bind(sequence)
+                .bind(subject)
+                .bind(target.partition)
+                .bind(recorded_at)
+                .execute(&mut *conn)
+                .await?;
+            }
         }
-        Ok(envelopes)
-    }
-
-    pub(crate) async fn outbox_insert(
-        &self,
-        conn: &mut SqliteConnection,
-        rows: &OutboxRows,
-    ) -> Result<(), EventError> {
-        let now = Utc::now();
-        for i in 0..rows.positions.len() {
-            sqlx::query(
-                "INSERT INTO outbox (global_position, event_id, aggregate_id, sequence, subject, partition, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )
-            .bind(rows.positions[i])
-            .bind(rows.event_ids[i])
-            .bind(rows.aggregate_ids[i])
-            .bind(rows.sequences[i])
-            .bind(&rows.subjects[i])
-            .bind(rows.partitions[i])
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-        }
-        Ok(())
+        Ok(Appended { envelopes, rows, older_pending })
     }
 
     pub(crate) async fn save_checkpoint(

@@ -284,7 +284,7 @@ impl EventStore {
         envelopes: Vec<EventEnvelope<E>>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         match &self.inner.backend {
-            Backend::Postgres(pg) => pg.append(conn, expected.into(), envelopes).await,
+            Backend::Postgres(pg) => Ok(pg.append(conn, expected.into(), envelopes, None).await?.envelopes),
             Backend::Sqlite(_) => Err(EventError::Config("append_in_pg needs a PostgreSQL store".into())),
         }
     }
@@ -434,8 +434,30 @@ impl Transaction {
         envelopes: Vec<EventEnvelope<E>>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         match (&self.store.inner.backend, &mut self.inner) {
-            (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.append(tx, expected.into(), envelopes).await,
-            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.append(tx, expected.into(), envelopes).await,
+            (Backend::Postgres(pg), TxInner::Postgres(tx)) => {
+                Ok(pg.append(tx, expected.into(), envelopes, None).await?.envelopes)
+            }
+            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => {
+                Ok(sq.append(tx, expected.into(), envelopes, None).await?.envelopes)
+            }
+            _ => Err(EventError::Config("the transaction belongs to another backend".into())),
+        }
+    }
+
+    /// Appends and writes the outbox rows in the same transaction (the bus).
+    pub(crate) async fn append_with_outbox<E: DomainEvent>(
+        &mut self,
+        expected: ExpectedSequence,
+        envelopes: Vec<EventEnvelope<E>>,
+        outbox: OutboxTarget<'_>,
+    ) -> Result<Appended<E>, EventError> {
+        match (&self.store.inner.backend, &mut self.inner) {
+            (Backend::Postgres(pg), TxInner::Postgres(tx)) => {
+                pg.append(tx, expected, envelopes, Some(outbox)).await
+            }
+            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => {
+                sq.append(tx, expected, envelopes, Some(outbox)).await
+            }
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
         }
     }
@@ -524,6 +546,22 @@ impl Transaction {
         }
         Ok(())
     }
+}
+
+/// Where an append's outbox rows go (the bus): one subject per event, the partition.
+pub(crate) struct OutboxTarget<'a> {
+    pub(crate) subjects: &'a [String],
+    pub(crate) partition: i32,
+}
+
+/// What an append stored.
+pub(crate) struct Appended<E> {
+    /// The envelopes with their sequences, positions and record times.
+    pub(crate) envelopes: Vec<EventEnvelope<E>>,
+    /// The encoded rows, in the same order.
+    pub(crate) rows: Vec<EncodedRow>,
+    /// With an outbox: older events of the aggregate were still pending.
+    pub(crate) older_pending: bool,
 }
 
 /// One event ready for the events table, encoded once for any backend.

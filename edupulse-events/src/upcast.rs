@@ -62,13 +62,14 @@ pub fn object_mut(payload: &mut JsonValue) -> Result<&mut Map<String, JsonValue>
 ///
 /// # Errors
 /// [`UpcastError`] when the payload is not an object or already has a field `to`.
+#[inline]
 pub fn rename_field(mut payload: JsonValue, from: &str, to: &str) -> Result<JsonValue, UpcastError> {
     let object = object_mut(&mut payload)?;
-    if let Some(value) = object.remove(from) {
-        if object.contains_key(to) {
-            return Err(UpcastError::new(format!("cannot rename `{from}` to `{to}`: `{to}` exists")));
-        }
-        object.insert(to.to_owned(), value);
+    if let Some(value) = object.remove(from)
+        && object.insert(to.to_owned(), value).is_some()
+    {
+        // The payload is refused as a whole, so the overwritten value does not matter.
+        return Err(UpcastError::new(format!("cannot rename `{from}` to `{to}`: `{to}` exists")));
     }
     Ok(payload)
 }
@@ -77,6 +78,7 @@ pub fn rename_field(mut payload: JsonValue, from: &str, to: &str) -> Result<Json
 ///
 /// # Errors
 /// [`UpcastError`] when the payload is not an object.
+#[inline]
 pub fn default_field(
     mut payload: JsonValue,
     name: &str,
