@@ -135,7 +135,13 @@ impl Queries {
                  JOIN {s}.events e ON e.global_position = o.global_position \
                  WHERE o.partition = $1 ORDER BY o.global_position LIMIT $2 FOR UPDATE OF o SKIP LOCKED"
             )),
-            outbox_delete: sql(format!("DELETE FROM {s}.outbox WHERE global_position = ANY($1)")),
+            // Never waits: a row a relay has claimed is left to it (it publishes a duplicate,
+            // which JetStream drops, and deletes the row itself).
+            outbox_delete: sql(format!(
+                "DELETE FROM {s}.outbox WHERE global_position IN ( \
+                     SELECT global_position FROM {s}.outbox WHERE global_position = ANY($1) \
+                     FOR UPDATE SKIP LOCKED)"
+            )),
             outbox_failed: sql(format!(
                 "UPDATE {s}.outbox o SET attempts = o.attempts + 1, last_error = f.error, last_attempt_at = now() \
                  FROM unnest($1::bigint[], $2::text[]) AS f(position, error) WHERE o.global_position = f.position"

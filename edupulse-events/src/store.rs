@@ -266,10 +266,21 @@ impl EventStore {
         expected: impl Into<ExpectedSequence>,
         events: impl IntoIterator<Item = E>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
-        let mut tx = self.begin().await?;
-        let stored = tx.append(aggregate_type, aggregate_id, expected, events).await?;
-        tx.commit().await?;
-        Ok(stored)
+        let envelopes =
+            events.into_iter().map(|e| EventEnvelope::new(aggregate_type, aggregate_id, e)).collect();
+        match &self.inner.backend {
+            // One statement is atomic on its own: no BEGIN/COMMIT round trips.
+            Backend::Postgres(pg) => {
+                let mut conn = pg.pool.acquire().await?;
+                Ok(pg.append(&mut conn, expected.into(), envelopes, None).await?.envelopes)
+            }
+            Backend::Sqlite(_) => {
+                let mut tx = self.begin().await?;
+                let stored = tx.append_envelopes(expected, envelopes).await?;
+                tx.commit().await?;
+                Ok(stored)
+            }
+        }
     }
 
     /// Appends events inside a PostgreSQL transaction the caller manages with sqlx (pass
