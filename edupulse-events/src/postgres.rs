@@ -10,7 +10,7 @@ use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
 use crate::store::{
-    Appended, ExpectedSequence, OutboxTarget, SchemaName, StreamPosition, encode_rows, refusal,
+    Appended, ExpectedSequence, OutboxTarget, Prepared, SchemaName, StreamPosition, prepare_append, refusal,
 };
 use crate::stream::{PageQuery, StoredRow};
 use crate::{DomainEvent, EventEnvelope, EventError};
@@ -408,19 +408,11 @@ impl PgBackend {
         mut envelopes: Vec<EventEnvelope<E>>,
         outbox: Option<OutboxTarget<'_>>,
     ) -> Result<Appended<E>, EventError> {
-        let Some(first) = envelopes.first() else {
+        let Some(Prepared { aggregate_id, aggregate_type, rows, count: n }) =
+            prepare_append(&envelopes, expected)?
+        else {
             return Ok(Appended { envelopes, rows: Vec::new(), older_pending: false });
         };
-        let aggregate_id = first.aggregate_id;
-        let aggregate_type = first.aggregate_type.clone();
-        if let ExpectedSequence::Exactly(n) = expected
-            && n < 0
-        {
-            return Err(EventError::Config(format!(
-                "expected sequence {n} is negative: use 0 for a new aggregate"
-            )));
-        }
-        let rows = encode_rows(&envelopes, aggregate_id, &aggregate_type)?;
         let event_ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
         let event_types: Vec<&str> = rows.iter().map(|r| r.event_type).collect();
         let versions: Vec<i32> = rows.iter().map(|r| r.schema_version).collect();
@@ -428,7 +420,6 @@ impl PgBackend {
         let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
         let keys: Vec<&str> = rows.iter().map(|r| r.keys.as_str()).collect();
         let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.occurred_at).collect();
-        let count = rows.len();
         let existing = matches!(expected, ExpectedSequence::Exactly(n) if n > 0);
         let sql = match (existing, outbox.is_some()) {
             (true, false) => self.sql.append_existing.clone(),
@@ -436,8 +427,6 @@ impl PgBackend {
             (true, true) => self.sql.append_existing_outbox.clone(),
             (false, true) => self.sql.append_new_outbox.clone(),
         };
-        let n =
-            i64::try_from(count).map_err(|_| EventError::Config("too many events in one append".into()))?;
         let mut query = sqlx::query(sql)
             .bind(aggregate_id)
             .bind(&aggregate_type)

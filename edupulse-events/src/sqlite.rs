@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::outbox::PARTITIONS;
 use crate::postgres::{ClaimedRow, LagRow};
 use crate::store::{
-    Appended, ExpectedSequence, OutboxTarget, StoreConfig, StreamPosition, encode_rows, refusal,
+    Appended, ExpectedSequence, OutboxTarget, Prepared, StoreConfig, StreamPosition, prepare_append, refusal,
 };
 use crate::stream::{PageQuery, StoredRow};
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
@@ -101,21 +101,11 @@ impl SqliteBackend {
         mut envelopes: Vec<EventEnvelope<E>>,
         outbox: Option<OutboxTarget<'_>>,
     ) -> Result<Appended<E>, EventError> {
-        let Some(first) = envelopes.first() else {
+        let Some(Prepared { aggregate_id, aggregate_type, rows, count: n }) =
+            prepare_append(&envelopes, expected)?
+        else {
             return Ok(Appended { envelopes, rows: Vec::new(), older_pending: false });
         };
-        let aggregate_id = first.aggregate_id;
-        let aggregate_type = first.aggregate_type.clone();
-        if let ExpectedSequence::Exactly(n) = expected
-            && n < 0
-        {
-            return Err(EventError::Config(format!(
-                "expected sequence {n} is negative: use 0 for a new aggregate"
-            )));
-        }
-        let rows = encode_rows(&envelopes, aggregate_id, &aggregate_type)?;
-        let n = i64::try_from(rows.len())
-            .map_err(|_| EventError::Config("too many events in one append".into()))?;
         let sql = match expected {
             ExpectedSequence::Exactly(e) if e > 0 => {
                 "UPDATE streams SET version = version + ?1 \

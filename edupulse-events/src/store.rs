@@ -586,8 +586,38 @@ pub(crate) struct EncodedRow {
     pub(crate) occurred_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// An append, checked and encoded, before any backend sees it.
+pub(crate) struct Prepared {
+    pub(crate) aggregate_id: Uuid,
+    pub(crate) aggregate_type: String,
+    pub(crate) rows: Vec<EncodedRow>,
+    /// The number of events, as SQL binds it.
+    pub(crate) count: i64,
+}
+
+/// Checks and encodes an append for any backend; `None` when there is nothing to append.
+pub(crate) fn prepare_append<E: DomainEvent>(
+    envelopes: &[EventEnvelope<E>],
+    expected: ExpectedSequence,
+) -> Result<Option<Prepared>, EventError> {
+    let Some(first) = envelopes.first() else { return Ok(None) };
+    if let ExpectedSequence::Exactly(n) = expected
+        && n < 0
+    {
+        return Err(EventError::Config(format!(
+            "expected sequence {n} is negative: use 0 for a new aggregate"
+        )));
+    }
+    let aggregate_id = first.aggregate_id;
+    let aggregate_type = first.aggregate_type.clone();
+    let rows = encode_rows(envelopes, aggregate_id, &aggregate_type)?;
+    let count =
+        i64::try_from(rows.len()).map_err(|_| EventError::Config("too many events in one append".into()))?;
+    Ok(Some(Prepared { aggregate_id, aggregate_type, rows, count }))
+}
+
 /// Encodes the envelopes of one append, checking that they all belong to one aggregate.
-pub(crate) fn encode_rows<E: DomainEvent>(
+fn encode_rows<E: DomainEvent>(
     envelopes: &[EventEnvelope<E>],
     aggregate_id: Uuid,
     aggregate_type: &str,

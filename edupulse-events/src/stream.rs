@@ -33,9 +33,17 @@ pub(crate) struct StoredRow {
 impl StoredRow {
     /// Decodes the row through `E`'s upcaster chain; errors name the global position.
     pub(crate) fn decode<E: DomainEvent>(self) -> Result<EventEnvelope<E>, EventError> {
-        let position = self.global_position;
         // A negative or zero version is reported as unsupported by the decoder.
         let version = u32::try_from(self.schema_version).unwrap_or(0);
+        self.decode_as_version(version)
+    }
+
+    /// Decodes the row as a payload of `version` (the wire carries it as `u32`).
+    pub(crate) fn decode_as_version<E: DomainEvent>(
+        self,
+        version: u32,
+    ) -> Result<EventEnvelope<E>, EventError> {
+        let position = self.global_position;
         let event = E::decode(&self.event_type, version, self.payload.as_bytes())
             .map_err(|e| e.at_position(position))?;
         let metadata: Metadata =

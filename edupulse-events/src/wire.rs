@@ -85,27 +85,23 @@ impl WireEnvelope {
     /// The errors of [`DomainEvent::decode`], with the global position set; a
     /// [`EventError::Decode`] for invalid metadata.
     pub fn decode<E: DomainEvent>(self) -> Result<EventEnvelope<E>, EventError> {
-        let position = self.global_position;
-        let event = E::decode(&self.event_type, self.schema_version, self.payload.get().as_bytes())
-            .map_err(|e| e.at_position(position))?;
-        let metadata: Metadata =
-            serde_json::from_str(self.metadata.get()).map_err(|e| EventError::Decode {
-                event_type: self.event_type.clone(),
-                version: self.schema_version,
-                position: Some(position),
-                source: format!("invalid metadata: {e}").into(),
-            })?;
-        Ok(EventEnvelope {
+        let payload: Box<str> = self.payload.into();
+        let metadata: Box<str> = self.metadata.into();
+        let row = StoredRow {
+            global_position: self.global_position,
+            transaction_id: 0,
             event_id: self.event_id,
             aggregate_type: self.aggregate_type,
             aggregate_id: self.aggregate_id,
             sequence: self.sequence,
-            global_position: Some(position),
+            event_type: self.event_type,
+            schema_version: 0,
+            payload: payload.into(),
+            metadata: metadata.into(),
             occurred_at: self.occurred_at,
-            recorded_at: Some(self.recorded_at),
-            metadata,
-            event,
-        })
+            recorded_at: self.recorded_at,
+        };
+        row.decode_as_version(self.schema_version)
     }
 }
 
