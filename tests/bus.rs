@@ -376,7 +376,7 @@ async fn resends_inside_the_duplicate_window_are_dropped() {
             global_position: row.global_position.unwrap(),
             subject: "courses.Counted".into(),
             headers: vec![(headers::MSG_ID, row.event_id.to_string())],
-            body: serde_json::to_vec(&body).unwrap(),
+            body: serde_json::to_vec(&body).unwrap().into(),
         }
     };
     let first = publisher.publish(std::slice::from_ref(&message)).await.remove(0).unwrap();

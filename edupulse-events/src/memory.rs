@@ -122,7 +122,7 @@ impl InMemoryBroker {
             sequence,
             subject: message.subject.clone(),
             headers: message.headers.iter().map(|(n, v)| ((*n).to_owned(), v.clone())).collect(),
-            body: message.body.clone(),
+            body: message.body.to_vec(),
         };
         state.subscribers.retain(|(filter, sender)| {
             !matches(filter, &stored.subject) || sender.send(stored.clone()).is_ok()
@@ -200,7 +200,7 @@ mod tests {
             global_position: 1,
             subject: subject.into(),
             headers: vec![(headers::MSG_ID, id.into())],
-            body: b"{}".to_vec(),
+            body: bytes::Bytes::from_static(b"{}"),
         }
     }
 

@@ -194,7 +194,7 @@ impl Publisher for NatsPublisher {
                 for (name, value) in &message.headers {
                     headers.insert(*name, value.as_str());
                 }
-                let publish = PublishMessage::build().payload(message.body.clone().into()).headers(headers);
+                let publish = PublishMessage::build().payload(message.body.clone()).headers(headers);
                 match self.jetstream.send_publish(message.subject.clone(), publish).await {
                     Ok(ack) => pending.push(Ok(ack)),
                     Err(e) => {

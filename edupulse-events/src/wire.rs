@@ -3,6 +3,7 @@
 //! The body is the envelope, with the payload exactly as stored; the headers repeat what a
 //! consumer needs to route or filter a message without parsing it.
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -47,8 +48,8 @@ pub struct OutgoingMessage {
     pub subject: String,
     /// Header name and value pairs.
     pub headers: Vec<(&'static str, String)>,
-    /// The JSON body: [`WireEnvelope`].
-    pub body: Vec<u8>,
+    /// The JSON body: [`WireEnvelope`]. Cheap to clone, as publishers need.
+    pub body: Bytes,
 }
 
 /// The JSON body of a message.
@@ -122,14 +123,17 @@ pub fn decode_message<E: DomainEvent>(body: &[u8]) -> Result<EventEnvelope<E>, E
 
 /// The message for a stored row (the outbox relay publishes rows it does not decode).
 pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessage, EventError> {
+    let (event_type, version, position) =
+        (row.event_type.clone(), u32::try_from(row.schema_version).unwrap_or(0), row.global_position);
     let bad = |what: &str, e: serde_json::Error| EventError::Decode {
-        event_type: row.event_type.clone(),
-        version: u32::try_from(row.schema_version).unwrap_or(0),
-        position: Some(row.global_position),
+        event_type: event_type.clone(),
+        version,
+        position: Some(position),
         source: format!("stored {what} is not valid JSON: {e}").into(),
     };
-    let metadata = RawValue::from_string(row.metadata.clone()).map_err(|e| bad("metadata", e))?;
-    let payload = RawValue::from_string(row.payload.clone()).map_err(|e| bad("payload", e))?;
+    // The strings move into the raw values: no copy of the payload per message.
+    let metadata = RawValue::from_string(row.metadata).map_err(|e| bad("metadata", e))?;
+    let payload = RawValue::from_string(row.payload).map_err(|e| bad("payload", e))?;
     let parsed: Metadata = serde_json::from_str(metadata.get()).unwrap_or_default();
     let mut headers = vec![
         (headers::MSG_ID, row.event_id.to_string()),
@@ -160,7 +164,8 @@ pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessag
         payload,
     };
     let body = serde_json::to_vec(&wire)
-        .map_err(|source| EventError::Serialization { event_type: "WireEnvelope", source })?;
+        .map_err(|source| EventError::Serialization { event_type: "WireEnvelope", source })?
+        .into();
     Ok(OutgoingMessage {
         event_id: wire.event_id,
         aggregate_id: wire.aggregate_id,
