@@ -235,8 +235,7 @@ impl BusTransaction {
         expected: impl Into<ExpectedSequence>,
         events: impl IntoIterator<Item = E>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
-        let envelopes =
-            events.into_iter().map(|e| EventEnvelope::new(aggregate_type, aggregate_id, e)).collect();
+        let envelopes = EventEnvelope::wrap_all(aggregate_type, aggregate_id, events);
         self.append_envelopes(expected, envelopes).await
     }
 

@@ -51,6 +51,15 @@ impl<E> EventEnvelope<E> {
         }
     }
 
+    /// Wraps each of `events` with [`new`](EventEnvelope::new), for one aggregate.
+    pub(crate) fn wrap_all(
+        aggregate_type: &str,
+        aggregate_id: Uuid,
+        events: impl IntoIterator<Item = E>,
+    ) -> Vec<Self> {
+        events.into_iter().map(|e| Self::new(aggregate_type, aggregate_id, e)).collect()
+    }
+
     /// Replaces the metadata.
     #[must_use]
     pub fn with_metadata(mut self, metadata: Metadata) -> Self {

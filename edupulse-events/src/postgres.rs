@@ -5,14 +5,14 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
+use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
 use crate::store::{
     Appended, ExpectedSequence, OutboxTarget, Prepared, SchemaName, StreamPosition, prepare_append, refusal,
 };
-use crate::stream::{PageQuery, StoredRow};
+use crate::stream::{PageQuery, StoredRow, stored_row};
 use crate::{DomainEvent, EventEnvelope, EventError};
 
 static MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
@@ -542,23 +542,6 @@ impl PgBackend {
         };
         rows.iter().map(stored_row).collect::<Result<_, sqlx::Error>>().map_err(EventError::from)
     }
-}
-
-fn stored_row(row: &PgRow) -> Result<StoredRow, sqlx::Error> {
-    Ok(StoredRow {
-        global_position: row.try_get("global_position")?,
-        transaction_id: row.try_get("transaction_id")?,
-        event_id: row.try_get("event_id")?,
-        aggregate_type: row.try_get("aggregate_type")?,
-        aggregate_id: row.try_get("aggregate_id")?,
-        sequence: row.try_get("sequence")?,
-        event_type: row.try_get("event_type")?,
-        schema_version: row.try_get("schema_version")?,
-        payload: row.try_get("payload")?,
-        metadata: row.try_get("metadata")?,
-        occurred_at: row.try_get("occurred_at")?,
-        recorded_at: row.try_get("recorded_at")?,
-    })
 }
 
 fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {

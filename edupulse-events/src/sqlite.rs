@@ -17,7 +17,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
 };
 use sqlx::{Row, Sqlite};
 use tokio::sync::{Mutex, watch};
@@ -28,7 +28,7 @@ use crate::postgres::{ClaimedRow, LagRow};
 use crate::store::{
     Appended, ExpectedSequence, OutboxTarget, Prepared, StoreConfig, StreamPosition, prepare_append, refusal,
 };
-use crate::stream::{PageQuery, StoredRow};
+use crate::stream::{PageQuery, StoredRow, stored_row};
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
 
 static MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -415,21 +415,4 @@ impl SqliteBackend {
         };
         rows.iter().map(stored_row).collect::<Result<_, sqlx::Error>>().map_err(EventError::from)
     }
-}
-
-fn stored_row(row: &SqliteRow) -> Result<StoredRow, sqlx::Error> {
-    Ok(StoredRow {
-        global_position: row.try_get("global_position")?,
-        transaction_id: row.try_get("transaction_id")?,
-        event_id: row.try_get("event_id")?,
-        aggregate_type: row.try_get("aggregate_type")?,
-        aggregate_id: row.try_get("aggregate_id")?,
-        sequence: row.try_get("sequence")?,
-        event_type: row.try_get("event_type")?,
-        schema_version: row.try_get("schema_version")?,
-        payload: row.try_get("payload")?,
-        metadata: row.try_get("metadata")?,
-        occurred_at: row.try_get("occurred_at")?,
-        recorded_at: row.try_get("recorded_at")?,
-    })
 }

@@ -266,8 +266,7 @@ impl EventStore {
         expected: impl Into<ExpectedSequence>,
         events: impl IntoIterator<Item = E>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
-        let envelopes =
-            events.into_iter().map(|e| EventEnvelope::new(aggregate_type, aggregate_id, e)).collect();
+        let envelopes = EventEnvelope::wrap_all(aggregate_type, aggregate_id, events);
         match &self.inner.backend {
             // One statement is atomic on its own: no BEGIN/COMMIT round trips.
             Backend::Postgres(pg) => {
@@ -429,8 +428,7 @@ impl Transaction {
         expected: impl Into<ExpectedSequence>,
         events: impl IntoIterator<Item = E>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
-        let envelopes =
-            events.into_iter().map(|e| EventEnvelope::new(aggregate_type, aggregate_id, e)).collect();
+        let envelopes = EventEnvelope::wrap_all(aggregate_type, aggregate_id, events);
         self.append_envelopes(expected, envelopes).await
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_core::Stream;
+use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use crate::store::{Backend, EventStore, StreamPosition};
@@ -28,6 +29,32 @@ pub(crate) struct StoredRow {
     pub(crate) metadata: String,
     pub(crate) occurred_at: DateTime<Utc>,
     pub(crate) recorded_at: DateTime<Utc>,
+}
+
+/// Reads a stored row from a query result of either backend (the same column names).
+pub(crate) fn stored_row<'r, R: Row>(row: &'r R) -> Result<StoredRow, sqlx::Error>
+where
+    &'static str: ColumnIndex<R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    i32: Decode<'r, R::Database> + Type<R::Database>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    Uuid: Decode<'r, R::Database> + Type<R::Database>,
+    DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(StoredRow {
+        global_position: row.try_get("global_position")?,
+        transaction_id: row.try_get("transaction_id")?,
+        event_id: row.try_get("event_id")?,
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        occurred_at: row.try_get("occurred_at")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
 }
 
 impl StoredRow {
