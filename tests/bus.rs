@@ -279,6 +279,60 @@ async fn relay_killed_mid_batch_and_restarted_duplicates_nothing() {
     assert_exactly_once_in_order(&stored, &committed);
 }
 
+/// Acknowledges the first `limit` messages of each batch and refuses the rest: a broker
+/// that rejects part of a batch (a stream full, a subject no stream takes).
+struct RefusesAfter {
+    inner: NatsPublisher,
+    limit: usize,
+}
+
+impl Publisher for RefusesAfter {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        Box::pin(async move {
+            let n = self.limit.min(messages.len());
+            let mut outcomes = self.inner.publish(&messages[..n]).await;
+            outcomes
+                .extend(messages[n..].iter().map(|_| Err(EventError::Broker("refused by the test".into()))));
+            outcomes
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_batch_the_broker_partly_refuses_leaves_exactly_the_refused_rows() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let dying = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
+    let aggregate = Uuid::now_v7();
+    let committed = commit_events(&dying, &[aggregate], 10, 10).await;
+
+    let refusing = relay(&store, Arc::new(RefusesAfter { inner: publisher.clone(), limit: 4 }), 20);
+    let pass = refusing.run_once().await.unwrap();
+    assert_eq!((pass.published, pass.failed), (4, 6), "{pass:?}");
+    let lag = refusing.lag().await.unwrap();
+    assert_eq!(lag.pending, 6, "the acknowledged rows are gone, the refused ones stay");
+    assert_eq!(lag.max_attempts, 1, "{lag:?}");
+    assert_eq!(lag.last_error.as_deref(), Some("broker error: refused by the test"), "{lag:?}");
+    let stored = stream_messages(&publisher).await;
+    let sequences: Vec<i64> = stored.iter().map(|m| m.wire.sequence).collect();
+    assert_eq!(sequences, [1, 2, 3, 4], "exactly the acknowledged events were published");
+
+    // A second refusing pass counts another attempt and publishes nothing new.
+    let pass = relay(&store, Arc::new(RefusesAfter { inner: publisher.clone(), limit: 0 }), 20)
+        .run_once()
+        .await
+        .unwrap();
+    assert_eq!((pass.published, pass.failed), (0, 6), "{pass:?}");
+    assert_eq!(refusing.lag().await.unwrap().max_attempts, 2);
+
+    drain(&relay(&store, Arc::new(publisher.clone()), 20)).await;
+    assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
+}
+
 #[tokio::test]
 async fn two_relays_on_ten_thousand_events_keep_every_aggregate_in_order() {
     let server = NatsServer::start().await;

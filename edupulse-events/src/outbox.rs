@@ -2,10 +2,12 @@
 //!
 //! Ordering across several relays: outbox rows carry a partition (a hash of the aggregate
 //! id, [`PARTITIONS`] of them). A claimer holds the partition's advisory lock for its
-//! transaction, claims the partition's oldest rows with `FOR UPDATE SKIP LOCKED`, publishes
-//! them in position order, deletes what was acknowledged and records the failures. One
-//! claimer per partition at a time, so one aggregate's events are never reordered, whatever
-//! the number of relays; `SKIP LOCKED` alone would let two relays interleave an aggregate.
+//! transaction, claims the partition's oldest rows by deleting them (`DELETE … RETURNING`),
+//! publishes them in position order and commits; when the broker refuses any, the claim is
+//! rolled back to a savepoint, only the acknowledged rows are deleted and the failures are
+//! recorded. One claimer per partition at a time, so one aggregate's events are never
+//! reordered, whatever the number of relays; `SKIP LOCKED` alone would let two relays
+//! interleave an aggregate.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -88,11 +90,17 @@ impl Claimer {
                         pass.busy_partitions += 1;
                         return Ok(pass);
                     }
+                    // The claim deletes the rows; when the broker refuses any of them, all
+                    // come back and only the acknowledged ones are deleted again.
+                    pg.savepoint(&mut tx).await?;
                     let claimed = pg.outbox_claim(&mut tx, partition, self.batch_size).await?;
                     let count = claimed.len();
                     let published = self.publish(claimed).await;
-                    pg.outbox_delete(&mut tx, &published.acked).await?;
-                    pg.outbox_failed(&mut tx, &published.failed, &published.errors).await?;
+                    if !published.failed.is_empty() {
+                        pg.rollback_to_savepoint(&mut tx).await?;
+                        pg.outbox_delete(&mut tx, &published.acked).await?;
+                        pg.outbox_failed(&mut tx, &published.failed, &published.errors).await?;
+                    }
                     tx.commit().await?;
                     (count, published)
                 }
