@@ -6,6 +6,7 @@
 //! `cargo bench -p edupulse-events-bench --bench loadgen -- [--quick] [--only NAME]`.
 //! Scenarios: `append`, `publish`, `relay`, `replay`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,6 +90,29 @@ async fn raw_insert(
     first_sequence: i64,
     events: &[Tick],
 ) -> Result<()> {
+    raw_insert_query(table, id, first_sequence, events).build().execute(pool).await?;
+    Ok(())
+}
+
+/// The same INSERT in a transaction, returning the rows' positions (for outbox rows).
+async fn raw_insert_returning(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    id: Uuid,
+    first_sequence: i64,
+    events: &[Tick],
+) -> Result<Vec<i64>> {
+    let mut query = raw_insert_query(table, id, first_sequence, events);
+    query.push(" RETURNING global_position");
+    Ok(query.build_query_scalar().fetch_all(conn).await?)
+}
+
+fn raw_insert_query(
+    table: &str,
+    id: Uuid,
+    first_sequence: i64,
+    events: &[Tick],
+) -> QueryBuilder<sqlx::Postgres> {
     let mut query = QueryBuilder::new(format!(
         "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
          payload, metadata, keys, occurred_at) "
@@ -109,8 +133,7 @@ async fn raw_insert(
             .push_unseparated("::jsonb")
             .push_bind(now);
     });
-    query.build().execute(pool).await?;
-    Ok(())
+    query
 }
 
 fn chrono_now() -> edupulse_events::chrono::DateTime<edupulse_events::chrono::Utc> {
@@ -211,15 +234,73 @@ async fn nats(env: &Env, stream: &str) -> Result<NatsPublisher> {
     Ok(publisher)
 }
 
+/// One JetStream message as the bus sends it: an envelope of the event and the headers ours
+/// carry (seven, plus `Nats-Msg-Id`).
+fn raw_message(body: &[u8]) -> async_nats::jetstream::message::PublishMessage {
+    let mut headers = async_nats::HeaderMap::new();
+    for name in [
+        "Edupulse-Event-Type",
+        "Edupulse-Schema-Version",
+        "Edupulse-Aggregate-Type",
+        "Edupulse-Aggregate-Id",
+        "Edupulse-Sequence",
+        "Edupulse-Correlation-Id",
+        "traceparent",
+    ] {
+        headers.insert(name, "0190c4a8-6ad8-7f0e-9b1a-3c5d2f4e6a7b");
+    }
+    async_nats::jetstream::message::PublishMessage::build()
+        .payload(body.to_vec().into())
+        .headers(headers)
+        .message_id(Uuid::now_v7().to_string())
+}
+
+/// Runs `committers` tasks, each calling `work(task, round)` `rounds` times; returns the
+/// rate of `events_per_round` events per call and the sorted latencies of the calls.
+async fn run_committers<F, Fut>(
+    committers: usize,
+    rounds: usize,
+    events_per_round: usize,
+    work: F,
+) -> Result<(f64, Vec<Duration>)>
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<()>> + Send,
+{
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for task in 0..committers {
+        let work = work.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(rounds);
+            for round in 0..rounds {
+                let t = Instant::now();
+                work(task, round).await?;
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Ok((rate((committers * rounds * events_per_round) as u64, elapsed), latencies))
+}
+
 async fn bench_publish(env: &Env) -> Result<()> {
     println!("\n### Commit-then-publish, commit to JetStream acknowledgement\n");
     println!(
-        "| committers | edupulse events/s | p50 | p99 | by hand (sqlx tx + outbox + async-nats) events/s | \
-         raw JetStream publish events/s | p50 | p99 | edupulse / by hand | edupulse / raw publish |"
+        "| committers | events per commit | edupulse events/s | p50 | p99 | by hand events/s | \
+         PostgreSQL commit alone events/s | raw JetStream publish events/s | raw p50 | raw p99 | \
+         edupulse / by hand | edupulse / commit alone | edupulse / raw publish |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let per_run = if env.quick { 600 } else { 3_000 };
-    for committers in [1usize, 8, 64] {
+    for (committers, per_commit) in [(1usize, 1usize), (8, 1), (64, 1), (64, 10)] {
+        let rounds = (per_run / (committers * per_commit)).max(1);
         let publisher = nats(env, "BENCH").await?;
         let store = fresh_store(env, (committers as u32 + 4).min(80)).await?;
         let bus = EventBus::new(store.clone(), Arc::new(publisher.clone()), BusConfig::default());
@@ -233,7 +314,7 @@ async fn bench_publish(env: &Env) -> Result<()> {
                 })
                 .await
         });
-        let per_committer = (per_run / committers).max(1);
+        let ids: Arc<Vec<Uuid>> = Arc::new((0..committers).map(|_| Uuid::now_v7()).collect());
         // Warm-up: one commit per committer, so that the pool's connections exist before the
         // clock starts (connection set-up is not what this table measures).
         let warm: Vec<_> = (0..committers)
@@ -249,38 +330,30 @@ async fn bench_publish(env: &Env) -> Result<()> {
             task.await??;
         }
         let started = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..committers {
-            let bus = bus.clone();
-            tasks.push(tokio::spawn(async move {
-                let id = Uuid::now_v7();
-                let mut latencies = Vec::with_capacity(per_committer);
-                for n in 0..per_committer {
-                    let t = Instant::now();
-                    bus.commit(async |tx| tx.append("bench", id, n as i64, [tick(id, n as u64)]).await)
-                        .await?;
-                    latencies.push(t.elapsed());
+        let (_, latencies) = run_committers(committers, rounds, per_commit, {
+            let (bus, ids) = (bus.clone(), ids.clone());
+            move |task, round| {
+                let (bus, id) = (bus.clone(), ids[task]);
+                async move {
+                    let first = (round * per_commit) as u64;
+                    let events: Vec<_> = (first..first + per_commit as u64).map(|n| tick(id, n)).collect();
+                    bus.commit(async |tx| tx.append("bench", id, first as i64, events).await).await?;
+                    Ok(())
                 }
-                Ok::<_, EventError>(latencies)
-            }));
-        }
-        let mut latencies = Vec::new();
-        for task in tasks {
-            latencies.extend(task.await??);
-        }
-        // Wait until the broker has acknowledged everything.
+            }
+        })
+        .await?;
+        // Until the broker has acknowledged everything (the relay's share included).
         while bus.lag().await?.pending > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let elapsed = started.elapsed();
+        let ours = rate((committers * rounds * per_commit) as u64, started.elapsed());
         let _ = stop.send(());
         relay_task.await??;
-        latencies.sort();
-        let total = (per_committer * committers) as u64;
-        let ours = rate(total, elapsed);
 
-        // The same work by hand: the event row and an outbox row in one sqlx transaction,
-        // then the publish, then the outbox row deleted.
+        // The same work by hand: the event rows (one multi-row INSERT) and their outbox rows
+        // in one sqlx transaction, then the publishes (acks awaited together), then the
+        // outbox rows deleted.
         let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
         let schema = store.config().schema.as_str().to_owned();
         let table = raw_table(&pool, &schema).await?;
@@ -290,104 +363,95 @@ async fn bench_publish(env: &Env) -> Result<()> {
         )))
         .execute(&pool)
         .await?;
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..committers {
-            let (pool, table, outbox, js) =
-                (pool.clone(), table.clone(), outbox.clone(), publisher.jetstream().clone());
-            tasks.push(tokio::spawn(async move {
-                let id = Uuid::now_v7();
-                for n in 0..per_committer {
-                    let event = tick(id, n as u64);
-                    let body = serde_json::to_vec(&event)?;
+        let outbox_insert = format!(
+            "INSERT INTO {outbox} (global_position, event_id, aggregate_id, sequence, subject, partition) \
+             SELECT p, gen_random_uuid(), $2, 1, 'bench.Tick', 0 FROM unnest($1::bigint[]) AS p"
+        );
+        let outbox_delete = format!("DELETE FROM {outbox} WHERE global_position = ANY($1)");
+        let (by_hand, _) = run_committers(committers, rounds, per_commit, {
+            let (pool, table, js) = (pool.clone(), table.clone(), publisher.jetstream().clone());
+            let (outbox_insert, outbox_delete) = (Arc::new(outbox_insert), Arc::new(outbox_delete));
+            move |_, round| {
+                let (pool, table, js) = (pool.clone(), table.clone(), js.clone());
+                let (outbox_insert, outbox_delete) = (outbox_insert.clone(), outbox_delete.clone());
+                async move {
+                    let id = Uuid::now_v7();
+                    let first = (round * per_commit) as u64;
+                    let events: Vec<_> = (first..first + per_commit as u64).map(|n| tick(id, n)).collect();
                     let mut tx = pool.begin().await?;
-                    let position: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, sequence, event_type, \
-                         schema_version, payload, occurred_at) VALUES ($1, 'bench', $2, $3, 'Tick', 1, $4::jsonb, now()) \
-                         RETURNING global_position"
-                    )))
-                    .bind(Uuid::now_v7())
-                    .bind(id)
-                    .bind(n as i64 + 1)
-                    .bind(String::from_utf8_lossy(&body).into_owned())
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO {outbox} (global_position, event_id, aggregate_id, sequence, subject, partition) \
-                         VALUES ($1, $2, $3, $4, 'bench.Tick', 0)"
-                    )))
-                    .bind(position)
-                    .bind(Uuid::now_v7())
-                    .bind(id)
-                    .bind(n as i64 + 1)
-                    .execute(&mut *tx)
-                    .await?;
+                    let positions = raw_insert_returning(&mut tx, &table, id, 1, &events).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(outbox_insert.as_str()))
+                        .bind(&positions)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
                     tx.commit().await?;
-                    let publish = async_nats::jetstream::message::PublishMessage::build()
-                        .payload(body.into())
-                        .message_id(Uuid::now_v7().to_string());
-                    js.send_publish("bench.Hand", publish).await?.await?;
-                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {outbox} WHERE global_position = $1")))
-                        .bind(position)
+                    let mut acks = Vec::with_capacity(events.len());
+                    for event in &events {
+                        let body = serde_json::to_vec(event)?;
+                        acks.push(js.send_publish("bench.Hand", raw_message(&body)).await?);
+                    }
+                    for ack in acks {
+                        ack.await?;
+                    }
+                    sqlx::query(sqlx::AssertSqlSafe(outbox_delete.as_str()))
+                        .bind(&positions)
                         .execute(&pool)
                         .await?;
+                    Ok(())
                 }
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-            }));
-        }
-        for task in tasks {
-            task.await??;
-        }
-        let by_hand = rate(total, started.elapsed());
+            }
+        })
+        .await?;
 
-        // Ceiling: the same bytes with async-nats, each publisher awaiting its ack.
-        let js = publisher.jetstream().clone();
-        // The same bytes: an envelope of the same event, and eight headers as ours carry.
-        let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
-        let body = serde_json::to_vec(&envelope)?;
-        let started = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..committers {
-            let (js, body) = (js.clone(), body.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(per_committer);
-                for _ in 0..per_committer {
-                    let t = Instant::now();
-                    let mut headers = async_nats::HeaderMap::new();
-                    for name in [
-                        "Edupulse-Event-Type",
-                        "Edupulse-Schema-Version",
-                        "Edupulse-Aggregate-Type",
-                        "Edupulse-Aggregate-Id",
-                        "Edupulse-Sequence",
-                        "Edupulse-Correlation-Id",
-                        "traceparent",
-                    ] {
-                        headers.insert(name, "0190c4a8-6ad8-7f0e-9b1a-3c5d2f4e6a7b");
-                    }
-                    let publish = async_nats::jetstream::message::PublishMessage::build()
-                        .payload(body.clone().into())
-                        .headers(headers)
-                        .message_id(Uuid::now_v7().to_string());
-                    js.send_publish("bench.Raw", publish).await?.await?;
-                    latencies.push(t.elapsed());
+        // The least any commit-then-publish does in PostgreSQL: BEGIN, the event rows, COMMIT.
+        let (commit_alone, _) = run_committers(committers, rounds, per_commit, {
+            let (pool, table) = (pool.clone(), table.clone());
+            move |_, round| {
+                let (pool, table) = (pool.clone(), table.clone());
+                async move {
+                    let id = Uuid::now_v7();
+                    let first = (round * per_commit) as u64;
+                    let events: Vec<_> = (first..first + per_commit as u64).map(|n| tick(id, n)).collect();
+                    let mut tx = pool.begin().await?;
+                    raw_insert_returning(&mut tx, &table, id, 1, &events).await?;
+                    tx.commit().await?;
+                    Ok(())
                 }
-                Ok::<_, async_nats::Error>(latencies)
-            }));
-        }
-        let mut raw = Vec::new();
-        for task in tasks {
-            raw.extend(task.await?.map_err(|e| e.to_string())?);
-        }
-        let ceiling = rate(total, started.elapsed());
-        raw.sort();
+            }
+        })
+        .await?;
+
+        // Ceiling: the same bytes with async-nats, the acks of one commit's events awaited
+        // together.
+        let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
+        let body = Arc::new(serde_json::to_vec(&envelope)?);
+        let (ceiling, raw) = run_committers(committers, rounds, per_commit, {
+            let js = publisher.jetstream().clone();
+            move |_, _| {
+                let (js, body) = (js.clone(), body.clone());
+                async move {
+                    let mut acks = Vec::with_capacity(per_commit);
+                    for _ in 0..per_commit {
+                        acks.push(js.send_publish("bench.Raw", raw_message(&body)).await?);
+                    }
+                    for ack in acks {
+                        ack.await?;
+                    }
+                    Ok(())
+                }
+            }
+        })
+        .await?;
         println!(
-            "| {committers} | {ours:.0} | {:.1} ms | {:.1} ms | {by_hand:.0} | {ceiling:.0} | {:.2} ms | {:.2} ms | {:.0} % | {:.0} % |",
+            "| {committers} | {per_commit} | {ours:.0} | {:.1} ms | {:.1} ms | {by_hand:.0} | {commit_alone:.0} | \
+             {ceiling:.0} | {:.2} ms | {:.2} ms | {:.0} % | {:.0} % | {:.0} % |",
             percentile(&latencies, 0.5).as_secs_f64() * 1e3,
             percentile(&latencies, 0.99).as_secs_f64() * 1e3,
             percentile(&raw, 0.5).as_secs_f64() * 1e3,
             percentile(&raw, 0.99).as_secs_f64() * 1e3,
             100.0 * ours / by_hand,
+            100.0 * ours / commit_alone,
             100.0 * ours / ceiling
         );
         drop_store(&store).await?;
