@@ -11,8 +11,8 @@ use common::nats::{self, NatsServer, stream_messages};
 use common::{CourseEvent, LessonPublished, counted, store};
 use edupulse_events::wire::{OutgoingMessage, decode_message, headers};
 use edupulse_events::{
-    BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, Metadata, NatsPublisher,
-    OutboxRelay, PublishReceipt, Publisher, RelayConfig, Uuid,
+    BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, Metadata, NatsConfig,
+    NatsPublisher, OutboxRelay, PublishReceipt, Publisher, RelayConfig, Uuid,
 };
 use futures_util::StreamExt;
 
@@ -331,6 +331,53 @@ async fn a_batch_the_broker_partly_refuses_leaves_exactly_the_refused_rows() {
 
     drain(&relay(&store, Arc::new(publisher.clone()), 20)).await;
     assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
+}
+
+#[tokio::test]
+async fn publishes_holding_more_than_the_acknowledgement_window_all_complete() {
+    // 16 acknowledgements in flight at most, for the whole publisher; 8 relay partitions
+    // of 100 events and 8 committers of 50 events each want far more at once. Each must
+    // await its own oldest acknowledgement instead of waiting for slots only it can free.
+    let server = NatsServer::start().await;
+    let small =
+        nats::publisher_with(&server, NatsConfig { max_ack_inflight: 16, ..NatsConfig::default() }).await;
+    let store = store().await;
+    let dying = bus(&store, &small, BusConfig { publish_after_commit: false, ..BusConfig::default() });
+    let mut committed = BTreeSet::new();
+    let mut aggregates = Vec::new();
+    // Aggregates in eight different outbox partitions, so eight claimers run at once.
+    while aggregates.len() < 8 {
+        let id = Uuid::now_v7();
+        if aggregates.iter().all(|other: &Uuid| other.as_u128() % 64 != id.as_u128() % 64) {
+            aggregates.push(id);
+        }
+    }
+    committed.extend(commit_events(&dying, &aggregates, 100, 100).await);
+    let config = RelayConfig { batch_size: 100, concurrency: 8, ..RelayConfig::default() };
+    let relay = OutboxRelay::new(store.clone(), Arc::new(small.clone()), config);
+    let pass = tokio::time::timeout(Duration::from_secs(30), relay.run_once())
+        .await
+        .expect("the relay's partitions wait for each other's acknowledgement slots")
+        .unwrap();
+    assert_eq!((pass.published, pass.failed), (800, 0), "{pass:?}");
+
+    let live = bus(&store, &small, BusConfig::default());
+    let commits = (0..8).map(|_| {
+        let live = live.clone();
+        tokio::spawn(async move {
+            let id = Uuid::now_v7();
+            let events: Vec<_> = (0..50).map(counted).collect();
+            live.commit(async |tx| tx.append("lesson", id, 0, events).await).await.unwrap()
+        })
+    });
+    let stored = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(commits))
+        .await
+        .expect("concurrent commits wait for each other's acknowledgement slots");
+    for envelopes in stored {
+        committed.extend(envelopes.unwrap().iter().map(|e| e.event_id));
+    }
+    assert_eq!(live.lag().await.unwrap().pending, 0, "every commit was acknowledged right away");
+    assert_exactly_once_in_order(&stream_messages(&small).await, &committed);
 }
 
 #[tokio::test]

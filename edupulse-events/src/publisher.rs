@@ -1,13 +1,14 @@
 //! Publishing to the broker: the [`Publisher`] trait and its NATS JetStream implementation.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
 use futures_util::future::join_all;
 
 use crate::EventError;
@@ -46,11 +47,19 @@ pub struct NatsConfig {
     pub ack_timeout: Duration,
     /// How long the first connection attempt may take (default 5 s).
     pub connect_timeout: Duration,
+    /// Messages awaiting their acknowledgement at once, over all concurrent publishes of
+    /// this publisher (default 5 000). A publish that finds none left awaits its own oldest
+    /// acknowledgement first, or, holding none, waits for the others to free some.
+    pub max_ack_inflight: usize,
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
-        Self { ack_timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(5) }
+        Self {
+            ack_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            max_ack_inflight: 5_000,
+        }
     }
 }
 
@@ -59,6 +68,7 @@ impl fmt::Debug for NatsConfig {
         f.debug_struct("NatsConfig")
             .field("ack_timeout", &self.ack_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("max_ack_inflight", &self.max_ack_inflight)
             .finish()
     }
 }
@@ -98,7 +108,12 @@ impl StreamSpec {
 /// enable TRACE for `async_nats` in production. This type never logs or formats the URL.
 #[derive(Clone)]
 pub struct NatsPublisher {
+    /// The context handed to the application (async-nats' defaults: a publish waits for a
+    /// free acknowledgement slot).
     jetstream: jetstream::Context,
+    /// Ours: without backpressure, so that a publish holding unawaited acknowledgements is
+    /// told "none left" instead of waiting for slots that only it can free.
+    publishing: jetstream::Context,
 }
 
 impl fmt::Debug for NatsPublisher {
@@ -130,8 +145,13 @@ impl NatsPublisher {
 
     /// Uses an existing client.
     pub fn from_client(client: async_nats::Client, config: &NatsConfig) -> Self {
-        let jetstream = jetstream::ContextBuilder::new().timeout(config.ack_timeout).build(client);
-        Self { jetstream }
+        let jetstream = jetstream::ContextBuilder::new().timeout(config.ack_timeout).build(client.clone());
+        let publishing = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .max_ack_inflight(config.max_ack_inflight.max(1))
+            .backpressure_on_inflight(false)
+            .build(client);
+        Self { jetstream, publishing }
     }
 
     /// The JetStream context, for the application's own use.
@@ -181,43 +201,69 @@ impl Publisher for NatsPublisher {
         messages: &'a [OutgoingMessage],
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
         Box::pin(async move {
+            let mut outcomes: Vec<Option<Result<PublishReceipt, EventError>>> =
+                messages.iter().map(|_| None).collect();
             let mut failed_aggregates = HashSet::new();
-            let mut pending = Vec::with_capacity(messages.len());
-            for message in messages {
-                if failed_aggregates.contains(&message.aggregate_id) {
-                    pending.push(Err(EventError::Broker(
-                        "not sent: an earlier event of the same aggregate failed".into(),
-                    )));
-                    continue;
-                }
-                let mut headers = HeaderMap::new();
-                for (name, value) in &message.headers {
-                    headers.insert(*name, value.as_str());
-                }
-                let publish = PublishMessage::build().payload(message.body.clone()).headers(headers);
-                match self.jetstream.send_publish(message.subject.clone(), publish).await {
-                    Ok(ack) => pending.push(Ok(ack)),
-                    Err(e) => {
-                        failed_aggregates.insert(message.aggregate_id);
-                        pending.push(Err(publish_error(&e)));
+            // Sent, acknowledgement not yet awaited, oldest first.
+            let mut in_flight: VecDeque<(usize, PublishAckFuture)> = VecDeque::new();
+            for (i, message) in messages.iter().enumerate() {
+                loop {
+                    if failed_aggregates.contains(&message.aggregate_id) {
+                        outcomes[i] = Some(Err(EventError::Broker(
+                            "not sent: an earlier event of the same aggregate failed".into(),
+                        )));
+                        break;
                     }
+                    let mut headers = HeaderMap::new();
+                    for (name, value) in &message.headers {
+                        headers.insert(*name, value.as_str());
+                    }
+                    let publish = PublishMessage::build().payload(message.body.clone()).headers(headers);
+                    match self.publishing.send_publish(message.subject.clone(), publish).await {
+                        Ok(ack) => in_flight.push_back((i, ack)),
+                        Err(e) if e.kind() == PublishErrorKind::MaxAckPending => {
+                            // Every slot is taken: free one of ours, or wait for the other
+                            // publishes to free theirs (each frees a slot when its
+                            // acknowledgement arrives or times out). Nothing was sent.
+                            match in_flight.pop_front() {
+                                Some((j, ack)) => {
+                                    let outcome = receipt(ack.await);
+                                    if outcome.is_err() {
+                                        failed_aggregates.insert(messages[j].aggregate_id);
+                                    }
+                                    outcomes[j] = Some(outcome);
+                                }
+                                None => tokio::time::sleep(Duration::from_millis(1)).await,
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            failed_aggregates.insert(message.aggregate_id);
+                            outcomes[i] = Some(Err(publish_error(&e)));
+                        }
+                    }
+                    break;
                 }
             }
-            let acks = pending.into_iter().map(|sent| async move {
-                match sent {
-                    Ok(ack) => ack
-                        .await
-                        .map(|ack| PublishReceipt { stream_sequence: ack.sequence, duplicate: ack.duplicate })
-                        .map_err(|e| publish_error(&e)),
-                    Err(e) => Err(e),
-                }
-            });
-            join_all(acks).await
+            let acked =
+                join_all(in_flight.into_iter().map(|(i, ack)| async move { (i, receipt(ack.await)) }));
+            for (i, outcome) in acked.await {
+                outcomes[i] = Some(outcome);
+            }
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| Err(EventError::Broker("no outcome recorded".into()))))
+                .collect()
         })
     }
 }
 
-fn publish_error(e: &jetstream::context::PublishError) -> EventError {
+fn receipt(ack: Result<jetstream::publish::PublishAck, PublishError>) -> Result<PublishReceipt, EventError> {
+    ack.map(|ack| PublishReceipt { stream_sequence: ack.sequence, duplicate: ack.duplicate })
+        .map_err(|e| publish_error(&e))
+}
+
+fn publish_error(e: &PublishError) -> EventError {
     let hint = match e.kind() {
         PublishErrorKind::StreamNotFound => {
             "; no JetStream stream captures this subject (see `ensure_stream`)"

@@ -95,7 +95,12 @@ pub const STREAM: &str = "EDUPULSE_TEST";
 /// A publisher with a short acknowledgement timeout and the test stream (`courses.>` and
 /// `tenant-42.courses.>`).
 pub async fn publisher(server: &NatsServer) -> NatsPublisher {
-    let config = NatsConfig { ack_timeout: Duration::from_millis(800), ..NatsConfig::default() };
+    publisher_with(server, NatsConfig::default()).await
+}
+
+/// The same, with `config` (its acknowledgement timeout shortened as above).
+pub async fn publisher_with(server: &NatsServer, config: NatsConfig) -> NatsPublisher {
+    let config = NatsConfig { ack_timeout: Duration::from_millis(800), ..config };
     let publisher = NatsPublisher::connect(&server.url(), config).await.unwrap();
     publisher.ensure_stream(&StreamSpec::new(STREAM, ["courses.>", "tenant-42.courses.>"])).await.unwrap();
     publisher
