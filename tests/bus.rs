@@ -489,6 +489,126 @@ async fn resends_inside_the_duplicate_window_are_dropped() {
     assert_eq!(stream_messages(&publisher).await.len(), 1);
 }
 
+/// Counts what goes through it: how many events a relay published.
+struct Counting {
+    inner: NatsPublisher,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Publisher for Counting {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        self.count.fetch_add(messages.len(), std::sync::atomic::Ordering::SeqCst);
+        self.inner.publish(messages)
+    }
+}
+
+/// Never answers: a process that dies while publishing.
+struct Hangs;
+
+impl Publisher for Hangs {
+    fn publish<'a>(
+        &'a self,
+        _: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+fn spawn_relay(relay: OutboxRelay) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (stop, running)
+}
+
+#[tokio::test]
+async fn a_running_relay_leaves_the_committing_bus_its_own_events() {
+    // A relay polling every 10 ms while 8 committers publish their own events: without the
+    // settle time it claims rows between their COMMIT and their publish, publishing them a
+    // second time and making the next commits of those aggregates wait for it.
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let config = RelayConfig {
+        poll_interval: Duration::from_millis(10),
+        settle_time: Duration::from_secs(5),
+        ..RelayConfig::default()
+    };
+    let counting = Counting { inner: publisher.clone(), count: count.clone() };
+    let (stop, running) = spawn_relay(OutboxRelay::new(store.clone(), Arc::new(counting), config));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let live = bus(&store, &publisher, BusConfig::default());
+    let committers = (0..8).map(|_| {
+        let live = live.clone();
+        tokio::spawn(async move { commit_events(&live, &[Uuid::now_v7()], 40, 1).await })
+    });
+    let mut committed = BTreeSet::new();
+    for ids in futures_util::future::join_all(committers).await {
+        committed.extend(ids.unwrap());
+    }
+    assert_eq!(live.lag().await.unwrap().pending, 0);
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the relay published events the bus was publishing"
+    );
+    assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
+    stop.send(()).unwrap();
+    running.await.unwrap();
+}
+
+#[tokio::test]
+async fn events_of_a_bus_that_died_while_publishing_are_published_once_settled() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let config = RelayConfig {
+        poll_interval: Duration::from_millis(50),
+        settle_time: Duration::from_millis(300),
+        ..RelayConfig::default()
+    };
+    let (stop, running) = spawn_relay(OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), config));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The bus commits, starts publishing and never finishes: no notification reaches the relay.
+    let dying = EventBus::new(store.clone(), Arc::new(Hangs), BusConfig::default());
+    let aggregate = Uuid::now_v7();
+    let commit = tokio::spawn(async move { commit_events(&dying, &[aggregate], 3, 3).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while live_pending(&store).await < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the commit did not happen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    commit.abort();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stream_messages(&publisher).await.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the relay never took the orphaned events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = stream_messages(&publisher).await;
+    let sequences: Vec<i64> = stored.iter().map(|m| m.wire.sequence).collect();
+    assert_eq!(sequences, [1, 2, 3]);
+    assert!(stored.iter().all(|m| m.wire.aggregate_id == aggregate));
+    stop.send(()).unwrap();
+    running.await.unwrap();
+}
+
+async fn live_pending(store: &EventStore) -> i64 {
+    OutboxRelay::new(store.clone(), Arc::new(Hangs), RelayConfig::default()).lag().await.unwrap().pending
+}
+
 #[tokio::test]
 async fn a_running_relay_is_woken_by_notify_not_by_polling() {
     let server = NatsServer::start().await;

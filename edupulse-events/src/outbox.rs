@@ -9,9 +9,10 @@
 //! reordered, whatever the number of relays; `SKIP LOCKED` alone would let two relays
 //! interleave an aggregate.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use sqlx::postgres::PgListener;
@@ -79,8 +80,9 @@ struct Published {
 }
 
 impl Claimer {
-    /// Publishes a partition's pending rows until none are left or the broker fails.
-    pub(crate) async fn drain_partition(&self, partition: i32) -> Result<RelayPass, EventError> {
+    /// Publishes a partition's pending rows at positions up to `up_to` until none are left or
+    /// the broker fails.
+    pub(crate) async fn drain_partition(&self, partition: i32, up_to: i64) -> Result<RelayPass, EventError> {
         let mut pass = RelayPass::default();
         loop {
             let (claimed, published) = match &self.store.inner.backend {
@@ -93,7 +95,7 @@ impl Claimer {
                     // The claim deletes the rows; when the broker refuses any of them, all
                     // come back and only the acknowledged ones are deleted again.
                     pg.savepoint(&mut tx).await?;
-                    let claimed = pg.outbox_claim(&mut tx, partition, self.batch_size).await?;
+                    let claimed = pg.outbox_claim(&mut tx, partition, self.batch_size, up_to).await?;
                     let count = claimed.len();
                     let published = self.publish(claimed).await;
                     if !published.failed.is_empty() {
@@ -109,7 +111,7 @@ impl Claimer {
                         pass.busy_partitions += 1;
                         return Ok(pass);
                     };
-                    let claimed = sq.outbox_claim(partition, self.batch_size).await?;
+                    let claimed = sq.outbox_claim(partition, self.batch_size, up_to).await?;
                     let count = claimed.len();
                     let published = self.publish(claimed).await;
                     sq.outbox_finish(&published.acked, &published.failed, &published.errors).await?;
@@ -178,6 +180,16 @@ pub struct RelayConfig {
     pub max_backoff: Duration,
     /// Partitions drained at once by this relay (default 4).
     pub concurrency: usize,
+    /// How long a running relay leaves new rows to the bus that committed them (default 1 s).
+    ///
+    /// Right after COMMIT the bus publishes its events itself; a relay pass that claimed them
+    /// in that moment would publish them a second time (JetStream drops the copy) and make
+    /// the aggregate's next commit wait for the relay. So [`run`](OutboxRelay::run)'s own
+    /// passes (polls, and the passes that follow one that published) claim only rows that
+    /// were already written this long ago. The pass after a notification (a bus asking for
+    /// help: a failed publish, older events pending, or `publish_after_commit = false`) and
+    /// [`run_once`](OutboxRelay::run_once) claim every row. Zero claims every row always.
+    pub settle_time: Duration,
 }
 
 impl Default for RelayConfig {
@@ -188,6 +200,7 @@ impl Default for RelayConfig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             concurrency: 4,
+            settle_time: Duration::from_secs(1),
         }
     }
 }
@@ -222,9 +235,15 @@ impl OutboxRelay {
     /// [`EventError::Database`]; broker failures are not errors here but
     /// [`RelayPass::failed`], the events staying pending.
     pub async fn run_once(&self) -> Result<RelayPass, EventError> {
+        self.pass(i64::MAX).await
+    }
+
+    /// A pass over the rows at positions up to `up_to`. Claiming a prefix of the positions
+    /// keeps each aggregate in order: a row is never published before a lower one left out.
+    async fn pass(&self, up_to: i64) -> Result<RelayPass, EventError> {
         let mut partitions = match &self.claimer.store.inner.backend {
-            Backend::Postgres(pg) => pg.outbox_partitions().await?,
-            Backend::Sqlite(sq) => sq.outbox_partitions().await?,
+            Backend::Postgres(pg) => pg.outbox_partitions(up_to).await?,
+            Backend::Sqlite(sq) => sq.outbox_partitions(up_to).await?,
         };
         // Start at a random partition, so that several relays spread out.
         let offset = (Uuid::now_v7().as_u128() as usize) % partitions.len().max(1);
@@ -232,7 +251,7 @@ impl OutboxRelay {
         // Several partitions at once: each has its own claimer lock, so order per aggregate
         // holds, and the broker's acknowledgements of one overlap the database work of another.
         let mut passes = futures_util::stream::iter(partitions)
-            .map(|partition| self.claimer.drain_partition(partition))
+            .map(|partition| self.claimer.drain_partition(partition, up_to))
             .buffer_unordered(self.config.concurrency.max(1));
         let mut total = RelayPass::default();
         while let Some(pass) = passes.next().await {
@@ -268,9 +287,19 @@ impl OutboxRelay {
         };
         tokio::pin!(shutdown);
         let mut backoff = self.config.min_backoff;
+        let mut marks = VecDeque::new();
+        // The first pass takes every row: whatever is there was left by a stopped process.
+        let mut take_all = true;
         loop {
-            let wait = match self.run_once().await {
+            let result = match self.settled_mark(&mut marks).await {
+                Ok(settled) => self.pass(if take_all { i64::MAX } else { settled }).await,
+                Err(e) => Err(e),
+            };
+            take_all = false;
+            let wait = match result {
                 Ok(pass) if pass.failed > 0 => {
+                    // The retry takes every row again, however young.
+                    take_all = true;
                     let wait = jitter(backoff);
                     backoff = (backoff * 2).min(self.config.max_backoff);
                     wait
@@ -292,6 +321,7 @@ impl OutboxRelay {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox relay: pass failed");
+                    take_all = true;
                     let wait = jitter(backoff);
                     backoff = (backoff * 2).min(self.config.max_backoff);
                     wait
@@ -321,9 +351,35 @@ impl OutboxRelay {
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 () = tokio::time::sleep(wait) => {}
-                () = notified, if !failing => {}
+                // A bus asks for help: take its rows now, however young.
+                () = notified, if !failing => take_all = true,
             }
         }
+    }
+
+    /// Notes the store's highest position now and returns the highest one noted at least
+    /// [`settle_time`](RelayConfig::settle_time) ago (0 when there is none yet): the rows up to
+    /// it are no longer the committing bus's business.
+    async fn settled_mark(&self, marks: &mut VecDeque<(Instant, i64)>) -> Result<i64, EventError> {
+        let settle = self.config.settle_time;
+        if settle.is_zero() {
+            return Ok(i64::MAX);
+        }
+        let now = Instant::now();
+        let mark = match &self.claimer.store.inner.backend {
+            Backend::Postgres(pg) => pg.high_water().await?,
+            Backend::Sqlite(sq) => sq.high_water().await?,
+        };
+        marks.push_back((now, mark));
+        let Some(cutoff) = now.checked_sub(settle) else { return Ok(0) };
+        // Keep the newest mark at least `settle` old, and every newer one.
+        while marks.get(1).is_some_and(|&(at, _)| at <= cutoff) {
+            marks.pop_front();
+        }
+        Ok(match marks.front() {
+            Some(&(at, mark)) if at <= cutoff => mark,
+            _ => 0,
+        })
     }
 }
 

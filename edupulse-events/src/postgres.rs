@@ -40,6 +40,7 @@ struct Queries {
     all_page_typed: SqlStr,
     key_page: SqlStr,
     outbox_partitions: SqlStr,
+    high_water: SqlStr,
     outbox_claim: SqlStr,
     outbox_delete: SqlStr,
     outbox_failed: SqlStr,
@@ -129,7 +130,10 @@ impl Queries {
                  WHERE keys @> $1::text::jsonb AND global_position > $2 AND event_type = ANY($4) \
                  ORDER BY global_position LIMIT $3"
             )),
-            outbox_partitions: sql(format!("SELECT DISTINCT partition FROM {s}.outbox")),
+            outbox_partitions: sql(format!(
+                "SELECT DISTINCT partition FROM {s}.outbox WHERE global_position <= $1"
+            )),
+            high_water: sql(format!("SELECT coalesce(max(global_position), 0) FROM {s}.events")),
             // Claims by deleting: one write per row instead of a row lock and then a delete.
             // No `FOR UPDATE`: the partition's advisory lock keeps other relays out, and a row
             // the bus is deleting at the same moment is waited for and then skipped. Runs
@@ -139,7 +143,8 @@ impl Queries {
             outbox_claim: sql(format!(
                 "WITH claimed AS ( \
                      DELETE FROM {s}.outbox WHERE global_position = ANY(ARRAY( \
-                         SELECT global_position FROM {s}.outbox WHERE partition = $1 \
+                         SELECT global_position FROM {s}.outbox \
+                         WHERE partition = $1 AND global_position <= $3 \
                          ORDER BY global_position LIMIT $2)) \
                      RETURNING global_position, subject) \
                  SELECT o.subject, {EVENT_COLUMNS} FROM claimed o \
@@ -303,8 +308,13 @@ impl PgBackend {
     }
 
     /// The partitions that have pending rows.
-    pub(crate) async fn outbox_partitions(&self) -> Result<Vec<i32>, EventError> {
-        Ok(sqlx::query_scalar(self.sql.outbox_partitions.clone()).fetch_all(&self.pool).await?)
+    pub(crate) async fn outbox_partitions(&self, up_to: i64) -> Result<Vec<i32>, EventError> {
+        Ok(sqlx::query_scalar(self.sql.outbox_partitions.clone()).bind(up_to).fetch_all(&self.pool).await?)
+    }
+
+    /// The highest global position written so far (0 for an empty store).
+    pub(crate) async fn high_water(&self) -> Result<i64, EventError> {
+        Ok(sqlx::query_scalar(self.sql.high_water.clone()).fetch_one(&self.pool).await?)
     }
 
     /// Takes the partition's claimer lock for the transaction; false when another holds it.
@@ -332,16 +342,22 @@ impl PgBackend {
         Ok(())
     }
 
-    /// Deletes and returns up to `limit` pending rows of a partition, oldest first (inside
+    /// Deletes and returns up to `limit` pending rows of a partition at positions up to
+    /// `up_to`, oldest first (inside
     /// the caller's transaction, after [`savepoint`](Self::savepoint)).
     pub(crate) async fn outbox_claim(
         &self,
         conn: &mut PgConnection,
         partition: i32,
         limit: i64,
+        up_to: i64,
     ) -> Result<Vec<ClaimedRow>, EventError> {
-        let rows =
-            sqlx::query(self.sql.outbox_claim.clone()).bind(partition).bind(limit).fetch_all(conn).await?;
+        let rows = sqlx::query(self.sql.outbox_claim.clone())
+            .bind(partition)
+            .bind(limit)
+            .bind(up_to)
+            .fetch_all(conn)
+            .await?;
         rows.iter()
             .map(|r| Ok(ClaimedRow { subject: r.try_get("subject")?, row: stored_row(r)? }))
             .collect::<Result<_, sqlx::Error>>()

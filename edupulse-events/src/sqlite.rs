@@ -278,8 +278,18 @@ impl SqliteBackend {
         }))
     }
 
-    pub(crate) async fn outbox_partitions(&self) -> Result<Vec<i32>, EventError> {
-        Ok(sqlx::query_scalar("SELECT DISTINCT partition FROM outbox").fetch_all(&self.pool).await?)
+    pub(crate) async fn outbox_partitions(&self, up_to: i64) -> Result<Vec<i32>, EventError> {
+        Ok(sqlx::query_scalar("SELECT DISTINCT partition FROM outbox WHERE global_position <= ?1")
+            .bind(up_to)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// The highest global position written so far (0 for an empty store).
+    pub(crate) async fn high_water(&self) -> Result<i64, EventError> {
+        Ok(sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// The in-process claimer lock of a partition, if free.
@@ -292,14 +302,15 @@ impl SqliteBackend {
         &self,
         partition: i32,
         limit: i64,
+        up_to: i64,
     ) -> Result<Vec<ClaimedRow>, EventError> {
         let sql = concat!(
             "SELECT o.subject, ",
             columns!(),
             " FROM outbox o JOIN events e ON e.global_position = o.global_position \
-             WHERE o.partition = ?1 ORDER BY o.global_position LIMIT ?2"
+             WHERE o.partition = ?1 AND o.global_position <= ?3 ORDER BY o.global_position LIMIT ?2"
         );
-        let rows = sqlx::query(sql).bind(partition).bind(limit).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sql).bind(partition).bind(limit).bind(up_to).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| Ok(ClaimedRow { subject: r.try_get("subject")?, row: stored_row(r)? }))
             .collect::<Result<_, sqlx::Error>>()
