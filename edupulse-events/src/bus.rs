@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use sqlx::postgres::PgConnection;
 use uuid::Uuid;
 
-use crate::outbox::{Claimer, OutboxLag, partition_of};
+use crate::outbox::{Claimer, OutboxLag, outbox_finish, partition_of};
 use crate::publisher::Publisher;
 use crate::store::{Backend, EventStore, ExpectedSequence, OutboxTarget, Transaction};
 use crate::stream::StoredRow;
@@ -159,11 +159,7 @@ impl EventBus {
             }
             let mut finished = self.sweeper.clear(store, acked).await;
             if !failed.is_empty() {
-                let recorded = match &store.inner.backend {
-                    Backend::Postgres(pg) => pg.outbox_finish(&[], &failed, &errors).await,
-                    Backend::Sqlite(sq) => sq.outbox_finish(&[], &failed, &errors).await,
-                };
-                finished = finished.and(recorded);
+                finished = finished.and(outbox_finish(store, &[], &failed, &errors).await);
             }
             if let Err(e) = finished {
                 // The rows stay; a relay re-sends them and JetStream drops the duplicates.
@@ -238,10 +234,7 @@ impl Sweeper {
             queue.batch += 1;
             (batch, std::mem::take(&mut queue.positions))
         };
-        let deleted = match &store.inner.backend {
-            Backend::Postgres(pg) => pg.outbox_finish(&taken, &[], &[]).await,
-            Backend::Sqlite(sq) => sq.outbox_finish(&taken, &[], &[]).await,
-        };
+        let deleted = outbox_finish(store, &taken, &[], &[]).await;
         self.queue.lock().unwrap_or_else(PoisonError::into_inner).finished = Some(batch);
         deleted
     }

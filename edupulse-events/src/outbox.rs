@@ -396,6 +396,19 @@ async fn listen(pg: &crate::postgres::PgBackend) -> Result<PgListener, sqlx::Err
     Ok(listener)
 }
 
+/// Deletes acknowledged rows and records failed attempts, each in its own statement.
+pub(crate) async fn outbox_finish(
+    store: &EventStore,
+    acked: &[i64],
+    failed: &[i64],
+    errors: &[String],
+) -> Result<(), EventError> {
+    match &store.inner.backend {
+        Backend::Postgres(pg) => pg.outbox_finish(acked, failed, errors).await,
+        Backend::Sqlite(sq) => sq.outbox_finish(acked, failed, errors).await,
+    }
+}
+
 pub(crate) async fn outbox_lag(store: &EventStore) -> Result<OutboxLag, EventError> {
     let lag = match &store.inner.backend {
         Backend::Postgres(pg) => pg.outbox_lag().await?,

