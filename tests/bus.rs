@@ -616,15 +616,7 @@ async fn a_running_relay_is_woken_by_notify_not_by_polling() {
     let store = store().await;
     let writer = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
     let config = RelayConfig { poll_interval: Duration::from_secs(3600), ..RelayConfig::default() };
-    let relay = OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), config);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let (stop, running) = spawn_relay(OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), config));
     // Let the relay finish its first (empty) pass and start waiting.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let committed = commit_events(&writer, &[Uuid::now_v7()], 3, 3).await;
@@ -638,6 +630,5 @@ async fn a_running_relay_is_woken_by_notify_not_by_polling() {
     tokio::time::timeout(Duration::from_secs(5), running)
         .await
         .expect("stops on the shutdown signal")
-        .unwrap()
         .unwrap();
 }
