@@ -98,8 +98,10 @@ impl EventBus {
         Err: From<EventError>,
     {
         let tx = self.claimer.store.begin().await?;
+        let max_message_bytes = self.claimer.publisher.max_payload().unwrap_or(usize::MAX);
         let mut bus_tx = BusTransaction {
             tx,
+            max_message_bytes,
             config: self.config.clone(),
             prefix: None,
             outgoing: Vec::new(),
@@ -243,6 +245,8 @@ impl Sweeper {
 /// The transaction handed to [`EventBus::commit`]'s closure.
 pub struct BusTransaction {
     tx: Transaction,
+    /// The broker's limit of a message.
+    max_message_bytes: usize,
     config: BusConfig,
     prefix: Option<String>,
     /// The committed events' messages, for the fast path.
@@ -307,7 +311,11 @@ impl BusTransaction {
         // Subjects first: an invalid one refuses the append before anything is written.
         let subjects = envelopes.iter().map(|e| self.subject_of(e)).collect::<Result<Vec<_>, _>>()?;
         let Some(aggregate_id) = envelopes.first().map(|e| e.aggregate_id) else { return Ok(envelopes) };
-        let target = OutboxTarget { subjects: &subjects, partition: partition_of(aggregate_id) };
+        let target = OutboxTarget {
+            subjects: &subjects,
+            partition: partition_of(aggregate_id),
+            max_message_bytes: self.max_message_bytes,
+        };
         let appended = self.tx.append_with_outbox(expected.into(), envelopes, target).await?;
         if self.seen.insert(aggregate_id) && appended.older_pending {
             self.blocked.insert(aggregate_id);

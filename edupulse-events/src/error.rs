@@ -112,6 +112,82 @@ pub enum EventError {
     /// The configuration is invalid (a table name, a URL, an option).
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// PostgreSQL aborted the transaction before COMMIT: a statement failed in it (perhaps
+    /// one whose error was ignored). Nothing was committed and nothing is published.
+    #[error(
+        "the transaction was aborted by a failed statement and is rolled back: nothing was \
+         committed or published; run a statement whose failure you want to ignore inside a \
+         SAVEPOINT, and roll back to it when it fails"
+    )]
+    TransactionAborted,
+
+    /// An append refused an event before writing anything: it could not be delivered to the
+    /// broker or read back from the store. Nothing of the append was written.
+    #[error("event `{event_type}` {event_id} refused, nothing was written: {problem}")]
+    InvalidEvent {
+        /// The event type.
+        event_type: String,
+        /// The event's id.
+        event_id: Uuid,
+        /// What is wrong with it.
+        problem: EventProblem,
+    },
+}
+
+/// Why an append refused an event ([`EventError::InvalidEvent`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventProblem {
+    /// A value that travels in a message header holds a control character (a header line
+    /// cannot hold `\r` or `\n`, and no consumer expects the others).
+    #[error("the {field} {value:?} holds a control character, which a message header cannot carry")]
+    ControlCharacter {
+        /// Which value: `aggregate type`, `event type`, `traceparent`.
+        field: &'static str,
+        /// The value, shortened to its first 64 characters.
+        value: String,
+    },
+    /// A value that travels in a message header is empty.
+    #[error("the {field} is empty")]
+    Empty {
+        /// Which value.
+        field: &'static str,
+    },
+    /// A value that travels in a message header is longer than the store accepts.
+    #[error("the {field} is {length} bytes long; at most {max} are accepted")]
+    TooLong {
+        /// Which value.
+        field: &'static str,
+        /// Its length in bytes.
+        length: usize,
+        /// The most accepted.
+        max: usize,
+    },
+    /// The message for the event would exceed what the broker accepts.
+    #[error(
+        "its message would be up to {size} bytes (headers and envelope), more than the \
+         broker's limit of {limit} bytes (NATS `max_payload`); keep large data out of events \
+         and store a reference, or raise the limit on the server and in `StoreConfig`"
+    )]
+    TooLarge {
+        /// The size of the message, headers included (an upper bound: the global position
+        /// and record time are not known yet).
+        size: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
+    /// The payload does not decode back into the event type, so no reader could ever read
+    /// it (for example a NaN or infinite float, which JSON writes as `null`).
+    #[error(
+        "its payload does not read back as the event: {source}; non-finite floats (NaN, \
+         infinity) are written as `null` in JSON and cannot be read back"
+    )]
+    Unreadable {
+        /// The error decoding the payload gave.
+        #[source]
+        source: Box<EventError>,
+    },
 }
 
 impl EventError {

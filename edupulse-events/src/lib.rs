@@ -151,6 +151,7 @@
 mod aggregate;
 mod bus;
 mod consume;
+mod deliverable;
 mod envelope;
 mod error;
 mod event;
@@ -178,8 +179,9 @@ pub use uuid::{self, Uuid};
 pub use crate::aggregate::{Aggregate, CommandError, Loaded, Repository};
 pub use crate::bus::{BusConfig, BusTransaction, EventBus};
 pub use crate::consume::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};
+pub use crate::deliverable::DEFAULT_MAX_MESSAGE_BYTES;
 pub use crate::envelope::{EventEnvelope, Metadata};
-pub use crate::error::{BoxError, EventError};
+pub use crate::error::{BoxError, EventError, EventProblem};
 pub use crate::event::{
     AggregateId, DomainEvent, EncodedEvent, EventSchema, IntoKeyValue, KeyValue, PromotedKey,
 };
@@ -192,7 +194,7 @@ pub use crate::store::{
     EventStore, ExpectedSequence, SchemaName, StoreConfig, StoredSnapshot, StreamPosition, Transaction,
 };
 pub use crate::stream::EventStream;
-pub use crate::subject::{validate_subject, validate_subject_token};
+pub use crate::subject::{MAX_SUBJECT_LEN, validate_subject, validate_subject_token};
 pub use async_nats;
 pub use futures_core::Stream;
 pub use sqlx;

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::EventError;
+use crate::deliverable::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::publisher::{BoxFuture, PublishReceipt, Publisher, validate_filter};
-use crate::wire::{OutgoingMessage, headers};
+use crate::wire::{OutgoingMessage, header_block_len, headers};
 
 /// A message as the in-process broker stored it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +106,13 @@ impl InMemoryBroker {
         if !self.available.load(Ordering::SeqCst) {
             return Err(EventError::Broker("the in-process broker is unavailable".into()));
         }
+        let size = header_block_len(&message.headers) + message.body.len();
+        if size > DEFAULT_MAX_MESSAGE_BYTES {
+            return Err(EventError::Broker(format!(
+                "message of {size} bytes refused: the in-process broker's limit is {DEFAULT_MAX_MESSAGE_BYTES}, \
+                 as NATS' default max_payload"
+            )));
+        }
         let mut state = self.lock();
         let now = Instant::now();
         let window = self.duplicate_window;
@@ -134,6 +142,10 @@ impl InMemoryBroker {
 }
 
 impl Publisher for InMemoryBroker {
+    fn max_payload(&self) -> Option<usize> {
+        Some(DEFAULT_MAX_MESSAGE_BYTES)
+    }
+
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],

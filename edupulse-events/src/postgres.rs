@@ -27,6 +27,9 @@ const EVENT_COLUMNS: &str = "e.global_position, e.transaction_id, e.event_id, e.
 const COLUMNS: &str = "global_position, transaction_id, event_id, aggregate_type, aggregate_id, sequence, \
      event_type, schema_version, payload::text AS payload, metadata::text AS metadata, occurred_at, recorded_at";
 
+/// The writing transaction's id, as the `bigint` the tables store.
+const XACT_ID: &str = "pg_current_xact_id()::text::bigint";
+
 /// The store's statements for one schema.
 struct Queries {
     append_new: SqlStr,
@@ -59,9 +62,9 @@ impl Queries {
         let s = format!("\"{}\"", schema.as_str());
         let events_insert = format!(
             "INSERT INTO {s}.events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
-                 schema_version, payload, metadata, keys, occurred_at) \
+                 schema_version, payload, metadata, keys, occurred_at, transaction_id) \
              SELECT e.event_id, $2, $1, bump.version - $4 + e.ord, e.event_type, e.schema_version, \
-                 e.payload::jsonb, e.metadata::jsonb, e.keys::jsonb, e.occurred_at \
+                 e.payload::jsonb, e.metadata::jsonb, e.keys::jsonb, e.occurred_at, bump.last_transaction_id \
              FROM bump CROSS JOIN unnest($5::uuid[], $6::text[], $7::int4[], $8::text[], $9::text[], \
                  $10::text[], $11::timestamptz[]) WITH ORDINALITY \
                  AS e(event_id, event_type, schema_version, payload, metadata, keys, occurred_at, ord) \
@@ -69,19 +72,26 @@ impl Queries {
         );
         // A new stream (expected 0) or any sequence: insert the stream row, or bump it when
         // the expectation holds. A lost race returns no row, never an error.
+        // The stream row also carries the transaction id recorded with the aggregate's last
+        // event: the events get the greater of it and their own transaction's id, so one
+        // aggregate's events never go backwards in the global stream's (transaction id,
+        // position) order (migration 0003 says why).
         let bump_new = format!(
             "WITH bump AS ( \
-                 INSERT INTO {s}.streams AS st (aggregate_id, aggregate_type, version) VALUES ($1, $2, $4) \
-                 ON CONFLICT (aggregate_id) DO UPDATE SET version = st.version + $4 \
+                 INSERT INTO {s}.streams AS st (aggregate_id, aggregate_type, version, last_transaction_id) \
+                 VALUES ($1, $2, $4, {XACT_ID}) \
+                 ON CONFLICT (aggregate_id) DO UPDATE SET version = st.version + $4, \
+                     last_transaction_id = greatest(st.last_transaction_id, {XACT_ID}) \
                  WHERE st.aggregate_type = $2 AND ($3 < 0 OR st.version = $3) \
-                 RETURNING st.version)"
+                 RETURNING st.version, st.last_transaction_id)"
         );
         // An existing stream at an exact sequence.
         let bump_existing = format!(
             "WITH bump AS ( \
-                 UPDATE {s}.streams SET version = version + $4 \
+                 UPDATE {s}.streams SET version = version + $4, \
+                     last_transaction_id = greatest(last_transaction_id, {XACT_ID}) \
                  WHERE aggregate_id = $1 AND aggregate_type = $2 AND version = $3 \
-                 RETURNING version)"
+                 RETURNING version, last_transaction_id)"
         );
         // With the bus: the outbox rows in the same statement, and whether older events of
         // the aggregate are still pending (the statement's snapshot predates its own rows).
@@ -446,10 +456,11 @@ impl PgBackend {
         conn: &mut PgConnection,
         expected: ExpectedSequence,
         mut envelopes: Vec<EventEnvelope<E>>,
+        max_message_bytes: usize,
         outbox: Option<OutboxTarget<'_>>,
     ) -> Result<Appended<E>, EventError> {
         let Some(Prepared { aggregate_id, aggregate_type, rows, count: n }) =
-            prepare_append(&envelopes, expected)?
+            prepare_append(&envelopes, expected, max_message_bytes)?
         else {
             return Ok(Appended { envelopes, rows: Vec::new(), older_pending: false });
         };
@@ -581,6 +592,22 @@ impl PgBackend {
             }
         };
         rows.iter().map(stored_row).collect::<Result<_, sqlx::Error>>().map_err(EventError::from)
+    }
+}
+
+/// Fails when PostgreSQL has aborted the transaction on `conn` (a statement failed in it):
+/// its COMMIT would be answered with ROLLBACK, which sqlx reports as success.
+///
+/// One round trip: any statement but COMMIT and ROLLBACK is refused with SQLSTATE 25P02
+/// in an aborted transaction. The transaction is left for the caller to roll back (dropping
+/// it does).
+pub(crate) async fn ensure_not_aborted(conn: &mut PgConnection) -> Result<(), EventError> {
+    match sqlx::raw_sql("SELECT 1").execute(conn).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("25P02") => {
+            Err(EventError::TransactionAborted)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

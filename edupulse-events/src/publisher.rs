@@ -4,6 +4,7 @@ use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -38,6 +39,13 @@ pub trait Publisher: Send + Sync + 'static {
         &'a self,
         messages: &'a [OutgoingMessage],
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>>;
+
+    /// The largest message the broker accepts, headers included, when it is known (NATS
+    /// tells its clients its `max_payload`). The bus refuses larger events before writing
+    /// them.
+    fn max_payload(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Settings of a [`NatsPublisher`].
@@ -196,6 +204,11 @@ impl NatsPublisher {
 }
 
 impl Publisher for NatsPublisher {
+    fn max_payload(&self) -> Option<usize> {
+        // Zero until the client has met the server.
+        Some(self.publishing.client().server_info().max_payload).filter(|&n| n > 0)
+    }
+
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
@@ -214,10 +227,14 @@ impl Publisher for NatsPublisher {
                         )));
                         break;
                     }
-                    let mut headers = HeaderMap::new();
-                    for (name, value) in &message.headers {
-                        headers.insert(*name, value.as_str());
-                    }
+                    let headers = match header_map(&message.headers) {
+                        Ok(headers) => headers,
+                        Err(e) => {
+                            failed_aggregates.insert(message.aggregate_id);
+                            outcomes[i] = Some(Err(e));
+                            break;
+                        }
+                    };
                     let publish = PublishMessage::build().payload(message.body.clone()).headers(headers);
                     match self.publishing.send_publish(message.subject.clone(), publish).await {
                         Ok(ack) => in_flight.push_back((i, ack)),
@@ -256,6 +273,18 @@ impl Publisher for NatsPublisher {
                 .collect()
         })
     }
+}
+
+/// The headers of a message, checked: async-nats panics on a value with `\r` or `\n`.
+/// Appends refuse such values; rows written around the store fail here, not in a panic.
+fn header_map(pairs: &[(&'static str, String)]) -> Result<HeaderMap, EventError> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in pairs {
+        let value = async_nats::HeaderValue::from_str(value)
+            .map_err(|_| EventError::Broker(format!("not sent: the {name} header holds a line break")))?;
+        headers.insert(*name, value);
+    }
+    Ok(headers)
 }
 
 fn receipt(ack: Result<jetstream::publish::PublishAck, PublishError>) -> Result<PublishReceipt, EventError> {

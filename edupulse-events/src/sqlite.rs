@@ -99,10 +99,11 @@ impl SqliteBackend {
         conn: &mut SqliteConnection,
         expected: ExpectedSequence,
         mut envelopes: Vec<EventEnvelope<E>>,
+        max_message_bytes: usize,
         outbox: Option<OutboxTarget<'_>>,
     ) -> Result<Appended<E>, EventError> {
         let Some(Prepared { aggregate_id, aggregate_type, rows, count: n }) =
-            prepare_append(&envelopes, expected)?
+            prepare_append(&envelopes, expected, max_message_bytes)?
         else {
             return Ok(Appended { envelopes, rows: Vec::new(), older_pending: false });
         };

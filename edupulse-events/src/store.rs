@@ -12,6 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::SqliteConnection;
 use uuid::Uuid;
 
+use crate::deliverable::{DEFAULT_MAX_MESSAGE_BYTES, check_event};
 use crate::postgres::{PgBackend, PgTransaction};
 use crate::sqlite::{SqliteBackend, SqliteTransaction};
 use crate::stream::{EventStream, PageQuery};
@@ -118,11 +119,21 @@ pub struct StoreConfig {
     pub max_connections: u32,
     /// How many rows one page of a stream reads (default 500).
     pub page_size: u32,
+    /// The largest message an event may become, headers included (default 1 MiB, NATS'
+    /// default `max_payload`). Appends refuse larger events before writing anything: the
+    /// broker would refuse them at every attempt. The bus also applies the broker's own
+    /// limit when it is lower.
+    pub max_message_bytes: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { schema: SchemaName("edupulse".into()), max_connections: 10, page_size: 500 }
+        Self {
+            schema: SchemaName("edupulse".into()),
+            max_connections: 10,
+            page_size: 500,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
     }
 }
 
@@ -244,6 +255,10 @@ impl EventStore {
         &self.inner.config
     }
 
+    fn max_message_bytes(&self) -> usize {
+        self.inner.config.max_message_bytes
+    }
+
     /// Creates the schema if needed and applies the embedded migrations
     /// (`migrations/postgres`, or `migrations/sqlite`). Safe to run from several processes
     /// at once.
@@ -267,7 +282,7 @@ impl EventStore {
             Backend::Postgres(pg) => TxInner::Postgres(pg.pool.begin().await?),
             Backend::Sqlite(sq) => TxInner::Sqlite(sq.begin().await?),
         };
-        Ok(Transaction { store: self.clone(), inner })
+        Ok(Transaction { store: self.clone(), inner, may_be_aborted: false })
     }
 
     /// Appends events to one aggregate in a transaction of its own.
@@ -286,7 +301,10 @@ impl EventStore {
             // One statement is atomic on its own: no BEGIN/COMMIT round trips.
             Backend::Postgres(pg) => {
                 let mut conn = pg.pool.acquire().await?;
-                Ok(pg.append(&mut conn, expected.into(), envelopes, None).await?.envelopes)
+                Ok(pg
+                    .append(&mut conn, expected.into(), envelopes, self.max_message_bytes(), None)
+                    .await?
+                    .envelopes)
             }
             Backend::Sqlite(_) => {
                 let mut tx = self.begin().await?;
@@ -309,7 +327,10 @@ impl EventStore {
         envelopes: Vec<EventEnvelope<E>>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         match &self.inner.backend {
-            Backend::Postgres(pg) => Ok(pg.append(conn, expected.into(), envelopes, None).await?.envelopes),
+            Backend::Postgres(pg) => Ok(pg
+                .append(conn, expected.into(), envelopes, self.max_message_bytes(), None)
+                .await?
+                .envelopes),
             Backend::Sqlite(_) => Err(EventError::Config("append_in_pg needs a PostgreSQL store".into())),
         }
     }
@@ -413,6 +434,10 @@ pub(crate) enum TxInner {
 pub struct Transaction {
     store: EventStore,
     inner: TxInner,
+    /// A statement may have failed in this transaction: one of ours returned an error, or
+    /// the caller had the raw connection. PostgreSQL then may have aborted the transaction,
+    /// and answers COMMIT with ROLLBACK, which sqlx reports as success: `commit` asks first.
+    may_be_aborted: bool,
 }
 
 impl fmt::Debug for Transaction {
@@ -457,15 +482,25 @@ impl Transaction {
         expected: impl Into<ExpectedSequence>,
         envelopes: Vec<EventEnvelope<E>>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
-        match (&self.store.inner.backend, &mut self.inner) {
+        let limit = self.store.max_message_bytes();
+        let appended = match (&self.store.inner.backend, &mut self.inner) {
             (Backend::Postgres(pg), TxInner::Postgres(tx)) => {
-                Ok(pg.append(tx, expected.into(), envelopes, None).await?.envelopes)
+                pg.append(tx, expected.into(), envelopes, limit, None).await
             }
             (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => {
-                Ok(sq.append(tx, expected.into(), envelopes, None).await?.envelopes)
+                sq.append(tx, expected.into(), envelopes, limit, None).await
             }
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
+        };
+        Ok(self.note(appended)?.envelopes)
+    }
+
+    /// Remembers that a statement of this transaction failed.
+    fn note<T>(&mut self, result: Result<T, EventError>) -> Result<T, EventError> {
+        if result.is_err() {
+            self.may_be_aborted = true;
         }
+        result
     }
 
     /// Appends and writes the outbox rows in the same transaction (the bus).
@@ -475,15 +510,17 @@ impl Transaction {
         envelopes: Vec<EventEnvelope<E>>,
         outbox: OutboxTarget<'_>,
     ) -> Result<Appended<E>, EventError> {
-        match (&self.store.inner.backend, &mut self.inner) {
+        let limit = self.store.max_message_bytes().min(outbox.max_message_bytes);
+        let appended = match (&self.store.inner.backend, &mut self.inner) {
             (Backend::Postgres(pg), TxInner::Postgres(tx)) => {
-                pg.append(tx, expected, envelopes, Some(outbox)).await
+                pg.append(tx, expected, envelopes, limit, Some(outbox)).await
             }
             (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => {
-                sq.append(tx, expected, envelopes, Some(outbox)).await
+                sq.append(tx, expected, envelopes, limit, Some(outbox)).await
             }
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
-        }
+        };
+        self.note(appended)
     }
 
     /// The store this transaction writes to.
@@ -492,7 +529,13 @@ impl Transaction {
     }
 
     /// The PostgreSQL connection of this transaction, for the caller's own writes.
+    ///
+    /// A statement that fails aborts a PostgreSQL transaction, even when its error is
+    /// ignored: [`commit`](Transaction::commit) then returns
+    /// [`EventError::TransactionAborted`]. Run a statement that may fail, and whose failure
+    /// you want to ignore, inside a `SAVEPOINT` and roll back to it.
     pub fn pg_connection(&mut self) -> Option<&mut PgConnection> {
+        self.may_be_aborted = true;
         match &mut self.inner {
             TxInner::Postgres(tx) => Some(&mut **tx),
             TxInner::Sqlite(_) => None,
@@ -502,6 +545,7 @@ impl Transaction {
     /// The SQLite connection of this transaction (embedded backend), for the caller's own
     /// writes.
     pub fn sqlite_connection(&mut self) -> Option<&mut SqliteConnection> {
+        self.may_be_aborted = true;
         match &mut self.inner {
             TxInner::Sqlite(tx) => Some(&mut **tx),
             TxInner::Postgres(_) => None,
@@ -515,11 +559,12 @@ impl Transaction {
     /// # Errors
     /// [`EventError::Database`].
     pub async fn save_checkpoint(&mut self, name: &str, position: StreamPosition) -> Result<(), EventError> {
-        match (&self.store.inner.backend, &mut self.inner) {
+        let result = match (&self.store.inner.backend, &mut self.inner) {
             (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.save_checkpoint(tx, name, position).await,
             (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.save_checkpoint(tx, name, position).await,
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
-        }
+        };
+        self.note(result)
     }
 
     /// A projection's checkpoint as this transaction sees it; `None` before the first save.
@@ -527,11 +572,12 @@ impl Transaction {
     /// # Errors
     /// [`EventError::Database`].
     pub async fn checkpoint(&mut self, name: &str) -> Result<Option<StreamPosition>, EventError> {
-        match (&self.store.inner.backend, &mut self.inner) {
+        let result = match (&self.store.inner.backend, &mut self.inner) {
             (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.load_checkpoint(tx, name).await,
             (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.load_checkpoint(tx, name).await,
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
-        }
+        };
+        self.note(result)
     }
 
     /// A projection's checkpoint, locked until the transaction ends (created at the start
@@ -540,20 +586,33 @@ impl Transaction {
     /// # Errors
     /// [`EventError::Database`].
     pub async fn checkpoint_for_update(&mut self, name: &str) -> Result<StreamPosition, EventError> {
-        match (&self.store.inner.backend, &mut self.inner) {
+        let result = match (&self.store.inner.backend, &mut self.inner) {
             (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.lock_checkpoint(tx, name).await,
             (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.lock_checkpoint(tx, name).await,
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
-        }
+        };
+        self.note(result)
     }
 
     /// Commits everything written in the transaction.
     ///
+    /// A transaction that PostgreSQL aborted (a statement failed in it, even one whose
+    /// error was ignored) is not committed: PostgreSQL answers its COMMIT with ROLLBACK.
+    /// That is an error here, never a silent success.
+    ///
     /// # Errors
-    /// [`EventError::Database`]; nothing is committed then.
+    /// [`EventError::TransactionAborted`] when the transaction had been aborted;
+    /// [`EventError::Database`] when COMMIT fails (for a lost connection, the outcome is
+    /// unknown: the transaction may or may not have committed). Nothing is committed in the
+    /// first case.
     pub async fn commit(self) -> Result<(), EventError> {
         match self.inner {
-            TxInner::Postgres(tx) => tx.commit().await?,
+            TxInner::Postgres(mut tx) => {
+                if self.may_be_aborted {
+                    crate::postgres::ensure_not_aborted(&mut tx).await?;
+                }
+                tx.commit().await?;
+            }
             TxInner::Sqlite(tx) => tx.commit().await?,
         }
         Ok(())
@@ -576,6 +635,8 @@ impl Transaction {
 pub(crate) struct OutboxTarget<'a> {
     pub(crate) subjects: &'a [String],
     pub(crate) partition: i32,
+    /// The broker's limit of a message, when lower than the store's.
+    pub(crate) max_message_bytes: usize,
 }
 
 /// What an append stored.
@@ -612,6 +673,7 @@ pub(crate) struct Prepared {
 pub(crate) fn prepare_append<E: DomainEvent>(
     envelopes: &[EventEnvelope<E>],
     expected: ExpectedSequence,
+    max_message_bytes: usize,
 ) -> Result<Option<Prepared>, EventError> {
     let Some(first) = envelopes.first() else { return Ok(None) };
     if let ExpectedSequence::Exactly(n) = expected
@@ -623,7 +685,7 @@ pub(crate) fn prepare_append<E: DomainEvent>(
     }
     let aggregate_id = first.aggregate_id;
     let aggregate_type = first.aggregate_type.clone();
-    let rows = encode_rows(envelopes, aggregate_id, &aggregate_type)?;
+    let rows = encode_rows(envelopes, aggregate_id, &aggregate_type, max_message_bytes)?;
     let count =
         i64::try_from(rows.len()).map_err(|_| EventError::Config("too many events in one append".into()))?;
     Ok(Some(Prepared { aggregate_id, aggregate_type, rows, count }))
@@ -634,6 +696,7 @@ fn encode_rows<E: DomainEvent>(
     envelopes: &[EventEnvelope<E>],
     aggregate_id: Uuid,
     aggregate_type: &str,
+    max_message_bytes: usize,
 ) -> Result<Vec<EncodedRow>, EventError> {
     envelopes
         .iter()
@@ -650,7 +713,7 @@ fn encode_rows<E: DomainEvent>(
             })?;
             let keys: std::collections::BTreeMap<&str, _> =
                 encoded.keys.iter().map(|k| (k.name, &k.value)).collect();
-            Ok(EncodedRow {
+            let row = EncodedRow {
                 event_id: envelope.event_id,
                 event_type,
                 schema_version,
@@ -658,7 +721,9 @@ fn encode_rows<E: DomainEvent>(
                 metadata: serde_json::to_string(&envelope.metadata).map_err(serialization)?,
                 keys: serde_json::to_string(&keys).map_err(serialization)?,
                 occurred_at: envelope.occurred_at,
-            })
+            };
+            check_event(envelope, &row, max_message_bytes)?;
+            Ok(row)
         })
         .collect()
 }

@@ -9,6 +9,10 @@
 
 use crate::EventError;
 
+/// The longest subject accepted: well inside the 4 KiB control line of a NATS server's
+/// default `max_control_line`, which also carries the reply subject and the sizes.
+pub const MAX_SUBJECT_LEN: usize = 1024;
+
 /// Why a subject or token is refused, or `None` when it is valid.
 ///
 /// `const` so that the derive can check subjects assembled from other types' constants at
@@ -18,6 +22,14 @@ pub const fn subject_problem(subject: &str, single_token: bool) -> Option<&'stat
     let bytes = subject.as_bytes();
     if bytes.is_empty() {
         return Some("a subject must not be empty");
+    }
+    if bytes.len() > MAX_SUBJECT_LEN {
+        return Some(
+            "a subject must not be longer than 1024 bytes (the server's control line also holds the reply subject)",
+        );
+    }
+    if !single_token && bytes[0] == b'$' {
+        return Some("subjects starting with `$` are the server's own ($JS, $KV, $SYS, …)");
     }
     let mut i = 0;
     let mut token_len = 0;
@@ -107,7 +119,25 @@ mod tests {
 
     #[test]
     fn refuses_bad_subjects() {
-        for s in ["", ".", "a.", ".a", "a..b", "a.*", "a.>", "a b", "a\tb", "a\nb", "é", "a\u{7f}"] {
+        let long = "a.".repeat(512) + "b";
+        for s in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a..b",
+            "a.*",
+            "a.>",
+            "a b",
+            "a\tb",
+            "a\nb",
+            "é",
+            "a\u{7f}",
+            "$JS.API.x",
+            "$SYS",
+            "$KV.b.k",
+            &long,
+        ] {
             let err = validate_subject(s).expect_err(s);
             assert!(matches!(err, EventError::InvalidSubject { .. }), "{s}: {err}");
         }
@@ -119,6 +149,9 @@ mod tests {
         assert!(validate_subject_token("tenant.1").is_err());
         assert!(validate_subject_token("").is_err());
         assert!(validate_subject_token(">").is_err());
+        // A token becomes a prefix: the whole subject is checked for `$` then.
+        assert!(validate_subject("$JS.courses.x").is_err());
+        assert!(validate_subject("tenant.$x").is_ok());
     }
 
     #[test]

@@ -121,6 +121,78 @@ pub fn decode_message<E: DomainEvent>(body: &[u8]) -> Result<EventEnvelope<E>, E
     wire.decode()
 }
 
+/// What the headers of an event's message are made of.
+pub(crate) struct HeaderFields<'a> {
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: &'a str,
+    pub(crate) schema_version: i32,
+    pub(crate) aggregate_type: &'a str,
+    pub(crate) aggregate_id: Uuid,
+    pub(crate) sequence: i64,
+    pub(crate) metadata: &'a Metadata,
+}
+
+impl HeaderFields<'_> {
+    /// The header name and value pairs of the message.
+    pub(crate) fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![
+            (headers::MSG_ID, self.event_id.to_string()),
+            (headers::EVENT_TYPE, self.event_type.to_owned()),
+            (headers::SCHEMA_VERSION, self.schema_version.to_string()),
+            (headers::AGGREGATE_TYPE, self.aggregate_type.to_owned()),
+            (headers::AGGREGATE_ID, self.aggregate_id.to_string()),
+            (headers::SEQUENCE, self.sequence.to_string()),
+            (headers::CORRELATION_ID, self.metadata.correlation_id.unwrap_or(self.event_id).to_string()),
+        ];
+        if let Some(causation) = self.metadata.causation_id {
+            out.push((headers::CAUSATION_ID, causation.to_string()));
+        }
+        if let Some(traceparent) = &self.metadata.traceparent {
+            out.push((headers::TRACEPARENT, traceparent.clone()));
+        }
+        out
+    }
+}
+
+/// The bytes a header block takes on the wire (`NATS/1.0\r\n`, `Name: value\r\n` each,
+/// `\r\n`): NATS counts them against `max_payload` with the body.
+pub(crate) fn header_block_len(headers: &[(&'static str, String)]) -> usize {
+    "NATS/1.0\r\n\r\n".len() + headers.iter().map(|(name, value)| name.len() + value.len() + 4).sum::<usize>()
+}
+
+/// An upper bound of the size of an event's message (headers and body) before the store
+/// has given it a position and a record time: those take their widest form here.
+pub(crate) fn message_size_bound(
+    fields: &HeaderFields<'_>,
+    occurred_at: DateTime<Utc>,
+    payload_len: usize,
+    metadata_len: usize,
+) -> Result<usize, EventError> {
+    let widest = HeaderFields { sequence: i64::MAX, ..*fields };
+    let headers = header_block_len(&widest.headers());
+    // The body with one-byte stand-ins for the payload and the metadata, whose lengths are
+    // added back: the payload is not copied to be measured.
+    let stand_in = || RawValue::from_string("0".to_owned());
+    let serialization = |source| EventError::Serialization { event_type: "WireEnvelope", source };
+    let recorded_at = DateTime::<Utc>::from_timestamp(occurred_at.timestamp().saturating_add(1), 999_999_999)
+        .unwrap_or(occurred_at);
+    let skeleton = WireEnvelope {
+        event_id: fields.event_id,
+        event_type: fields.event_type.to_owned(),
+        schema_version: u32::try_from(fields.schema_version).unwrap_or(u32::MAX),
+        aggregate_type: fields.aggregate_type.to_owned(),
+        aggregate_id: fields.aggregate_id,
+        sequence: i64::MAX,
+        global_position: i64::MAX,
+        occurred_at,
+        recorded_at,
+        metadata: stand_in().map_err(serialization)?,
+        payload: stand_in().map_err(serialization)?,
+    };
+    let skeleton_len = serde_json::to_vec(&skeleton).map_err(serialization)?.len();
+    Ok(headers + skeleton_len - 2 + payload_len + metadata_len)
+}
+
 /// The message for a stored row (the outbox relay publishes rows it does not decode).
 pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessage, EventError> {
     let (event_type, version, position) =
@@ -135,21 +207,16 @@ pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessag
     let metadata = RawValue::from_string(row.metadata).map_err(|e| bad("metadata", e))?;
     let payload = RawValue::from_string(row.payload).map_err(|e| bad("payload", e))?;
     let parsed: Metadata = serde_json::from_str(metadata.get()).unwrap_or_default();
-    let mut headers = vec![
-        (headers::MSG_ID, row.event_id.to_string()),
-        (headers::EVENT_TYPE, row.event_type.clone()),
-        (headers::SCHEMA_VERSION, row.schema_version.to_string()),
-        (headers::AGGREGATE_TYPE, row.aggregate_type.clone()),
-        (headers::AGGREGATE_ID, row.aggregate_id.to_string()),
-        (headers::SEQUENCE, row.sequence.to_string()),
-        (headers::CORRELATION_ID, parsed.correlation_id.unwrap_or(row.event_id).to_string()),
-    ];
-    if let Some(causation) = parsed.causation_id {
-        headers.push((headers::CAUSATION_ID, causation.to_string()));
+    let headers = HeaderFields {
+        event_id: row.event_id,
+        event_type: &row.event_type,
+        schema_version: row.schema_version,
+        aggregate_type: &row.aggregate_type,
+        aggregate_id: row.aggregate_id,
+        sequence: row.sequence,
+        metadata: &parsed,
     }
-    if let Some(traceparent) = parsed.traceparent {
-        headers.push((headers::TRACEPARENT, traceparent));
-    }
+    .headers();
     let wire = WireEnvelope {
         event_id: row.event_id,
         event_type: row.event_type,
