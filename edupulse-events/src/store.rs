@@ -404,7 +404,13 @@ impl EventStore {
     /// transaction is older than every transaction still running
     /// (`transaction_id < pg_snapshot_xmin(pg_current_snapshot())`), in
     /// `(transaction_id, global_position)` order. Nothing can be inserted below that
-    /// horizon any more, so the order is final and nothing is skipped. The cost: a write
+    /// horizon any more, so the order is final and nothing is skipped.
+    ///
+    /// One aggregate's events stay in sequence order even when the transaction ids disagree
+    /// (a transaction that took its id early, by a write of its own, can append the next
+    /// event after a younger one committed the previous): each event records the greater of
+    /// its transaction's id and the one recorded with the aggregate's previous event, never
+    /// less than its own, so the horizon rule above still holds for it. The cost: a write
     /// transaction that stays open holds back readers until it ends (only readers; writers
     /// are not blocked). Keep write transactions short.
     pub fn stream_all<E: DomainEvent>(&self, from: StreamPosition) -> EventStream<E> {
