@@ -354,3 +354,26 @@ async fn any_appends_racing_keep_every_aggregate_in_order() {
         assert_eq!(sequences, expected, "aggregate {aggregate} in order in stream_all");
     }
 }
+
+#[tokio::test]
+async fn the_embedded_default_refuses_the_same_inputs() {
+    let store =
+        EventStore::connect("sqlite::memory:", edupulse_events::StoreConfig::default()).await.unwrap();
+    store.migrate().await.unwrap();
+    let broker = edupulse_events::InMemoryBroker::new();
+    let bus = EventBus::new(store.clone(), Arc::new(broker.clone()), BusConfig::default());
+    let id = Uuid::now_v7();
+
+    let big = "x".repeat(1024 * 1024);
+    let result = bus.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 1.0, &big)]).await).await;
+    assert!(matches!(refused(result, "oversized"), EventProblem::TooLarge { limit: 1_048_576, .. }));
+    let result = bus.commit(async |tx| tx.append("quiz", id, 0, [grade(id, f64::NAN, "nan")]).await).await;
+    assert!(matches!(refused(result, "nan"), EventProblem::Unreadable { .. }));
+    let result = bus.commit(async |tx| tx.append("quiz\r", id, 0, [grade(id, 1.0, "cr")]).await).await;
+    assert!(matches!(refused(result, "cr"), EventProblem::ControlCharacter { .. }));
+
+    assert_eq!(store.current_sequence(id).await.unwrap(), 0);
+    assert!(broker.messages().is_empty());
+    bus.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 1.0, "fine")]).await).await.unwrap();
+    assert_eq!(broker.messages().len(), 1);
+}
