@@ -15,6 +15,12 @@ use crate::{DomainEvent, EventError};
 /// context) may take.
 pub(crate) const MAX_HEADER_VALUE_LEN: usize = 256;
 
+/// More than the headers and the envelope around the payload and the metadata can take:
+/// nine headers of UUIDs, numbers and three values of at most [`MAX_HEADER_VALUE_LEN`]
+/// bytes, and the envelope's fields with the aggregate and event types JSON-escaped (at
+/// most twice as long: control characters are refused).
+const ENVELOPE_OVERHEAD_BOUND: usize = 4 * 1024;
+
 /// NATS' default `max_payload` (1 MiB): the default limit of a message, headers included.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
@@ -38,6 +44,11 @@ pub(crate) fn check_event<E: DomainEvent>(
     let version = u32::try_from(row.schema_version).unwrap_or(u32::MAX);
     if let Err(e) = E::decode(row.event_type, version, row.payload.as_bytes()) {
         return Err(refuse(EventProblem::Unreadable { source: Box::new(e) }));
+    }
+    // Header values are checked above, so everything but the payload and the metadata
+    // takes well under this: only events near the limit are measured exactly.
+    if row.payload.len() + row.metadata.len() + ENVELOPE_OVERHEAD_BOUND <= max_message_bytes {
+        return Ok(());
     }
     let fields = HeaderFields {
         event_id: envelope.event_id,
@@ -73,6 +84,55 @@ fn check_header_value(field: &'static str, value: &str, required: bool) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Metadata;
+    use crate::stream::StoredRow;
+    use crate::wire::{header_block_len, outgoing};
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    /// The bound is above the real message, and the shortcut's overhead above the bound,
+    /// with every header value at its longest and JSON escapes in the types.
+    #[test]
+    fn size_bound_covers_the_real_message() {
+        let long = format!("{}\"\\", "a".repeat(MAX_HEADER_VALUE_LEN - 2));
+        let metadata = Metadata {
+            correlation_id: Some(Uuid::now_v7()),
+            causation_id: Some(Uuid::now_v7()),
+            traceparent: Some(long.clone()),
+            ..Metadata::default()
+        };
+        let metadata_json = serde_json::to_string(&metadata).unwrap();
+        let payload = format!("{{\"text\":\"{}\"}}", "p".repeat(5000));
+        let occurred_at = DateTime::<Utc>::from_timestamp(1_800_000_000, 123).unwrap();
+        let fields = HeaderFields {
+            event_id: Uuid::now_v7(),
+            event_type: &long,
+            schema_version: i32::MAX,
+            aggregate_type: &long,
+            aggregate_id: Uuid::now_v7(),
+            sequence: 0,
+            metadata: &metadata,
+        };
+        let bound = message_size_bound(&fields, occurred_at, payload.len(), metadata_json.len()).unwrap();
+        let row = StoredRow {
+            global_position: i64::MAX,
+            transaction_id: 0,
+            event_id: fields.event_id,
+            aggregate_type: long.clone(),
+            aggregate_id: fields.aggregate_id,
+            sequence: i64::MAX,
+            event_type: long.clone(),
+            schema_version: i32::MAX,
+            payload: payload.clone(),
+            metadata: metadata_json.clone(),
+            occurred_at,
+            recorded_at: DateTime::<Utc>::from_timestamp(1_800_000_000, 999_999_999).unwrap(),
+        };
+        let message = outgoing(row, "courses.x".into()).unwrap();
+        let real = header_block_len(&message.headers) + message.body.len();
+        assert!(real <= bound, "real {real} > bound {bound}");
+        assert!(bound <= payload.len() + metadata_json.len() + ENVELOPE_OVERHEAD_BOUND, "bound {bound}");
+    }
 
     #[test]
     fn header_values() {
