@@ -113,6 +113,18 @@ async fn a_swallowed_failed_statement_makes_commit_an_error_and_publishes_nothin
         .await;
     assert!(matches!(tx.commit().await, Err(EventError::TransactionAborted)));
 
+    // The caller ends the transaction itself on the raw connection: what the bus appended
+    // is gone, and its commit says so.
+    let fourth = Uuid::now_v7();
+    let result = bus
+        .commit(async |tx| {
+            tx.append("quiz", fourth, 0, [grade(fourth, 5.0, "rolled back by hand")]).await?;
+            sqlx::raw_sql("ROLLBACK").execute(tx.pg_connection().unwrap()).await?;
+            Ok::<_, EventError>(())
+        })
+        .await;
+    assert!(matches!(result, Err(EventError::TransactionAborted)), "{result:?}");
+
     relay_pass(&store, &publisher).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(events_in_store(&store, &table(&store, "events")).await, 0, "nothing committed");

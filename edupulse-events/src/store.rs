@@ -282,7 +282,7 @@ impl EventStore {
             Backend::Postgres(pg) => TxInner::Postgres(pg.pool.begin().await?),
             Backend::Sqlite(sq) => TxInner::Sqlite(sq.begin().await?),
         };
-        Ok(Transaction { store: self.clone(), inner, may_be_aborted: false })
+        Ok(Transaction { store: self.clone(), inner, may_be_aborted: false, appended: false })
     }
 
     /// Appends events to one aggregate in a transaction of its own.
@@ -444,6 +444,8 @@ pub struct Transaction {
     /// the caller had the raw connection. PostgreSQL then may have aborted the transaction,
     /// and answers COMMIT with ROLLBACK, which sqlx reports as success: `commit` asks first.
     may_be_aborted: bool,
+    /// Events were appended in this transaction.
+    appended: bool,
 }
 
 impl fmt::Debug for Transaction {
@@ -498,7 +500,7 @@ impl Transaction {
             }
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
         };
-        Ok(self.note(appended)?.envelopes)
+        Ok(self.note_append(appended)?.envelopes)
     }
 
     /// Remembers that a statement of this transaction failed.
@@ -507,6 +509,12 @@ impl Transaction {
             self.may_be_aborted = true;
         }
         result
+    }
+
+    /// As [`note`](Self::note), for an append: a successful one wrote events.
+    fn note_append<T>(&mut self, result: Result<T, EventError>) -> Result<T, EventError> {
+        self.appended |= result.is_ok();
+        self.note(result)
     }
 
     /// Appends and writes the outbox rows in the same transaction (the bus).
@@ -526,7 +534,7 @@ impl Transaction {
             }
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
         };
-        self.note(appended)
+        self.note_append(appended)
     }
 
     /// The store this transaction writes to.
@@ -615,7 +623,7 @@ impl Transaction {
         match self.inner {
             TxInner::Postgres(mut tx) => {
                 if self.may_be_aborted {
-                    crate::postgres::ensure_not_aborted(&mut tx).await?;
+                    crate::postgres::ensure_not_aborted(&mut tx, self.appended).await?;
                 }
                 tx.commit().await?;
             }
