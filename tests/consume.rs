@@ -1,6 +1,6 @@
 //! Typed consumers against a real nats-server: ack after success, nak and redeliver on
-//! failure, poison messages terminated and reported, old versions upcast, unknown types by
-//! policy.
+//! failure, poison messages terminated and reported, a panicking handler caught like a
+//! failure, old versions upcast, unknown types by policy.
 
 mod common;
 
@@ -191,4 +191,48 @@ async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
     let reports = reports.lock().unwrap();
     assert_eq!(reports[0].event_type.as_deref(), Some("Counted"));
     assert_eq!(strict.stats().unknown.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_on() {
+    let (_server, publisher, bus) = setup().await;
+    let (before, poison, after) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    for (id, n) in [(before, 1), (poison, 2), (after, 3)] {
+        bus.commit(async |tx| tx.append("lesson", id, 0, [counted(n)]).await).await.unwrap();
+    }
+
+    let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
+    let sink = reports.clone();
+    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("panics", 3))
+        .await
+        .unwrap()
+        .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
+    let mut calls: HashMap<Uuid, u32> = HashMap::new();
+    run_until(
+        &subscriber,
+        async |envelope: EventEnvelope<CourseEvent>| {
+            *calls.entry(envelope.aggregate_id).or_default() += 1;
+            if envelope.aggregate_id == poison {
+                panic!("the read model has no row for {}", envelope.aggregate_id);
+            }
+            Ok(())
+        },
+        |s| s.stats().poisoned.load(Ordering::Relaxed) == 1 && s.stats().handled.load(Ordering::Relaxed) == 2,
+    )
+    .await;
+    assert_eq!(calls.get(&poison), Some(&3), "delivered exactly max_deliver times, then given up");
+    assert_eq!((calls.get(&before), calls.get(&after)), (Some(&1), Some(&1)), "the others are handled");
+    let stats = subscriber.stats();
+    assert_eq!(stats.retried.load(Ordering::Relaxed), 2, "two naks before the last delivery");
+    assert_eq!(stats.poisoned.load(Ordering::Relaxed), 1);
+    let reports = reports.lock().unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].deliveries, 3);
+    assert_eq!(reports[0].event_type.as_deref(), Some("Counted"));
+    assert!(reports[0].error.contains("panicked"), "{:?}", reports[0]);
+    assert!(
+        reports[0].error.contains(&format!("the read model has no row for {poison}")),
+        "{:?}",
+        reports[0]
+    );
 }

@@ -3,18 +3,21 @@
 //! Delivery rules of [`Subscriber::run`]: a message is acknowledged after the handler
 //! succeeds; a failure is negatively acknowledged with a delay and redelivered; after
 //! `max_deliver` deliveries a failing ("poison") message is terminated and reported, never
-//! retried forever and never dropped silently. Messages of event types the consumer does not
-//! know are acknowledged and counted, or refused, by [`UnknownEventPolicy`].
+//! retried forever and never dropped silently. A handler that panics counts as a failed
+//! delivery: the panic is caught, so one bad message never stops the subscriber. Messages
+//! of event types the consumer does not know are acknowledged and counted, or refused, by
+//! [`UnknownEventPolicy`].
 
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::wire::{self, headers};
 use crate::{BoxError, DomainEvent, EventEnvelope, EventError};
@@ -163,6 +166,13 @@ impl<E: DomainEvent> Subscriber<E> {
     /// messages are fetched ahead, so a slow handler slows the consumer and memory stays
     /// flat.
     ///
+    /// A panic of `handler` (or of an upcaster) is caught and treated as a failure of that
+    /// delivery, counted in [`SubscriberStats::retried`] or, after the last delivery, in
+    /// [`SubscriberStats::poisoned`] with the panic message in the [`PoisonReport`]; `run`
+    /// goes on with the next message. `handler` is called again after its panic, so it must
+    /// not leave its own state half-updated (the panic is caught with `AssertUnwindSafe`).
+    /// This needs the default `panic = "unwind"`; with `panic = "abort"` the process ends.
+    ///
     /// # Errors
     /// [`EventError::Broker`] when the message stream cannot be opened.
     pub async fn run<H>(&self, mut handler: H, shutdown: impl Future<Output = ()>) -> Result<(), EventError>
@@ -218,9 +228,18 @@ impl<E: DomainEvent> Subscriber<E> {
             }
             return;
         }
-        let outcome = match wire::decode_message::<E>(&message.payload) {
-            Ok(envelope) => handler(envelope).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        // A panic in the handler (or in an upcaster while decoding) is one failed delivery
+        // like an error: caught here, it neither unwinds through `run` nor stops the
+        // subscriber, and the message is redelivered and finally reported as poison.
+        let attempt = async {
+            let envelope = wire::decode_message::<E>(&message.payload).map_err(|e| e.to_string())?;
+            handler(envelope).await.map_err(|e| e.to_string())
+        };
+        let outcome = match AssertUnwindSafe(attempt).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(payload) => {
+                Err(format!("panicked while decoding or handling the event: {}", panic_message(&*payload)))
+            }
         };
         match outcome {
             Ok(()) => {
@@ -256,8 +275,10 @@ impl<E: DomainEvent> Subscriber<E> {
         tracing::error!(?report, "subscriber: message terminated");
         self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
         self.ack(message, AckKind::Term).await;
-        if let Some(hook) = &self.on_poison {
-            hook(&report);
+        if let Some(hook) = &self.on_poison
+            && std::panic::catch_unwind(AssertUnwindSafe(|| hook(&report))).is_err()
+        {
+            tracing::error!(stream_sequence, "subscriber: the poison hook panicked");
         }
     }
 
@@ -267,4 +288,13 @@ impl<E: DomainEvent> Subscriber<E> {
             tracing::warn!(error = %e, "subscriber: acknowledgement failed");
         }
     }
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
