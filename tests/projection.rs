@@ -1,14 +1,17 @@
 //! Exactly-once projections: a projection killed at random points while processing 5 000
-//! events, then restarted, builds the same read model as a clean run. Against PostgreSQL.
+//! events, then restarted, builds the same read model as a clean run; a rebuild beside a
+//! running runner applies no event twice. Against PostgreSQL.
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{CourseEvent, counted, store};
 use edupulse_events::{
-    EventEnvelope, EventError, EventStore, Projection, ProjectionRunner, Transaction, Uuid,
+    EventEnvelope, EventError, EventStore, Projection, ProjectionRunner, StreamPosition, Transaction, Uuid,
 };
+use tokio::sync::Notify;
 
 /// Per aggregate: the number of events and the sum of their `n`.
 struct Totals {
@@ -70,6 +73,7 @@ async fn killed_at_random_points_then_restarted_equals_a_clean_run() {
     }
 
     let clean = ProjectionRunner::new(store.clone(), Totals::create(&store, "clean").await);
+    end_of_stream(&store).await;
     assert_eq!(clean.catch_up().await.unwrap(), 5_000);
     let expected = clean.projection().rows(&store).await;
     assert_eq!(expected.len(), 50);
@@ -80,7 +84,7 @@ async fn killed_at_random_points_then_restarted_equals_a_clean_run() {
     let mut kills = 0;
     let mut runner = ProjectionRunner::new(store.clone(), crashy);
     runner.batch_size = 37;
-    let runner = std::sync::Arc::new(runner);
+    let runner = Arc::new(runner);
     loop {
         let position = store.checkpoint("crashy").await.unwrap().unwrap_or_default();
         let task = {
@@ -114,6 +118,7 @@ async fn two_runners_of_one_projection_never_apply_a_batch_twice() {
     let store = store().await;
     let id = Uuid::now_v7();
     store.append("lesson", id, 0, (1..=500u64).map(counted)).await.unwrap();
+    end_of_stream(&store).await;
     let totals = Totals::create(&store, "shared").await;
     let table = totals.table.clone();
     let mut a = ProjectionRunner::new(store.clone(), totals);
@@ -123,4 +128,133 @@ async fn two_runners_of_one_projection_never_apply_a_batch_twice() {
     let (ra, rb) = tokio::join!(a.catch_up(), b.catch_up());
     assert_eq!(ra.unwrap() + rb.unwrap(), 500);
     assert_eq!(a.projection().rows(&store).await, [(id, 500, (1..=500).sum::<i64>())]);
+}
+
+/// The last position of the whole global stream, of any type, once every row is readable:
+/// the global stream holds back rows until every older transaction of the database has
+/// ended, and tests running beside this one write too.
+async fn end_of_stream(store: &EventStore) -> StreamPosition {
+    let sql = format!(
+        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint > max(transaction_id) FROM \"{}\".events",
+        store.config().schema.as_str()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(sql.clone()))
+        .fetch_one(store.pg_pool().unwrap())
+        .await
+        .unwrap()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the transaction horizon does not move");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sql = format!(
+        "SELECT transaction_id, global_position FROM \"{}\".events \
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+        store.config().schema.as_str()
+    );
+    let (transaction_id, global_position) =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(store.pg_pool().unwrap()).await.unwrap();
+    StreamPosition { transaction_id, global_position }
+}
+
+/// How often each event was applied: any count but 1 is a bug. Applying holds the batch's
+/// transaction open a little, as a real read model's writes do, and tells the test when it
+/// has written a row it has not committed yet.
+struct Applications {
+    table: String,
+    applying: Option<Arc<Notify>>,
+}
+
+impl Applications {
+    async fn create(store: &EventStore) -> String {
+        let table = format!("\"{}\".applications", store.config().schema.as_str());
+        let sql = format!("CREATE TABLE {table} (event_id uuid PRIMARY KEY, applied bigint NOT NULL)");
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(store.pg_pool().unwrap()).await.unwrap();
+        table
+    }
+
+    async fn counts(&self, store: &EventStore) -> Vec<(Uuid, i64)> {
+        let sql = format!("SELECT event_id, applied FROM {} ORDER BY event_id", self.table);
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(store.pg_pool().unwrap()).await.unwrap()
+    }
+}
+
+impl Projection<CourseEvent> for Applications {
+    fn name(&self) -> &str {
+        "applications"
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Transaction,
+        event: &EventEnvelope<CourseEvent>,
+    ) -> Result<(), EventError> {
+        let sql = format!(
+            "INSERT INTO {0} (event_id, applied) VALUES ($1, 1) \
+             ON CONFLICT (event_id) DO UPDATE SET applied = {0}.applied + 1",
+            self.table
+        );
+        let conn = tx.pg_connection().ok_or_else(|| EventError::Config("PostgreSQL only".into()))?;
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(event.event_id).execute(conn).await?;
+        if let Some(applying) = &self.applying {
+            applying.notify_waiters();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
+        let conn = tx.pg_connection().ok_or_else(|| EventError::Config("PostgreSQL only".into()))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", self.table))).execute(conn).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_beside_a_running_runner_applies_every_event_exactly_once() {
+    let store = store().await;
+    let lesson = Uuid::now_v7();
+    let table = Applications::create(&store).await;
+    let applying = Arc::new(Notify::new());
+
+    let mut running = ProjectionRunner::new(
+        store.clone(),
+        Applications { table: table.clone(), applying: Some(applying.clone()) },
+    );
+    running.batch_size = 10;
+    running.poll_interval = Duration::from_millis(5);
+    let running = Arc::new(running);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            running
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        })
+    };
+    let mut rebuilder = ProjectionRunner::new(store.clone(), Applications { table, applying: None });
+    rebuilder.batch_size = 10;
+    for round in 0..6i64 {
+        let mid_batch = applying.notified();
+        tokio::pin!(mid_batch);
+        mid_batch.as_mut().enable();
+        store.append("lesson", lesson, round * 20, (1..=20u64).map(counted)).await.unwrap();
+        // The runner has written a row of its batch and not committed it: rebuild now.
+        tokio::time::timeout(Duration::from_secs(10), mid_batch).await.expect("the runner applies");
+        rebuilder.rebuild().await.unwrap();
+        let counts = rebuilder.projection().counts(&store).await;
+        let twice: Vec<_> = counts.iter().filter(|(_, applied)| *applied > 1).collect();
+        assert!(twice.is_empty(), "rebuild {round}: {} events applied twice: {twice:?}", twice.len());
+    }
+    end_of_stream(&store).await;
+    rebuilder.catch_up().await.unwrap();
+    let _ = stop.send(());
+    runner.await.unwrap().unwrap();
+
+    let counts = running.projection().counts(&store).await;
+    assert_eq!(counts.len(), 120, "every event applied");
+    assert!(counts.iter().all(|(_, applied)| *applied == 1), "{counts:?}");
 }

@@ -4,7 +4,8 @@
 //! ONE database transaction applies them to the read model and saves the new checkpoint.
 //! A crash at any point rolls back both, so each event's effect is applied exactly once.
 //! The checkpoint row is locked in that transaction and compared with the position the batch
-//! was read from: two runners of the same projection never apply a batch twice.
+//! was read from: two runners of the same projection never apply a batch twice, and a
+//! [`rebuild`](ProjectionRunner::rebuild) beside a running runner never applies an event twice.
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -123,10 +124,19 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
 
     /// Empties the read model, resets the checkpoint and rebuilds from the first event.
     ///
+    /// Safe beside runners of the same projection: the checkpoint row is locked before the
+    /// read model is emptied, so a runner in the middle of a batch commits first and
+    /// [`Projection::reset`] removes that batch's effects too; the runner's next batch then
+    /// finds the checkpoint moved and reads again. No event is applied twice.
+    ///
     /// # Errors
     /// As [`catch_up`](ProjectionRunner::catch_up).
     pub async fn rebuild(&self) -> Result<u64, EventError> {
         let mut tx = self.store.begin().await?;
+        // Without the lock first, `reset` would not see the rows of a batch a runner has
+        // written but not yet committed; they would survive it and be applied again from
+        // the start.
+        tx.checkpoint_for_update(self.projection.name()).await?;
         self.projection.reset(&mut tx).await?;
         tx.save_checkpoint(self.projection.name(), StreamPosition::START).await?;
         tx.commit().await?;
