@@ -1,6 +1,7 @@
 //! Typed consumers against a real nats-server: ack after success, nak and redeliver on
-//! failure, poison messages terminated and reported, old versions upcast, unknown types by
-//! policy.
+//! failure, poison messages terminated and reported, a panicking handler caught like a
+//! failure, old versions upcast, unknown types by policy, an existing durable consumer
+//! brought in line with the configuration.
 
 mod common;
 
@@ -8,11 +9,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{self, pull};
 use common::nats::{self, NatsServer, STREAM};
 use common::{CourseEvent, LessonPublishedV2, LessonRenamed, counted, store};
 use edupulse_events::{
-    BoxError, BusConfig, DomainEvent, EventBus, EventEnvelope, NatsPublisher, PoisonReport, Subscriber,
-    SubscriberConfig, UnknownEventPolicy, Uuid,
+    BoxError, BusConfig, DomainEvent, EventBus, EventEnvelope, EventError, NatsPublisher, PoisonReport,
+    Subscriber, SubscriberConfig, UnknownEventPolicy, Uuid,
 };
 use std::sync::atomic::Ordering;
 
@@ -191,4 +193,102 @@ async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
     let reports = reports.lock().unwrap();
     assert_eq!(reports[0].event_type.as_deref(), Some("Counted"));
     assert_eq!(strict.stats().unknown.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_on() {
+    let (_server, publisher, bus) = setup().await;
+    let (before, poison, after) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    for (id, n) in [(before, 1), (poison, 2), (after, 3)] {
+        bus.commit(async |tx| tx.append("lesson", id, 0, [counted(n)]).await).await.unwrap();
+    }
+
+    let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
+    let sink = reports.clone();
+    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("panics", 3))
+        .await
+        .unwrap()
+        .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
+    let mut calls: HashMap<Uuid, u32> = HashMap::new();
+    run_until(
+        &subscriber,
+        async |envelope: EventEnvelope<CourseEvent>| {
+            *calls.entry(envelope.aggregate_id).or_default() += 1;
+            if envelope.aggregate_id == poison {
+                panic!("the read model has no row for {}", envelope.aggregate_id);
+            }
+            Ok(())
+        },
+        |s| s.stats().poisoned.load(Ordering::Relaxed) == 1 && s.stats().handled.load(Ordering::Relaxed) == 2,
+    )
+    .await;
+    assert_eq!(calls.get(&poison), Some(&3), "delivered exactly max_deliver times, then given up");
+    assert_eq!((calls.get(&before), calls.get(&after)), (Some(&1), Some(&1)), "the others are handled");
+    let stats = subscriber.stats();
+    assert_eq!(stats.retried.load(Ordering::Relaxed), 2, "two naks before the last delivery");
+    assert_eq!(stats.poisoned.load(Ordering::Relaxed), 1);
+    let reports = reports.lock().unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].deliveries, 3);
+    assert_eq!(reports[0].event_type.as_deref(), Some("Counted"));
+    assert!(reports[0].error.contains("panicked"), "{:?}", reports[0]);
+    assert!(
+        reports[0].error.contains(&format!("the read model has no row for {poison}")),
+        "{:?}",
+        reports[0]
+    );
+}
+
+#[tokio::test]
+async fn an_existing_durable_consumer_takes_the_new_settings_and_keeps_its_progress() {
+    let (_server, publisher, bus) = setup().await;
+    let id = Uuid::now_v7();
+    bus.commit(async |tx| tx.append("lesson", id, 0, [counted(1)]).await).await.unwrap();
+    let first = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("evolving", 3)).await.unwrap();
+    run_until(
+        &first,
+        async |_: EventEnvelope<CourseEvent>| Ok(()),
+        |s| s.stats().handled.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+    let stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
+    assert_eq!(stream.consumer_info("evolving").await.unwrap().config.max_deliver, 3);
+
+    // The next deployment asks for other settings under the same durable name.
+    let changed = SubscriberConfig {
+        filter_subject: Some("courses.>".into()),
+        ack_wait: Duration::from_secs(7),
+        max_in_flight: 16,
+        ..config("evolving", 5)
+    };
+    let _second = Subscriber::<CourseEvent>::new(publisher.jetstream(), changed).await.unwrap();
+    let info = stream.consumer_info("evolving").await.unwrap();
+    assert_eq!(
+        (info.config.max_deliver, info.config.ack_wait, info.config.max_ack_pending),
+        (5, Duration::from_secs(7), 16),
+        "the server's consumer has the new settings"
+    );
+    assert_eq!(info.config.filter_subject, "courses.>");
+    assert_eq!(info.ack_floor.stream_sequence, 1, "updated in place: the progress is kept");
+    assert_eq!(info.num_pending, 0);
+
+    // A setting the server cannot change in place is a typed error, not silently the old one.
+    let only_new = pull::Config {
+        durable_name: Some("from-now-on".into()),
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    stream.create_consumer(only_new).await.unwrap();
+    match Subscriber::<CourseEvent>::new(publisher.jetstream(), config("from-now-on", 3)).await {
+        Err(EventError::Config(message)) => {
+            assert!(message.contains("`from-now-on`") && message.contains("deliver policy"), "{message}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+    assert_eq!(
+        stream.consumer_info("from-now-on").await.unwrap().config.deliver_policy,
+        consumer::DeliverPolicy::New,
+        "the existing consumer is left alone"
+    );
 }

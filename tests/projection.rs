@@ -1,14 +1,21 @@
 //! Exactly-once projections: a projection killed at random points while processing 5 000
-//! events, then restarted, builds the same read model as a clean run. Against PostgreSQL.
+//! events, then restarted, builds the same read model as a clean run; a rebuild beside a
+//! running runner applies no event twice; a projection passes over other contexts' events
+//! and stops on a corrupt one of its own. Against PostgreSQL (and SQLite where said).
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{CourseEvent, counted, store};
 use edupulse_events::{
-    EventEnvelope, EventError, EventStore, Projection, ProjectionRunner, Transaction, Uuid,
+    DomainEvent, EventEnvelope, EventError, EventStore, Projection, ProjectionRunner, StoreConfig,
+    StreamPosition, Transaction, UndecodablePolicy, Uuid,
 };
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 /// Per aggregate: the number of events and the sum of their `n`.
 struct Totals {
@@ -70,6 +77,7 @@ async fn killed_at_random_points_then_restarted_equals_a_clean_run() {
     }
 
     let clean = ProjectionRunner::new(store.clone(), Totals::create(&store, "clean").await);
+    end_of_stream(&store).await;
     assert_eq!(clean.catch_up().await.unwrap(), 5_000);
     let expected = clean.projection().rows(&store).await;
     assert_eq!(expected.len(), 50);
@@ -80,7 +88,7 @@ async fn killed_at_random_points_then_restarted_equals_a_clean_run() {
     let mut kills = 0;
     let mut runner = ProjectionRunner::new(store.clone(), crashy);
     runner.batch_size = 37;
-    let runner = std::sync::Arc::new(runner);
+    let runner = Arc::new(runner);
     loop {
         let position = store.checkpoint("crashy").await.unwrap().unwrap_or_default();
         let task = {
@@ -114,6 +122,7 @@ async fn two_runners_of_one_projection_never_apply_a_batch_twice() {
     let store = store().await;
     let id = Uuid::now_v7();
     store.append("lesson", id, 0, (1..=500u64).map(counted)).await.unwrap();
+    end_of_stream(&store).await;
     let totals = Totals::create(&store, "shared").await;
     let table = totals.table.clone();
     let mut a = ProjectionRunner::new(store.clone(), totals);
@@ -123,4 +132,252 @@ async fn two_runners_of_one_projection_never_apply_a_batch_twice() {
     let (ra, rb) = tokio::join!(a.catch_up(), b.catch_up());
     assert_eq!(ra.unwrap() + rb.unwrap(), 500);
     assert_eq!(a.projection().rows(&store).await, [(id, 500, (1..=500).sum::<i64>())]);
+}
+
+/// Another bounded context's events, in the same store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(context = "billing")]
+struct InvoicePaid {
+    cents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[event(context = "billing")]
+enum BillingEvent {
+    InvoicePaid(InvoicePaid),
+}
+
+fn paid(cents: u64) -> BillingEvent {
+    BillingEvent::InvoicePaid(InvoicePaid { cents })
+}
+
+/// The last position of the whole global stream, of any type, once every row is readable:
+/// the global stream holds back rows until every older transaction of the database has
+/// ended, and tests running beside this one write too.
+async fn end_of_stream(store: &EventStore) -> StreamPosition {
+    let sql = format!(
+        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint > max(transaction_id) FROM \"{}\".events",
+        store.config().schema.as_str()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(sql.clone()))
+        .fetch_one(store.pg_pool().unwrap())
+        .await
+        .unwrap()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the transaction horizon does not move");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sql = format!(
+        "SELECT transaction_id, global_position FROM \"{}\".events \
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+        store.config().schema.as_str()
+    );
+    let (transaction_id, global_position) =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(store.pg_pool().unwrap()).await.unwrap();
+    StreamPosition { transaction_id, global_position }
+}
+
+#[tokio::test]
+async fn a_projection_passes_over_other_contexts_events_and_stops_on_a_corrupt_one_of_its_own() {
+    let store = store().await;
+    let (lesson, invoice) = (Uuid::now_v7(), Uuid::now_v7());
+    for round in 0..10u64 {
+        store
+            .append("lesson", lesson, (round * 3) as i64, [counted(1), counted(2), counted(3)])
+            .await
+            .unwrap();
+        store.append("invoice", invoice, (round * 4) as i64, (0..4).map(|c| paid(c + 100))).await.unwrap();
+    }
+    let mut runner = ProjectionRunner::new(store.clone(), Totals::create(&store, "courses").await);
+    runner.batch_size = 7;
+    let end = end_of_stream(&store).await;
+    assert_eq!(runner.catch_up().await.unwrap(), 30, "every course event, no billing event");
+    assert_eq!(runner.projection().rows(&store).await, [(lesson, 30, 60)]);
+    assert_eq!(
+        store.checkpoint("courses").await.unwrap(),
+        Some(end),
+        "the checkpoint is past the billing events"
+    );
+    assert_eq!(runner.catch_up().await.unwrap(), 0);
+
+    // Only other contexts' events since: the checkpoint still follows the end.
+    store.append("invoice", invoice, 40, [paid(1), paid(2)]).await.unwrap();
+    let end = end_of_stream(&store).await;
+    assert_eq!(runner.catch_up().await.unwrap(), 0);
+    assert_eq!(store.checkpoint("courses").await.unwrap(), Some(end));
+
+    // A row of one of its own types that does not decode: a typed error naming the row.
+    let sql = format!(
+        "INSERT INTO \"{}\".events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
+             schema_version, payload, occurred_at) \
+         VALUES ($1, 'lesson', $2, 31, 'Counted', 1, '{{\"n\": \"not a number\"}}', now()) \
+         RETURNING global_position",
+        store.config().schema.as_str()
+    );
+    let corrupt: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(Uuid::now_v7())
+        .bind(lesson)
+        .fetch_one(store.pg_pool().unwrap())
+        .await
+        .unwrap();
+    store.append("invoice", invoice, 42, [paid(3)]).await.unwrap();
+    let end = end_of_stream(&store).await;
+    let before = store.checkpoint("courses").await.unwrap();
+    match runner.catch_up().await {
+        Err(EventError::Decode { event_type, position, .. }) => {
+            assert_eq!((event_type.as_str(), position), ("Counted", Some(corrupt)));
+        }
+        other => panic!("expected a decode error at {corrupt}, got {other:?}"),
+    }
+    assert_eq!(store.checkpoint("courses").await.unwrap(), before, "the checkpoint stays before it");
+
+    // Skipping it on purpose moves on to the end.
+    runner.on_undecodable = UndecodablePolicy::Skip;
+    assert_eq!(runner.catch_up().await.unwrap(), 0);
+    assert_eq!(store.checkpoint("courses").await.unwrap(), Some(end));
+
+    // Opting in to every type: another context's event is an unknown type to this one.
+    let mut strict = ProjectionRunner::new(store.clone(), Totals::create(&store, "strict").await);
+    strict.all_event_types = true;
+    match strict.catch_up().await {
+        Err(EventError::UnknownEventType { event_type, .. }) => assert_eq!(event_type, "InvoicePaid"),
+        other => panic!("expected an unknown event type, got {other:?}"),
+    }
+}
+
+/// Counts the events it is given; writes nothing (enough for the SQLite check).
+struct Counter(AtomicU64);
+
+impl Projection<CourseEvent> for Counter {
+    fn name(&self) -> &str {
+        "counter"
+    }
+
+    async fn apply(&self, _: &mut Transaction, _: &EventEnvelope<CourseEvent>) -> Result<(), EventError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_projection_on_sqlite_passes_over_other_contexts_events_too() {
+    let dir = std::env::temp_dir().join(format!("edupulse-projection-{}", Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("events.db").display());
+    let store = EventStore::connect(&url, StoreConfig::default()).await.unwrap();
+    store.migrate().await.unwrap();
+    let (lesson, invoice) = (Uuid::now_v7(), Uuid::now_v7());
+    store.append("lesson", lesson, 0, [counted(1), counted(2)]).await.unwrap();
+    store.append("invoice", invoice, 0, [paid(1), paid(2), paid(3)]).await.unwrap();
+
+    let runner = ProjectionRunner::new(store.clone(), Counter(AtomicU64::new(0)));
+    assert_eq!(runner.catch_up().await.unwrap(), 2);
+    let end = store.checkpoint("counter").await.unwrap().unwrap();
+    assert_eq!(end.global_position, 5, "past the three billing events");
+    assert_eq!(runner.catch_up().await.unwrap(), 0);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// How often each event was applied: any count but 1 is a bug. Applying holds the batch's
+/// transaction open a little, as a real read model's writes do, and tells the test when it
+/// has written a row it has not committed yet.
+struct Applications {
+    table: String,
+    applying: Option<Arc<Notify>>,
+}
+
+impl Applications {
+    async fn create(store: &EventStore) -> String {
+        let table = format!("\"{}\".applications", store.config().schema.as_str());
+        let sql = format!("CREATE TABLE {table} (event_id uuid PRIMARY KEY, applied bigint NOT NULL)");
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(store.pg_pool().unwrap()).await.unwrap();
+        table
+    }
+
+    async fn counts(&self, store: &EventStore) -> Vec<(Uuid, i64)> {
+        let sql = format!("SELECT event_id, applied FROM {} ORDER BY event_id", self.table);
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(store.pg_pool().unwrap()).await.unwrap()
+    }
+}
+
+impl Projection<CourseEvent> for Applications {
+    fn name(&self) -> &str {
+        "applications"
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Transaction,
+        event: &EventEnvelope<CourseEvent>,
+    ) -> Result<(), EventError> {
+        let sql = format!(
+            "INSERT INTO {0} (event_id, applied) VALUES ($1, 1) \
+             ON CONFLICT (event_id) DO UPDATE SET applied = {0}.applied + 1",
+            self.table
+        );
+        let conn = tx.pg_connection().ok_or_else(|| EventError::Config("PostgreSQL only".into()))?;
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(event.event_id).execute(conn).await?;
+        if let Some(applying) = &self.applying {
+            applying.notify_waiters();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
+        let conn = tx.pg_connection().ok_or_else(|| EventError::Config("PostgreSQL only".into()))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", self.table))).execute(conn).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_beside_a_running_runner_applies_every_event_exactly_once() {
+    let store = store().await;
+    let lesson = Uuid::now_v7();
+    let table = Applications::create(&store).await;
+    let applying = Arc::new(Notify::new());
+
+    let mut running = ProjectionRunner::new(
+        store.clone(),
+        Applications { table: table.clone(), applying: Some(applying.clone()) },
+    );
+    running.batch_size = 10;
+    running.poll_interval = Duration::from_millis(5);
+    let running = Arc::new(running);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            running
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await
+        })
+    };
+    let mut rebuilder = ProjectionRunner::new(store.clone(), Applications { table, applying: None });
+    rebuilder.batch_size = 10;
+    for round in 0..6i64 {
+        let mid_batch = applying.notified();
+        tokio::pin!(mid_batch);
+        mid_batch.as_mut().enable();
+        store.append("lesson", lesson, round * 20, (1..=20u64).map(counted)).await.unwrap();
+        // The runner has written a row of its batch and not committed it: rebuild now.
+        tokio::time::timeout(Duration::from_secs(10), mid_batch).await.expect("the runner applies");
+        rebuilder.rebuild().await.unwrap();
+        let counts = rebuilder.projection().counts(&store).await;
+        let twice: Vec<_> = counts.iter().filter(|(_, applied)| *applied > 1).collect();
+        assert!(twice.is_empty(), "rebuild {round}: {} events applied twice: {twice:?}", twice.len());
+    }
+    end_of_stream(&store).await;
+    rebuilder.catch_up().await.unwrap();
+    let _ = stop.send(());
+    runner.await.unwrap().unwrap();
+
+    let counts = running.projection().counts(&store).await;
+    assert_eq!(counts.len(), 120, "every event applied");
+    assert!(counts.iter().all(|(_, applied)| *applied == 1), "{counts:?}");
 }

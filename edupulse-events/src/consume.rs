@@ -3,18 +3,24 @@
 //! Delivery rules of [`Subscriber::run`]: a message is acknowledged after the handler
 //! succeeds; a failure is negatively acknowledged with a delay and redelivered; after
 //! `max_deliver` deliveries a failing ("poison") message is terminated and reported, never
-//! retried forever and never dropped silently. Messages of event types the consumer does not
-//! know are acknowledged and counted, or refused, by [`UnknownEventPolicy`].
+//! retried forever and never dropped silently. A handler that panics counts as a failed
+//! delivery: the panic is caught, so one bad message never stops the subscriber. Messages
+//! of event types the consumer does not know are acknowledged and counted, or refused, by
+//! [`UnknownEventPolicy`].
 
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use futures_util::StreamExt;
+use async_nats::jetstream::consumer::{self, FromConsumer, PullConsumer, pull};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+use async_nats::jetstream::{self, AckKind};
+use futures_util::{FutureExt, StreamExt};
 
 use crate::wire::{self, headers};
 use crate::{BoxError, DomainEvent, EventEnvelope, EventError};
@@ -117,31 +123,60 @@ fn broker(what: &str, e: impl fmt::Display) -> EventError {
 }
 
 impl<E: DomainEvent> Subscriber<E> {
-    /// Creates (or binds to) the durable consumer.
+    /// Creates the durable consumer, or binds to it and brings its settings in line with
+    /// `config`.
+    ///
+    /// The settings the subscriber owns are the filter subject, `ack_wait`, `max_deliver`,
+    /// `max_ack_pending` (from `max_in_flight`), explicit acknowledgement and delivery of
+    /// the whole stream. When an existing durable consumer differs in the ones the server can
+    /// change in place, it is updated (its progress is kept), so a changed `max_deliver`
+    /// takes effect on the next deployment instead of being silently ignored. Settings the
+    /// subscriber does not own (a description, a back-off list) are left as they are.
+    /// Instances that share a durable name should share its settings: the last one started
+    /// sets them for all.
     ///
     /// # Errors
-    /// [`EventError::Config`] for an invalid filter; [`EventError::Broker`] when the stream
-    /// does not exist or the server refuses the consumer.
+    /// - [`EventError::Config`] for an invalid filter or durable name, for an existing
+    ///   consumer that is a push consumer or differs in a setting the server cannot change in
+    ///   place (its deliver or acknowledgement policy), and when the server refuses the
+    ///   update: delete the durable consumer (its progress is lost) or choose another name;
+    /// - [`EventError::Broker`] when the stream does not exist or the server cannot be
+    ///   reached.
     pub async fn new(jetstream: &jetstream::Context, config: SubscriberConfig) -> Result<Self, EventError> {
         if let Some(filter) = &config.filter_subject {
             crate::publisher::validate_filter(filter)?;
         }
         let stream = jetstream.get_stream(&config.stream).await.map_err(|e| broker("no such stream", e))?;
         let in_flight = i64::try_from(config.max_in_flight.max(1)).unwrap_or(i64::MAX);
-        let consumer_config = jetstream::consumer::pull::Config {
+        let wanted = pull::Config {
             durable_name: Some(config.durable_name.clone()),
             filter_subject: config.filter_subject.clone().unwrap_or_default(),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.ack_wait,
             max_deliver: config.max_deliver.max(1),
             max_ack_pending: in_flight,
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
         };
-        let consumer = stream
-            .get_or_create_consumer(&config.durable_name, consumer_config)
-            .await
-            .map_err(|e| broker("cannot create the consumer", e))?;
+        let name = &config.durable_name;
+        let consumer = match stream.consumer_info(name).await {
+            Ok(info) => match reconcile(name, info.config, &wanted)? {
+                None => {
+                    stream.get_consumer(name).await.map_err(|e| broker("cannot bind to the consumer", e))?
+                }
+                Some(updated) => {
+                    tracing::info!(consumer = %name, "subscriber: updating the durable consumer's settings");
+                    stream.create_consumer(updated).await.map_err(|e| refused_update(name, e))?
+                }
+            },
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                stream.create_consumer(wanted).await.map_err(|e| broker("cannot create the consumer", e))?
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::InvalidName => {
+                return Err(EventError::Config(format!("invalid durable consumer name `{name}`: {e}")));
+            }
+            Err(e) => return Err(broker("cannot read the consumer", e)),
+        };
         Ok(Self { consumer, config, stats: Arc::default(), on_poison: None, _event: PhantomData })
     }
 
@@ -162,6 +197,13 @@ impl<E: DomainEvent> Subscriber<E> {
     /// failure, terminates and reports after the last delivery. At most `max_in_flight`
     /// messages are fetched ahead, so a slow handler slows the consumer and memory stays
     /// flat.
+    ///
+    /// A panic of `handler` (or of an upcaster) is caught and treated as a failure of that
+    /// delivery, counted in [`SubscriberStats::retried`] or, after the last delivery, in
+    /// [`SubscriberStats::poisoned`] with the panic message in the [`PoisonReport`]; `run`
+    /// goes on with the next message. `handler` is called again after its panic, so it must
+    /// not leave its own state half-updated (the panic is caught with `AssertUnwindSafe`).
+    /// This needs the default `panic = "unwind"`; with `panic = "abort"` the process ends.
     ///
     /// # Errors
     /// [`EventError::Broker`] when the message stream cannot be opened.
@@ -218,9 +260,18 @@ impl<E: DomainEvent> Subscriber<E> {
             }
             return;
         }
-        let outcome = match wire::decode_message::<E>(&message.payload) {
-            Ok(envelope) => handler(envelope).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        // A panic in the handler (or in an upcaster while decoding) is one failed delivery
+        // like an error: caught here, it neither unwinds through `run` nor stops the
+        // subscriber, and the message is redelivered and finally reported as poison.
+        let attempt = async {
+            let envelope = wire::decode_message::<E>(&message.payload).map_err(|e| e.to_string())?;
+            handler(envelope).await.map_err(|e| e.to_string())
+        };
+        let outcome = match AssertUnwindSafe(attempt).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(payload) => {
+                Err(format!("panicked while decoding or handling the event: {}", panic_message(&*payload)))
+            }
         };
         match outcome {
             Ok(()) => {
@@ -256,8 +307,10 @@ impl<E: DomainEvent> Subscriber<E> {
         tracing::error!(?report, "subscriber: message terminated");
         self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
         self.ack(message, AckKind::Term).await;
-        if let Some(hook) = &self.on_poison {
-            hook(&report);
+        if let Some(hook) = &self.on_poison
+            && std::panic::catch_unwind(AssertUnwindSafe(|| hook(&report))).is_err()
+        {
+            tracing::error!(stream_sequence, "subscriber: the poison hook panicked");
         }
     }
 
@@ -267,4 +320,69 @@ impl<E: DomainEvent> Subscriber<E> {
             tracing::warn!(error = %e, "subscriber: acknowledgement failed");
         }
     }
+}
+
+/// Compares an existing durable consumer with the wanted settings: `None` when the settings
+/// the subscriber owns are equal, else the existing configuration with those settings
+/// replaced (everything else kept), to send as an update.
+fn reconcile(
+    name: &str,
+    existing: consumer::Config,
+    wanted: &pull::Config,
+) -> Result<Option<pull::Config>, EventError> {
+    if existing.deliver_subject.is_some() {
+        return Err(EventError::Config(format!(
+            "the durable consumer `{name}` is a push consumer; a subscriber needs a pull consumer: \
+             delete it or choose another durable name"
+        )));
+    }
+    // The server refuses to change these in place; say so before asking it.
+    let fixed = [
+        ("deliver policy", existing.deliver_policy != wanted.deliver_policy),
+        ("acknowledgement policy", existing.ack_policy != wanted.ack_policy),
+    ];
+    if let Some((setting, _)) = fixed.iter().find(|(_, differs)| *differs) {
+        return Err(EventError::Config(format!(
+            "the durable consumer `{name}` exists with another {setting}, which the server cannot \
+             change in place: delete the consumer (its progress is lost) or choose another durable name"
+        )));
+    }
+    if existing.filter_subject == wanted.filter_subject
+        && existing.ack_wait == wanted.ack_wait
+        && existing.max_deliver == wanted.max_deliver
+        && existing.max_ack_pending == wanted.max_ack_pending
+    {
+        return Ok(None);
+    }
+    let updated = consumer::Config {
+        filter_subject: wanted.filter_subject.clone(),
+        ack_wait: wanted.ack_wait,
+        max_deliver: wanted.max_deliver,
+        max_ack_pending: wanted.max_ack_pending,
+        ..existing
+    };
+    pull::Config::try_from_consumer_config(updated)
+        .map(Some)
+        .map_err(|e| EventError::Config(format!("the durable consumer `{name}` cannot be updated: {e}")))
+}
+
+/// The server refused to update an existing consumer: a request it answers with an error
+/// is a setting it cannot change (a configuration problem), anything else the broker's.
+fn refused_update(name: &str, error: ConsumerError) -> EventError {
+    match error.kind() {
+        ConsumerErrorKind::JetStream(e) if e.code() == 400 => EventError::Config(format!(
+            "the server refuses to update the durable consumer `{name}` ({e}): delete the consumer \
+             (its progress is lost) or choose another durable name"
+        )),
+        _ => broker("cannot update the consumer", error),
+    }
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a formatted message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }

@@ -4,7 +4,12 @@
 //! ONE database transaction applies them to the read model and saves the new checkpoint.
 //! A crash at any point rolls back both, so each event's effect is applied exactly once.
 //! The checkpoint row is locked in that transaction and compared with the position the batch
-//! was read from: two runners of the same projection never apply a batch twice.
+//! was read from: two runners of the same projection never apply a batch twice, and a
+//! [`rebuild`](ProjectionRunner::rebuild) beside a running runner never applies an event twice.
+//!
+//! A runner reads only the event types of `E`: the store is shared with other bounded
+//! contexts, whose events the database filters out while the checkpoint still moves past
+//! them. A row of one of `E`'s own types that does not decode stops the runner, by default.
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -52,8 +57,13 @@ pub struct ProjectionRunner<E, P> {
     pub batch_size: usize,
     /// How often to look for new events when following (default 200 ms).
     pub poll_interval: Duration,
-    /// Undecodable events (default [`UndecodablePolicy::Stop`]).
+    /// Undecodable events of `E`'s own types (default [`UndecodablePolicy::Stop`]).
     pub on_undecodable: UndecodablePolicy,
+    /// Read the events of every type, not only those `E` accepts (default `false`). An
+    /// event of a type `E` does not know is then an undecodable event under
+    /// [`on_undecodable`](ProjectionRunner::on_undecodable): for a projection that must
+    /// notice event types a newer deployment added.
+    pub all_event_types: bool,
     _event: PhantomData<fn() -> E>,
 }
 
@@ -62,6 +72,8 @@ impl<E, P> std::fmt::Debug for ProjectionRunner<E, P> {
         f.debug_struct("ProjectionRunner")
             .field("batch_size", &self.batch_size)
             .field("poll_interval", &self.poll_interval)
+            .field("on_undecodable", &self.on_undecodable)
+            .field("all_event_types", &self.all_event_types)
             .finish_non_exhaustive()
     }
 }
@@ -75,6 +87,7 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
             batch_size: 100,
             poll_interval: Duration::from_millis(200),
             on_undecodable: UndecodablePolicy::Stop,
+            all_event_types: false,
             _event: PhantomData,
         }
     }
@@ -85,11 +98,14 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
     }
 
     /// Applies every event after the checkpoint, batch by batch, until caught up; returns
-    /// how many it applied.
+    /// how many it applied. Events of types outside `E` are passed over (unless
+    /// [`all_event_types`](ProjectionRunner::all_event_types)), and the checkpoint ends
+    /// after the last event of the store, whatever its type.
     ///
     /// # Errors
     /// [`EventError::Database`], the projection's own errors, and undecodable events under
-    /// [`UndecodablePolicy::Stop`]. Nothing of the failed batch is applied.
+    /// [`UndecodablePolicy::Stop`] (a typed decode error naming the row's global position;
+    /// the checkpoint stays before it). Nothing of the failed batch is applied.
     pub async fn catch_up(&self) -> Result<u64, EventError> {
         let mut applied = 0;
         loop {
@@ -123,10 +139,19 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
 
     /// Empties the read model, resets the checkpoint and rebuilds from the first event.
     ///
+    /// Safe beside runners of the same projection: the checkpoint row is locked before the
+    /// read model is emptied, so a runner in the middle of a batch commits first and
+    /// [`Projection::reset`] removes that batch's effects too; the runner's next batch then
+    /// finds the checkpoint moved and reads again. No event is applied twice.
+    ///
     /// # Errors
     /// As [`catch_up`](ProjectionRunner::catch_up).
     pub async fn rebuild(&self) -> Result<u64, EventError> {
         let mut tx = self.store.begin().await?;
+        // Without the lock first, `reset` would not see the rows of a batch a runner has
+        // written but not yet committed; they would survive it and be applied again from
+        // the start.
+        tx.checkpoint_for_update(self.projection.name()).await?;
         self.projection.reset(&mut tx).await?;
         tx.save_checkpoint(self.projection.name(), StreamPosition::START).await?;
         tx.commit().await?;
@@ -140,35 +165,42 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         let from = self.store.checkpoint(name).await?.unwrap_or(StreamPosition::START);
         let limit = u32::try_from(self.batch_size.max(1)).unwrap_or(u32::MAX);
         let mut stream = self.store.stream_all::<E>(from).page_size(limit);
+        if !self.all_event_types {
+            stream = stream.only_known_types();
+        }
         let mut batch = Vec::new();
+        let mut last = from;
         while batch.len() < self.batch_size.max(1) {
-            let Some(item) = stream.next().await else { break };
-            let position = stream.position();
+            let Some(item) = stream.next().await else {
+                // The end: the stream's position is now past the other types' events too.
+                last = stream.position();
+                break;
+            };
+            last = stream.position();
             match item {
-                Ok(envelope) => batch.push((position, Some(envelope))),
+                Ok(envelope) => batch.push(Some(envelope)),
                 Err(e) if e.is_undecodable_event() && self.on_undecodable == UndecodablePolicy::Skip => {
                     tracing::warn!(projection = name, error = %e, "projection: skipping an undecodable event");
-                    batch.push((position, None));
+                    batch.push(None);
                 }
                 Err(e) => return Err(e),
             }
         }
-        let Some((last, _)) = batch.last() else { return Ok(Batch::CaughtUp) };
-        let last = *last;
+        if last == from {
+            return Ok(Batch::CaughtUp);
+        }
         let mut tx = self.store.begin().await?;
         // Lock the checkpoint and make sure nobody moved it since the batch was read.
         if tx.checkpoint_for_update(name).await? != from {
             tx.rollback().await?;
             return Ok(Batch::Raced);
         }
-        for (_, envelope) in &batch {
-            if let Some(envelope) = envelope {
-                self.projection.apply(&mut tx, envelope).await?;
-            }
+        for envelope in batch.iter().flatten() {
+            self.projection.apply(&mut tx, envelope).await?;
         }
         tx.save_checkpoint(name, last).await?;
         tx.commit().await?;
-        let applied = batch.iter().filter(|(_, e)| e.is_some()).count();
+        let applied = batch.iter().filter(|e| e.is_some()).count();
         Ok(Batch::Applied(applied as u64))
     }
 }
@@ -177,7 +209,7 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
 enum Batch {
     /// Nothing after the checkpoint.
     CaughtUp,
-    /// This many events applied (skipped undecodable ones not counted).
+    /// This many events applied (skipped undecodable ones and other types not counted).
     Applied(u64),
     /// Another runner moved the checkpoint first; read again.
     Raced,

@@ -117,7 +117,44 @@ impl PageQuery {
     }
 }
 
-type PageFuture = Pin<Box<dyn Future<Output = Result<Vec<StoredRow>, EventError>> + Send>>;
+/// One page, and for a stream of some event types the end of the whole stream as it was
+/// just before the page was read.
+type PageFuture =
+    Pin<Box<dyn Future<Output = Result<(Vec<StoredRow>, Option<StreamPosition>), EventError>> + Send>>;
+
+/// The last position of the global stream readable now, of any event type (`START` when
+/// it is empty): on PostgreSQL the last row below the transaction horizon, on SQLite (one
+/// writer, positions in commit order) the last committed row.
+///
+/// Every row up to it has committed, and no row can commit later at or below it, so a
+/// reader of some event types that read everything of its types after this query has
+/// passed the other types' rows up to it too.
+async fn stream_head(store: &EventStore) -> Result<StreamPosition, EventError> {
+    let row: Option<(i64, i64)> = match &store.inner.backend {
+        Backend::Postgres(pg) => {
+            // Safe: `SchemaName` admits only `[a-z0-9_]`, and it is quoted besides.
+            let sql = format!(
+                "SELECT transaction_id, global_position FROM \"{}\".events {PG_HEAD}",
+                store.config().schema.as_str()
+            );
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_optional(&pg.pool).await?
+        }
+        Backend::Sqlite(sq) => sqlx::query_as(SQLITE_HEAD).fetch_optional(&sq.pool).await?,
+    };
+    Ok(row.map_or(StreamPosition::START, |(transaction_id, global_position)| StreamPosition {
+        transaction_id,
+        global_position,
+    }))
+}
+
+/// The last row below the horizon: a backward scan of the stream-order index that stops at
+/// the newest row whose transaction is older than every running one.
+const PG_HEAD: &str = "WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+     ORDER BY transaction_id DESC, global_position DESC LIMIT 1";
+
+/// The last committed row (the transaction id column of SQLite's stream is the position).
+const SQLITE_HEAD: &str =
+    "SELECT global_position, global_position FROM events ORDER BY global_position DESC LIMIT 1";
 
 /// A stream of decoded, upcast events from the store, read one page at a time as it is
 /// polled: a slow consumer slows the reads, memory holds at most one page.
@@ -131,6 +168,9 @@ pub struct EventStream<E> {
     position: StreamPosition,
     next_fetch: StreamPosition,
     buffer: VecDeque<StoredRow>,
+    /// Where the position moves once the buffer is empty: the end of the stream read before
+    /// a page of some types that was not full.
+    head: Option<StreamPosition>,
     fetch: Option<PageFuture>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     follow: Option<Duration>,
@@ -158,6 +198,7 @@ impl<E: DomainEvent> EventStream<E> {
             position: from,
             next_fetch: from,
             buffer: VecDeque::new(),
+            head: None,
             fetch: None,
             sleep: None,
             follow: None,
@@ -184,6 +225,13 @@ impl<E: DomainEvent> EventStream<E> {
     /// Reads only the event types `E` accepts (the global stream only; the others always
     /// do). Events of other types are left out instead of being `UnknownEventType` errors:
     /// what a projection interested in one context wants.
+    ///
+    /// The rows of other types are filtered out by the database, and the
+    /// [`position`](EventStream::position) still moves past them: once the stream has read
+    /// everything of its types up to the end, the position is the end of the whole stream,
+    /// so a checkpoint saved from it does not make the next reader scan them again. This
+    /// costs one more small query per page (the stream's last position, read before the
+    /// page).
     #[must_use]
     pub fn only_known_types(mut self) -> Self {
         if let PageQuery::All { .. } = &*self.query {
@@ -193,8 +241,10 @@ impl<E: DomainEvent> EventStream<E> {
         self
     }
 
-    /// The position after the last item yielded (an event or an undecodable row): where
-    /// to resume. For [`EventStore::stream_all`] this is the checkpoint to save; for
+    /// The position after the last item yielded (an event or an undecodable row), or, with
+    /// [`only_known_types`](EventStream::only_known_types) once the stream has read
+    /// everything up to the end, after the last row of any type: where to resume. For
+    /// [`EventStore::stream_all`] this is the checkpoint to save; for
     /// [`EventStore::load`], `global_position` holds the last sequence read.
     pub fn position(&self) -> StreamPosition {
         self.position
@@ -206,10 +256,17 @@ impl<E: DomainEvent> EventStream<E> {
         let after = self.next_fetch;
         let limit = self.page_size;
         self.fetch = Some(Box::pin(async move {
-            match &store.inner.backend {
-                Backend::Postgres(pg) => pg.fetch_page(&query, after, limit).await,
-                Backend::Sqlite(sq) => sq.fetch_page(&query, after, limit).await,
-            }
+            // The end first, then the page: everything up to the end is in the page or
+            // before it when the page is not full.
+            let head = match &*query {
+                PageQuery::All { event_types: Some(_) } => Some(stream_head(&store).await?),
+                _ => None,
+            };
+            let rows = match &store.inner.backend {
+                Backend::Postgres(pg) => pg.fetch_page(&query, after, limit).await?,
+                Backend::Sqlite(sq) => sq.fetch_page(&query, after, limit).await?,
+            };
+            Ok((rows, head))
         }));
     }
 }
@@ -223,6 +280,11 @@ impl<E: DomainEvent> Stream for EventStream<E> {
             if let Some(row) = this.buffer.pop_front() {
                 this.position = this.query.cursor_after(&row);
                 return Poll::Ready(Some(row.decode()));
+            }
+            if let Some(head) = this.head.take() {
+                // Every row of our types up to `head` has been yielded: pass the others.
+                this.position = this.position.max(head);
+                this.next_fetch = this.next_fetch.max(head);
             }
             if this.done {
                 return Poll::Ready(None);
@@ -244,13 +306,14 @@ impl<E: DomainEvent> Stream for EventStream<E> {
             this.fetch = None;
             match page {
                 Err(e) => return Poll::Ready(Some(Err(e))),
-                Ok(rows) => {
+                Ok((rows, head)) => {
                     let full = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= this.page_size;
                     if let Some(last) = rows.last() {
                         this.next_fetch = this.query.cursor_after(last);
                     }
                     this.buffer.extend(rows);
                     if !full {
+                        this.head = head;
                         match this.follow {
                             Some(interval) if this.buffer.is_empty() => {
                                 this.sleep = Some(Box::pin(tokio::time::sleep(interval)));
