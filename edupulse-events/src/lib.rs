@@ -122,7 +122,10 @@
 //!   streams read page by page. `stream_all` orders by writing transaction so that a late
 //!   commit with a lower position is never skipped; its docs explain the cost.
 //! - [`EventBus::commit`]: events plus outbox rows in one transaction; rollback (error or
-//!   panic) publishes nothing; after COMMIT the events are published at once, and what the
+//!   panic) publishes nothing, and so does a transaction PostgreSQL aborted (a failed
+//!   statement, even an ignored one: [`EventError::TransactionAborted`]); an event that
+//!   could not be delivered or read back is refused before anything is written
+//!   ([`EventError::InvalidEvent`]); after COMMIT the events are published at once, and what the
 //!   broker does not acknowledge waits for the [`OutboxRelay`].
 //! - [`OutboxRelay`]: partitions, advisory locks and `FOR UPDATE SKIP LOCKED` keep one
 //!   aggregate's events in order with any number of relays; LISTEN/NOTIFY wakes it, polling
@@ -131,11 +134,14 @@
 //!   ([`StreamSpec::duplicate_window`], 2 minutes by default).
 //! - [`Subscriber`]: a durable JetStream pull consumer of a struct or enum of events;
 //!   acknowledges after the handler succeeds, negatively acknowledges with a delay on
-//!   failure, terminates and reports a poison message after `max_deliver` deliveries; unknown
-//!   event types are acknowledged and counted, or refused, by [`UnknownEventPolicy`].
+//!   failure (a handler that panics is a failure too, never the end of the subscriber),
+//!   terminates and reports a poison message after `max_deliver` deliveries; unknown event
+//!   types are acknowledged and counted, or refused, by [`UnknownEventPolicy`]. An existing
+//!   durable consumer is updated to the configured settings.
 //! - [`ProjectionRunner`] runs a [`Projection`]: batches of the global stream applied with
 //!   the checkpoint in one transaction, so a crash anywhere applies each event exactly once;
-//!   catch up, follow, rebuild from zero.
+//!   catch up, follow, rebuild from zero (beside a running runner too). It reads only its
+//!   event type's events (other contexts share the store) and stops on a corrupt one.
 //! - [`Aggregate`] and [`Repository`]: load (snapshot of the current state version, then the
 //!   tail), decide, append through the bus at the loaded sequence, retry on a conflict;
 //!   [`testing::AggregateTest`] runs given / when / then on the embedded backend.
