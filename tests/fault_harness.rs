@@ -13,9 +13,11 @@
 //! counts every kind of violation; the test asserts that all of them are zero.
 //!
 //! Environment: `TORTURE_SEED` (default fixed), `TORTURE_SECONDS` of load (default 40),
-//! `TORTURE_WRITERS` (6), `TORTURE_AGGREGATES` (40), `TORTURE_SKIP` (kinds of commit to
-//! leave out, to isolate a finding: `plain,any,caller-writes-first,closure-fails,
-//! swallow-before,swallow-after,bad-input`). `scripts/torture.sh` runs long ones.
+//! `TORTURE_WRITERS` (6), `TORTURE_AGGREGATES` (40), `TORTURE_SKIP` (what to leave out, to
+//! isolate a finding: kinds of commit `plain,any,caller-writes-first,closure-fails,
+//! swallow-before,swallow-after,bad-input`, `any-parts` (the `Any` appends inside plain and
+//! caller-first commits), faults `relay-kill,nats-kill,pg-restart`). `scripts/torture.sh`
+//! runs long ones.
 //! See RELIABILITY.md.
 
 #[path = "fault_harness/checker.rs"]
@@ -214,7 +216,7 @@ async fn run(settings: &Settings) -> Report {
         bus,
         store: store.clone(),
         aggregates: Arc::new(aggregates),
-        weights: workload::weights(&settings.skip),
+        mix: workload::mix(&settings.skip),
         deadline: load_start + settings.load,
     });
     let tasks: Vec<_> = (0..settings.writers)
@@ -223,7 +225,7 @@ async fn run(settings: &Settings) -> Report {
 
     // The faults, on schedule; between them, relays that died on their own are replaced.
     let mut fault_counts = FaultCounts::default();
-    for (at, fault) in faults::schedule(settings.seed, settings.load, 2) {
+    for (at, fault) in faults::schedule(settings.seed, settings.load, 2, &settings.skip) {
         while Instant::now() < load_start + at {
             relays.reap().await;
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -166,7 +166,7 @@ pub(crate) struct Writers {
     pub(crate) bus: EventBus,
     pub(crate) store: EventStore,
     pub(crate) aggregates: Arc<Vec<Uuid>>,
-    pub(crate) weights: [u64; 7],
+    pub(crate) mix: Mix,
     pub(crate) deadline: Instant,
 }
 
@@ -206,14 +206,28 @@ pub(crate) const KINDS: [(&str, u64); 7] = [
     ("bad-input", 10),
 ];
 
-/// The weights of [`KINDS`], without the kinds named in `skip` (to isolate a finding).
-pub(crate) fn weights(skip: &[String]) -> [u64; 7] {
-    KINDS.map(|(name, weight)| if skip.iter().any(|s| s == name) { 0 } else { weight })
+/// The mix of commits: the weights of [`KINDS`], and whether plain and caller-first commits
+/// append some aggregates with `Any`.
+#[derive(Debug, Clone)]
+pub(crate) struct Mix {
+    pub(crate) weights: [u64; 7],
+    pub(crate) any_parts: bool,
+}
+
+/// The mix without what `skip` names: kinds of [`KINDS`], and `any-parts` (to isolate a
+/// finding).
+pub(crate) fn mix(skip: &[String]) -> Mix {
+    let skipped = |name: &str| skip.iter().any(|s| s == name);
+    Mix {
+        weights: KINDS.map(|(name, weight)| if skipped(name) { 0 } else { weight }),
+        any_parts: !skipped("any-parts"),
+    }
 }
 
 /// Chooses the next commit.
-fn plan(rng: &mut Rng, weights: &[u64; 7], aggregates: &[Uuid], writer: u32, commit: u64) -> Plan {
-    let kind = match rng.weighted(weights) {
+fn plan(rng: &mut Rng, mix: &Mix, aggregates: &[Uuid], writer: u32, commit: u64) -> Plan {
+    let any_parts = mix.any_parts;
+    let kind = match rng.weighted(&mix.weights) {
         0 => Kind::Plain,
         1 => Kind::AnyOnly,
         2 => Kind::CallerWritesFirst,
@@ -242,9 +256,9 @@ fn plan(rng: &mut Rng, weights: &[u64; 7], aggregates: &[Uuid], writer: u32, com
         .map(|aggregate| {
             let expect = match kind {
                 Kind::AnyOnly => Expect::Any,
-                Kind::CallerWritesFirst if rng.percent(30) => Expect::Any,
+                Kind::CallerWritesFirst if any_parts && rng.percent(30) => Expect::Any,
                 Kind::CallerWritesFirst => Expect::Fresh,
-                _ if rng.percent(15) => Expect::Any,
+                _ if any_parts && rng.percent(15) => Expect::Any,
                 _ => Expect::Cached,
             };
             let n = rng.between(1, 5);
@@ -364,7 +378,7 @@ pub(crate) async fn writer(writers: Arc<Writers>, index: u32, seed: u64) -> Writ
     let mut commit = 0u64;
     while Instant::now() < writers.deadline {
         commit += 1;
-        let plan = plan(&mut rng, &writers.weights, &writers.aggregates, index, commit);
+        let plan = plan(&mut rng, &writers.mix, &writers.aggregates, index, commit);
         let kind = plan.kind;
         let touched: Vec<Uuid> = plan.parts.iter().map(|p| p.aggregate).collect();
         let mut refreshed = true;
