@@ -294,6 +294,11 @@ fn bad_plan(rng: &mut Rng, bad: BadInput, writer: u32, commit: u64, pause: Durat
     }
     let leading = rng.below(2);
     let mut second = envelopes(rng, target, writer, commit, leading);
+    // One append, one aggregate type: the good events before the bad one share it, so that
+    // the append is refused for the newline and not for mixing types.
+    for envelope in &mut second {
+        envelope.aggregate_type.clone_from(&aggregate_type);
+    }
     second.push(EventEnvelope::new(aggregate_type, target, bad_event).with_metadata(metadata));
     Plan {
         kind: Kind::Bad(bad),
