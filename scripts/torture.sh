@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Runs the fault harness (tests/fault_harness.rs) for longer than the test suite does:
+#
+#   scripts/torture.sh --minutes N [--seed S] [--runs R] [--skip LIST] [--debug]
+#
+#   --minutes N   minutes of load per run (default 5); faults all along
+#   --seed S      the first run's seed (default: random, printed); run i uses S + i - 1
+#   --runs R      runs one after the other (default 1)
+#   --skip LIST   what to leave out, to isolate a finding (TORTURE_SKIP, see the test's docs)
+#   --debug       the dev profile instead of --release (no release build to wait for)
+#
+# The harness starts its own PostgreSQL and nats-server (it kills and restarts them), so
+# both must be installed: as root, this script installs the Debian packages if needed
+# (the same steps as scripts/services.sh). Each run's figures are printed as a table and
+# its whole output kept in target/torture/; the exit status is 1 when any run found a
+# violation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+minutes=5
+seed=""
+runs=1
+skip=""
+profile=(--release)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --minutes) minutes="$2"; shift 2 ;;
+    --seed) seed="$2"; shift 2 ;;
+    --runs) runs="$2"; shift 2 ;;
+    --skip) skip="$2"; shift 2 ;;
+    --debug) profile=(); shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "torture: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$minutes$runs" in
+  *[!0-9]*) echo "torture: --minutes and --runs take whole numbers" >&2; exit 2 ;;
+esac
+if [ -z "$seed" ]; then
+  seed=$(od -An -N6 -tu8 /dev/urandom | tr -d ' ')
+fi
+
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+if [ -z "$(pg_bindir)" ]; then apt_install postgresql; fi
+if [ -z "$(nats_binary)" ]; then apt_install nats-server; fi
+EDUPULSE_NATS_SERVER_BIN=$(nats_binary)
+export EDUPULSE_NATS_SERVER_BIN
+
+echo "[torture] building the harness (${profile[*]:-dev profile})" >&2
+cargo test "${profile[@]}" --test fault_harness --no-run >&2
+
+mkdir -p target/torture
+failed=0
+for i in $(seq 1 "$runs"); do
+  run_seed=$(( seed + i - 1 ))
+  log="target/torture/run-$run_seed.log"
+  echo "[torture] run $i of $runs: seed $run_seed, $minutes min of load; output in $log" >&2
+  status=0
+  TORTURE_SEED=$run_seed TORTURE_SECONDS=$(( minutes * 60 )) TORTURE_SKIP=$skip \
+    cargo test "${profile[@]}" --test fault_harness every_committed -- --nocapture >"$log" 2>&1 || status=$?
+  # The figures: the first summary block (a failing run prints it twice).
+  awk '/^fault harness: seed .* in all/ { on = 1 } on { print } /^replay with/ && on { exit }' "$log"
+  if [ "$status" -ne 0 ]; then
+    failed=$(( failed + 1 ))
+    if ! grep -q '^replay with' "$log"; then
+      echo "[torture] run $i ended without figures (exit $status): see $log" >&2
+      tail -n 30 "$log" >&2
+    fi
+  fi
+  echo
+done
+echo "[torture] $runs run(s), $failed with violations" >&2
+[ "$failed" -eq 0 ]

@@ -1,0 +1,297 @@
+//! The randomized fault harness: the referee of the framework's core promise.
+//!
+//! > An event is published if and only if it committed, each aggregate's events in order
+//! > (in JetStream and in `stream_all`), nothing ever stuck, and every bad input a typed
+//! > error before anything is written.
+//!
+//! The harness starts a PostgreSQL and a nats-server of its own; K writers commit random
+//! batches over A shared aggregates through `EventBus::commit` (plain appends, `Any`,
+//! closures that fail, closures that swallow a failed statement, caller writes first, bad
+//! inputs) while two relays run, and a seeded schedule kills relays mid-batch, SIGKILLs
+//! nats-server and restarts PostgreSQL. Then the relays drain the outbox and an independent
+//! checker (`fault_harness/checker.rs`) reads the whole stream and the whole store and
+//! counts every kind of violation; the test asserts that all of them are zero.
+//!
+//! Environment: `TORTURE_SEED` (default fixed), `TORTURE_SECONDS` of load (default 40),
+//! `TORTURE_WRITERS` (6), `TORTURE_AGGREGATES` (40), `TORTURE_SKIP` (what to leave out, to
+//! isolate a finding: kinds of commit `plain,any,caller-writes-first,closure-fails,
+//! swallow-before,swallow-after,bad-input`, `any-parts` (the `Any` appends inside plain and
+//! caller-first commits), faults `relay-kill,nats-kill,pg-restart`). `scripts/torture.sh`
+//! runs long ones.
+//! See RELIABILITY.md.
+
+#[path = "fault_harness/checker.rs"]
+mod checker;
+mod common;
+#[path = "fault_harness/faults.rs"]
+mod faults;
+#[path = "fault_harness/postgres.rs"]
+mod postgres;
+#[path = "fault_harness/prng.rs"]
+mod prng;
+#[path = "fault_harness/workload.rs"]
+mod workload;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::nats::NatsServer;
+use edupulse_events::{
+    BusConfig, EventBus, EventStore, NatsConfig, NatsPublisher, StoreConfig, StreamSpec, Uuid,
+};
+use tokio::time::Instant;
+
+use checker::{Counts, Observed};
+use faults::{FaultCounts, Relays};
+use postgres::PgServer;
+use prng::Rng;
+use workload::{Ledger, Writers};
+
+/// The store's schema on the harness's own server.
+const SCHEMA: &str = "harness";
+const STREAM: &str = "HARNESS";
+/// The seed of the run in the test suite: fixed, so that CI replays the same choices.
+const DEFAULT_SEED: u64 = 0x5eed_0012_0008;
+
+#[derive(Debug, Clone)]
+struct Settings {
+    seed: u64,
+    load: Duration,
+    writers: u32,
+    aggregates: usize,
+    /// Kinds of commit left out (`TORTURE_SKIP=bad-input,swallow-after`), to isolate a
+    /// finding; see `workload::KINDS`.
+    skip: Vec<String>,
+    /// The final drain stops when the outbox is empty, when it has not shrunk for
+    /// `stall`, or after `drain` at most.
+    drain: Duration,
+    stall: Duration,
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    let value = value.trim();
+    let parsed = match value.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    Some(parsed.unwrap_or_else(|_| panic!("{name}={value:?} is not a number")))
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        Self {
+            seed: env_u64("TORTURE_SEED").unwrap_or(DEFAULT_SEED),
+            load: Duration::from_secs(env_u64("TORTURE_SECONDS").unwrap_or(40)),
+            writers: env_u64("TORTURE_WRITERS").map_or(6, |n| n.clamp(1, 64) as u32),
+            aggregates: env_u64("TORTURE_AGGREGATES").map_or(40, |n| n.clamp(1, 100_000) as usize),
+            skip: std::env::var("TORTURE_SKIP")
+                .unwrap_or_default()
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            drain: Duration::from_secs(60),
+            stall: Duration::from_secs(15),
+        }
+    }
+}
+
+struct Report {
+    counts: Counts,
+    faults: FaultCounts,
+    relay_panic: Option<String>,
+    drained_in: Duration,
+    elapsed: Duration,
+}
+
+impl Report {
+    fn summary(&self, settings: &Settings) -> String {
+        let f = &self.faults;
+        format!(
+            "fault harness: seed {seed} (0x{seed:x}), {load} s of load, {writers} writers, {aggregates} aggregates, \
+             {elapsed:.0} s in all{skip}\n\
+             faults injected: {rk} relay kills, {nk} nats-server SIGKILLs ({nd:.1} s down), {pr} PostgreSQL fast \
+             restarts ({pd:.1} s down); final drain {drain:.1} s\n{relay}\n{table}\
+             replay with TORTURE_SEED={seed} TORTURE_SECONDS={load}{skip_env}",
+            seed = settings.seed,
+            load = settings.load.as_secs(),
+            writers = settings.writers,
+            aggregates = settings.aggregates,
+            elapsed = self.elapsed.as_secs_f64(),
+            skip = if settings.skip.is_empty() {
+                String::new()
+            } else {
+                format!(", without: {}", settings.skip.join(", "))
+            },
+            rk = f.relay_kills,
+            nk = f.nats_kills,
+            nd = f.nats_down.as_secs_f64(),
+            pr = f.pg_restarts,
+            pd = f.pg_down.as_secs_f64(),
+            drain = self.drained_in.as_secs_f64(),
+            relay = self.relay_panic.as_deref().map(|p| format!("a relay panicked: {p}")).unwrap_or_default(),
+            table = self.counts.table(),
+            skip_env = if settings.skip.is_empty() {
+                String::new()
+            } else {
+                format!(" TORTURE_SKIP={}", settings.skip.join(","))
+            },
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_committed_event_is_published_once_in_order_under_faults() {
+    let settings = Settings::from_env();
+    println!(
+        "fault harness: seed {} (0x{:x}), {} s of load (TORTURE_SEED / TORTURE_SECONDS to change)",
+        settings.seed,
+        settings.seed,
+        settings.load.as_secs()
+    );
+    // Panics inside library tasks are counted as violations; print the first few, not
+    // every one (a bad input can make every relay pass panic).
+    let printed = Arc::new(AtomicU64::new(0));
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new({
+        let printed = printed.clone();
+        move |info| {
+            // Runtime threads are `tokio-runtime-worker` or `tokio-rt-worker`, by version.
+            let worker = std::thread::current().name().is_some_and(|name| name.starts_with("tokio-"));
+            if !worker || printed.fetch_add(1, Ordering::Relaxed) < 3 {
+                default_hook(info);
+            }
+        }
+    }));
+    let report = run(&settings).await;
+    drop(std::panic::take_hook());
+    let summary = report.summary(&settings);
+    println!("{summary}");
+    assert_eq!(
+        report.counts.violations(),
+        0,
+        "the fault harness found violations of the promise (seed {}):\n{summary}",
+        settings.seed
+    );
+}
+
+async fn run(settings: &Settings) -> Report {
+    let started = Instant::now();
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("PostgreSQL started");
+    let mut nats = NatsServer::start().await;
+    let pg_url = pg.url();
+    let mut pg = Some(pg);
+
+    let store_config = StoreConfig { max_connections: 24, ..StoreConfig::with_schema(SCHEMA).unwrap() };
+    let store =
+        EventStore::connect(&pg_url, store_config).await.expect("connect to the harness's PostgreSQL");
+    store.migrate().await.unwrap();
+    let pool = store.pg_pool().expect("a PostgreSQL store").clone();
+    for statement in [
+        "CREATE SCHEMA harness_own",
+        "CREATE TABLE harness_own.caller_writes (id bigserial PRIMARY KEY, writer int NOT NULL, \
+         at timestamptz NOT NULL DEFAULT now())",
+        "CREATE TABLE harness_own.once (key text PRIMARY KEY)",
+        "INSERT INTO harness_own.once (key) VALUES ('taken')",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let publisher = NatsPublisher::connect(
+        &nats.url(),
+        NatsConfig { ack_timeout: Duration::from_secs(1), ..NatsConfig::default() },
+    )
+    .await
+    .unwrap();
+    publisher.ensure_stream(&StreamSpec::new(STREAM, ["harness.>"])).await.unwrap();
+    let publisher = Arc::new(publisher);
+    let bus = EventBus::new(store.clone(), publisher.clone(), BusConfig::default());
+    let mut relays = Relays::start(store.clone(), publisher.clone(), 2);
+
+    let mut rng = Rng::derive(settings.seed, 0);
+    let aggregates: Vec<Uuid> = (0..settings.aggregates).map(|_| rng.uuid()).collect();
+    let load_start = Instant::now();
+    let writers = Arc::new(Writers {
+        bus,
+        store: store.clone(),
+        aggregates: Arc::new(aggregates),
+        mix: workload::mix(&settings.skip),
+        deadline: load_start + settings.load,
+    });
+    let tasks: Vec<_> = (0..settings.writers)
+        .map(|i| tokio::spawn(workload::writer(writers.clone(), i, settings.seed)))
+        .collect();
+
+    // The faults, on schedule; between them, relays that died on their own are replaced.
+    let mut fault_counts = FaultCounts::default();
+    for (at, fault) in faults::schedule(settings.seed, settings.load, 2, &settings.skip) {
+        while Instant::now() < load_start + at {
+            relays.reap().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        faults::inject(fault, &mut nats, &mut pg, &mut relays, &mut fault_counts).await;
+    }
+    while Instant::now() < writers.deadline {
+        relays.reap().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Writers finish their last commit (each bounded: a hung commit is aborted after 30 s).
+    let mut ledger = Ledger::default();
+    let mut writer_failures = 0;
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(60), task).await {
+            Ok(Ok(report)) => ledger.commits.extend(report.commits),
+            _ => writer_failures += 1,
+        }
+    }
+
+    // The final drain: both servers are up; the relays run until the outbox is empty, or
+    // stops shrinking.
+    let drain_start = Instant::now();
+    let mut best = i64::MAX;
+    let mut last_progress = Instant::now();
+    loop {
+        relays.reap().await;
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM harness.outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(i64::MAX);
+        if pending == 0 {
+            break;
+        }
+        if pending < best {
+            best = pending;
+            last_progress = Instant::now();
+        }
+        if last_progress.elapsed() > settings.stall || drain_start.elapsed() > settings.drain {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let drained_in = drain_start.elapsed();
+    let relays = relays.stop().await;
+
+    // The independent check.
+    let (store_rows, outbox_pending) = checker::read_store(&pg_url, SCHEMA).await;
+    let (stream, stream_unreadable) = checker::read_stream(&nats.url(), STREAM).await;
+    let (stream_all, stream_all_errors) = checker::read_stream_all(&store).await;
+    let observed = Observed {
+        store: store_rows,
+        stream,
+        stream_unreadable,
+        stream_all,
+        stream_all_errors,
+        outbox_pending,
+    };
+    let mut counts = checker::count(&ledger.commits, &observed);
+    counts.panics += relays.panics + writer_failures;
+    Report {
+        counts,
+        faults: fault_counts,
+        relay_panic: relays.last_panic.clone(),
+        drained_in,
+        elapsed: started.elapsed(),
+    }
+}

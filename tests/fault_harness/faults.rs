@@ -1,0 +1,241 @@
+//! The faults: relays aborted mid-batch and respawned, nats-server killed with SIGKILL and
+//! restarted, PostgreSQL restarted (fast shutdown). Which fault comes when is drawn from the
+//! seed before the run starts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edupulse_events::{EventError, EventStore, OutboxRelay, Publisher, RelayConfig};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::common::nats::NatsServer;
+use crate::postgres::PgServer;
+use crate::prng::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// Abort relay `slot` (wherever it is: mid-batch, waiting on an ack, idle) and start a
+    /// new one after `pause`.
+    KillRelay { slot: usize, pause: Duration },
+    /// SIGKILL nats-server, restart it after `pause`.
+    KillNats { pause: Duration },
+    /// `pg_ctl restart -m fast`.
+    RestartPostgres,
+}
+
+/// The faults of a run of `duration`, at offsets from its start: drawn in rounds of five
+/// (two relay kills, two broker kills, one database restart, shuffled), 1.5 to 4 s apart,
+/// so that even a short run has every kind. Kinds named in `skip` (`relay-kill`,
+/// `nats-kill`, `pg-restart`) are left out, their slots left empty.
+pub(crate) fn schedule(
+    seed: u64,
+    duration: Duration,
+    relays: usize,
+    skip: &[String],
+) -> Vec<(Duration, Fault)> {
+    let skipped = |name: &str| skip.iter().any(|s| s == name);
+    let mut rng = Rng::derive(seed, 1);
+    let mut out = Vec::new();
+    let mut at = Duration::from_millis(rng.between(1000, 3000));
+    // Leave the last two seconds without a new fault: the run ends with servers that are up.
+    let last = duration.saturating_sub(Duration::from_secs(2));
+    'rounds: loop {
+        let mut round = [0u8, 0, 1, 1, 2];
+        for i in (1..round.len()).rev() {
+            round.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        for kind in round {
+            if at > last {
+                break 'rounds;
+            }
+            let fault = match kind {
+                0 => Fault::KillRelay {
+                    slot: rng.below(relays as u64) as usize,
+                    pause: Duration::from_millis(rng.between(0, 800)),
+                },
+                1 => Fault::KillNats { pause: Duration::from_millis(rng.between(200, 2500)) },
+                _ => Fault::RestartPostgres,
+            };
+            let name = match fault {
+                Fault::KillRelay { .. } => "relay-kill",
+                Fault::KillNats { .. } => "nats-kill",
+                Fault::RestartPostgres => "pg-restart",
+            };
+            if !skipped(name) {
+                out.push((at, fault));
+            }
+            at += Duration::from_millis(rng.between(1500, 4000));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct FaultCounts {
+    pub(crate) relay_kills: u64,
+    pub(crate) nats_kills: u64,
+    pub(crate) nats_down: Duration,
+    pub(crate) pg_restarts: u64,
+    pub(crate) pg_down: Duration,
+}
+
+/// The running relays: `OutboxRelay::run` in tokio tasks, respawned when killed.
+pub(crate) struct Relays {
+    store: EventStore,
+    publisher: Arc<dyn Publisher>,
+    slots: Vec<Option<JoinHandle<Result<(), EventError>>>>,
+    stop: watch::Sender<bool>,
+    /// Relay tasks that panicked (each one is respawned).
+    pub(crate) panics: u64,
+    /// Relay tasks that returned an error (`run` documents none in practice).
+    pub(crate) errors: u64,
+    pub(crate) last_panic: Option<String>,
+}
+
+impl Relays {
+    pub(crate) fn start(store: EventStore, publisher: Arc<dyn Publisher>, count: usize) -> Self {
+        let (stop, _) = watch::channel(false);
+        let mut relays =
+            Self { store, publisher, slots: Vec::new(), stop, panics: 0, errors: 0, last_panic: None };
+        relays.slots = (0..count).map(|_| Some(relays.spawn())).collect();
+        relays
+    }
+
+    fn spawn(&self) -> JoinHandle<Result<(), EventError>> {
+        // Short backoffs: the servers come back within seconds, and the run is short.
+        let config = RelayConfig {
+            poll_interval: Duration::from_millis(200),
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            ..RelayConfig::default()
+        };
+        let relay = OutboxRelay::new(self.store.clone(), self.publisher.clone(), config);
+        let mut stopped = self.stop.subscribe();
+        tokio::spawn(async move {
+            relay
+                .run(async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                })
+                .await
+        })
+    }
+
+    /// Counts and replaces relays that ended on their own (a panic inside a pass).
+    pub(crate) async fn reap(&mut self) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].as_ref().is_some_and(JoinHandle::is_finished) {
+                if let Some(handle) = self.slots[i].take() {
+                    self.account(handle.await);
+                }
+                self.slots[i] = Some(self.spawn());
+            }
+        }
+    }
+
+    fn account(&mut self, ended: Result<Result<(), EventError>, tokio::task::JoinError>) {
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => self.errors += 1,
+            Err(join) if join.is_panic() => {
+                self.panics += 1;
+                let payload = join.into_panic();
+                self.last_panic = Some(
+                    payload
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_default(),
+                );
+            }
+            Err(_) => {} // cancelled by us
+        }
+    }
+
+    /// Aborts relay `slot` at whatever point it is; the next is started after `pause`.
+    pub(crate) async fn kill(&mut self, slot: usize, pause: Duration) {
+        if let Some(handle) = self.slots[slot].take() {
+            handle.abort();
+            self.account(handle.await);
+        }
+        tokio::time::sleep(pause).await;
+        self.slots[slot] = Some(self.spawn());
+    }
+
+    /// Asks every relay to stop; aborts one that does not within 10 s.
+    pub(crate) async fn stop(mut self) -> Self {
+        let _ = self.stop.send(true);
+        for i in 0..self.slots.len() {
+            if let Some(mut handle) = self.slots[i].take() {
+                match tokio::time::timeout(Duration::from_secs(10), &mut handle).await {
+                    Ok(ended) => self.account(ended),
+                    Err(_) => {
+                        handle.abort();
+                        let _ = handle.await;
+                    }
+                }
+            }
+        }
+        self
+    }
+}
+
+/// Injects one fault and waits until the servers it touched are back.
+pub(crate) async fn inject(
+    fault: Fault,
+    nats: &mut NatsServer,
+    pg: &mut Option<PgServer>,
+    relays: &mut Relays,
+    counts: &mut FaultCounts,
+) {
+    match fault {
+        Fault::KillRelay { slot, pause } => {
+            relays.kill(slot, pause).await;
+            counts.relay_kills += 1;
+        }
+        Fault::KillNats { pause } => {
+            let down = tokio::time::Instant::now();
+            nats.kill().await;
+            counts.nats_kills += 1;
+            tokio::time::sleep(pause).await;
+            nats.restart().await;
+            counts.nats_down += down.elapsed();
+        }
+        Fault::RestartPostgres => {
+            let mut server = pg.take().expect("the PostgreSQL server");
+            let down = tokio::time::Instant::now();
+            let (server, restarted) = tokio::task::spawn_blocking(move || {
+                let restarted = server.restart_fast();
+                (server, restarted)
+            })
+            .await
+            .expect("pg_ctl restart ran");
+            *pg = Some(server);
+            if let Err(e) = restarted {
+                panic!(
+                    "the harness could not restart PostgreSQL (an environment failure, not a finding): {e}"
+                );
+            }
+            counts.pg_restarts += 1;
+            counts.pg_down += down.elapsed();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schedule_is_a_function_of_the_seed_and_has_every_kind() {
+        let a = schedule(42, Duration::from_secs(40), 2, &[]);
+        assert_eq!(a, schedule(42, Duration::from_secs(40), 2, &[]));
+        assert_ne!(a, schedule(43, Duration::from_secs(40), 2, &[]));
+        let without = schedule(42, Duration::from_secs(40), 2, &["nats-kill".to_owned()]);
+        assert!(without.iter().all(|(_, f)| !matches!(f, Fault::KillNats { .. })));
+        assert!(a.iter().any(|(_, f)| matches!(f, Fault::KillRelay { .. })));
+        assert!(a.iter().any(|(_, f)| matches!(f, Fault::KillNats { .. })));
+        assert!(a.iter().any(|(_, f)| matches!(f, Fault::RestartPostgres)));
+        assert!(a.iter().all(|(at, _)| *at <= Duration::from_secs(38)));
+    }
+}
