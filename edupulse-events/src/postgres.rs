@@ -43,6 +43,7 @@ struct Queries {
     all_page_typed: SqlStr,
     key_page: SqlStr,
     outbox_partitions: SqlStr,
+    older_pending: SqlStr,
     high_water: SqlStr,
     outbox_claim: SqlStr,
     outbox_delete: SqlStr,
@@ -139,6 +140,10 @@ impl Queries {
                 "SELECT {COLUMNS} FROM {s}.events \
                  WHERE keys @> $1::text::jsonb AND global_position > $2 AND event_type = ANY($4) \
                  ORDER BY global_position LIMIT $3"
+            )),
+            older_pending: sql(format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.outbox \
+                 WHERE partition = $1 AND aggregate_id = $2 AND sequence < $3)"
             )),
             outbox_partitions: sql(format!(
                 "SELECT DISTINCT partition FROM {s}.outbox WHERE global_position <= $1"
@@ -507,7 +512,7 @@ impl PgBackend {
         if stored_rows.is_empty() {
             return Err(self.explain_refusal(conn, aggregate_id, &aggregate_type, expected).await);
         }
-        let older_pending = match (&outbox, stored_rows.first()) {
+        let mut older_pending = match (&outbox, stored_rows.first()) {
             (Some(_), Some(row)) => row.try_get("older_pending")?,
             _ => false,
         };
@@ -525,10 +530,28 @@ impl PgBackend {
                 envelopes.len()
             )));
         }
+        let first_sequence = stored.first().map_or(0, |(sequence, _, _)| *sequence);
         for (envelope, (sequence, position, recorded_at)) in envelopes.iter_mut().zip(stored) {
             envelope.sequence = sequence;
             envelope.global_position = Some(position);
             envelope.recorded_at = Some(recorded_at);
+        }
+        // An `Any` append may have waited for the stream row while another transaction
+        // committed the aggregate's previous events: its statement's snapshot predates that
+        // commit and did not see their outbox rows. A new statement does (measured by the
+        // fault harness: the bus then published both directly, racing, and JetStream got an
+        // aggregate out of order). An exact expectation never waits and then succeeds: the
+        // row it waited for no longer has the expected sequence.
+        if let Some(target) = &outbox
+            && !older_pending
+            && expected == ExpectedSequence::Any
+        {
+            older_pending = sqlx::query_scalar(self.sql.older_pending.clone())
+                .bind(target.partition)
+                .bind(aggregate_id)
+                .bind(first_sequence)
+                .fetch_one(&mut *conn)
+                .await?;
         }
         Ok(Appended { envelopes, rows, older_pending })
     }
