@@ -7,7 +7,10 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{
+    CreateStreamErrorKind, GetStreamErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
+};
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures_util::future::join_all;
 
@@ -159,39 +162,97 @@ impl NatsPublisher {
         &self.jetstream
     }
 
-    /// Creates the stream, or updates it to `spec`.
+    /// Creates the stream, or brings an existing one to `spec`.
+    ///
+    /// A missing stream is created file-backed with `spec`'s subjects, duplicate window and
+    /// max age, everything else at JetStream's defaults. On an existing stream only what
+    /// `spec` asks for changes: the subjects, the duplicate window, and the max age when it
+    /// is not zero (zero leaves the stream's own). Replicas, limits (`max_msgs`,
+    /// `max_bytes`, …), retention, discard policy, storage, description and the rest are
+    /// kept, so settings an operator made survive a restart of the service. Nothing is sent
+    /// when the stream already matches.
     ///
     /// # Errors
     /// [`EventError::Config`] for an invalid name or subject filter; [`EventError::Broker`]
-    /// when JetStream refuses.
+    /// when JetStream refuses or does not answer.
     pub async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), EventError> {
         validate_stream_name(&spec.name)?;
         for filter in &spec.subjects {
             validate_filter(filter)?;
         }
-        let config = jetstream::stream::Config {
-            name: spec.name.clone(),
-            subjects: spec.subjects.clone(),
-            duplicate_window: spec.duplicate_window,
-            max_age: spec.max_age,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
+        let current = match self.stream_config(&spec.name).await? {
+            Some(current) => current,
+            None => {
+                let config = jetstream::stream::Config {
+                    name: spec.name.clone(),
+                    subjects: spec.subjects.clone(),
+                    duplicate_window: spec.duplicate_window,
+                    max_age: spec.max_age,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                };
+                match self.jetstream.create_stream(config).await {
+                    Ok(_) => return Ok(()),
+                    // Another process created it meanwhile, with other settings: adjust
+                    // theirs, as if it had been there first.
+                    Err(e) if create_code(e.kind()) == Some(ErrorCode::STREAM_NAME_EXIST) => {
+                        self.stream_config(&spec.name).await?.ok_or_else(|| {
+                            broker(
+                                "cannot create the stream",
+                                "JetStream says it exists, then that it does not",
+                            )
+                        })?
+                    }
+                    Err(e) => return Err(broker("cannot create the stream", stream_hint(e))),
+                }
+            }
         };
-        match self.jetstream.get_stream(&spec.name).await {
-            Ok(_) => {
-                self.jetstream
-                    .update_stream(&config)
-                    .await
-                    .map_err(|e| broker("cannot update the stream", e))?;
-            }
-            Err(_) => {
-                self.jetstream
-                    .create_stream(config)
-                    .await
-                    .map_err(|e| broker("cannot create the stream", e))?;
-            }
+        let mut config = current.clone();
+        config.subjects.clone_from(&spec.subjects);
+        config.duplicate_window = spec.duplicate_window;
+        if !spec.max_age.is_zero() {
+            config.max_age = spec.max_age;
+        }
+        if config != current {
+            self.jetstream
+                .update_stream(&config)
+                .await
+                .map_err(|e| broker("cannot update the stream", stream_hint(e)))?;
         }
         Ok(())
+    }
+
+    /// The configuration of the stream `name`, or `None` when there is none.
+    async fn stream_config(&self, name: &str) -> Result<Option<jetstream::stream::Config>, EventError> {
+        match self.jetstream.get_stream(name).await {
+            Ok(stream) => Ok(Some(stream.cached_info().config.clone())),
+            Err(e) if jetstream_code(e.kind()) == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
+            Err(e) => Err(broker("cannot read the stream's configuration", stream_hint(e))),
+        }
+    }
+}
+
+fn jetstream_code(kind: GetStreamErrorKind) -> Option<ErrorCode> {
+    match kind {
+        GetStreamErrorKind::JetStream(e) => Some(e.error_code()),
+        _ => None,
+    }
+}
+
+fn create_code(kind: CreateStreamErrorKind) -> Option<ErrorCode> {
+    match kind {
+        CreateStreamErrorKind::JetStream(e) => Some(e.error_code()),
+        _ => None,
+    }
+}
+
+/// A stream request's error, with the likely reason when JetStream did not answer.
+fn stream_hint(e: impl fmt::Display) -> String {
+    let text = e.to_string();
+    if text.contains("timed out") || text.contains("no responders") || text.contains("unavailable") {
+        format!("{text}; is JetStream enabled on the server (`nats-server -js`)?")
+    } else {
+        text
     }
 }
 
