@@ -15,6 +15,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use futures_util::future::join_all;
 
 use crate::EventError;
+use crate::connect::{self, NatsCredentials};
 use crate::wire::OutgoingMessage;
 
 /// A boxed future, as trait objects return them.
@@ -48,7 +49,8 @@ pub trait Publisher: Send + Sync + 'static {
 pub struct NatsConfig {
     /// How long to wait for JetStream's acknowledgement of a message (default 5 s).
     pub ack_timeout: Duration,
-    /// How long the first connection attempt may take (default 5 s).
+    /// How long the first connection may take, DNS included (default 5 s); once
+    /// connected, the client reconnects in the background without limit.
     pub connect_timeout: Duration,
     /// Messages awaiting their acknowledgement at once, over all concurrent publishes of
     /// this publisher (default 5 000). A publish that finds none left awaits its own oldest
@@ -107,8 +109,11 @@ impl StreamSpec {
 /// `Nats-Msg-Id` = event id and the `Edupulse-*` headers; acknowledgements are awaited
 /// together, not one round trip per event.
 ///
-/// Security: async-nats logs its CONNECT line, credentials included, at TRACE level; do not
-/// enable TRACE for `async_nats` in production. This type never logs or formats the URL.
+/// Security: [`connect`](NatsPublisher::connect) takes the credentials out of the URL before
+/// async-nats sees it, so they appear in no log line at any level (async-nats logs the
+/// server addresses at DEBUG, and its CONNECT message at TRACE with password and token
+/// masked). This type never logs or formats the URL. A client built by the application and
+/// passed to [`from_client`](NatsPublisher::from_client) logs what its URL holds.
 #[derive(Clone)]
 pub struct NatsPublisher {
     /// The context handed to the application (async-nats' defaults: a publish waits for a
@@ -130,19 +135,37 @@ fn broker(what: &str, e: impl fmt::Display) -> EventError {
 }
 
 impl NatsPublisher {
-    /// Connects to the NATS server at `url`. When the server is down, the client keeps
-    /// trying in the background and publishes fail until it is back (the outbox keeps the
-    /// events).
+    /// Connects to the NATS server at `url`: `nats://host:port`, `tls://host:port`, or
+    /// several servers separated by commas. Credentials in the URL (`user:password@` or a
+    /// lone `token@`) are taken out of it and handed to async-nats as options, so they are
+    /// sent in the CONNECT message only (which async-nats logs with the secrets masked) and
+    /// never in the server addresses it logs.
+    ///
+    /// The first connection is made here, within `config.connect_timeout`: a server that is
+    /// down, an unknown host or refused credentials are reported at once. Once connected,
+    /// the client reconnects in the background after an outage, and publishes fail until
+    /// the server is back (the outbox keeps the events).
     ///
     /// # Errors
-    /// [`EventError::Broker`] when the URL is invalid.
+    /// [`EventError::Config`] when the URL is invalid; [`EventError::Connect`] when the
+    /// first connection fails, with the cause and the next step. Neither shows the URL's
+    /// credentials.
     pub async fn connect(url: &str, config: NatsConfig) -> Result<Self, EventError> {
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(config.connect_timeout)
-            .retry_on_initial_connect()
-            .connect(url)
-            .await
-            .map_err(|e| broker("cannot connect to NATS (the URL is not shown)", e.kind()))?;
+        let target = connect::nats_target(url)?;
+        let options = async_nats::ConnectOptions::new().connection_timeout(config.connect_timeout);
+        let options = match target.credentials {
+            Some(NatsCredentials::UserPassword(user, password)) => options.user_and_password(user, password),
+            Some(NatsCredentials::Token(token)) => options.token(token),
+            None => options,
+        };
+        // Without `retry_on_initial_connect`: the first failure comes back to the caller
+        // instead of surfacing later as a request timeout. The bound covers DNS too.
+        let client = match tokio::time::timeout(config.connect_timeout, options.connect(target.servers)).await
+        {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(connect::nats_connect_error(e, &target.names)),
+            Err(_) => return Err(connect::nats_timeout(&target.names, config.connect_timeout)),
+        };
         Ok(Self::from_client(client, &config))
     }
 
