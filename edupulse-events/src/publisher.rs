@@ -89,7 +89,9 @@ pub struct StreamSpec {
     /// The outbox relay's retries are de-duplicated only inside this window: keep it longer
     /// than a broker outage you want re-sends to be invisible across.
     pub duplicate_window: Duration,
-    /// Keep messages this long; zero keeps them until limits apply (default zero).
+    /// Keep messages this long; zero keeps them until limits apply (default zero). On an
+    /// existing stream, zero leaves the stream's own max age as it is (see
+    /// [`NatsPublisher::ensure_stream`]).
     pub max_age: Duration,
 }
 
