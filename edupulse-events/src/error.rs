@@ -4,6 +4,8 @@ use std::error::Error as StdError;
 
 use uuid::Uuid;
 
+use crate::ConnectCause;
+
 /// A boxed error from a lower layer (serde_json, an upcaster, a driver).
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
@@ -132,6 +134,23 @@ pub enum EventError {
         event_id: Uuid,
         /// What is wrong with it.
         problem: EventProblem,
+    },
+
+    /// The first connection to PostgreSQL or NATS failed. The message names the server and
+    /// the cause and says what to do; it never holds credentials.
+    #[error("cannot connect to {system} at {server}: {cause} ({source}); {hint}")]
+    Connect {
+        /// `"PostgreSQL"` or `"NATS"`.
+        system: &'static str,
+        /// `host:port` (several, comma-separated, for a NATS server list), or a socket path.
+        server: String,
+        /// Why, for callers that branch on it.
+        cause: ConnectCause,
+        /// The next step, in a sentence.
+        hint: String,
+        /// What the driver reported.
+        #[source]
+        source: BoxError,
     },
 }
 

@@ -149,13 +149,20 @@
 //!   the [`InMemoryBroker`] give the same API with no server; [`Backends::from_env`] picks
 //!   PostgreSQL and NATS when `DATABASE_URL` / `NATS_URL` are set. On SQLite one writer
 //!   works at a time, positions follow commit order, keys are matched without an index.
-//! - Secrets: connection URLs are never logged or put in errors, and our types implement
-//!   `Debug` without them. sqlx's `PgConnectOptions` derives `Debug` with the password and
-//!   async-nats logs its CONNECT (credentials included) at TRACE level: never format the
-//!   former with `{:?}`, never enable TRACE for `async_nats` in production.
+//! - Secrets: no password or token reaches a log line at any level, the dependencies'
+//!   included, nor an error; our types implement `Debug` without them.
+//!   [`NatsPublisher::connect`] hands the URL's credentials to async-nats as options, out of
+//!   the server addresses it logs; [`EventStore::connect`] drops PostgreSQL URL parameters
+//!   sqlx does not know (it would log their value). sqlx's `PgConnectOptions` derives `Debug`
+//!   with the password: never format it with `{:?}`.
+//! - Connecting: both `connect`s make the first connection at once; a server that is down,
+//!   an unknown host, refused credentials or a missing database is an
+//!   [`EventError::Connect`] naming `host:port`, a [`ConnectCause`] and the next step. Once
+//!   connected, NATS reconnects in the background and the pool reopens connections.
 
 mod aggregate;
 mod bus;
+mod connect;
 mod consume;
 mod deliverable;
 mod envelope;
@@ -184,6 +191,7 @@ pub use uuid::{self, Uuid};
 
 pub use crate::aggregate::{Aggregate, CommandError, Loaded, Repository};
 pub use crate::bus::{BusConfig, BusTransaction, EventBus};
+pub use crate::connect::ConnectCause;
 pub use crate::consume::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};
 pub use crate::deliverable::DEFAULT_MAX_MESSAGE_BYTES;
 pub use crate::envelope::{EventEnvelope, Metadata};

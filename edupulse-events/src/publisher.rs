@@ -8,11 +8,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{
+    CreateStreamErrorKind, GetStreamErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
+};
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures_util::future::join_all;
 
 use crate::EventError;
+use crate::connect::{self, NatsCredentials};
 use crate::wire::OutgoingMessage;
 
 /// A boxed future, as trait objects return them.
@@ -53,7 +57,8 @@ pub trait Publisher: Send + Sync + 'static {
 pub struct NatsConfig {
     /// How long to wait for JetStream's acknowledgement of a message (default 5 s).
     pub ack_timeout: Duration,
-    /// How long the first connection attempt may take (default 5 s).
+    /// How long the first connection may take, DNS included (default 5 s); once
+    /// connected, the client reconnects in the background without limit.
     pub connect_timeout: Duration,
     /// Messages awaiting their acknowledgement at once, over all concurrent publishes of
     /// this publisher (default 5 000). A publish that finds none left awaits its own oldest
@@ -92,7 +97,9 @@ pub struct StreamSpec {
     /// The outbox relay's retries are de-duplicated only inside this window: keep it longer
     /// than a broker outage you want re-sends to be invisible across.
     pub duplicate_window: Duration,
-    /// Keep messages this long; zero keeps them until limits apply (default zero).
+    /// Keep messages this long; zero keeps them until limits apply (default zero). On an
+    /// existing stream, zero leaves the stream's own max age as it is (see
+    /// [`NatsPublisher::ensure_stream`]).
     pub max_age: Duration,
 }
 
@@ -112,8 +119,11 @@ impl StreamSpec {
 /// `Nats-Msg-Id` = event id and the `Edupulse-*` headers; acknowledgements are awaited
 /// together, not one round trip per event.
 ///
-/// Security: async-nats logs its CONNECT line, credentials included, at TRACE level; do not
-/// enable TRACE for `async_nats` in production. This type never logs or formats the URL.
+/// Security: [`connect`](NatsPublisher::connect) takes the credentials out of the URL before
+/// async-nats sees it, so they appear in no log line at any level (async-nats logs the
+/// server addresses at DEBUG, and its CONNECT message at TRACE with password and token
+/// masked). This type never logs or formats the URL. A client built by the application and
+/// passed to [`from_client`](NatsPublisher::from_client) logs what its URL holds.
 #[derive(Clone)]
 pub struct NatsPublisher {
     /// The context handed to the application (async-nats' defaults: a publish waits for a
@@ -135,19 +145,37 @@ fn broker(what: &str, e: impl fmt::Display) -> EventError {
 }
 
 impl NatsPublisher {
-    /// Connects to the NATS server at `url`. When the server is down, the client keeps
-    /// trying in the background and publishes fail until it is back (the outbox keeps the
-    /// events).
+    /// Connects to the NATS server at `url`: `nats://host:port`, `tls://host:port`, or
+    /// several servers separated by commas. Credentials in the URL (`user:password@` or a
+    /// lone `token@`) are taken out of it and handed to async-nats as options, so they are
+    /// sent in the CONNECT message only (which async-nats logs with the secrets masked) and
+    /// never in the server addresses it logs.
+    ///
+    /// The first connection is made here, within `config.connect_timeout`: a server that is
+    /// down, an unknown host or refused credentials are reported at once. Once connected,
+    /// the client reconnects in the background after an outage, and publishes fail until
+    /// the server is back (the outbox keeps the events).
     ///
     /// # Errors
-    /// [`EventError::Broker`] when the URL is invalid.
+    /// [`EventError::Config`] when the URL is invalid; [`EventError::Connect`] when the
+    /// first connection fails, with the cause and the next step. Neither shows the URL's
+    /// credentials.
     pub async fn connect(url: &str, config: NatsConfig) -> Result<Self, EventError> {
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(config.connect_timeout)
-            .retry_on_initial_connect()
-            .connect(url)
-            .await
-            .map_err(|e| broker("cannot connect to NATS (the URL is not shown)", e.kind()))?;
+        let target = connect::nats_target(url)?;
+        let options = async_nats::ConnectOptions::new().connection_timeout(config.connect_timeout);
+        let options = match target.credentials {
+            Some(NatsCredentials::UserPassword(user, password)) => options.user_and_password(user, password),
+            Some(NatsCredentials::Token(token)) => options.token(token),
+            None => options,
+        };
+        // Without `retry_on_initial_connect`: the first failure comes back to the caller
+        // instead of surfacing later as a request timeout. The bound covers DNS too.
+        let client = match tokio::time::timeout(config.connect_timeout, options.connect(target.servers)).await
+        {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(connect::nats_connect_error(e, &target.names)),
+            Err(_) => return Err(connect::nats_timeout(&target.names, config.connect_timeout)),
+        };
         Ok(Self::from_client(client, &config))
     }
 
@@ -167,39 +195,97 @@ impl NatsPublisher {
         &self.jetstream
     }
 
-    /// Creates the stream, or updates it to `spec`.
+    /// Creates the stream, or brings an existing one to `spec`.
+    ///
+    /// A missing stream is created file-backed with `spec`'s subjects, duplicate window and
+    /// max age, everything else at JetStream's defaults. On an existing stream only what
+    /// `spec` asks for changes: the subjects, the duplicate window, and the max age when it
+    /// is not zero (zero leaves the stream's own). Replicas, limits (`max_msgs`,
+    /// `max_bytes`, …), retention, discard policy, storage, description and the rest are
+    /// kept, so settings an operator made survive a restart of the service. Nothing is sent
+    /// when the stream already matches.
     ///
     /// # Errors
     /// [`EventError::Config`] for an invalid name or subject filter; [`EventError::Broker`]
-    /// when JetStream refuses.
+    /// when JetStream refuses or does not answer.
     pub async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), EventError> {
         validate_stream_name(&spec.name)?;
         for filter in &spec.subjects {
             validate_filter(filter)?;
         }
-        let config = jetstream::stream::Config {
-            name: spec.name.clone(),
-            subjects: spec.subjects.clone(),
-            duplicate_window: spec.duplicate_window,
-            max_age: spec.max_age,
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
+        let current = match self.stream_config(&spec.name).await? {
+            Some(current) => current,
+            None => {
+                let config = jetstream::stream::Config {
+                    name: spec.name.clone(),
+                    subjects: spec.subjects.clone(),
+                    duplicate_window: spec.duplicate_window,
+                    max_age: spec.max_age,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                };
+                match self.jetstream.create_stream(config).await {
+                    Ok(_) => return Ok(()),
+                    // Another process created it meanwhile, with other settings: adjust
+                    // theirs, as if it had been there first.
+                    Err(e) if create_code(e.kind()) == Some(ErrorCode::STREAM_NAME_EXIST) => {
+                        self.stream_config(&spec.name).await?.ok_or_else(|| {
+                            broker(
+                                "cannot create the stream",
+                                "JetStream says it exists, then that it does not",
+                            )
+                        })?
+                    }
+                    Err(e) => return Err(broker("cannot create the stream", stream_hint(e))),
+                }
+            }
         };
-        match self.jetstream.get_stream(&spec.name).await {
-            Ok(_) => {
-                self.jetstream
-                    .update_stream(&config)
-                    .await
-                    .map_err(|e| broker("cannot update the stream", e))?;
-            }
-            Err(_) => {
-                self.jetstream
-                    .create_stream(config)
-                    .await
-                    .map_err(|e| broker("cannot create the stream", e))?;
-            }
+        let mut config = current.clone();
+        config.subjects.clone_from(&spec.subjects);
+        config.duplicate_window = spec.duplicate_window;
+        if !spec.max_age.is_zero() {
+            config.max_age = spec.max_age;
+        }
+        if config != current {
+            self.jetstream
+                .update_stream(&config)
+                .await
+                .map_err(|e| broker("cannot update the stream", stream_hint(e)))?;
         }
         Ok(())
+    }
+
+    /// The configuration of the stream `name`, or `None` when there is none.
+    async fn stream_config(&self, name: &str) -> Result<Option<jetstream::stream::Config>, EventError> {
+        match self.jetstream.get_stream(name).await {
+            Ok(stream) => Ok(Some(stream.cached_info().config.clone())),
+            Err(e) if jetstream_code(e.kind()) == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
+            Err(e) => Err(broker("cannot read the stream's configuration", stream_hint(e))),
+        }
+    }
+}
+
+fn jetstream_code(kind: GetStreamErrorKind) -> Option<ErrorCode> {
+    match kind {
+        GetStreamErrorKind::JetStream(e) => Some(e.error_code()),
+        _ => None,
+    }
+}
+
+fn create_code(kind: CreateStreamErrorKind) -> Option<ErrorCode> {
+    match kind {
+        CreateStreamErrorKind::JetStream(e) => Some(e.error_code()),
+        _ => None,
+    }
+}
+
+/// A stream request's error, with the likely reason when JetStream did not answer.
+fn stream_hint(e: impl fmt::Display) -> String {
+    let text = e.to_string();
+    if text.contains("timed out") || text.contains("no responders") || text.contains("unavailable") {
+        format!("{text}; is JetStream enabled on the server (`nats-server -js`)?")
+    } else {
+        text
     }
 }
 

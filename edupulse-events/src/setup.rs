@@ -40,7 +40,8 @@ impl Backends {
     /// (default: an [`InMemoryBroker`]), applies the migrations and ensures `stream`.
     ///
     /// # Errors
-    /// [`EventError::Config`], [`EventError::Database`], [`EventError::Broker`]. URLs are
+    /// [`EventError::Config`], [`EventError::Connect`] (a server down, unknown or refusing
+    /// the credentials), [`EventError::Database`], [`EventError::Broker`]. Credentials are
     /// never part of the messages.
     pub async fn connect(
         database_url: Option<&str>,

@@ -8,7 +8,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::SqliteConnection;
 use uuid::Uuid;
 
@@ -196,17 +196,17 @@ impl EventStore {
     ///
     /// # Errors
     /// [`EventError::Config`] for a URL that cannot be parsed or has an unsupported scheme;
-    /// [`EventError::Database`] when the server cannot be reached.
+    /// [`EventError::Connect`] when the PostgreSQL server cannot be reached or refuses the
+    /// user or the database (within 5 s, at once when the port is closed or the host
+    /// unknown); [`EventError::Database`] for the SQLite file.
     pub async fn connect(url: &str, config: StoreConfig) -> Result<Self, EventError> {
         let scheme = url.split_once("://").map(|(scheme, _)| scheme).unwrap_or_default();
         match scheme {
             "postgres" | "postgresql" => {
-                let options: PgConnectOptions = url.parse().map_err(|_| {
-                    EventError::Config(
-                        "the PostgreSQL URL cannot be parsed (it is not shown: it may hold a password)"
-                            .into(),
-                    )
-                })?;
+                let options = crate::connect::postgres_options(url)?;
+                // One connection first: a refused port, a wrong password or a missing
+                // database is reported at once and by cause, not as the pool's timeout.
+                crate::connect::check_postgres(&options).await?;
                 let pool = PgPoolOptions::new()
                     .max_connections(config.max_connections)
                     .acquire_timeout(Duration::from_secs(10))

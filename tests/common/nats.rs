@@ -12,6 +12,8 @@ pub struct NatsServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Extra command-line arguments (authorization, for example).
+    args: Vec<String>,
 }
 
 fn binary() -> PathBuf {
@@ -32,13 +34,23 @@ fn binary() -> PathBuf {
 impl NatsServer {
     /// Starts a JetStream server on a free loopback port with a store directory of its own.
     pub async fn start() -> Self {
+        Self::start_with_args(&[]).await
+    }
+
+    /// The same, with extra arguments (`["--user", "u", "--pass", "p"]`).
+    pub async fn start_with_args(args: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir =
             std::env::temp_dir().join(format!("edupulse-nats-{}", edupulse_events::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Self { bin: binary(), port, dir, child: None };
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut server = Self { bin: binary(), port, dir, child: None, args };
         server.restart().await;
         server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn url(&self) -> String {
@@ -51,6 +63,7 @@ impl NatsServer {
         let child = Command::new(&self.bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
