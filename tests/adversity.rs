@@ -389,3 +389,53 @@ async fn the_embedded_default_refuses_the_same_inputs() {
     bus.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 1.0, "fine")]).await).await.unwrap();
     assert_eq!(broker.messages().len(), 1);
 }
+
+#[tokio::test]
+async fn an_existing_database_migrates_and_keeps_its_aggregates_in_order() {
+    use sqlx::Connection;
+    // A schema as the previous release left it: migrations 0001 and 0002 only, with events.
+    let schema = format!("t_{}", Uuid::now_v7().simple());
+    let old = std::env::temp_dir().join(format!("edupulse-old-migrations-{schema}"));
+    std::fs::create_dir_all(&old).unwrap();
+    for file in ["0001_event_store.sql", "0002_snapshots.sql"] {
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres").join(file);
+        std::fs::copy(source, old.join(file)).unwrap();
+    }
+    let mut conn = sqlx::PgConnection::connect(&common::database_url()).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}; SET search_path TO {schema}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(old.as_path()).await.unwrap().run(&mut conn).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE enrolments (id int PRIMARY KEY)").execute(&mut conn).await.unwrap();
+
+    let mut config = edupulse_events::StoreConfig::with_schema(&schema).unwrap();
+    config.max_connections = 4;
+    let store = EventStore::connect(&common::database_url(), config).await.unwrap();
+    // B takes its transaction id first, with a write of its own.
+    let mut b = store.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("INSERT INTO {schema}.enrolments VALUES (1)")))
+        .execute(b.pg_connection().unwrap())
+        .await
+        .unwrap();
+    // A, younger, wrote event 1 with the previous release (its own transaction id).
+    let id = Uuid::now_v7();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; INSERT INTO streams VALUES ('{id}', 'lesson', 1); \
+         INSERT INTO events (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
+             payload, occurred_at) \
+         VALUES ('{}', 'lesson', '{id}', 1, 'Counted', 1, '{{\"n\":1}}', now()); COMMIT",
+        Uuid::now_v7()
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let _ = std::fs::remove_dir_all(&old);
+
+    // The new release migrates; B appends event 2 and commits.
+    store.migrate().await.unwrap();
+    b.append("lesson", id, 1, [counted(2)]).await.unwrap();
+    b.commit().await.unwrap();
+    assert_eq!(stream_all_sequences(&store, id).await, vec![1, 2]);
+}
