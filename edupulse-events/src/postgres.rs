@@ -45,6 +45,7 @@ struct Queries {
     outbox_partitions: SqlStr,
     older_pending: SqlStr,
     high_water: SqlStr,
+    stream_head: SqlStr,
     outbox_claim: SqlStr,
     outbox_delete: SqlStr,
     outbox_failed: SqlStr,
@@ -149,6 +150,13 @@ impl Queries {
                 "SELECT DISTINCT partition FROM {s}.outbox WHERE global_position <= $1"
             )),
             high_water: sql(format!("SELECT coalesce(max(global_position), 0) FROM {s}.events")),
+            // A backward scan of the stream-order index that stops at the newest row whose
+            // transaction is older than every running one.
+            stream_head: sql(format!(
+                "SELECT transaction_id, global_position FROM {s}.events \
+                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1"
+            )),
             // Claims by deleting: one write per row instead of a row lock and then a delete.
             // No `FOR UPDATE`: the partition's advisory lock keeps other relays out, and a row
             // the bus is deleting at the same moment is waited for and then skipped. Runs
@@ -570,6 +578,13 @@ impl PgBackend {
             Err(e) => e.into(),
             Ok(stream) => refusal(aggregate_id, aggregate_type, expected, stream),
         }
+    }
+
+    /// The last row of the global stream below the transaction horizon, if any.
+    pub(crate) async fn stream_head(&self) -> Result<Option<StreamPosition>, EventError> {
+        let row: Option<(i64, i64)> =
+            sqlx::query_as(self.sql.stream_head.clone()).fetch_optional(&self.pool).await?;
+        Ok(row.map(|(transaction_id, global_position)| StreamPosition { transaction_id, global_position }))
     }
 
     pub(crate) async fn fetch_page(

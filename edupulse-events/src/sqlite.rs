@@ -365,6 +365,16 @@ impl SqliteBackend {
         Ok(LagRow { pending, oldest_seconds, max_attempts, last_error })
     }
 
+    /// The last committed row of the global stream, if any (one writer: positions follow
+    /// commit order, and the stream's transaction id is the position).
+    pub(crate) async fn stream_head(&self) -> Result<Option<StreamPosition>, EventError> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("SELECT global_position FROM events ORDER BY global_position DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(position,)| StreamPosition { transaction_id: position, global_position: position }))
+    }
+
     pub(crate) async fn fetch_page(
         &self,
         query: &PageQuery,

@@ -130,31 +130,12 @@ type PageFuture =
 /// reader of some event types that read everything of its types after this query has
 /// passed the other types' rows up to it too.
 async fn stream_head(store: &EventStore) -> Result<StreamPosition, EventError> {
-    let row: Option<(i64, i64)> = match &store.inner.backend {
-        Backend::Postgres(pg) => {
-            // Safe: `SchemaName` admits only `[a-z0-9_]`, and it is quoted besides.
-            let sql = format!(
-                "SELECT transaction_id, global_position FROM \"{}\".events {PG_HEAD}",
-                store.config().schema.as_str()
-            );
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_optional(&pg.pool).await?
-        }
-        Backend::Sqlite(sq) => sqlx::query_as(SQLITE_HEAD).fetch_optional(&sq.pool).await?,
+    let head = match &store.inner.backend {
+        Backend::Postgres(pg) => pg.stream_head().await?,
+        Backend::Sqlite(sq) => sq.stream_head().await?,
     };
-    Ok(row.map_or(StreamPosition::START, |(transaction_id, global_position)| StreamPosition {
-        transaction_id,
-        global_position,
-    }))
+    Ok(head.unwrap_or(StreamPosition::START))
 }
-
-/// The last row below the horizon: a backward scan of the stream-order index that stops at
-/// the newest row whose transaction is older than every running one.
-const PG_HEAD: &str = "WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
-     ORDER BY transaction_id DESC, global_position DESC LIMIT 1";
-
-/// The last committed row (the transaction id column of SQLite's stream is the position).
-const SQLITE_HEAD: &str =
-    "SELECT global_position, global_position FROM events ORDER BY global_position DESC LIMIT 1";
 
 /// A stream of decoded, upcast events from the store, read one page at a time as it is
 /// polled: a slow consumer slows the reads, memory holds at most one page.
