@@ -5,6 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -132,6 +134,9 @@ pub struct NatsPublisher {
     /// Ours: without backpressure, so that a publish holding unawaited acknowledgements is
     /// told "none left" instead of waiting for slots that only it can free.
     publishing: jetstream::Context,
+    /// The server's `max_payload`, once known (0 before): read on every commit, so kept
+    /// here instead of cloning the client's server info each time.
+    max_payload: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for NatsPublisher {
@@ -187,7 +192,7 @@ impl NatsPublisher {
             .max_ack_inflight(config.max_ack_inflight.max(1))
             .backpressure_on_inflight(false)
             .build(client);
-        Self { jetstream, publishing }
+        Self { jetstream, publishing, max_payload: Arc::default() }
     }
 
     /// The JetStream context, for the application's own use.
@@ -291,8 +296,14 @@ fn stream_hint(e: impl fmt::Display) -> String {
 
 impl Publisher for NatsPublisher {
     fn max_payload(&self) -> Option<usize> {
+        let known = self.max_payload.load(Ordering::Relaxed);
+        if known > 0 {
+            return Some(known);
+        }
         // Zero until the client has met the server.
-        Some(self.publishing.client().server_info().max_payload).filter(|&n| n > 0)
+        let told = self.publishing.client().server_info().max_payload;
+        self.max_payload.store(told, Ordering::Relaxed);
+        Some(told).filter(|&n| n > 0)
     }
 
     fn publish<'a>(
