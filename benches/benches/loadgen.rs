@@ -4,7 +4,7 @@
 //! `bash scripts/bench.sh` starts PostgreSQL and nats-server and runs it; or set
 //! `DATABASE_URL` and `NATS_URL` and run
 //! `cargo bench -p edupulse-events-bench --bench loadgen -- [--quick] [--only NAME]`.
-//! Scenarios: `append`, `publish`, `relay`, `replay`.
+//! Scenarios: `append`, `publish`, `relay`, `replay`, `wake`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -608,6 +608,94 @@ async fn bench_replay(env: &Env) -> Result<()> {
     drop_store(&store).await
 }
 
+/// How the publisher of the log design (issue 13) could be woken after a commit, and what
+/// each way costs the committers: a bare commit (BEGIN, the event rows, COMMIT); the same
+/// with `pg_notify` inside the transaction (PostgreSQL then takes a database-wide lock on
+/// the notification queue at COMMIT, held until the commit is flushed: committers
+/// serialise); `pg_notify` as a statement of its own after COMMIT (what the bus does today
+/// when it wakes the relays: one more round trip); an in-process signal after COMMIT
+/// (`tokio::sync::Notify`: no round trip, a publisher in another process polls instead).
+async fn bench_wake(env: &Env) -> Result<()> {
+    println!("\n### Waking a publisher after COMMIT: cost to the committers\n");
+    println!(
+        "| committers | events per commit | bare commit events/s | p50 | p99 | NOTIFY in the transaction | p50 | p99 | \
+         NOTIFY after COMMIT | p50 | p99 | in-process signal | p50 | p99 |"
+    );
+    println!(
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let per_run = if env.quick { 600 } else { 3_000 };
+    for (committers, per_commit) in [(1usize, 1usize), (8, 1), (64, 1), (64, 10)] {
+        let rounds = (per_run / (committers * per_commit)).max(1);
+        let store = fresh_store(env, (committers as u32 + 4).min(80)).await?;
+        let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
+        let table = raw_table(&pool, store.config().schema.as_str()).await?;
+        let signal = Arc::new(tokio::sync::Notify::new());
+        let mut row = format!("| {committers} | {per_commit} |");
+        // The first pass, one commit per committer, only opens the pool's connections
+        // (connection set-up is not what this table measures).
+        for (wake, rounds) in [
+            (Wake::None, 1),
+            (Wake::None, rounds),
+            (Wake::NotifyInTransaction, rounds),
+            (Wake::NotifyAfterCommit, rounds),
+            (Wake::Signal, rounds),
+        ] {
+            let warm_up = rounds == 1;
+            let (events_per_second, latencies) = run_committers(committers, rounds, per_commit, {
+                let (pool, table, signal) = (pool.clone(), table.clone(), signal.clone());
+                move |_, round| {
+                    let (pool, table, signal) = (pool.clone(), table.clone(), signal.clone());
+                    async move {
+                        let id = Uuid::now_v7();
+                        let first = (round * per_commit) as u64;
+                        let events: Vec<_> =
+                            (first..first + per_commit as u64).map(|n| tick(id, n)).collect();
+                        let mut tx = pool.begin().await?;
+                        raw_insert_returning(&mut tx, &table, id, 1, &events).await?;
+                        if wake == Wake::NotifyInTransaction {
+                            sqlx::query("SELECT pg_notify('edupulse_bench_wake', '')")
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        tx.commit().await?;
+                        match wake {
+                            Wake::NotifyAfterCommit => {
+                                sqlx::query("SELECT pg_notify('edupulse_bench_wake', '')")
+                                    .execute(&pool)
+                                    .await?;
+                            }
+                            Wake::Signal => signal.notify_one(),
+                            Wake::None | Wake::NotifyInTransaction => {}
+                        }
+                        Ok(())
+                    }
+                }
+            })
+            .await?;
+            if warm_up {
+                continue;
+            }
+            row.push_str(&format!(
+                " {events_per_second:.0} | {:.2} ms | {:.2} ms |",
+                percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+                percentile(&latencies, 0.99).as_secs_f64() * 1e3
+            ));
+        }
+        println!("{row}");
+        drop_store(&store).await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    None,
+    NotifyInTransaction,
+    NotifyAfterCommit,
+    Signal,
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if std::env::var("DATABASE_URL").is_err() || std::env::var("NATS_URL").is_err() {
@@ -637,6 +725,9 @@ fn main() -> Result<()> {
         }
         if wanted("replay") {
             bench_replay(&env).await?;
+        }
+        if wanted("wake") {
+            bench_wake(&env).await?;
         }
         Ok(())
     })
