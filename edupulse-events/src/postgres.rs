@@ -30,6 +30,10 @@ const COLUMNS: &str = "global_position, transaction_id, event_id, aggregate_type
 /// The writing transaction's id, as the `bigint` the tables store.
 const XACT_ID: &str = "pg_current_xact_id()::text::bigint";
 
+/// The transaction horizon: the oldest transaction still running. Rows recorded below it
+/// can no longer be joined by a late commit, so the global stream reads only those.
+const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
 /// The store's statements for one schema.
 struct Queries {
     append_new: SqlStr,
@@ -127,13 +131,13 @@ impl Queries {
             all_page: sql(format!(
                 "SELECT {COLUMNS} FROM {s}.events \
                  WHERE (transaction_id, global_position) > ($1, $2) \
-                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+                   AND transaction_id < {HORIZON} \
                  ORDER BY transaction_id, global_position LIMIT $3"
             )),
             all_page_typed: sql(format!(
                 "SELECT {COLUMNS} FROM {s}.events \
                  WHERE (transaction_id, global_position) > ($1, $2) \
-                   AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+                   AND transaction_id < {HORIZON} \
                    AND event_type = ANY($4) \
                  ORDER BY transaction_id, global_position LIMIT $3"
             )),
@@ -154,7 +158,7 @@ impl Queries {
             // transaction is older than every running one.
             stream_head: sql(format!(
                 "SELECT transaction_id, global_position FROM {s}.events \
-                 WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+                 WHERE transaction_id < {HORIZON} \
                  ORDER BY transaction_id DESC, global_position DESC LIMIT 1"
             )),
             // Claims by deleting: one write per row instead of a row lock and then a delete.
