@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::bus::EventBus;
+use crate::bus::{Committed, EventBus};
 use crate::store::StoredSnapshot;
 use crate::{DomainEvent, EventEnvelope, EventError};
 
@@ -154,7 +154,7 @@ impl<A: Aggregate> Repository<A> {
             let expected = loaded.sequence;
             let decided = events.clone();
             let result = self.bus.commit(async |tx| tx.append(A::TYPE, id, expected, decided).await).await;
-            match result {
+            match result.map(Committed::into_value) {
                 Ok(stored) => {
                     for event in &events {
                         loaded.state.apply(event);

@@ -106,10 +106,31 @@ pub enum EventError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 
-    /// The broker failed, refused a message or could not be reached. The outbox keeps
-    /// the events; the relay retries.
+    /// The broker failed or could not be reached (a timeout, a lost connection, no stream
+    /// for the subject). The events stay in the store; the relay retries without limit.
     #[error("broker error: {0}")]
     Broker(String),
+
+    /// The broker answered and refused this one message (for example larger than the
+    /// stream allows). The relay retries it a few times, then parks it.
+    #[error("the broker refused the message: {0}")]
+    Refused(String),
+
+    /// The event was committed but the broker refused it for good: it is parked, with its
+    /// aggregate's later events behind it, until re-queued
+    /// ([`EventStore::requeue_parked`](crate::EventStore::requeue_parked)).
+    #[error(
+        "event {event_id} (position {global_position}) is committed but parked, not published: {reason}; \
+         fix the cause, then re-queue it"
+    )]
+    Parked {
+        /// The event.
+        event_id: Uuid,
+        /// Its global position.
+        global_position: i64,
+        /// The broker's refusal, or the parked event it waits behind.
+        reason: String,
+    },
 
     /// The configuration is invalid (a table name, a URL, an option).
     #[error("invalid configuration: {0}")]

@@ -1,8 +1,8 @@
 //! Domain events for Rust services: annotate plain event structs with
 //! `#[derive(DomainEvent)]` and get stable type names, NATS subjects, schema versions with an
 //! upcaster chain for old payloads, and typed SQL bindings; store them in PostgreSQL with
-//! optimistic concurrency, and publish them to NATS JetStream after commit through a
-//! transactional outbox.
+//! optimistic concurrency, and publish them to NATS JetStream from the log once they
+//! committed.
 //!
 //! # Example
 //!
@@ -97,12 +97,14 @@
 //! nats.ensure_stream(&StreamSpec::new("EDUPULSE", ["courses.>"])).await?;
 //! let nats: Arc<dyn Publisher> = Arc::new(nats);
 //!
-//! // Events and the caller's own writes commit together; published right after COMMIT.
+//! // Events and the caller's own writes commit together; the bus's background relay
+//! // publishes them from the log. Wait for the acknowledgement only when you need it.
 //! let bus = EventBus::new(store.clone(), nats.clone(), BusConfig::default());
-//! bus.commit(async |tx| tx.append("lesson", lesson_id, 0, [event.clone()]).await).await?;
+//! let committed = bus.commit(async |tx| tx.append("lesson", lesson_id, 0, [event.clone()]).await).await?;
+//! committed.receipt.published().await?;
 //!
-//! // Whatever the broker did not acknowledge is republished by a relay (one or several).
-//! let relay = OutboxRelay::new(store.clone(), nats, RelayConfig::default());
+//! // Or publish from a process of its own (any number of relays share the partitions).
+//! let relay = LogRelay::new(store.clone(), nats, RelayConfig::default());
 //! tokio::spawn(async move { relay.run(std::future::pending()).await });
 //!
 //! // Replay one aggregate, or follow the global stream from a checkpoint.
@@ -121,16 +123,19 @@
 //!   [`EventStore::load`], [`EventStore::stream_all`] and [`EventStore::events_by_key`] are
 //!   streams read page by page. `stream_all` orders by writing transaction so that a late
 //!   commit with a lower position is never skipped; its docs explain the cost.
-//! - [`EventBus::commit`]: events plus outbox rows in one transaction; rollback (error or
-//!   panic) publishes nothing, and so does a transaction PostgreSQL aborted (a failed
-//!   statement, even an ignored one: [`EventError::TransactionAborted`]); an event that
-//!   could not be delivered or read back is refused before anything is written
-//!   ([`EventError::InvalidEvent`]); after COMMIT the events are published at once, and what the
-//!   broker does not acknowledge waits for the [`OutboxRelay`].
-//! - [`OutboxRelay`]: partitions, advisory locks and `FOR UPDATE SKIP LOCKED` keep one
-//!   aggregate's events in order with any number of relays; LISTEN/NOTIFY wakes it, polling
-//!   is the safety net; failures back off exponentially with jitter. Re-sends carry the same
-//!   `Nats-Msg-Id`, dropped by JetStream inside the stream's duplicate window
+//! - [`EventBus::commit`]: the events and the caller's writes in one transaction, nothing
+//!   else on the write path; rollback (error or panic) publishes nothing, and so does a
+//!   transaction PostgreSQL aborted (a failed statement, even an ignored one:
+//!   [`EventError::TransactionAborted`]); an event that could not be delivered or read back
+//!   is refused before anything is written ([`EventError::InvalidEvent`]). It returns a
+//!   [`Receipt`]: `published().await` waits for the broker's acknowledgement.
+//! - [`LogRelay`]: reads the log past its checkpoints, below the transaction horizon, and
+//!   publishes it pipelined, one message per aggregate in flight; a checkpoint per partition
+//!   and batch. Relays share the partitions through advisory session locks, standbys take
+//!   over; an event the broker refuses for good is parked with its aggregate's later events
+//!   ([`EventStore::parked_events`], [`EventStore::requeue_parked`]); [`EventStore::relay_lag`]
+//!   says how far behind it is and which transaction holds the horizon. Re-sends carry the
+//!   same `Nats-Msg-Id`, dropped by JetStream inside the stream's duplicate window
 //!   ([`StreamSpec::duplicate_window`], 2 minutes by default).
 //! - [`Subscriber`]: a durable JetStream pull consumer of a struct or enum of events;
 //!   acknowledges after the handler succeeds, negatively acknowledges with a delay on
@@ -169,10 +174,10 @@ mod envelope;
 mod error;
 mod event;
 mod memory;
-mod outbox;
 mod postgres;
 mod projection;
 mod publisher;
+mod relay;
 mod setup;
 mod sqlite;
 mod store;
@@ -190,7 +195,7 @@ pub use serde_json;
 pub use uuid::{self, Uuid};
 
 pub use crate::aggregate::{Aggregate, CommandError, Loaded, Repository};
-pub use crate::bus::{BusConfig, BusTransaction, EventBus};
+pub use crate::bus::{BusConfig, BusTransaction, Committed, EventBus, Receipt};
 pub use crate::connect::ConnectCause;
 pub use crate::consume::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};
 pub use crate::deliverable::DEFAULT_MAX_MESSAGE_BYTES;
@@ -200,8 +205,10 @@ pub use crate::event::{
     AggregateId, DomainEvent, EncodedEvent, EventSchema, IntoKeyValue, KeyValue, PromotedKey,
 };
 pub use crate::memory::{BrokerMessage, InMemoryBroker};
-pub use crate::outbox::{OutboxLag, OutboxRelay, PARTITIONS, RelayConfig, RelayPass};
 pub use crate::projection::{Projection, ProjectionRunner, UndecodablePolicy};
+pub use crate::relay::{
+    LogRelay, PARTITIONS, ParkedEvent, RelayConfig, RelayLag, RelayPass, Requeue, RunningTransaction,
+};
 pub use crate::publisher::{BoxFuture, NatsConfig, NatsPublisher, PublishReceipt, Publisher, StreamSpec};
 pub use crate::setup::{Backends, EMBEDDED_DATABASE_URL};
 pub use crate::store::{

@@ -40,6 +40,7 @@ struct State {
     messages: Vec<BrokerMessage>,
     seen: HashMap<String, (u64, Instant)>,
     subscribers: Vec<(Vec<String>, mpsc::UnboundedSender<BrokerMessage>)>,
+    refusing: Option<Vec<String>>,
 }
 
 /// The in-process broker. Cheap to clone: clones share one stream.
@@ -84,6 +85,24 @@ impl InMemoryBroker {
         self.available.store(available, Ordering::SeqCst);
     }
 
+    /// Refuses every message whose subject matches `filter` from now on, as a broker
+    /// refuses a message it will never take ([`EventError::Refused`]); `None` accepts
+    /// them again.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid filter.
+    pub fn refuse(&self, filter: Option<&str>) -> Result<(), EventError> {
+        let tokens = match filter {
+            Some(filter) => {
+                validate_filter(filter)?;
+                Some(filter.split('.').map(str::to_owned).collect())
+            }
+            None => None,
+        };
+        self.lock().refusing = tokens;
+        Ok(())
+    }
+
     /// Every message stored so far, in order.
     pub fn messages(&self) -> Vec<BrokerMessage> {
         self.lock().messages.clone()
@@ -108,12 +127,15 @@ impl InMemoryBroker {
         }
         let size = header_block_len(&message.headers) + message.body.len();
         if size > DEFAULT_MAX_MESSAGE_BYTES {
-            return Err(EventError::Broker(format!(
+            return Err(EventError::Refused(format!(
                 "message of {size} bytes refused: the in-process broker's limit is {DEFAULT_MAX_MESSAGE_BYTES}, \
                  as NATS' default max_payload"
             )));
         }
         let mut state = self.lock();
+        if state.refusing.as_ref().is_some_and(|filter| matches(filter, &message.subject)) {
+            return Err(EventError::Refused(format!("subject {} refused by the in-process broker", message.subject)));
+        }
         let now = Instant::now();
         let window = self.duplicate_window;
         state.seen.retain(|_, (_, at)| now.duration_since(*at) < window);

@@ -9,8 +9,9 @@ use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
+use crate::relay::{LogRow, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction};
 use crate::store::{
-    Appended, ExpectedSequence, OutboxTarget, Prepared, SchemaName, StreamPosition, prepare_append, refusal,
+    AppendRules, Appended, ExpectedSequence, Prepared, SchemaName, StreamPosition, prepare_append, refusal,
 };
 use crate::stream::{PageQuery, StoredRow, stored_row};
 use crate::{DomainEvent, EventEnvelope, EventError};
@@ -38,22 +39,27 @@ const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 struct Queries {
     append_new: SqlStr,
     append_existing: SqlStr,
-    append_new_outbox: SqlStr,
-    append_existing_outbox: SqlStr,
     stream_state: SqlStr,
     current_sequence: SqlStr,
     load_page: SqlStr,
     all_page: SqlStr,
     all_page_typed: SqlStr,
     key_page: SqlStr,
-    outbox_partitions: SqlStr,
-    older_pending: SqlStr,
-    high_water: SqlStr,
     stream_head: SqlStr,
-    outbox_claim: SqlStr,
-    outbox_delete: SqlStr,
-    outbox_failed: SqlStr,
-    outbox_lag: SqlStr,
+    relay_page: SqlStr,
+    relay_lock: SqlStr,
+    relay_checkpoints: SqlStr,
+    relay_save: SqlStr,
+    relay_lag: SqlStr,
+    parked_heads: SqlStr,
+    parked_requeued: SqlStr,
+    parked_list: SqlStr,
+    parked_among: SqlStr,
+    parked_requeue: SqlStr,
+    parked_requeue_all: SqlStr,
+    parked_delete: SqlStr,
+    parked_refused_again: SqlStr,
+    oldest_write: SqlStr,
     checkpoint_save: SqlStr,
     checkpoint_load: SqlStr,
     checkpoint_init: SqlStr,
@@ -68,12 +74,13 @@ impl Queries {
         let s = format!("\"{}\"", schema.as_str());
         let events_insert = format!(
             "INSERT INTO {s}.events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
-                 schema_version, payload, metadata, keys, occurred_at, transaction_id) \
+                 schema_version, payload, metadata, keys, occurred_at, transaction_id, subject) \
              SELECT e.event_id, $2, $1, bump.version - $4 + e.ord, e.event_type, e.schema_version, \
-                 e.payload::jsonb, e.metadata::jsonb, e.keys::jsonb, e.occurred_at, bump.last_transaction_id \
+                 e.payload::jsonb, e.metadata::jsonb, e.keys::jsonb, e.occurred_at, bump.last_transaction_id, \
+                 e.subject \
              FROM bump CROSS JOIN unnest($5::uuid[], $6::text[], $7::int4[], $8::text[], $9::text[], \
-                 $10::text[], $11::timestamptz[]) WITH ORDINALITY \
-                 AS e(event_id, event_type, schema_version, payload, metadata, keys, occurred_at, ord) \
+                 $10::text[], $11::timestamptz[], $12::text[]) WITH ORDINALITY \
+                 AS e(event_id, event_type, schema_version, payload, metadata, keys, occurred_at, subject, ord) \
              ORDER BY e.ord"
         );
         // A new stream (expected 0) or any sequence: insert the stream row, or bump it when
@@ -99,25 +106,11 @@ impl Queries {
                  WHERE aggregate_id = $1 AND aggregate_type = $2 AND version = $3 \
                  RETURNING version, last_transaction_id)"
         );
-        // With the bus: the outbox rows in the same statement, and whether older events of
-        // the aggregate are still pending (the statement's snapshot predates its own rows).
-        let with_outbox = format!(
-            ", ins AS ({events_insert} RETURNING global_position, sequence, recorded_at, event_id), \
-             ob AS (INSERT INTO {s}.outbox (global_position, event_id, aggregate_id, sequence, subject, partition) \
-                 SELECT ins.global_position, ins.event_id, $1, ins.sequence, o.subject, $13 FROM ins \
-                 JOIN unnest($12::text[]) WITH ORDINALITY AS o(subject, ord) \
-                 ON ins.sequence = (SELECT version FROM bump) - $4 + o.ord) \
-             SELECT ins.global_position, ins.sequence, ins.recorded_at, \
-                 EXISTS (SELECT 1 FROM {s}.outbox p WHERE p.partition = $13 AND p.aggregate_id = $1) AS older_pending \
-             FROM ins"
-        );
-        let plain = format!(" {events_insert} RETURNING global_position, sequence, recorded_at");
+        let plain = format!(" {events_insert} RETURNING global_position, sequence, recorded_at, transaction_id");
         let sql = |text: String| AssertSqlSafe(text).into_sql_str();
         Self {
             append_new: sql(format!("{bump_new}{plain}")),
             append_existing: sql(format!("{bump_existing}{plain}")),
-            append_new_outbox: sql(format!("{bump_new}{with_outbox}")),
-            append_existing_outbox: sql(format!("{bump_existing}{with_outbox}")),
             stream_state: sql(format!(
                 "SELECT aggregate_type, version FROM {s}.streams WHERE aggregate_id = $1"
             )),
@@ -146,54 +139,12 @@ impl Queries {
                  WHERE keys @> $1::text::jsonb AND global_position > $2 AND event_type = ANY($4) \
                  ORDER BY global_position LIMIT $3"
             )),
-            older_pending: sql(format!(
-                "SELECT EXISTS (SELECT 1 FROM {s}.outbox \
-                 WHERE partition = $1 AND aggregate_id = $2 AND sequence < $3)"
-            )),
-            outbox_partitions: sql(format!(
-                "SELECT DISTINCT partition FROM {s}.outbox WHERE global_position <= $1"
-            )),
-            high_water: sql(format!("SELECT coalesce(max(global_position), 0) FROM {s}.events")),
             // A backward scan of the stream-order index that stops at the newest row whose
             // transaction is older than every running one.
             stream_head: sql(format!(
                 "SELECT transaction_id, global_position FROM {s}.events \
                  WHERE transaction_id < {HORIZON} \
                  ORDER BY transaction_id DESC, global_position DESC LIMIT 1"
-            )),
-            // Claims by deleting: one write per row instead of a row lock and then a delete.
-            // No `FOR UPDATE`: the partition's advisory lock keeps other relays out, and a row
-            // the bus is deleting at the same moment is waited for and then skipped. Runs
-            // after a savepoint, so a failed publish puts every row back. `= ANY(ARRAY(…))`
-            // keeps the plan on the indexes whatever the statistics say (with `IN (…)` and
-            // fresh statistics PostgreSQL hashes the whole outbox for every batch).
-            outbox_claim: sql(format!(
-                "WITH claimed AS ( \
-                     DELETE FROM {s}.outbox WHERE global_position = ANY(ARRAY( \
-                         SELECT global_position FROM {s}.outbox \
-                         WHERE partition = $1 AND global_position <= $3 \
-                         ORDER BY global_position LIMIT $2)) \
-                     RETURNING global_position, subject) \
-                 SELECT o.subject, {EVENT_COLUMNS} FROM claimed o \
-                 JOIN {s}.events e ON e.global_position = o.global_position \
-                 ORDER BY o.global_position"
-            )),
-            // Never waits: a row a relay has claimed is left to it (it publishes a duplicate,
-            // which JetStream drops, and deletes the row itself).
-            outbox_delete: sql(format!(
-                "DELETE FROM {s}.outbox WHERE global_position IN ( \
-                     SELECT global_position FROM {s}.outbox WHERE global_position = ANY($1) \
-                     FOR UPDATE SKIP LOCKED)"
-            )),
-            outbox_failed: sql(format!(
-                "UPDATE {s}.outbox o SET attempts = o.attempts + 1, last_error = f.error, last_attempt_at = now() \
-                 FROM unnest($1::bigint[], $2::text[]) AS f(position, error) WHERE o.global_position = f.position"
-            )),
-            outbox_lag: sql(format!(
-                "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8, max(attempts), \
-                     (SELECT last_error FROM {s}.outbox WHERE last_error IS NOT NULL \
-                      ORDER BY last_attempt_at DESC LIMIT 1) \
-                 FROM {s}.outbox"
             )),
             checkpoint_save: sql(format!(
                 "INSERT INTO {s}.checkpoints (name, transaction_id, global_position) VALUES ($1, $2, $3) \
@@ -221,6 +172,97 @@ impl Queries {
             checkpoint_lock: sql(format!(
                 "SELECT transaction_id, global_position FROM {s}.checkpoints WHERE name = $1 FOR UPDATE"
             )),
+            // The relay's page: the held partitions' rows past the lowest of their
+            // checkpoints, below the horizon, in stream order (the stream-order index, the
+            // partitions as a filter: one scan whatever the number held).
+            relay_page: sql(format!(
+                "SELECT e.partition, e.subject, {EVENT_COLUMNS} FROM {s}.events e \
+                 WHERE (e.transaction_id, e.global_position) > ($1, $2) \
+                   AND e.transaction_id < {HORIZON} \
+                   AND e.subject IS NOT NULL AND e.partition = ANY($4) \
+                 ORDER BY e.transaction_id, e.global_position LIMIT $3"
+            )),
+            // Session locks: held while the connection lives, not by a transaction.
+            relay_lock: sql(
+                "SELECT p FROM unnest($2::int4[]) AS p WHERE pg_try_advisory_lock($1, p) ORDER BY p".to_owned(),
+            ),
+            relay_checkpoints: sql(format!(
+                "SELECT partition, transaction_id, global_position FROM {s}.relay_checkpoints \
+                 WHERE partition = ANY($1)"
+            )),
+            // Parks the refused events and moves the checkpoints, together: a checkpoint never
+            // passes an event that is neither acknowledged nor parked. Never backwards.
+            relay_save: sql(format!(
+                "WITH parked AS ( \
+                     INSERT INTO {s}.parked_events (global_position, event_id, aggregate_id, sequence, partition, \
+                         blocked_by, attempts, reason) \
+                     SELECT * FROM unnest($4::int8[], $5::uuid[], $6::uuid[], $7::int8[], $8::int4[], $9::int8[], \
+                         $10::int4[], $11::text[]) \
+                     ON CONFLICT (global_position) DO NOTHING) \
+                 UPDATE {s}.relay_checkpoints c SET transaction_id = v.t, global_position = v.g, updated_at = now() \
+                 FROM unnest($1::int4[], $2::int8[], $3::int8[]) AS v(p, t, g) \
+                 WHERE c.partition = v.p AND (c.transaction_id, c.global_position) < (v.t, v.g)"
+            )),
+            // One range scan from the lowest checkpoint; each row compared with its own.
+            relay_lag: sql(format!(
+                "WITH low AS (SELECT transaction_id, global_position FROM {s}.relay_checkpoints \
+                     ORDER BY transaction_id, global_position LIMIT 1), \
+                 pending AS (SELECT e.transaction_id, e.recorded_at FROM {s}.events e \
+                     JOIN {s}.relay_checkpoints c ON c.partition = e.partition, low \
+                     WHERE e.subject IS NOT NULL \
+                       AND (e.transaction_id, e.global_position) > (low.transaction_id, low.global_position) \
+                       AND (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)) \
+                 SELECT (SELECT count(*) FROM pending), \
+                     (SELECT extract(epoch FROM now() - min(recorded_at))::float8 FROM pending), \
+                     (SELECT count(*) FROM pending WHERE transaction_id >= {HORIZON}), \
+                     (SELECT count(*) FROM {s}.parked_events)"
+            )),
+            parked_heads: sql(format!(
+                "SELECT aggregate_id, global_position FROM {s}.parked_events \
+                 WHERE partition = ANY($1) AND blocked_by IS NULL"
+            )),
+            parked_requeued: sql(format!(
+                "SELECT p.partition, e.subject, p.attempts, {EVENT_COLUMNS} FROM {s}.parked_events p \
+                 JOIN {s}.events e ON e.global_position = p.global_position \
+                 WHERE p.partition = ANY($1) AND p.aggregate_id IN ( \
+                     SELECT aggregate_id FROM {s}.parked_events WHERE partition = ANY($1) AND requeued) \
+                 ORDER BY p.aggregate_id, p.sequence"
+            )),
+            parked_list: sql(format!(
+                "SELECT global_position, event_id, aggregate_id, sequence, partition, blocked_by, attempts, reason, \
+                     requeued, extract(epoch FROM now() - parked_at)::float8 AS age \
+                 FROM {s}.parked_events ORDER BY global_position LIMIT $1"
+            )),
+            parked_among: sql(format!(
+                "SELECT global_position, event_id, aggregate_id, sequence, partition, blocked_by, attempts, reason, \
+                     requeued, extract(epoch FROM now() - parked_at)::float8 AS age \
+                 FROM {s}.parked_events WHERE global_position = ANY($1) ORDER BY global_position"
+            )),
+            // Re-queues whole aggregates: a later event never goes before the one it waits for.
+            parked_requeue: sql(format!(
+                "UPDATE {s}.parked_events SET requeued = true WHERE blocked_by IS NULL AND aggregate_id IN ( \
+                     SELECT aggregate_id FROM {s}.parked_events WHERE global_position = ANY($1))"
+            )),
+            parked_requeue_all: sql(format!(
+                "UPDATE {s}.parked_events SET requeued = true WHERE blocked_by IS NULL"
+            )),
+            parked_delete: sql(format!("DELETE FROM {s}.parked_events WHERE global_position = ANY($1)")),
+            // The aggregate's first parked event was refused again: it heads the rest.
+            parked_refused_again: sql(format!(
+                "WITH head AS (UPDATE {s}.parked_events SET blocked_by = NULL, requeued = false, \
+                     attempts = attempts + 1, reason = $3 WHERE global_position = $2 RETURNING global_position) \
+                 UPDATE {s}.parked_events SET blocked_by = $2, requeued = false \
+                 WHERE aggregate_id = $1 AND global_position <> $2"
+            )),
+            // What holds the horizon back: the oldest transaction that has written.
+            oldest_write: sql(
+                "SELECT pid, coalesce(application_name, ''), coalesce(state, ''), \
+                     extract(epoch FROM now() - xact_start)::float8 \
+                 FROM pg_stat_activity \
+                 WHERE backend_xid IS NOT NULL AND datname = current_database() AND pid <> pg_backend_pid() \
+                 ORDER BY xact_start LIMIT 1"
+                    .to_owned(),
+            ),
         }
     }
 }
@@ -228,42 +270,18 @@ impl Queries {
 pub(crate) struct PgBackend {
     pub(crate) pool: PgPool,
     sql: Queries,
-    /// The LISTEN/NOTIFY channel that wakes relays.
-    pub(crate) channel: String,
     /// The first key of the partition advisory locks: a hash of the schema name.
     lock_class: i32,
 }
 
-/// A row claimed from the outbox: its subject and the stored event.
-pub(crate) struct ClaimedRow {
-    pub(crate) subject: String,
-    pub(crate) row: StoredRow,
-}
-
-/// The outbox's backlog.
-pub(crate) struct LagRow {
-    pub(crate) pending: i64,
-    pub(crate) oldest_seconds: Option<f64>,
-    pub(crate) max_attempts: Option<i32>,
-    pub(crate) last_error: Option<String>,
-}
-
 impl PgBackend {
     pub(crate) fn new(pool: PgPool, schema: &SchemaName) -> Self {
-        let mut channel = format!("edupulse_outbox_{}", schema.as_str());
-        channel.truncate(63);
         // FNV-1a: stable across processes and versions, unlike `DefaultHasher`.
-        let hash = format!("edupulse.outbox.{}", schema.as_str())
+        let hash = format!("edupulse.relay.{}", schema.as_str())
             .bytes()
             .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
         let lock_class = i32::from_ne_bytes(hash.to_ne_bytes());
-        Self { pool, sql: Queries::new(schema), channel, lock_class }
-    }
-
-    /// Wakes the relays: events were committed and left in the outbox.
-    pub(crate) async fn notify_outbox(&self) -> Result<(), EventError> {
-        sqlx::query("SELECT pg_notify($1, '')").bind(&self.channel).execute(&self.pool).await?;
-        Ok(())
+        Self { pool, sql: Queries::new(schema), lock_class }
     }
 
     pub(crate) async fn save_checkpoint(
@@ -334,111 +352,6 @@ impl PgBackend {
         }))
     }
 
-    /// The partitions that have pending rows.
-    pub(crate) async fn outbox_partitions(&self, up_to: i64) -> Result<Vec<i32>, EventError> {
-        Ok(sqlx::query_scalar(self.sql.outbox_partitions.clone()).bind(up_to).fetch_all(&self.pool).await?)
-    }
-
-    /// The highest global position written so far (0 for an empty store).
-    pub(crate) async fn high_water(&self) -> Result<i64, EventError> {
-        Ok(sqlx::query_scalar(self.sql.high_water.clone()).fetch_one(&self.pool).await?)
-    }
-
-    /// Takes the partition's claimer lock for the transaction; false when another holds it.
-    pub(crate) async fn lock_partition(
-        &self,
-        conn: &mut PgConnection,
-        partition: i32,
-    ) -> Result<bool, EventError> {
-        Ok(sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, $2)")
-            .bind(self.lock_class)
-            .bind(partition)
-            .fetch_one(conn)
-            .await?)
-    }
-
-    /// Marks the point a failed claim rolls back to.
-    pub(crate) async fn savepoint(&self, conn: &mut PgConnection) -> Result<(), EventError> {
-        sqlx::raw_sql("SAVEPOINT edupulse_claim").execute(conn).await?;
-        Ok(())
-    }
-
-    /// Undoes a claim: its rows are pending again.
-    pub(crate) async fn rollback_to_savepoint(&self, conn: &mut PgConnection) -> Result<(), EventError> {
-        sqlx::raw_sql("ROLLBACK TO SAVEPOINT edupulse_claim").execute(conn).await?;
-        Ok(())
-    }
-
-    /// Deletes and returns up to `limit` pending rows of a partition at positions up to
-    /// `up_to`, oldest first (inside the caller's transaction, after
-    /// [`savepoint`](Self::savepoint)).
-    pub(crate) async fn outbox_claim(
-        &self,
-        conn: &mut PgConnection,
-        partition: i32,
-        limit: i64,
-        up_to: i64,
-    ) -> Result<Vec<ClaimedRow>, EventError> {
-        let rows = sqlx::query(self.sql.outbox_claim.clone())
-            .bind(partition)
-            .bind(limit)
-            .bind(up_to)
-            .fetch_all(conn)
-            .await?;
-        rows.iter()
-            .map(|r| Ok(ClaimedRow { subject: r.try_get("subject")?, row: stored_row(r)? }))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(EventError::from)
-    }
-
-    /// Clears acknowledged rows and records failed attempts, outside any transaction.
-    pub(crate) async fn outbox_finish(
-        &self,
-        acked: &[i64],
-        failed: &[i64],
-        errors: &[String],
-    ) -> Result<(), EventError> {
-        let mut conn = self.pool.acquire().await?;
-        self.outbox_delete(&mut conn, acked).await?;
-        self.outbox_failed(&mut conn, failed, errors).await
-    }
-
-    /// Removes acknowledged rows.
-    pub(crate) async fn outbox_delete(
-        &self,
-        conn: &mut PgConnection,
-        positions: &[i64],
-    ) -> Result<(), EventError> {
-        if !positions.is_empty() {
-            sqlx::query(self.sql.outbox_delete.clone()).bind(positions).execute(conn).await?;
-        }
-        Ok(())
-    }
-
-    /// Records a failed attempt for each row.
-    pub(crate) async fn outbox_failed(
-        &self,
-        conn: &mut PgConnection,
-        positions: &[i64],
-        errors: &[String],
-    ) -> Result<(), EventError> {
-        if !positions.is_empty() {
-            sqlx::query(self.sql.outbox_failed.clone()).bind(positions).bind(errors).execute(conn).await?;
-        }
-        Ok(())
-    }
-
-    /// The backlog.
-    pub(crate) async fn outbox_lag(&self) -> Result<LagRow, EventError> {
-        let row = sqlx::query(self.sql.outbox_lag.clone()).fetch_one(&self.pool).await?;
-        Ok(LagRow {
-            pending: row.try_get(0)?,
-            oldest_seconds: row.try_get(1)?,
-            max_attempts: row.try_get(2)?,
-            last_error: row.try_get(3)?,
-        })
-    }
-
     pub(crate) async fn migrate(&self, schema: &SchemaName) -> Result<(), EventError> {
         // A connection of its own: `search_path` is changed for the migrator and must not
         // leak into the pool.
@@ -473,13 +386,12 @@ impl PgBackend {
         conn: &mut PgConnection,
         expected: ExpectedSequence,
         mut envelopes: Vec<EventEnvelope<E>>,
-        max_message_bytes: usize,
-        outbox: Option<OutboxTarget<'_>>,
+        rules: &AppendRules<'_>,
     ) -> Result<Appended<E>, EventError> {
-        let Some(Prepared { aggregate_id, aggregate_type, rows, count: n }) =
-            prepare_append(&envelopes, expected, max_message_bytes)?
+        let Some(Prepared { aggregate_id, aggregate_type, rows, count: n, partition }) =
+            prepare_append(&envelopes, expected, rules)?
         else {
-            return Ok(Appended { envelopes, rows: Vec::new(), older_pending: false });
+            return Ok(Appended { envelopes, partition: 0, positions: Vec::new() });
         };
         let event_ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
         let event_types: Vec<&str> = rows.iter().map(|r| r.event_type).collect();
@@ -488,14 +400,10 @@ impl PgBackend {
         let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
         let keys: Vec<&str> = rows.iter().map(|r| r.keys.as_str()).collect();
         let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.occurred_at).collect();
+        let subjects: Vec<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
         let existing = matches!(expected, ExpectedSequence::Exactly(n) if n > 0);
-        let sql = match (existing, outbox.is_some()) {
-            (true, false) => self.sql.append_existing.clone(),
-            (false, false) => self.sql.append_new.clone(),
-            (true, true) => self.sql.append_existing_outbox.clone(),
-            (false, true) => self.sql.append_new_outbox.clone(),
-        };
-        let mut query = sqlx::query(sql)
+        let sql = if existing { self.sql.append_existing.clone() } else { self.sql.append_new.clone() };
+        let result = sqlx::query(sql)
             .bind(aggregate_id)
             .bind(&aggregate_type)
             .bind(expected.as_i64())
@@ -506,11 +414,10 @@ impl PgBackend {
             .bind(&payloads)
             .bind(&metadata)
             .bind(&keys)
-            .bind(&occurred);
-        if let Some(target) = &outbox {
-            query = query.bind(target.subjects).bind(target.partition);
-        }
-        let result = query.fetch_all(&mut *conn).await;
+            .bind(&occurred)
+            .bind(&subjects)
+            .fetch_all(&mut *conn)
+            .await;
         let stored_rows = match result {
             Ok(stored_rows) => stored_rows,
             Err(e) if is_unique_violation(&e, "events_aggregate_sequence_key") => {
@@ -524,14 +431,14 @@ impl PgBackend {
         if stored_rows.is_empty() {
             return Err(self.explain_refusal(conn, aggregate_id, &aggregate_type, expected).await);
         }
-        let mut older_pending = match (&outbox, stored_rows.first()) {
-            (Some(_), Some(row)) => row.try_get("older_pending")?,
-            _ => false,
-        };
-        let mut stored: Vec<(i64, i64, DateTime<Utc>)> = stored_rows
+        let mut stored: Vec<(i64, StreamPosition, DateTime<Utc>)> = stored_rows
             .iter()
             .map(|row| {
-                Ok((row.try_get("sequence")?, row.try_get("global_position")?, row.try_get("recorded_at")?))
+                let position = StreamPosition {
+                    transaction_id: row.try_get("transaction_id")?,
+                    global_position: row.try_get("global_position")?,
+                };
+                Ok((row.try_get("sequence")?, position, row.try_get("recorded_at")?))
             })
             .collect::<Result<_, sqlx::Error>>()?;
         stored.sort_unstable_by_key(|(sequence, _, _)| *sequence);
@@ -542,30 +449,14 @@ impl PgBackend {
                 envelopes.len()
             )));
         }
-        let first_sequence = stored.first().map_or(0, |(sequence, _, _)| *sequence);
+        let mut positions = Vec::with_capacity(stored.len());
         for (envelope, (sequence, position, recorded_at)) in envelopes.iter_mut().zip(stored) {
             envelope.sequence = sequence;
-            envelope.global_position = Some(position);
+            envelope.global_position = Some(position.global_position);
             envelope.recorded_at = Some(recorded_at);
+            positions.push(position);
         }
-        // An `Any` append may have waited for the stream row while another transaction
-        // committed the aggregate's previous events: its statement's snapshot predates that
-        // commit and did not see their outbox rows. A new statement does (measured by the
-        // fault harness: the bus then published both directly, racing, and JetStream got an
-        // aggregate out of order). An exact expectation never waits and then succeeds: the
-        // row it waited for no longer has the expected sequence.
-        if let Some(target) = &outbox
-            && !older_pending
-            && expected == ExpectedSequence::Any
-        {
-            older_pending = sqlx::query_scalar(self.sql.older_pending.clone())
-                .bind(target.partition)
-                .bind(aggregate_id)
-                .bind(first_sequence)
-                .fetch_one(&mut *conn)
-                .await?;
-        }
-        Ok(Appended { envelopes, rows, older_pending })
+        Ok(Appended { envelopes, partition, positions })
     }
 
     /// Why an append wrote nothing: a concurrency conflict, or a stream of another type.
@@ -634,6 +525,201 @@ impl PgBackend {
             }
         };
         rows.iter().map(stored_row).collect::<Result<_, sqlx::Error>>().map_err(EventError::from)
+    }
+}
+
+/// The relay's statements. A relay runs them on its lease: the one connection whose session
+/// holds its partitions' advisory locks, so that a relay whose session ended (and whose
+/// partitions another relay may now hold) can no longer move their checkpoints.
+impl PgBackend {
+    /// A connection of its own, outside the pool, for a relay's session locks. Its
+    /// checkpoint writes do not wait for the WAL flush: losing the last one in a crash
+    /// only means re-sending a batch, which the broker drops as duplicates.
+    pub(crate) async fn relay_lease(&self) -> Result<PgConnection, EventError> {
+        let mut conn = self.pool.acquire().await?.detach();
+        sqlx::raw_sql("SET synchronous_commit TO off").execute(&mut conn).await?;
+        Ok(conn)
+    }
+
+    /// Takes the free ones of `partitions`; returns those taken.
+    pub(crate) async fn relay_lock(&self, conn: &mut PgConnection, partitions: &[i32]) -> Result<Vec<i32>, EventError> {
+        Ok(sqlx::query_scalar(self.sql.relay_lock.clone())
+            .bind(self.lock_class)
+            .bind(partitions)
+            .fetch_all(conn)
+            .await?)
+    }
+
+    pub(crate) async fn relay_checkpoints(
+        &self,
+        conn: &mut PgConnection,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        let rows: Vec<(i32, i64, i64)> =
+            sqlx::query_as(self.sql.relay_checkpoints.clone()).bind(partitions).fetch_all(conn).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(p, transaction_id, global_position)| (p, StreamPosition { transaction_id, global_position }))
+            .collect())
+    }
+
+    pub(crate) async fn relay_page(
+        &self,
+        conn: &mut PgConnection,
+        after: StreamPosition,
+        limit: i64,
+        partitions: &[i32],
+    ) -> Result<Vec<LogRow>, EventError> {
+        let rows = sqlx::query(self.sql.relay_page.clone())
+            .bind(after.transaction_id)
+            .bind(after.global_position)
+            .bind(limit)
+            .bind(partitions)
+            .fetch_all(conn)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(LogRow { partition: r.try_get("partition")?, subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(EventError::from)
+    }
+
+    pub(crate) async fn relay_save(
+        &self,
+        conn: &mut PgConnection,
+        checkpoints: &[(i32, StreamPosition)],
+        parked: &[ParkedRow],
+    ) -> Result<(), EventError> {
+        let column = |f: fn(&ParkedRow) -> i64| parked.iter().map(f).collect::<Vec<i64>>();
+        sqlx::query(self.sql.relay_save.clone())
+            .bind(checkpoints.iter().map(|(p, _)| *p).collect::<Vec<i32>>())
+            .bind(checkpoints.iter().map(|(_, c)| c.transaction_id).collect::<Vec<i64>>())
+            .bind(checkpoints.iter().map(|(_, c)| c.global_position).collect::<Vec<i64>>())
+            .bind(column(|r| r.global_position))
+            .bind(parked.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
+            .bind(parked.iter().map(|r| r.aggregate_id).collect::<Vec<Uuid>>())
+            .bind(column(|r| r.sequence))
+            .bind(parked.iter().map(|r| r.partition).collect::<Vec<i32>>())
+            .bind(parked.iter().map(|r| r.blocked_by).collect::<Vec<Option<i64>>>())
+            .bind(parked.iter().map(|r| r.attempts).collect::<Vec<i32>>())
+            .bind(parked.iter().map(|r| r.reason.as_str()).collect::<Vec<&str>>())
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The aggregates with parked events in `partitions`, with their first parked event.
+    pub(crate) async fn parked_heads(
+        &self,
+        conn: &mut PgConnection,
+        partitions: &[i32],
+    ) -> Result<Vec<(Uuid, i64)>, EventError> {
+        Ok(sqlx::query_as(self.sql.parked_heads.clone()).bind(partitions).fetch_all(conn).await?)
+    }
+
+    /// The parked events of re-queued aggregates in `partitions`, each aggregate in order.
+    pub(crate) async fn parked_requeued(
+        &self,
+        conn: &mut PgConnection,
+        partitions: &[i32],
+    ) -> Result<Vec<LogRow>, EventError> {
+        let rows = sqlx::query(self.sql.parked_requeued.clone()).bind(partitions).fetch_all(conn).await?;
+        rows.iter()
+            .map(|r| Ok(LogRow { partition: r.try_get("partition")?, subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(EventError::from)
+    }
+
+    pub(crate) async fn parked_delete(&self, conn: &mut PgConnection, positions: &[i64]) -> Result<(), EventError> {
+        sqlx::query(self.sql.parked_delete.clone()).bind(positions).execute(conn).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn parked_refused_again(
+        &self,
+        conn: &mut PgConnection,
+        aggregate_id: Uuid,
+        position: i64,
+        reason: &str,
+    ) -> Result<(), EventError> {
+        sqlx::query(self.sql.parked_refused_again.clone())
+            .bind(aggregate_id)
+            .bind(position)
+            .bind(reason)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn relay_lag(&self) -> Result<RelayLagRow, EventError> {
+        let row = sqlx::query(self.sql.relay_lag.clone()).fetch_one(&self.pool).await?;
+        Ok(RelayLagRow {
+            pending: row.try_get(0)?,
+            oldest_pending_seconds: row.try_get(1)?,
+            held_back: row.try_get(2)?,
+            parked: row.try_get(3)?,
+        })
+    }
+
+    pub(crate) async fn oldest_write(&self) -> Result<Option<RunningTransaction>, EventError> {
+        let row: Option<(i32, String, String, Option<f64>)> =
+            sqlx::query_as(self.sql.oldest_write.clone()).fetch_optional(&self.pool).await?;
+        Ok(row.map(|(pid, application_name, state, age)| RunningTransaction {
+            pid,
+            application_name,
+            state,
+            age: std::time::Duration::try_from_secs_f64(age.unwrap_or(0.0)).unwrap_or_default(),
+        }))
+    }
+
+    pub(crate) async fn parked_list(&self, limit: i64) -> Result<Vec<ParkedEvent>, EventError> {
+        let rows = sqlx::query(self.sql.parked_list.clone()).bind(limit).fetch_all(&self.pool).await?;
+        parked_events(&rows)
+    }
+
+    pub(crate) async fn parked_among(&self, positions: &[i64]) -> Result<Vec<ParkedEvent>, EventError> {
+        let rows = sqlx::query(self.sql.parked_among.clone()).bind(positions).fetch_all(&self.pool).await?;
+        parked_events(&rows)
+    }
+
+    /// The checkpoints of `partitions`, on a pooled connection.
+    pub(crate) async fn checkpoints_of(&self, partitions: &[i32]) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        self.relay_checkpoints(&mut *self.pool.acquire().await?, partitions).await
+    }
+}
+
+fn parked_events(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<ParkedEvent>, EventError> {
+    {
+        rows.iter()
+            .map(|r| {
+                let age: Option<f64> = r.try_get("age")?;
+                Ok(ParkedEvent {
+                    global_position: r.try_get("global_position")?,
+                    event_id: r.try_get("event_id")?,
+                    aggregate_id: r.try_get("aggregate_id")?,
+                    sequence: r.try_get("sequence")?,
+                    partition: r.try_get("partition")?,
+                    blocked_by: r.try_get("blocked_by")?,
+                    attempts: r.try_get("attempts")?,
+                    reason: r.try_get("reason")?,
+                    requeued: r.try_get("requeued")?,
+                    age: std::time::Duration::try_from_secs_f64(age.unwrap_or(0.0)).unwrap_or_default(),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(EventError::from)
+    }
+}
+
+impl PgBackend {
+    /// Marks parked aggregates for re-publishing: those of `positions`, or all.
+    pub(crate) async fn requeue(&self, positions: Option<&[i64]>) -> Result<u64, EventError> {
+        let done = match positions {
+            Some(positions) => {
+                sqlx::query(self.sql.parked_requeue.clone()).bind(positions).execute(&self.pool).await?
+            }
+            None => sqlx::query(self.sql.parked_requeue_all.clone()).execute(&self.pool).await?,
+        };
+        Ok(done.rows_affected())
     }
 }
 

@@ -1,6 +1,6 @@
 //! Publishing to the broker: the [`Publisher`] trait and its NATS JetStream implementation.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +15,9 @@ use async_nats::jetstream::context::{
     CreateStreamErrorKind, GetStreamErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
 };
 use async_nats::jetstream::{self, message::PublishMessage};
-use futures_util::future::join_all;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use uuid::Uuid;
 
 use crate::EventError;
 use crate::connect::{self, NatsCredentials};
@@ -33,12 +35,15 @@ pub struct PublishReceipt {
     pub duplicate: bool,
 }
 
-/// A broker the bus and the outbox relay publish to.
+/// A broker the relay publishes to.
 ///
-/// Contract: messages are sent in the order given, many in flight at once; one outcome per
-/// message comes back, in the same order. After a message of an aggregate fails, the
-/// publisher does not send that aggregate's later messages of the batch (they fail too), so
-/// a retry can never put them before it.
+/// Contract: one outcome per message comes back, in the order given. An aggregate's
+/// messages are sent in the order given, each only after the broker acknowledged the one
+/// before, so the broker never holds an aggregate's message before an earlier one; messages
+/// of different aggregates are in flight at once. After a message of an aggregate fails,
+/// its later messages are not sent (they fail too). A failure that is the message's own
+/// (the broker answered and refused it) is [`EventError::Refused`]; any other is
+/// [`EventError::Broker`].
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes `messages` and waits for every acknowledgement.
     fn publish<'a>(
@@ -96,7 +101,7 @@ pub struct StreamSpec {
     /// The subjects it captures, wildcards allowed (`courses.>`).
     pub subjects: Vec<String>,
     /// How long JetStream remembers a `Nats-Msg-Id` to drop re-sends (default 2 minutes).
-    /// The outbox relay's retries are de-duplicated only inside this window: keep it longer
+    /// The relay's re-sends are de-duplicated only inside this window: keep it longer
     /// than a broker outage you want re-sends to be invisible across.
     pub duplicate_window: Duration,
     /// Keep messages this long; zero keeps them until limits apply (default zero). On an
@@ -159,7 +164,7 @@ impl NatsPublisher {
     /// The first connection is made here, within `config.connect_timeout`: a server that is
     /// down, an unknown host or refused credentials are reported at once. Once connected,
     /// the client reconnects in the background after an outage, and publishes fail until
-    /// the server is back (the outbox keeps the events).
+    /// the server is back (the events wait in the store's log).
     ///
     /// # Errors
     /// [`EventError::Config`] when the URL is invalid; [`EventError::Connect`] when the
@@ -313,56 +318,53 @@ impl Publisher for NatsPublisher {
         Box::pin(async move {
             let mut outcomes: Vec<Option<Result<PublishReceipt, EventError>>> =
                 messages.iter().map(|_| None).collect();
-            let mut failed_aggregates = HashSet::new();
-            // Sent, acknowledgement not yet awaited, oldest first.
-            let mut in_flight: VecDeque<(usize, PublishAckFuture)> = VecDeque::new();
+            // Each aggregate's messages in order; only its first is ready to send. The next
+            // one becomes ready when the broker acknowledged the previous: one message per
+            // aggregate in flight, so a lost or refused message can never let a later one
+            // of its aggregate into the stream first. Different aggregates are pipelined.
+            let mut queues: HashMap<Uuid, VecDeque<usize>> = HashMap::new();
+            let mut ready: VecDeque<usize> = VecDeque::new();
             for (i, message) in messages.iter().enumerate() {
-                loop {
-                    if failed_aggregates.contains(&message.aggregate_id) {
-                        outcomes[i] = Some(Err(EventError::Broker(
-                            "not sent: an earlier event of the same aggregate failed".into(),
-                        )));
-                        break;
-                    }
+                let queue = queues.entry(message.aggregate_id).or_default();
+                if queue.is_empty() {
+                    ready.push_back(i);
+                }
+                queue.push_back(i);
+            }
+            let mut in_flight = FuturesUnordered::new();
+            loop {
+                while let Some(i) = ready.pop_front() {
+                    let message = &messages[i];
                     let headers = match header_map(&message.headers) {
                         Ok(headers) => headers,
                         Err(e) => {
-                            failed_aggregates.insert(message.aggregate_id);
-                            outcomes[i] = Some(Err(e));
-                            break;
+                            settle(messages, &mut outcomes, &mut queues, &mut ready, i, Err(e));
+                            continue;
                         }
                     };
                     let publish = PublishMessage::build().payload(message.body.clone()).headers(headers);
                     match self.publishing.send_publish(message.subject.clone(), publish).await {
-                        Ok(ack) => in_flight.push_back((i, ack)),
+                        Ok(ack) => in_flight.push(await_ack(i, ack)),
                         Err(e) if e.kind() == PublishErrorKind::MaxAckPending => {
-                            // Every slot is taken: free one of ours, or wait for the other
-                            // publishes to free theirs (each frees a slot when its
-                            // acknowledgement arrives or times out). Nothing was sent.
-                            match in_flight.pop_front() {
-                                Some((j, ack)) => {
-                                    let outcome = receipt(ack.await);
-                                    if outcome.is_err() {
-                                        failed_aggregates.insert(messages[j].aggregate_id);
-                                    }
-                                    outcomes[j] = Some(outcome);
-                                }
-                                None => tokio::time::sleep(Duration::from_millis(1)).await,
+                            // Every slot is taken: wait for one of ours, or for the other
+                            // publishes to free theirs. Nothing was sent.
+                            ready.push_front(i);
+                            if in_flight.is_empty() {
+                                tokio::time::sleep(Duration::from_millis(1)).await;
                             }
-                            continue;
+                            break;
                         }
                         Err(e) => {
-                            failed_aggregates.insert(message.aggregate_id);
-                            outcomes[i] = Some(Err(publish_error(&e)));
+                            let error = publish_error(&e);
+                            settle(messages, &mut outcomes, &mut queues, &mut ready, i, Err(error));
                         }
                     }
-                    break;
                 }
-            }
-            let acked =
-                join_all(in_flight.into_iter().map(|(i, ack)| async move { (i, receipt(ack.await)) }));
-            for (i, outcome) in acked.await {
-                outcomes[i] = Some(outcome);
+                match in_flight.next().await {
+                    Some((i, outcome)) => settle(messages, &mut outcomes, &mut queues, &mut ready, i, outcome),
+                    None if ready.is_empty() => break,
+                    None => {}
+                }
             }
             outcomes
                 .into_iter()
@@ -372,13 +374,44 @@ impl Publisher for NatsPublisher {
     }
 }
 
+/// Records message `i`'s outcome: an acknowledged message readies its aggregate's next;
+/// a failed one fails the aggregate's later messages unsent.
+fn settle(
+    messages: &[OutgoingMessage],
+    outcomes: &mut [Option<Result<PublishReceipt, EventError>>],
+    queues: &mut HashMap<Uuid, VecDeque<usize>>,
+    ready: &mut VecDeque<usize>,
+    i: usize,
+    outcome: Result<PublishReceipt, EventError>,
+) {
+    let acknowledged = outcome.is_ok();
+    outcomes[i] = Some(outcome);
+    let Some(queue) = queues.get_mut(&messages[i].aggregate_id) else { return };
+    if queue.front() == Some(&i) {
+        queue.pop_front();
+    }
+    if acknowledged {
+        ready.extend(queue.front().copied());
+    } else {
+        for later in queue.drain(..) {
+            outcomes[later] =
+                Some(Err(EventError::Broker("not sent: an earlier event of the same aggregate failed".into())));
+        }
+    }
+}
+
+/// Awaits an acknowledgement, keeping the message's index.
+async fn await_ack(i: usize, ack: PublishAckFuture) -> (usize, Result<PublishReceipt, EventError>) {
+    (i, receipt(ack.await))
+}
+
 /// The headers of a message, checked: async-nats panics on a value with `\r` or `\n`.
 /// Appends refuse such values; rows written around the store fail here, not in a panic.
 fn header_map(pairs: &[(&'static str, String)]) -> Result<HeaderMap, EventError> {
     let mut headers = HeaderMap::new();
     for (name, value) in pairs {
         let value = async_nats::HeaderValue::from_str(value)
-            .map_err(|_| EventError::Broker(format!("not sent: the {name} header holds a line break")))?;
+            .map_err(|_| EventError::Refused(format!("not sent: the {name} header holds a line break")))?;
         headers.insert(*name, value);
     }
     Ok(headers)
@@ -389,15 +422,22 @@ fn receipt(ack: Result<jetstream::publish::PublishAck, PublishError>) -> Result<
         .map_err(|e| publish_error(&e))
 }
 
+/// A failed publish: [`EventError::Refused`] when the server answered with an error about
+/// this message (the relay parks it after a few), else [`EventError::Broker`] (retried).
 fn publish_error(e: &PublishError) -> EventError {
-    let hint = match e.kind() {
-        PublishErrorKind::StreamNotFound => {
-            "; no JetStream stream captures this subject (see `ensure_stream`)"
-        }
-        PublishErrorKind::TimedOut => "; is the NATS server up?",
-        _ => "",
-    };
-    EventError::Broker(format!("publish failed: {e}{hint}"))
+    let answered = std::error::Error::source(e)
+        .is_some_and(|source| source.downcast_ref::<jetstream::Error>().is_some());
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => EventError::Broker(format!(
+            "publish failed: {e}; no JetStream stream captures this subject (see `ensure_stream`)"
+        )),
+        PublishErrorKind::TimedOut => EventError::Broker(format!("publish failed: {e}; is the NATS server up?")),
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => EventError::Refused(e.to_string()),
+        PublishErrorKind::Other if answered => EventError::Refused(e.to_string()),
+        _ => EventError::Broker(format!("publish failed: {e}")),
+    }
 }
 
 fn validate_stream_name(name: &str) -> Result<(), EventError> {

@@ -8,10 +8,11 @@
 //! - No schemas: `StoreConfig::schema` is ignored; use one database file per store.
 //! - Keys are matched with `json_extract` on a scan of the event-type index, not a GIN
 //!   index: fine for embedded volumes.
-//! - Relays coordinate through in-process locks and wake-ups: run them in the process that
+//! - Relays coordinate through in-process partition locks: run them in the process that
 //!   owns the database file.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,13 +21,12 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
 };
 use sqlx::{Row, Sqlite};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
-use crate::outbox::PARTITIONS;
-use crate::postgres::{ClaimedRow, LagRow};
+use crate::relay::{LogRow, PARTITIONS, ParkedEvent, ParkedRow, RelayLagRow};
 use crate::store::{
-    Appended, ExpectedSequence, OutboxTarget, Prepared, StoreConfig, StreamPosition, prepare_append, refusal,
+    AppendRules, Appended, ExpectedSequence, Prepared, StoreConfig, StreamPosition, prepare_append, refusal,
 };
 use crate::stream::{PageQuery, StoredRow, stored_row};
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
@@ -46,9 +46,8 @@ macro_rules! columns {
 
 pub(crate) struct SqliteBackend {
     pub(crate) pool: SqlitePool,
-    partition_locks: Vec<Mutex<()>>,
-    /// Bumped after every commit that wrote outbox rows; relays wait on it.
-    wakeup: watch::Sender<u64>,
+    /// One holder per partition among this process's relays.
+    partition_locks: Vec<Arc<Mutex<()>>>,
 }
 
 impl SqliteBackend {
@@ -64,8 +63,8 @@ impl SqliteBackend {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
-        let partition_locks = (0..PARTITIONS).map(|_| Mutex::new(())).collect();
-        Ok(Self { pool, partition_locks, wakeup: watch::Sender::new(0) })
+        let partition_locks = (0..PARTITIONS).map(|_| Arc::new(Mutex::new(()))).collect();
+        Ok(Self { pool, partition_locks })
     }
 
     pub(crate) async fn migrate(&self) -> Result<(), EventError> {
@@ -76,14 +75,6 @@ impl SqliteBackend {
     /// transaction that reads before it writes cannot fail to upgrade its lock later.
     pub(crate) async fn begin(&self) -> Result<SqliteTransaction, EventError> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
-    }
-
-    pub(crate) fn notify_outbox(&self) {
-        self.wakeup.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    pub(crate) fn subscribe_outbox(&self) -> watch::Receiver<u64> {
-        self.wakeup.subscribe()
     }
 
     pub(crate) async fn current_sequence(&self, aggregate_id: Uuid) -> Result<i64, EventError> {
@@ -99,13 +90,12 @@ impl SqliteBackend {
         conn: &mut SqliteConnection,
         expected: ExpectedSequence,
         mut envelopes: Vec<EventEnvelope<E>>,
-        max_message_bytes: usize,
-        outbox: Option<OutboxTarget<'_>>,
+        rules: &AppendRules<'_>,
     ) -> Result<Appended<E>, EventError> {
-        let Some(Prepared { aggregate_id, aggregate_type, rows, count: n }) =
-            prepare_append(&envelopes, expected, max_message_bytes)?
+        let Some(Prepared { aggregate_id, aggregate_type, rows, count: n, partition }) =
+            prepare_append(&envelopes, expected, rules)?
         else {
-            return Ok(Appended { envelopes, rows: Vec::new(), older_pending: false });
+            return Ok(Appended { envelopes, partition: 0, positions: Vec::new() });
         };
         let sql = match expected {
             ExpectedSequence::Exactly(e) if e > 0 => {
@@ -133,23 +123,15 @@ impl SqliteBackend {
                     .await?;
             return Err(refusal(aggregate_id, &aggregate_type, expected, stream));
         };
-        let older_pending = match &outbox {
-            Some(_) => {
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox WHERE aggregate_id = ?1)")
-                    .bind(aggregate_id)
-                    .fetch_one(&mut *conn)
-                    .await?
-            }
-            None => false,
-        };
         let recorded_at = Utc::now();
         let mut sequence = version - n;
-        for (i, (envelope, row)) in envelopes.iter_mut().zip(&rows).enumerate() {
+        let mut positions = Vec::with_capacity(rows.len());
+        for (envelope, row) in envelopes.iter_mut().zip(&rows) {
             sequence += 1;
             let position: i64 = sqlx::query_scalar(
                 "INSERT INTO events (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
-                     payload, metadata, keys, occurred_at, recorded_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING global_position",
+                     payload, metadata, keys, occurred_at, recorded_at, subject, partition) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING global_position",
             )
             .bind(row.event_id)
             .bind(&aggregate_type)
@@ -162,32 +144,16 @@ impl SqliteBackend {
             .bind(&row.keys)
             .bind(row.occurred_at)
             .bind(recorded_at)
+            .bind(&row.subject)
+            .bind(partition)
             .fetch_one(&mut *conn)
             .await?;
             envelope.sequence = sequence;
             envelope.global_position = Some(position);
             envelope.recorded_at = Some(recorded_at);
-            if let Some(target) = &outbox {
-                let subject = target
-                    .subjects
-                    .get(i)
-                    .ok_or_else(|| EventError::Config("one subject per event".into()))?;
-                sqlx::query(
-                    "INSERT INTO outbox (global_position, event_id, aggregate_id, sequence, subject, partition, \
-                         created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .bind(position)
-                .bind(row.event_id)
-                .bind(aggregate_id)
-                .bind(sequence)
-                .bind(subject)
-                .bind(target.partition)
-                .bind(recorded_at)
-                .execute(&mut *conn)
-                .await?;
-            }
+            positions.push(StreamPosition { transaction_id: position, global_position: position });
         }
-        Ok(Appended { envelopes, rows, older_pending })
+        Ok(Appended { envelopes, partition, positions })
     }
 
     pub(crate) async fn save_checkpoint(
@@ -279,92 +245,6 @@ impl SqliteBackend {
         }))
     }
 
-    pub(crate) async fn outbox_partitions(&self, up_to: i64) -> Result<Vec<i32>, EventError> {
-        Ok(sqlx::query_scalar("SELECT DISTINCT partition FROM outbox WHERE global_position <= ?1")
-            .bind(up_to)
-            .fetch_all(&self.pool)
-            .await?)
-    }
-
-    /// The highest global position written so far (0 for an empty store).
-    pub(crate) async fn high_water(&self) -> Result<i64, EventError> {
-        Ok(sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    /// The in-process claimer lock of a partition, if free.
-    pub(crate) fn try_lock_partition(&self, partition: i32) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        let index = usize::try_from(partition).ok()?;
-        self.partition_locks.get(index)?.try_lock().ok()
-    }
-
-    pub(crate) async fn outbox_claim(
-        &self,
-        partition: i32,
-        limit: i64,
-        up_to: i64,
-    ) -> Result<Vec<ClaimedRow>, EventError> {
-        let sql = concat!(
-            "SELECT o.subject, ",
-            columns!(),
-            " FROM outbox o JOIN events e ON e.global_position = o.global_position \
-             WHERE o.partition = ?1 AND o.global_position <= ?3 ORDER BY o.global_position LIMIT ?2"
-        );
-        let rows = sqlx::query(sql).bind(partition).bind(limit).bind(up_to).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| Ok(ClaimedRow { subject: r.try_get("subject")?, row: stored_row(r)? }))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(EventError::from)
-    }
-
-    pub(crate) async fn outbox_finish(
-        &self,
-        acked: &[i64],
-        failed: &[i64],
-        errors: &[String],
-    ) -> Result<(), EventError> {
-        if acked.is_empty() && failed.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.begin().await?;
-        for position in acked {
-            sqlx::query("DELETE FROM outbox WHERE global_position = ?1")
-                .bind(position)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let now = Utc::now();
-        for (position, error) in failed.iter().zip(errors) {
-            sqlx::query(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2, last_attempt_at = ?3 \
-                 WHERE global_position = ?1",
-            )
-            .bind(position)
-            .bind(error)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    pub(crate) async fn outbox_lag(&self) -> Result<LagRow, EventError> {
-        let (pending, oldest, max_attempts): (i64, Option<DateTime<Utc>>, Option<i32>) =
-            sqlx::query_as("SELECT count(*), min(created_at), max(attempts) FROM outbox")
-                .fetch_one(&self.pool)
-                .await?;
-        let last_error: Option<String> = sqlx::query_scalar(
-            "SELECT last_error FROM outbox WHERE last_error IS NOT NULL ORDER BY last_attempt_at DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?
-        .flatten();
-        let oldest_seconds = oldest.map(|t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0);
-        Ok(LagRow { pending, oldest_seconds, max_attempts, last_error })
-    }
-
     /// The last committed row of the global stream, if any (one writer: positions follow
     /// commit order, and the stream's transaction id is the position).
     pub(crate) async fn stream_head(&self) -> Result<Option<StreamPosition>, EventError> {
@@ -437,4 +317,247 @@ impl SqliteBackend {
         };
         rows.iter().map(stored_row).collect::<Result<_, sqlx::Error>>().map_err(EventError::from)
     }
+}
+
+/// The relay's statements on SQLite: positions follow commit order, so a page is the held
+/// partitions' rows past the lowest checkpoint by position; partitions are held through
+/// in-process locks.
+impl SqliteBackend {
+    /// Takes the free ones of `partitions`: the guards hold them until dropped.
+    pub(crate) fn relay_lock(&self, partitions: &[i32]) -> Vec<(i32, OwnedMutexGuard<()>)> {
+        partitions
+            .iter()
+            .filter_map(|&p| {
+                let lock = self.partition_locks.get(usize::try_from(p).ok()?)?;
+                Some((p, Arc::clone(lock).try_lock_owned().ok()?))
+            })
+            .collect()
+    }
+
+    pub(crate) async fn relay_checkpoints(&self, partitions: &[i32]) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, global_position FROM relay_checkpoints \
+             WHERE partition IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json_list(partitions))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(p, g)| (p, StreamPosition { transaction_id: g, global_position: g })).collect())
+    }
+
+    pub(crate) async fn relay_page(
+        &self,
+        after: StreamPosition,
+        limit: i64,
+        partitions: &[i32],
+    ) -> Result<Vec<LogRow>, EventError> {
+        let rows = sqlx::query(concat!(
+            "SELECT e.partition, e.subject, ",
+            columns!(),
+            " FROM events e WHERE e.global_position > ?1 AND e.subject IS NOT NULL \
+             AND e.partition IN (SELECT value FROM json_each(?3)) ORDER BY e.global_position LIMIT ?2"
+        ))
+        .bind(after.global_position)
+        .bind(limit)
+        .bind(json_list(partitions))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(LogRow { partition: r.try_get("partition")?, subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(EventError::from)
+    }
+
+    /// Parks the refused events and moves the checkpoints, in one transaction.
+    pub(crate) async fn relay_save(
+        &self,
+        checkpoints: &[(i32, StreamPosition)],
+        parked: &[ParkedRow],
+    ) -> Result<(), EventError> {
+        let mut tx = self.begin().await?;
+        let now = Utc::now();
+        for row in parked {
+            sqlx::query(
+                "INSERT INTO parked_events (global_position, event_id, aggregate_id, sequence, partition, blocked_by, \
+                     attempts, reason, parked_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (global_position) DO NOTHING",
+            )
+            .bind(row.global_position)
+            .bind(row.event_id)
+            .bind(row.aggregate_id)
+            .bind(row.sequence)
+            .bind(row.partition)
+            .bind(row.blocked_by)
+            .bind(row.attempts)
+            .bind(&row.reason)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (partition, position) in checkpoints {
+            sqlx::query(
+                "UPDATE relay_checkpoints SET transaction_id = ?2, global_position = ?2, updated_at = ?3 \
+                 WHERE partition = ?1 AND global_position < ?2",
+            )
+            .bind(partition)
+            .bind(position.global_position)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn parked_heads(&self, partitions: &[i32]) -> Result<Vec<(Uuid, i64)>, EventError> {
+        Ok(sqlx::query_as(
+            "SELECT aggregate_id, global_position FROM parked_events \
+             WHERE partition IN (SELECT value FROM json_each(?1)) AND blocked_by IS NULL",
+        )
+        .bind(json_list(partitions))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn parked_requeued(&self, partitions: &[i32]) -> Result<Vec<LogRow>, EventError> {
+        let rows = sqlx::query(concat!(
+            "SELECT p.partition, e.subject, ",
+            columns!(),
+            " FROM parked_events p JOIN events e ON e.global_position = p.global_position \
+             WHERE p.partition IN (SELECT value FROM json_each(?1)) AND p.aggregate_id IN ( \
+                 SELECT aggregate_id FROM parked_events WHERE requeued <> 0) \
+             ORDER BY p.aggregate_id, p.sequence"
+        ))
+        .bind(json_list(partitions))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(LogRow { partition: r.try_get("partition")?, subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(EventError::from)
+    }
+
+    pub(crate) async fn parked_delete(&self, positions: &[i64]) -> Result<(), EventError> {
+        let list = serde_json::Value::from(positions.to_vec()).to_string();
+        sqlx::query("DELETE FROM parked_events WHERE global_position IN (SELECT value FROM json_each(?1))")
+            .bind(list)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn parked_refused_again(
+        &self,
+        aggregate_id: Uuid,
+        position: i64,
+        reason: &str,
+    ) -> Result<(), EventError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE parked_events SET blocked_by = NULL, requeued = 0, attempts = attempts + 1, reason = ?2 \
+             WHERE global_position = ?1",
+        )
+        .bind(position)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE parked_events SET blocked_by = ?2, requeued = 0 WHERE aggregate_id = ?1 AND global_position <> ?2",
+        )
+        .bind(aggregate_id)
+        .bind(position)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn relay_lag(&self) -> Result<RelayLagRow, EventError> {
+        let (pending, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT count(*), min(e.recorded_at) FROM events e JOIN relay_checkpoints c ON c.partition = e.partition \
+             WHERE e.subject IS NOT NULL AND e.global_position > c.global_position",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(&self.pool).await?;
+        let seconds = |t: DateTime<Utc>| (Utc::now() - t).num_milliseconds() as f64 / 1000.0;
+        Ok(RelayLagRow {
+            pending,
+            oldest_pending_seconds: oldest.map(seconds),
+            held_back: 0,
+            parked,
+        })
+    }
+
+    pub(crate) async fn parked_list(&self, limit: i64) -> Result<Vec<ParkedEvent>, EventError> {
+        let rows = sqlx::query(
+            "SELECT global_position, event_id, aggregate_id, sequence, partition, blocked_by, attempts, reason, \
+                 requeued, parked_at FROM parked_events ORDER BY global_position LIMIT ?1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        parked_events(&rows)
+    }
+
+    pub(crate) async fn parked_among(&self, positions: &[i64]) -> Result<Vec<ParkedEvent>, EventError> {
+        let rows = sqlx::query(
+            "SELECT global_position, event_id, aggregate_id, sequence, partition, blocked_by, attempts, reason, \
+                 requeued, parked_at FROM parked_events \
+             WHERE global_position IN (SELECT value FROM json_each(?1)) ORDER BY global_position",
+        )
+        .bind(serde_json::Value::from(positions.to_vec()).to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        parked_events(&rows)
+    }
+}
+
+fn parked_events(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<ParkedEvent>, EventError> {
+    {
+        rows.iter()
+            .map(|r| {
+                let parked_at: DateTime<Utc> = r.try_get("parked_at")?;
+                Ok(ParkedEvent {
+                    global_position: r.try_get("global_position")?,
+                    event_id: r.try_get("event_id")?,
+                    aggregate_id: r.try_get("aggregate_id")?,
+                    sequence: r.try_get("sequence")?,
+                    partition: r.try_get("partition")?,
+                    blocked_by: r.try_get("blocked_by")?,
+                    attempts: r.try_get("attempts")?,
+                    reason: r.try_get("reason")?,
+                    requeued: r.try_get("requeued")?,
+                    age: (Utc::now() - parked_at).to_std().unwrap_or_default(),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(EventError::from)
+    }
+}
+
+impl SqliteBackend {
+    pub(crate) async fn requeue(&self, positions: Option<&[i64]>) -> Result<u64, EventError> {
+        let done = match positions {
+            Some(positions) => {
+                sqlx::query(
+                    "UPDATE parked_events SET requeued = 1 WHERE blocked_by IS NULL AND aggregate_id IN ( \
+                         SELECT aggregate_id FROM parked_events \
+                         WHERE global_position IN (SELECT value FROM json_each(?1)))",
+                )
+                .bind(serde_json::Value::from(positions.to_vec()).to_string())
+                .execute(&self.pool)
+                .await?
+            }
+            None => sqlx::query("UPDATE parked_events SET requeued = 1 WHERE blocked_by IS NULL")
+                .execute(&self.pool)
+                .await?,
+        };
+        Ok(done.rows_affected())
+    }
+}
+
+/// A list of partitions as the JSON array `json_each` reads.
+fn json_list(partitions: &[i32]) -> String {
+    serde_json::Value::from(partitions.to_vec()).to_string()
 }

@@ -13,10 +13,11 @@ use sqlx::sqlite::SqliteConnection;
 use uuid::Uuid;
 
 use crate::deliverable::{DEFAULT_MAX_MESSAGE_BYTES, check_event};
+use crate::relay::{Signals, partition_of};
 use crate::postgres::{PgBackend, PgTransaction};
 use crate::sqlite::{SqliteBackend, SqliteTransaction};
 use crate::stream::{EventStream, PageQuery};
-use crate::{DomainEvent, EventEnvelope, EventError, IntoKeyValue};
+use crate::{DomainEvent, EventEnvelope, EventError, IntoKeyValue, validate_subject};
 
 /// The sequence an append expects the aggregate's stream to be at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +158,8 @@ pub(crate) enum Backend {
 pub(crate) struct Inner {
     pub(crate) backend: Backend,
     pub(crate) config: StoreConfig,
+    /// Wakes this process's relays after a commit and tells receipts what they published.
+    pub(crate) signals: Signals,
 }
 
 /// The event store. Cheap to clone: clones share one connection pool.
@@ -228,7 +231,8 @@ impl EventStore {
             }
             _ if url.starts_with("sqlite:") => {
                 let backend = SqliteBackend::connect(url, &config).await?;
-                Ok(Self { inner: Arc::new(Inner { backend: Backend::Sqlite(backend), config }) })
+                let backend = Backend::Sqlite(backend);
+                Ok(Self { inner: Arc::new(Inner { backend, config, signals: Signals::default() }) })
             }
             _ => Err(EventError::Config(format!(
                 "unsupported database URL scheme {scheme:?}: expected `postgres://` or `sqlite:`"
@@ -239,7 +243,7 @@ impl EventStore {
     /// Uses an existing PostgreSQL pool, for example the application's own.
     pub fn from_pg_pool(pool: PgPool, config: StoreConfig) -> Self {
         let backend = Backend::Postgres(PgBackend::new(pool, &config.schema));
-        Self { inner: Arc::new(Inner { backend, config }) }
+        Self { inner: Arc::new(Inner { backend, config, signals: Signals::default() }) }
     }
 
     /// The PostgreSQL pool, for the application's own queries.
@@ -282,7 +286,14 @@ impl EventStore {
             Backend::Postgres(pg) => TxInner::Postgres(pg.pool.begin().await?),
             Backend::Sqlite(sq) => TxInner::Sqlite(sq.begin().await?),
         };
-        Ok(Transaction { store: self.clone(), inner, may_be_aborted: false, appended: false })
+        Ok(Transaction {
+            store: self.clone(),
+            inner,
+            may_be_aborted: false,
+            written: Vec::new(),
+            subjects: SubjectRule::default(),
+            max_message_bytes: self.max_message_bytes(),
+        })
     }
 
     /// Appends events to one aggregate in a transaction of its own.
@@ -301,10 +312,10 @@ impl EventStore {
             // One statement is atomic on its own: no BEGIN/COMMIT round trips.
             Backend::Postgres(pg) => {
                 let mut conn = pg.pool.acquire().await?;
-                Ok(pg
-                    .append(&mut conn, expected.into(), envelopes, self.max_message_bytes(), None)
-                    .await?
-                    .envelopes)
+                let rules = AppendRules::new(self.max_message_bytes());
+                let appended = pg.append(&mut conn, expected.into(), envelopes, &rules).await?;
+                self.inner.signals.wake();
+                Ok(appended.envelopes)
             }
             Backend::Sqlite(_) => {
                 let mut tx = self.begin().await?;
@@ -327,10 +338,10 @@ impl EventStore {
         envelopes: Vec<EventEnvelope<E>>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         match &self.inner.backend {
-            Backend::Postgres(pg) => Ok(pg
-                .append(conn, expected.into(), envelopes, self.max_message_bytes(), None)
-                .await?
-                .envelopes),
+            Backend::Postgres(pg) => {
+                let rules = AppendRules::new(self.max_message_bytes());
+                Ok(pg.append(conn, expected.into(), envelopes, &rules).await?.envelopes)
+            }
             Backend::Sqlite(_) => Err(EventError::Config("append_in_pg needs a PostgreSQL store".into())),
         }
     }
@@ -444,8 +455,13 @@ pub struct Transaction {
     /// the caller had the raw connection. PostgreSQL then may have aborted the transaction,
     /// and answers COMMIT with ROLLBACK, which sqlx reports as success: `commit` asks first.
     may_be_aborted: bool,
-    /// Events were appended in this transaction.
-    appended: bool,
+    /// The stream positions of the events appended in this transaction, with their
+    /// partitions: what a receipt waits for.
+    written: Vec<(i32, StreamPosition)>,
+    /// How the events' subjects are made (the bus sets a prefix).
+    pub(crate) subjects: SubjectRule,
+    /// The largest message an event may become (the store's limit, or the broker's).
+    pub(crate) max_message_bytes: usize,
 }
 
 impl fmt::Debug for Transaction {
@@ -490,17 +506,15 @@ impl Transaction {
         expected: impl Into<ExpectedSequence>,
         envelopes: Vec<EventEnvelope<E>>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
-        let limit = self.store.max_message_bytes();
+        let rules = AppendRules { max_message_bytes: self.max_message_bytes, subjects: &self.subjects };
         let appended = match (&self.store.inner.backend, &mut self.inner) {
-            (Backend::Postgres(pg), TxInner::Postgres(tx)) => {
-                pg.append(tx, expected.into(), envelopes, limit, None).await
-            }
-            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => {
-                sq.append(tx, expected.into(), envelopes, limit, None).await
-            }
+            (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.append(tx, expected.into(), envelopes, &rules).await,
+            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.append(tx, expected.into(), envelopes, &rules).await,
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
         };
-        Ok(self.note_append(appended)?.envelopes)
+        let appended = self.note(appended)?;
+        self.written.extend(appended.positions.iter().map(|position| (appended.partition, *position)));
+        Ok(appended.envelopes)
     }
 
     /// Remembers that a statement of this transaction failed.
@@ -509,32 +523,6 @@ impl Transaction {
             self.may_be_aborted = true;
         }
         result
-    }
-
-    /// As [`note`](Self::note), for an append: a successful one wrote events.
-    fn note_append<T>(&mut self, result: Result<T, EventError>) -> Result<T, EventError> {
-        self.appended |= result.is_ok();
-        self.note(result)
-    }
-
-    /// Appends and writes the outbox rows in the same transaction (the bus).
-    pub(crate) async fn append_with_outbox<E: DomainEvent>(
-        &mut self,
-        expected: ExpectedSequence,
-        envelopes: Vec<EventEnvelope<E>>,
-        outbox: OutboxTarget<'_>,
-    ) -> Result<Appended<E>, EventError> {
-        let limit = self.store.max_message_bytes().min(outbox.max_message_bytes);
-        let appended = match (&self.store.inner.backend, &mut self.inner) {
-            (Backend::Postgres(pg), TxInner::Postgres(tx)) => {
-                pg.append(tx, expected, envelopes, limit, Some(outbox)).await
-            }
-            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => {
-                sq.append(tx, expected, envelopes, limit, Some(outbox)).await
-            }
-            _ => Err(EventError::Config("the transaction belongs to another backend".into())),
-        };
-        self.note_append(appended)
     }
 
     /// The store this transaction writes to.
@@ -620,16 +608,26 @@ impl Transaction {
     /// unknown: the transaction may or may not have committed). Nothing is committed in the
     /// first case.
     pub async fn commit(self) -> Result<(), EventError> {
+        self.commit_written().await.map(drop)
+    }
+
+    /// Commits, wakes this process's relays when events were written, and returns the
+    /// written events' partitions and stream positions.
+    pub(crate) async fn commit_written(self) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        let appended = !self.written.is_empty();
         match self.inner {
             TxInner::Postgres(mut tx) => {
                 if self.may_be_aborted {
-                    crate::postgres::ensure_not_aborted(&mut tx, self.appended).await?;
+                    crate::postgres::ensure_not_aborted(&mut tx, appended).await?;
                 }
                 tx.commit().await?;
             }
             TxInner::Sqlite(tx) => tx.commit().await?,
         }
-        Ok(())
+        if appended {
+            self.store.inner.signals.wake();
+        }
+        Ok(self.written)
     }
 
     /// Rolls everything back.
@@ -645,22 +643,55 @@ impl Transaction {
     }
 }
 
-/// Where an append's outbox rows go (the bus): one subject per event, the partition.
-pub(crate) struct OutboxTarget<'a> {
-    pub(crate) subjects: &'a [String],
-    pub(crate) partition: i32,
-    /// The broker's limit of a message, when lower than the store's.
+/// How the subjects of an append's events are made: the event's own subject, after an
+/// optional prefix (a tenant), with the aggregate id as a last token when asked.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SubjectRule {
+    /// Validated tokens joined by `.`.
+    pub(crate) prefix: Option<String>,
+    pub(crate) aggregate_id_token: bool,
+}
+
+impl SubjectRule {
+    /// The subject of `envelope`'s message, validated.
+    fn subject_of<E: DomainEvent>(&self, envelope: &EventEnvelope<E>) -> Result<String, EventError> {
+        let mut subject = match &self.prefix {
+            Some(prefix) => format!("{prefix}.{}", envelope.event.subject()),
+            None => envelope.event.subject().to_owned(),
+        };
+        if self.aggregate_id_token {
+            subject.push('.');
+            subject.push_str(&envelope.aggregate_id.to_string());
+        }
+        validate_subject(&subject)?;
+        Ok(subject)
+    }
+}
+
+/// What an append checks its events against.
+pub(crate) struct AppendRules<'a> {
+    /// The largest message an event may become.
     pub(crate) max_message_bytes: usize,
+    pub(crate) subjects: &'a SubjectRule,
+}
+
+static DEFAULT_SUBJECTS: SubjectRule = SubjectRule { prefix: None, aggregate_id_token: false };
+
+impl AppendRules<'static> {
+    /// The event's own subjects, within `max_message_bytes`.
+    pub(crate) fn new(max_message_bytes: usize) -> Self {
+        Self { max_message_bytes, subjects: &DEFAULT_SUBJECTS }
+    }
 }
 
 /// What an append stored.
 pub(crate) struct Appended<E> {
     /// The envelopes with their sequences, positions and record times.
     pub(crate) envelopes: Vec<EventEnvelope<E>>,
-    /// The encoded rows, in the same order.
-    pub(crate) rows: Vec<EncodedRow>,
-    /// With an outbox: older events of the aggregate were still pending.
-    pub(crate) older_pending: bool,
+    /// The aggregate's partition.
+    pub(crate) partition: i32,
+    /// Where each event is in the global stream, in the same order.
+    pub(crate) positions: Vec<StreamPosition>,
 }
 
 /// One event ready for the events table, encoded once for any backend.
@@ -672,6 +703,8 @@ pub(crate) struct EncodedRow {
     pub(crate) metadata: String,
     pub(crate) keys: String,
     pub(crate) occurred_at: chrono::DateTime<chrono::Utc>,
+    /// The subject the relay publishes it on.
+    pub(crate) subject: String,
 }
 
 /// An append, checked and encoded, before any backend sees it.
@@ -681,13 +714,15 @@ pub(crate) struct Prepared {
     pub(crate) rows: Vec<EncodedRow>,
     /// The number of events, as SQL binds it.
     pub(crate) count: i64,
+    /// The aggregate's partition.
+    pub(crate) partition: i32,
 }
 
 /// Checks and encodes an append for any backend; `None` when there is nothing to append.
 pub(crate) fn prepare_append<E: DomainEvent>(
     envelopes: &[EventEnvelope<E>],
     expected: ExpectedSequence,
-    max_message_bytes: usize,
+    rules: &AppendRules<'_>,
 ) -> Result<Option<Prepared>, EventError> {
     let Some(first) = envelopes.first() else { return Ok(None) };
     if let ExpectedSequence::Exactly(n) = expected
@@ -699,10 +734,10 @@ pub(crate) fn prepare_append<E: DomainEvent>(
     }
     let aggregate_id = first.aggregate_id;
     let aggregate_type = first.aggregate_type.clone();
-    let rows = encode_rows(envelopes, aggregate_id, &aggregate_type, max_message_bytes)?;
+    let rows = encode_rows(envelopes, aggregate_id, &aggregate_type, rules)?;
     let count =
         i64::try_from(rows.len()).map_err(|_| EventError::Config("too many events in one append".into()))?;
-    Ok(Some(Prepared { aggregate_id, aggregate_type, rows, count }))
+    Ok(Some(Prepared { aggregate_id, aggregate_type, rows, count, partition: partition_of(aggregate_id) }))
 }
 
 /// Encodes the envelopes of one append, checking that they all belong to one aggregate.
@@ -710,12 +745,13 @@ fn encode_rows<E: DomainEvent>(
     envelopes: &[EventEnvelope<E>],
     aggregate_id: Uuid,
     aggregate_type: &str,
-    max_message_bytes: usize,
+    rules: &AppendRules<'_>,
 ) -> Result<Vec<EncodedRow>, EventError> {
     envelopes
         .iter()
         .map(|envelope| {
             check_aggregate(envelope, aggregate_id, aggregate_type)?;
+            let subject = rules.subjects.subject_of(envelope)?;
             let encoded = envelope.event.encode()?;
             let event_type = encoded.event_type;
             let serialization = |source| EventError::Serialization { event_type, source };
@@ -735,8 +771,9 @@ fn encode_rows<E: DomainEvent>(
                 metadata: serde_json::to_string(&envelope.metadata).map_err(serialization)?,
                 keys: serde_json::to_string(&keys).map_err(serialization)?,
                 occurred_at: envelope.occurred_at,
+                subject,
             };
-            check_event(envelope, &row, max_message_bytes)?;
+            check_event(envelope, &row, rules.max_message_bytes)?;
             Ok(row)
         })
         .collect()

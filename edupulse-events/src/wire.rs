@@ -193,7 +193,7 @@ pub(crate) fn message_size_bound(
     Ok(headers + skeleton_len - 2 + payload_len + metadata_len)
 }
 
-/// The message for a stored row (the outbox relay publishes rows it does not decode).
+/// The message for a stored row (the relay publishes rows it does not decode).
 pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessage, EventError> {
     let (event_type, version, position) =
         (row.event_type.clone(), u32::try_from(row.schema_version).unwrap_or(0), row.global_position);

@@ -1,0 +1,970 @@
+//! The relay: publishes the store's log to the broker.
+//!
+//! The events table is the one log. A relay reads it the way a projection does: the rows
+//! past its checkpoint and below the transaction horizon, in `(transaction id, position)`
+//! order. It publishes them pipelined with `Nats-Msg-Id` = event id, awaits the
+//! acknowledgements, and saves its checkpoint once per batch. After a crash it re-sends at
+//! most the batch after its checkpoint, and the broker drops those copies inside its
+//! duplicate window.
+//!
+//! **Partitions.** Each event is stored with its partition, a hash of its aggregate id
+//! ([`PARTITIONS`] of them), and each partition has its own checkpoint. A relay publishes
+//! only the partitions it holds: on PostgreSQL through advisory *session* locks taken on a
+//! connection of its own (its lease), so that it holds no transaction while it waits on the
+//! broker, and never holds the horizon back itself. Several relays, in one process or
+//! many, share the partitions; the others stand by and take a partition over within
+//! [`RelayConfig::takeover_interval`] of its holder's death (PostgreSQL ends a dead
+//! client's session, and with it the locks). The checkpoints are written over the lease,
+//! so a relay whose session ended cannot move them any more.
+//!
+//! **Order.** A relay sends an aggregate's next event only after the broker acknowledged
+//! the previous one (the [`Publisher`] contract), so the broker never holds an aggregate's
+//! event before an earlier one, even when an acknowledgement fails mid-batch; a
+//! partition's checkpoint never passes an event that is neither acknowledged nor parked.
+//!
+//! **Poison.** An event the broker refuses ([`EventError::Refused`]) is retried with
+//! backoff; after [`RelayConfig::max_attempts`] refusals it is parked (a table, with the
+//! refusal) and its aggregate's later events are parked behind it, so that nothing else
+//! waits and the aggregate is never published out of order. Re-queue parked aggregates
+//! with [`EventStore::requeue_parked`] once the cause is fixed. Failures that are not the
+//! message's (a timeout, a lost connection, no stream) are retried without limit.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnection;
+use tokio::sync::{OwnedMutexGuard, watch};
+use uuid::Uuid;
+
+use crate::publisher::Publisher;
+use crate::store::{Backend, EventStore, StreamPosition};
+use crate::stream::StoredRow;
+use crate::wire::{self, OutgoingMessage};
+use crate::EventError;
+
+/// The number of partitions: the most relays that can publish at once.
+pub const PARTITIONS: i32 = 64;
+
+/// The partition of an aggregate: the low six bits of its id (the PostgreSQL column computes
+/// the same from the id's last byte).
+pub(crate) fn partition_of(aggregate_id: Uuid) -> i32 {
+    // `as` is exact: the remainder is below 64.
+    (aggregate_id.as_u128() % PARTITIONS as u128) as i32
+}
+
+/// One row of the log as a relay reads it.
+pub(crate) struct LogRow {
+    pub(crate) partition: i32,
+    pub(crate) subject: String,
+    pub(crate) row: StoredRow,
+}
+
+/// A parked event, as the relay writes it.
+pub(crate) struct ParkedRow {
+    pub(crate) global_position: i64,
+    pub(crate) event_id: Uuid,
+    pub(crate) aggregate_id: Uuid,
+    pub(crate) sequence: i64,
+    pub(crate) partition: i32,
+    pub(crate) blocked_by: Option<i64>,
+    pub(crate) attempts: i32,
+    pub(crate) reason: String,
+}
+
+/// The backlog as the database tells it.
+pub(crate) struct RelayLagRow {
+    pub(crate) pending: i64,
+    pub(crate) oldest_pending_seconds: Option<f64>,
+    pub(crate) held_back: i64,
+    pub(crate) parked: i64,
+}
+
+/// An event the broker refused for good, or one waiting behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedEvent {
+    /// The event's global position.
+    pub global_position: i64,
+    /// The event id.
+    pub event_id: Uuid,
+    /// Its aggregate.
+    pub aggregate_id: Uuid,
+    /// Its sequence in the aggregate.
+    pub sequence: i64,
+    /// Its partition.
+    pub partition: i32,
+    /// `None` for an event the broker refused; else the position of the parked event of
+    /// the same aggregate it waits behind.
+    pub blocked_by: Option<i64>,
+    /// Attempts made before it was parked.
+    pub attempts: i32,
+    /// The broker's refusal, or why it waits.
+    pub reason: String,
+    /// Re-queued: the relay publishes it (and the events behind it) again.
+    pub requeued: bool,
+    /// How long ago it was parked.
+    pub age: Duration,
+}
+
+/// A write transaction still running: what holds the transaction horizon back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningTransaction {
+    /// The server process (`pg_terminate_backend(pid)` ends it).
+    pub pid: i32,
+    /// The client's `application_name`.
+    pub application_name: String,
+    /// `active`, `idle in transaction`, …
+    pub state: String,
+    /// How long it has been running.
+    pub age: Duration,
+}
+
+/// How far publication is behind the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayLag {
+    /// Committed events not yet acknowledged by the broker (nor parked).
+    pub pending: i64,
+    /// The checkpoints' age: how long the oldest pending event has waited.
+    pub oldest_pending_age: Option<Duration>,
+    /// Pending events a relay cannot read yet: an older write transaction is still
+    /// running (see [`oldest_write_transaction`](Self::oldest_write_transaction)).
+    pub held_back: i64,
+    /// Events parked: refused by the broker, or waiting behind one that was.
+    pub parked: i64,
+    /// When events are held back: the oldest running write transaction, which holds the
+    /// horizon (PostgreSQL; reading other roles' sessions needs `pg_read_all_stats`).
+    pub oldest_write_transaction: Option<RunningTransaction>,
+}
+
+/// Which parked aggregates [`EventStore::requeue_parked`] re-queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeue {
+    /// Every parked aggregate.
+    All,
+    /// The aggregates of these parked events (by global position): each is re-queued
+    /// whole, from its first parked event.
+    Positions(Vec<i64>),
+}
+
+impl EventStore {
+    /// How far publication is behind: pending and parked events, the oldest pending
+    /// event's age and, when the horizon holds events back, the transaction holding it.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn relay_lag(&self) -> Result<RelayLag, EventError> {
+        let (row, oldest) = match &self.inner.backend {
+            Backend::Postgres(pg) => {
+                let row = pg.relay_lag().await?;
+                let oldest = if row.held_back > 0 { pg.oldest_write().await? } else { None };
+                (row, oldest)
+            }
+            Backend::Sqlite(sq) => (sq.relay_lag().await?, None),
+        };
+        Ok(RelayLag {
+            pending: row.pending,
+            oldest_pending_age: row.oldest_pending_seconds.map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
+            held_back: row.held_back,
+            parked: row.parked,
+            oldest_write_transaction: oldest,
+        })
+    }
+
+    /// The parked events, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn parked_events(&self, limit: u32) -> Result<Vec<ParkedEvent>, EventError> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => pg.parked_list(i64::from(limit)).await,
+            Backend::Sqlite(sq) => sq.parked_list(i64::from(limit)).await,
+        }
+    }
+
+    /// Re-queues parked aggregates once the cause of the refusal is fixed: the relay
+    /// holding their partition publishes their parked events again, in order, then their
+    /// aggregates flow again. Returns the number of aggregates re-queued.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn requeue_parked(&self, which: Requeue) -> Result<u64, EventError> {
+        let positions = match &which {
+            Requeue::All => None,
+            Requeue::Positions(positions) => Some(positions.as_slice()),
+        };
+        let requeued = match &self.inner.backend {
+            Backend::Postgres(pg) => pg.requeue(positions).await?,
+            Backend::Sqlite(sq) => sq.requeue(positions).await?,
+        };
+        self.inner.signals.wake();
+        Ok(requeued)
+    }
+}
+
+impl EventStore {
+    /// Whether the relays' checkpoints are past every one of `written`.
+    pub(crate) async fn relay_covers(&self, written: &[(i32, StreamPosition)]) -> Result<bool, EventError> {
+        let mut partitions: Vec<i32> = written.iter().map(|(p, _)| *p).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let checkpoints: HashMap<i32, StreamPosition> = match &self.inner.backend {
+            Backend::Postgres(pg) => pg.checkpoints_of(&partitions).await?,
+            Backend::Sqlite(sq) => sq.relay_checkpoints(&partitions).await?,
+        }
+        .into_iter()
+        .collect();
+        Ok(written.iter().all(|(p, position)| checkpoints.get(p).is_some_and(|c| c >= position)))
+    }
+
+    /// The parked events among `positions`.
+    pub(crate) async fn parked_among(&self, positions: &[i64]) -> Result<Vec<ParkedEvent>, EventError> {
+        match &self.inner.backend {
+            Backend::Postgres(pg) => pg.parked_among(positions).await,
+            Backend::Sqlite(sq) => sq.parked_among(positions).await,
+        }
+    }
+}
+
+/// What this process's relays have done, for its committers: wake-ups after a commit, and
+/// the positions published per partition (what a receipt waits for).
+pub(crate) struct Signals {
+    wake: watch::Sender<u64>,
+    progress: watch::Sender<u64>,
+    /// Per partition: every event up to here was acknowledged or parked.
+    done: Mutex<Vec<StreamPosition>>,
+    /// A relay of this process has parked an event.
+    parked_any: AtomicBool,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self {
+            wake: watch::Sender::new(0),
+            progress: watch::Sender::new(0),
+            done: Mutex::new(vec![StreamPosition::START; PARTITIONS as usize]),
+            parked_any: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Signals {
+    /// Wakes this process's relays: events were committed.
+    pub(crate) fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Waits for the next progress report.
+    pub(crate) fn subscribe_progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    fn advance(&self, checkpoints: &[(i32, StreamPosition)], parked: bool) {
+        if parked {
+            self.parked_any.store(true, Ordering::SeqCst);
+        }
+        {
+            // No code below panics, so a poisoned lock holds sound data.
+            let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+            for (partition, position) in checkpoints {
+                if let Some(slot) = usize::try_from(*partition).ok().and_then(|p| done.get_mut(p)) {
+                    *slot = (*slot).max(*position);
+                }
+            }
+        }
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether this process's relays have acknowledged or parked every one of `written`.
+    pub(crate) fn covers(&self, written: &[(i32, StreamPosition)]) -> bool {
+        let done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        written
+            .iter()
+            .all(|(partition, position)| usize::try_from(*partition).ok().and_then(|p| done.get(p)) >= Some(position))
+    }
+
+    /// Whether a relay of this process ever parked an event.
+    pub(crate) fn parked_any(&self) -> bool {
+        self.parked_any.load(Ordering::SeqCst)
+    }
+}
+
+/// Settings of a [`LogRelay`].
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows read and published per batch; the checkpoints are saved once per batch
+    /// (default 1 000).
+    pub batch_size: u32,
+    /// How often to look for new events when no commit of this process woke the relay
+    /// (default 100 ms): commits of other processes are published within about this long.
+    pub poll_interval: Duration,
+    /// How often a relay tries to take partitions nobody holds (default 1 s): a standby
+    /// takes over a dead relay's partitions within about this long.
+    pub takeover_interval: Duration,
+    /// The partitions this relay may hold (default all: `0..64`). Give several relays
+    /// disjoint ranges to share the work, or the same range for standbys.
+    pub partitions: Range<i32>,
+    /// Refusals before an event is parked (default 5).
+    pub max_attempts: u32,
+    /// First delay after a failure (default 100 ms); doubled after each, with jitter.
+    pub min_backoff: Duration,
+    /// Longest delay between retries (default 30 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1_000,
+            poll_interval: Duration::from_millis(100),
+            takeover_interval: Duration::from_secs(1),
+            partitions: 0..PARTITIONS,
+            max_attempts: 5,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RelayConfig {
+    fn check(&self) -> Result<(), EventError> {
+        let problem = if self.batch_size == 0 {
+            Some("batch_size must be at least 1".to_owned())
+        } else if self.partitions.start < 0 || self.partitions.end > PARTITIONS || self.partitions.is_empty() {
+            Some(format!("partitions {:?} must be a non-empty range within 0..{PARTITIONS}", self.partitions))
+        } else if self.max_attempts == 0 {
+            Some("max_attempts must be at least 1".to_owned())
+        } else if self.poll_interval.is_zero() || self.takeover_interval.is_zero() {
+            Some("poll_interval and takeover_interval must be above zero".to_owned())
+        } else if self.min_backoff.is_zero() || self.max_backoff < self.min_backoff {
+            Some("min_backoff must be above zero and at most max_backoff".to_owned())
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |p| Err(EventError::Config(format!("relay configuration: {p}"))))
+    }
+
+    /// The delay before retry number `tries` (from 1): capped exponential, with jitter.
+    fn backoff(&self, tries: u32) -> Duration {
+        let base = self.min_backoff.saturating_mul(1 << tries.saturating_sub(1).min(16)).min(self.max_backoff);
+        let random = (Uuid::now_v7().as_u128() & 0xffff) as f64 / 65536.0;
+        base.mul_f64(0.5 + random)
+    }
+}
+
+/// What one pass of a relay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayPass {
+    /// Events the broker acknowledged.
+    pub published: u64,
+    /// Events parked (refused for good, or waiting behind one that was).
+    pub parked: u64,
+    /// Events that failed and will be retried.
+    pub failed: u64,
+    /// Events not sent: they wait for their retry, or behind a failed one.
+    pub waiting: u64,
+    /// Partitions the relay held.
+    pub partitions: u32,
+    /// The last page was full: more events are waiting.
+    pub more: bool,
+}
+
+/// Publishes the store's log to the broker: see the module docs. Runs as a background task
+/// of the [`EventBus`](crate::EventBus) by default, or on its own (a process that only
+/// publishes); any number of relays share the partitions.
+pub struct LogRelay {
+    store: EventStore,
+    publisher: Arc<dyn Publisher>,
+    config: RelayConfig,
+}
+
+impl std::fmt::Debug for LogRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogRelay").field("store", &self.store).field("config", &self.config).finish()
+    }
+}
+
+impl LogRelay {
+    /// A relay publishing `store`'s log through `publisher`.
+    pub fn new(store: EventStore, publisher: Arc<dyn Publisher>, config: RelayConfig) -> Self {
+        Self { store, publisher, config }
+    }
+
+    /// How far publication is behind; see [`EventStore::relay_lag`].
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn lag(&self) -> Result<RelayLag, EventError> {
+        self.store.relay_lag().await
+    }
+
+    /// Takes the free partitions, publishes everything below the horizon, and lets the
+    /// partitions go. For tools and tests; [`run`](Self::run) keeps going.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid configuration; [`EventError::Database`].
+    /// Broker failures are not errors here but [`RelayPass::failed`].
+    pub async fn run_once(&self) -> Result<RelayPass, EventError> {
+        self.config.check()?;
+        let mut worker = Worker::new(self);
+        worker.take_partitions().await?;
+        let mut total = RelayPass::default();
+        loop {
+            let pass = worker.drain().await?;
+            total.published += pass.published;
+            total.parked += pass.parked;
+            total.failed += pass.failed;
+            total.partitions = pass.partitions;
+            if !pass.more || (pass.published == 0 && pass.failed > 0) {
+                break;
+            }
+        }
+        worker.release().await;
+        Ok(total)
+    }
+
+    /// Publishes until `shutdown` completes. A commit of this process wakes it at once;
+    /// otherwise it looks every [`RelayConfig::poll_interval`]. Database and broker
+    /// failures are logged and retried with capped backoff. The batch in progress finishes
+    /// before it stops (at most one acknowledgement timeout), then its partitions are free.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid configuration; nothing else: failures are
+    /// retried.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), EventError> {
+        self.config.check()?;
+        let mut worker = Worker::new(self);
+        let mut wake = self.store.inner.signals.wake.subscribe();
+        tokio::pin!(shutdown);
+        let mut failures = 0_u32;
+        // After a wake-up, look again soon: the commit may still be above the horizon (an
+        // older transaction is finishing).
+        let mut soon = Duration::from_millis(1);
+        loop {
+            let wait = match worker.round().await {
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "relay: pass failed; partitions released, retrying");
+                    worker.release().await;
+                    self.config.backoff(failures)
+                }
+                Ok(pass) if pass.failed > 0 && pass.published == 0 => {
+                    failures += 1;
+                    worker.next_retry().unwrap_or_else(|| self.config.backoff(failures))
+                }
+                Ok(pass) => {
+                    failures = 0;
+                    if pass.published > 0 {
+                        tracing::debug!(published = pass.published, parked = pass.parked, "relay: published");
+                    }
+                    if pass.more {
+                        Duration::ZERO
+                    } else {
+                        let wait = soon.min(self.config.poll_interval);
+                        soon = soon.saturating_mul(2);
+                        worker.next_retry().map_or(wait, |retry| retry.min(wait))
+                    }
+                }
+            };
+            let wait = worker.until_takeover().map_or(wait, |t| t.min(wait));
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                changed = wake.changed() => {
+                    if changed.is_ok() {
+                        soon = Duration::from_millis(1);
+                    }
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        worker.release().await;
+        Ok(())
+    }
+}
+
+/// How a relay holds its partitions.
+enum Lease {
+    /// A session holding advisory locks; the relay's statements run on it.
+    Postgres(PgConnection),
+    /// In-process locks.
+    Sqlite(Vec<(i32, OwnedMutexGuard<()>)>),
+}
+
+/// An event that failed and waits for its next attempt.
+struct Failing {
+    partition: i32,
+    position: StreamPosition,
+    /// Refusals so far (parked at `max_attempts`).
+    refusals: u32,
+    /// Failures of any kind so far (the backoff).
+    tries: u32,
+    retry_at: Instant,
+}
+
+/// One page of the log, ready to publish: the rows' identities, and the messages of those
+/// that are sent.
+struct RowMeta {
+    partition: i32,
+    position: StreamPosition,
+    /// The position of the row before it in the page (or where the page started).
+    previous: StreamPosition,
+    aggregate_id: Uuid,
+    event_id: Uuid,
+    sequence: i64,
+}
+
+/// A relay's state while it runs.
+struct Worker<'a> {
+    relay: &'a LogRelay,
+    lease: Option<Lease>,
+    /// The partitions held, ascending.
+    held: Vec<i32>,
+    checkpoints: HashMap<i32, StreamPosition>,
+    /// Aggregates with parked events, and the position of their first.
+    blocked: HashMap<Uuid, i64>,
+    failing: HashMap<i64, Failing>,
+    /// Acknowledged events past their partition's checkpoint (a failure before them holds
+    /// it back): not sent again.
+    acked_beyond: HashMap<i64, (i32, StreamPosition)>,
+    last_takeover: Option<Instant>,
+}
+
+impl<'a> Worker<'a> {
+    fn new(relay: &'a LogRelay) -> Self {
+        Self {
+            relay,
+            lease: None,
+            held: Vec::new(),
+            checkpoints: HashMap::new(),
+            blocked: HashMap::new(),
+            failing: HashMap::new(),
+            acked_beyond: HashMap::new(),
+            last_takeover: None,
+        }
+    }
+
+    fn config(&self) -> &RelayConfig {
+        &self.relay.config
+    }
+
+    /// Takes free partitions when due, then publishes.
+    async fn round(&mut self) -> Result<RelayPass, EventError> {
+        if self.until_takeover().is_some_and(|t| t.is_zero()) {
+            self.take_partitions().await?;
+        }
+        self.drain().await
+    }
+
+    /// How long until the relay next tries to take partitions; `None` when it holds all
+    /// it may.
+    fn until_takeover(&self) -> Option<Duration> {
+        if self.held.len() == self.config().partitions.len() {
+            return None;
+        }
+        Some(match self.last_takeover {
+            None => Duration::ZERO,
+            Some(at) => self.config().takeover_interval.saturating_sub(at.elapsed()),
+        })
+    }
+
+    /// How long until the next failed event may be retried.
+    fn next_retry(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.failing.values().map(|f| f.retry_at.saturating_duration_since(now)).min()
+    }
+
+    /// Takes the free partitions of the configured range, with their checkpoints and
+    /// parked aggregates.
+    async fn take_partitions(&mut self) -> Result<(), EventError> {
+        self.last_takeover = Some(Instant::now());
+        let wanted: Vec<i32> = self.config().partitions.clone().filter(|p| !self.held.contains(p)).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let taken = match &self.relay.store.inner.backend {
+            Backend::Postgres(pg) => {
+                if self.lease.is_none() {
+                    self.lease = Some(Lease::Postgres(pg.relay_lease().await?));
+                }
+                match &mut self.lease {
+                    Some(Lease::Postgres(conn)) => pg.relay_lock(conn, &wanted).await?,
+                    _ => Vec::new(),
+                }
+            }
+            Backend::Sqlite(sq) => {
+                let guards = sq.relay_lock(&wanted);
+                let taken = guards.iter().map(|(p, _)| *p).collect();
+                match &mut self.lease {
+                    Some(Lease::Sqlite(held)) => held.extend(guards),
+                    _ => self.lease = Some(Lease::Sqlite(guards)),
+                }
+                taken
+            }
+        };
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let checkpoints = match (&self.relay.store.inner.backend, &mut self.lease) {
+            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => {
+                let checkpoints = pg.relay_checkpoints(conn, &taken).await?;
+                let heads = pg.parked_heads(conn, &taken).await?;
+                self.blocked.extend(heads);
+                checkpoints
+            }
+            (Backend::Sqlite(sq), _) => {
+                let checkpoints = sq.relay_checkpoints(&taken).await?;
+                self.blocked.extend(sq.parked_heads(&taken).await?);
+                checkpoints
+            }
+            _ => Vec::new(),
+        };
+        self.relay.store.inner.signals.advance(&checkpoints, false);
+        self.checkpoints.extend(checkpoints);
+        self.held.extend(taken.iter().copied().filter(|p| self.checkpoints.contains_key(p)));
+        self.held.sort_unstable();
+        tracing::info!(partitions = ?taken, "relay: partitions taken");
+        Ok(())
+    }
+
+    /// Lets every partition go (closing the lease's session frees its locks).
+    async fn release(&mut self) {
+        if let Some(Lease::Postgres(conn)) = self.lease.take() {
+            // The server ends the session, and frees the locks, either way.
+            let _ = sqlx::Connection::close(conn).await;
+        }
+        self.held.clear();
+        self.checkpoints.clear();
+        self.blocked.clear();
+        self.failing.clear();
+        self.acked_beyond.clear();
+        self.last_takeover = None;
+    }
+
+    /// Publishes the held partitions' events below the horizon, page by page.
+    async fn drain(&mut self) -> Result<RelayPass, EventError> {
+        let mut pass = RelayPass { partitions: u32::try_from(self.held.len()).unwrap_or(0), ..RelayPass::default() };
+        if self.held.is_empty() {
+            return Ok(pass);
+        }
+        if !self.blocked.is_empty() {
+            self.republish_requeued(&mut pass).await?;
+        }
+        let limit = i64::from(self.config().batch_size);
+        let mut after = self.checkpoints.values().min().copied().unwrap_or_default();
+        // Aggregates stopped in this pass (an event failed), and, per partition, the
+        // checkpoint it may not pass in this pass.
+        let mut halted: HashSet<Uuid> = HashSet::new();
+        let mut stuck: HashMap<i32, StreamPosition> = HashMap::new();
+        loop {
+            let rows = self.page(after, limit).await?;
+            let Some(end) = rows.last().map(|r| position_of(&r.row)) else {
+                pass.more = false;
+                break;
+            };
+            pass.more = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
+            let before = pass;
+            let parked = self.publish_page(rows, after, &mut halted, &mut stuck, &mut pass).await;
+            self.settle(end, &stuck, parked).await?;
+            after = end;
+            // Nothing went out while something failed or waits for its retry: the broker is
+            // likely in trouble, so the next pages wait for the next pass.
+            let nothing_acked = pass.published == before.published
+                && (pass.failed > before.failed || pass.waiting > before.waiting);
+            if !pass.more || nothing_acked {
+                break;
+            }
+        }
+        Ok(pass)
+    }
+
+    /// Publishes one page; returns the events it parked.
+    async fn publish_page(
+        &mut self,
+        rows: Vec<LogRow>,
+        start: StreamPosition,
+        halted: &mut HashSet<Uuid>,
+        stuck: &mut HashMap<i32, StreamPosition>,
+        pass: &mut RelayPass,
+    ) -> Vec<ParkedRow> {
+        let now = Instant::now();
+        let mut parked = Vec::new();
+        let mut sent: Vec<RowMeta> = Vec::new();
+        let mut messages: Vec<OutgoingMessage> = Vec::new();
+        let mut previous = start;
+        for LogRow { partition, subject, row } in rows {
+            let meta = RowMeta {
+                partition,
+                position: position_of(&row),
+                previous,
+                aggregate_id: row.aggregate_id,
+                event_id: row.event_id,
+                sequence: row.sequence,
+            };
+            previous = meta.position;
+            let checkpoint = self.checkpoints.get(&partition).copied();
+            if checkpoint.is_none_or(|c| meta.position <= c)
+                || self.acked_beyond.contains_key(&meta.position.global_position)
+            {
+                continue;
+            }
+            if let Some(&head) = self.blocked.get(&meta.aggregate_id) {
+                parked.push(park(&meta, Some(head), 0, format!("waits behind parked event at position {head}")));
+                pass.parked += 1;
+                continue;
+            }
+            let retry_later =
+                self.failing.get(&meta.position.global_position).is_some_and(|f| f.retry_at > now);
+            if halted.contains(&meta.aggregate_id) || retry_later {
+                pass.waiting += u64::from(retry_later);
+                halted.insert(meta.aggregate_id);
+                stuck.entry(partition).or_insert(meta.previous);
+                continue;
+            }
+            match wire::outgoing(row, subject) {
+                Ok(message) => {
+                    messages.push(message);
+                    sent.push(meta);
+                }
+                Err(e) => {
+                    // Settled now, so that the aggregate's later events are not sent.
+                    let error = EventError::Refused(format!("cannot be made a message: {e}"));
+                    if let Some(row) = self.failed(&meta, &error) {
+                        self.blocked.insert(meta.aggregate_id, meta.position.global_position);
+                        parked.push(row);
+                        pass.parked += 1;
+                    } else {
+                        halted.insert(meta.aggregate_id);
+                        stuck.entry(partition).or_insert(meta.previous);
+                        pass.failed += 1;
+                    }
+                }
+            }
+        }
+        let outcomes = if messages.is_empty() { Vec::new() } else { self.relay.publisher.publish(&messages).await };
+        let outcomes = sent.into_iter().zip(outcomes.into_iter().chain(std::iter::repeat_with(|| {
+            Err(EventError::Broker("the publisher returned no outcome".into()))
+        })));
+        for (meta, outcome) in outcomes {
+            if halted.contains(&meta.aggregate_id) {
+                // An earlier event of the aggregate failed: this one waits for it.
+                stuck.entry(meta.partition).or_insert(meta.previous);
+                continue;
+            }
+            match outcome {
+                Ok(_) => {
+                    pass.published += 1;
+                    self.failing.remove(&meta.position.global_position);
+                    self.acked_beyond.insert(meta.position.global_position, (meta.partition, meta.position));
+                }
+                Err(error) => {
+                    if let Some(row) = self.failed(&meta, &error) {
+                        self.blocked.insert(meta.aggregate_id, meta.position.global_position);
+                        parked.push(row);
+                        pass.parked += 1;
+                    } else {
+                        halted.insert(meta.aggregate_id);
+                        stuck.entry(meta.partition).or_insert(meta.previous);
+                        pass.failed += 1;
+                    }
+                }
+            }
+        }
+        parked
+    }
+
+    /// Records a failed attempt; returns the parked row when the event is refused for good.
+    fn failed(&mut self, meta: &RowMeta, error: &EventError) -> Option<ParkedRow> {
+        let refused = matches!(error, EventError::Refused(_));
+        let key = meta.position.global_position;
+        let entry = self.failing.entry(key).or_insert(Failing {
+            partition: meta.partition,
+            position: meta.position,
+            refusals: 0,
+            tries: 0,
+            retry_at: Instant::now(),
+        });
+        entry.tries += 1;
+        entry.refusals += u32::from(refused);
+        if refused && entry.refusals >= self.relay.config.max_attempts {
+            let attempts = i32::try_from(entry.refusals).unwrap_or(i32::MAX);
+            self.failing.remove(&key);
+            tracing::error!(
+                event_id = %meta.event_id,
+                position = key,
+                attempts,
+                %error,
+                "relay: event refused by the broker, parked; its aggregate's later events wait behind it"
+            );
+            return Some(park(meta, None, attempts, error.to_string()));
+        }
+        let tries = entry.tries;
+        entry.retry_at = Instant::now() + self.relay.config.backoff(tries);
+        tracing::warn!(event_id = %meta.event_id, position = key, tries, %error, "relay: publish failed, will retry");
+        None
+    }
+
+    /// Moves the checkpoints past what this page settled and saves them with the parked
+    /// events; tells this process's committers.
+    async fn settle(
+        &mut self,
+        end: StreamPosition,
+        stuck: &HashMap<i32, StreamPosition>,
+        parked: Vec<ParkedRow>,
+    ) -> Result<(), EventError> {
+        let mut moved = Vec::new();
+        for partition in &self.held {
+            let target = stuck.get(partition).copied().unwrap_or(end);
+            if let Some(checkpoint) = self.checkpoints.get_mut(partition)
+                && target > *checkpoint
+            {
+                *checkpoint = target;
+                moved.push((*partition, target));
+            }
+        }
+        let checkpoints = &self.checkpoints;
+        let passed = |partition: &i32, position: &StreamPosition| {
+            checkpoints.get(partition).is_none_or(|c| position <= c)
+        };
+        self.acked_beyond.retain(|_, (partition, position)| !passed(partition, position));
+        self.failing.retain(|_, f| !passed(&f.partition, &f.position));
+        if moved.is_empty() && parked.is_empty() {
+            return Ok(());
+        }
+        let signals = &self.relay.store.inner.signals;
+        if parked.is_empty() {
+            // Acknowledged: tell the committers before the checkpoint is written.
+            signals.advance(&moved, false);
+        }
+        self.save(&moved, &parked).await?;
+        if !parked.is_empty() {
+            signals.advance(&moved, true);
+        }
+        Ok(())
+    }
+
+    /// Publishes the parked events of re-queued aggregates again, each aggregate in order;
+    /// an aggregate all of whose parked events went out flows again.
+    async fn republish_requeued(&mut self, pass: &mut RelayPass) -> Result<(), EventError> {
+        let rows = self.requeued().await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut metas = Vec::with_capacity(rows.len());
+        let mut messages = Vec::with_capacity(rows.len());
+        // Refused again, with the position and the reason; or failed otherwise (retried).
+        let mut refused: HashMap<Uuid, (i64, String)> = HashMap::new();
+        let mut failed: HashSet<Uuid> = HashSet::new();
+        for LogRow { subject, row, .. } in rows {
+            let (aggregate_id, position) = (row.aggregate_id, row.global_position);
+            if refused.contains_key(&aggregate_id) {
+                continue;
+            }
+            match wire::outgoing(row, subject) {
+                Ok(message) => {
+                    metas.push((aggregate_id, position));
+                    messages.push(message);
+                }
+                Err(e) => {
+                    refused.insert(aggregate_id, (position, format!("cannot be made a message: {e}")));
+                }
+            }
+        }
+        // An aggregate refused before sending anything keeps its later events back.
+        let (metas, messages): (Vec<_>, Vec<_>) =
+            metas.into_iter().zip(messages).filter(|((a, _), _)| !refused.contains_key(a)).unzip();
+        let outcomes = self.relay.publisher.publish(&messages).await;
+        let mut acked = Vec::new();
+        for ((aggregate_id, position), outcome) in metas.into_iter().zip(outcomes) {
+            if failed.contains(&aggregate_id) || refused.contains_key(&aggregate_id) {
+                continue;
+            }
+            match outcome {
+                Ok(_) => acked.push(position),
+                Err(EventError::Refused(reason)) => {
+                    refused.insert(aggregate_id, (position, reason));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, position, "relay: re-queued event not published, will retry");
+                    failed.insert(aggregate_id);
+                }
+            }
+        }
+        pass.published += u64::try_from(acked.len()).unwrap_or(0);
+        match (&self.relay.store.inner.backend, &mut self.lease) {
+            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => {
+                pg.parked_delete(conn, &acked).await?;
+                for (aggregate_id, (position, reason)) in &refused {
+                    pg.parked_refused_again(conn, *aggregate_id, *position, reason).await?;
+                }
+            }
+            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => {
+                sq.parked_delete(&acked).await?;
+                for (aggregate_id, (position, reason)) in &refused {
+                    sq.parked_refused_again(*aggregate_id, *position, reason).await?;
+                }
+            }
+            _ => return Err(no_lease()),
+        }
+        self.blocked = self.heads().await?;
+        Ok(())
+    }
+
+    async fn page(&mut self, after: StreamPosition, limit: i64) -> Result<Vec<LogRow>, EventError> {
+        match (&self.relay.store.inner.backend, &mut self.lease) {
+            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => pg.relay_page(conn, after, limit, &self.held).await,
+            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => sq.relay_page(after, limit, &self.held).await,
+            _ => Err(no_lease()),
+        }
+    }
+
+    async fn requeued(&mut self) -> Result<Vec<LogRow>, EventError> {
+        match (&self.relay.store.inner.backend, &mut self.lease) {
+            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => pg.parked_requeued(conn, &self.held).await,
+            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => sq.parked_requeued(&self.held).await,
+            _ => Err(no_lease()),
+        }
+    }
+
+    async fn heads(&mut self) -> Result<HashMap<Uuid, i64>, EventError> {
+        let heads = match (&self.relay.store.inner.backend, &mut self.lease) {
+            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => pg.parked_heads(conn, &self.held).await?,
+            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => sq.parked_heads(&self.held).await?,
+            _ => return Err(no_lease()),
+        };
+        Ok(heads.into_iter().collect())
+    }
+
+    async fn save(&mut self, checkpoints: &[(i32, StreamPosition)], parked: &[ParkedRow]) -> Result<(), EventError> {
+        match (&self.relay.store.inner.backend, &mut self.lease) {
+            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => pg.relay_save(conn, checkpoints, parked).await,
+            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => sq.relay_save(checkpoints, parked).await,
+            _ => Err(no_lease()),
+        }
+    }
+}
+
+fn no_lease() -> EventError {
+    EventError::Config("the relay holds no partitions of this store".into())
+}
+
+fn position_of(row: &StoredRow) -> StreamPosition {
+    StreamPosition { transaction_id: row.transaction_id, global_position: row.global_position }
+}
+
+fn park(meta: &RowMeta, blocked_by: Option<i64>, attempts: i32, reason: String) -> ParkedRow {
+    ParkedRow {
+        global_position: meta.position.global_position,
+        event_id: meta.event_id,
+        aggregate_id: meta.aggregate_id,
+        sequence: meta.sequence,
+        partition: meta.partition,
+        blocked_by,
+        attempts,
+        reason,
+    }
+}
