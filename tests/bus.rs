@@ -1,5 +1,5 @@
-//! The commit-then-publish bus and the outbox relay, against a real PostgreSQL and real
-//! nats-server processes that the tests start, kill and restart.
+//! The commit-then-publish bus and the relay that publishes the log, against a real
+//! PostgreSQL and real nats-server processes that the tests start, kill and restart.
 
 mod common;
 
@@ -11,8 +11,8 @@ use common::nats::{self, NatsServer, stream_messages};
 use common::{CourseEvent, LessonPublished, counted, store};
 use edupulse_events::wire::{OutgoingMessage, decode_message, headers};
 use edupulse_events::{
-    BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, Metadata, NatsConfig,
-    NatsPublisher, OutboxRelay, PublishReceipt, Publisher, RelayConfig, Uuid,
+    BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, LogRelay, Metadata, NatsConfig,
+    NatsPublisher, PublishReceipt, Publisher, RelayConfig, Requeue, Uuid,
 };
 use futures_util::StreamExt;
 
@@ -20,28 +20,63 @@ fn bus(store: &EventStore, publisher: &NatsPublisher, config: BusConfig) -> Even
     EventBus::new(store.clone(), Arc::new(publisher.clone()), config)
 }
 
-fn relay(store: &EventStore, publisher: Arc<dyn Publisher>, batch_size: u32) -> OutboxRelay {
-    let config = RelayConfig {
-        batch_size,
-        poll_interval: Duration::from_millis(50),
-        min_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        ..RelayConfig::default()
-    };
-    OutboxRelay::new(store.clone(), publisher, config)
+/// A bus whose commits nobody publishes: a process that dies right after COMMIT.
+fn silent_bus(store: &EventStore, publisher: &NatsPublisher) -> EventBus {
+    bus(store, publisher, BusConfig { background_relay: false, ..BusConfig::default() })
 }
 
-/// Runs relay passes until the outbox is empty.
-async fn drain(relay: &OutboxRelay) {
+fn relay_config(batch_size: u32) -> RelayConfig {
+    RelayConfig {
+        batch_size,
+        poll_interval: Duration::from_millis(50),
+        takeover_interval: Duration::from_millis(200),
+        min_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(500),
+        ..RelayConfig::default()
+    }
+}
+
+fn relay(store: &EventStore, publisher: Arc<dyn Publisher>, batch_size: u32) -> LogRelay {
+    LogRelay::new(store.clone(), publisher, relay_config(batch_size))
+}
+
+/// Runs relay passes until nothing is pending.
+async fn drain(relay: &LogRelay) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         relay.run_once().await.unwrap();
         if relay.lag().await.unwrap().pending == 0 {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the outbox did not drain: {:?}", relay.lag().await);
+        assert!(tokio::time::Instant::now() < deadline, "the log was not drained: {:?}", relay.lag().await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until nothing is pending (a relay runs elsewhere).
+async fn wait_drained(store: &EventStore, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let lag = store.relay_lag().await.unwrap();
+        if lag.pending == 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not published within {within:?}: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn spawn_relay(relay: LogRelay) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (stop, running)
 }
 
 /// Every committed event is in the stream exactly once, and each aggregate's events are in
@@ -78,7 +113,8 @@ async fn commit_events(
             let stored = bus
                 .commit(async |tx| tx.append("lesson", aggregate, sequence as i64, events).await)
                 .await
-                .unwrap();
+                .unwrap()
+                .value;
             ids.extend(stored.iter().map(|e| e.event_id));
             sequence += n;
         }
@@ -111,7 +147,11 @@ async fn subscriber_receives_a_committed_event_with_all_headers() {
     .caused_by(&cause);
     envelope.metadata.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
     let event_id = envelope.event_id;
-    bus.commit(async |tx| tx.append_envelopes(0, vec![envelope]).await).await.unwrap();
+    let committed = bus.commit(async |tx| tx.append_envelopes(0, vec![envelope]).await).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), committed.receipt.published())
+        .await
+        .expect("acknowledged within 5 s")
+        .unwrap();
 
     let message = tokio::time::timeout(Duration::from_secs(3), subscription.next())
         .await
@@ -136,7 +176,8 @@ async fn subscriber_receives_a_committed_event_with_all_headers() {
     assert_eq!(decoded.event_id, event_id);
     assert_eq!(decoded.metadata.causation_id, Some(cause.event_id));
     assert!(matches!(decoded.event, CourseEvent::LessonPublished(ref p) if p.title == "Live"));
-    assert_eq!(bus.lag().await.unwrap().pending, 0, "acknowledged rows leave the outbox");
+    // The checkpoint is written right after the acknowledgement the receipt saw.
+    wait_drained(&store, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
@@ -147,10 +188,10 @@ async fn a_rolled_back_commit_publishes_nothing() {
     let bus = bus(&store, &publisher, BusConfig::default());
     let id = Uuid::now_v7();
 
-    let result: Result<(), EventError> = bus
+    let result = bus
         .commit(async |tx| {
             tx.append("lesson", id, 0, [counted(1)]).await?;
-            Err(EventError::Config("the domain said no".into()))
+            Err::<(), _>(EventError::Config("the domain said no".into()))
         })
         .await;
     assert!(result.is_err());
@@ -176,51 +217,53 @@ async fn a_rolled_back_commit_publishes_nothing() {
     let conflict = bus.commit(async |tx| tx.append("lesson", id, 0, [counted(4)]).await).await;
     assert!(matches!(conflict, Err(EventError::Concurrency { .. })));
 
-    relay(&store, Arc::new(publisher.clone()), 100).run_once().await.unwrap();
-    assert!(stream_messages(&publisher).await.is_empty(), "nothing rolled back is ever published");
+    // The appended event is published; nothing rolled back is.
+    drain(&relay(&store, Arc::new(publisher.clone()), 100)).await;
+    let stored = stream_messages(&publisher).await;
+    assert_eq!(stored.len(), 1, "only the committed event is published");
+    assert_eq!(stored[0].wire.sequence, 1);
     assert_eq!(bus.lag().await.unwrap().pending, 0);
     assert_eq!(store.current_sequence(id).await.unwrap(), 1);
 }
 
 #[tokio::test]
-async fn nats_down_at_commit_then_back_the_relay_delivers_everything_once() {
+async fn nats_down_at_commit_then_back_everything_is_published_once_in_order() {
     let mut server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let bus = bus(&store, &publisher, BusConfig::default());
+    let mut config = BusConfig::default();
+    config.relay = relay_config(100);
+    let bus = bus(&store, &publisher, config);
 
     server.kill().await;
     let aggregates: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
-    let committed = commit_events(&bus, &aggregates, 4, 2).await;
+    let mut committed = commit_events(&bus, &aggregates, 4, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let lag = bus.lag().await.unwrap();
-    assert_eq!(lag.pending, 12, "commits succeed while NATS is down; the events wait");
-    assert!(lag.max_attempts >= 1 && lag.last_error.is_some(), "{lag:?}");
+    assert_eq!(lag.pending, 12, "commits succeed while NATS is down; the events wait in the log");
+    assert_eq!(lag.parked, 0, "an outage parks nothing: {lag:?}");
 
     server.restart().await;
-    // Back up, but older events wait in the outbox: a new commit must not overtake them.
-    let mut committed = committed;
     let late =
         bus.commit(async |tx| tx.append("lesson", aggregates[0], 4, [counted(99)]).await).await.unwrap();
-    committed.insert(late[0].event_id);
-    // (Had it overtaken them, the order check below would fail: it comes after sequence 4.)
-    let relay = relay(&store, Arc::new(publisher.clone()), 100);
-    drain(&relay).await;
-    let stored = stream_messages(&publisher).await;
-    assert_exactly_once_in_order(&stored, &committed);
+    committed.insert(late.value[0].event_id);
+    tokio::time::timeout(Duration::from_secs(30), late.receipt.published())
+        .await
+        .expect("published within 30 s of the broker's return")
+        .unwrap();
+    wait_drained(&store, Duration::from_secs(30)).await;
+    // The late event comes after sequence 4 of its aggregate: the order check sees it.
+    assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
 }
 
 #[tokio::test]
-async fn process_dies_between_commit_and_publish_a_fresh_relay_delivers() {
+async fn commits_nobody_published_are_published_by_a_relay_started_later() {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
     let aggregates: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
-    let committed = {
-        // The hook: the bus commits and "dies" before its publish after commit.
-        let dying =
-            bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
-        commit_events(&dying, &aggregates, 5, 5).await
-    };
+    // The process commits and dies before any relay published.
+    let committed = commit_events(&silent_bus(&store, &publisher), &aggregates, 5, 5).await;
     assert!(stream_messages(&publisher).await.is_empty());
 
     // A new process: its own store handle, publisher connection and relay.
@@ -257,9 +300,8 @@ async fn relay_killed_mid_batch_and_restarted_duplicates_nothing() {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let dying = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
     let aggregates: Vec<Uuid> = (0..2).map(|_| Uuid::now_v7()).collect();
-    let committed = commit_events(&dying, &aggregates, 30, 10).await;
+    let committed = commit_events(&silent_bus(&store, &publisher), &aggregates, 30, 10).await;
 
     let doomed = relay(&store, Arc::new(DiesMidBatch { inner: publisher.clone(), limit: 7 }), 20);
     let task = tokio::spawn(async move { doomed.run_once().await });
@@ -270,157 +312,249 @@ async fn relay_killed_mid_batch_and_restarted_duplicates_nothing() {
     }
     task.abort();
     let _ = task.await;
-    assert_eq!(store.pg_pool().map(|_| ()), Some(()));
     let relay = relay(&store, Arc::new(publisher.clone()), 20);
-    assert_eq!(relay.lag().await.unwrap().pending, 60, "the killed relay's batch was not marked done");
+    assert_eq!(relay.lag().await.unwrap().pending, 60, "the killed relay's batch was not checkpointed");
     drain(&relay).await;
     let stored = stream_messages(&publisher).await;
     assert_eq!(stored.len(), 60, "re-sent messages were dropped by the duplicate window");
     assert_exactly_once_in_order(&stored, &committed);
 }
 
-/// Acknowledges the first `limit` messages of each batch and refuses the rest: a broker
-/// that rejects part of a batch (a stream full, a subject no stream takes).
-struct RefusesAfter {
-    inner: NatsPublisher,
-    limit: usize,
-}
-
-impl Publisher for RefusesAfter {
-    fn publish<'a>(
-        &'a self,
-        messages: &'a [OutgoingMessage],
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
-        Box::pin(async move {
-            let n = self.limit.min(messages.len());
-            let mut outcomes = self.inner.publish(&messages[..n]).await;
-            outcomes
-                .extend(messages[n..].iter().map(|_| Err(EventError::Broker("refused by the test".into()))));
-            outcomes
-        })
-    }
+/// Sets the test stream's largest message, as an operator would.
+async fn set_max_msg_size(publisher: &NatsPublisher, bytes: i32) {
+    let mut stream = publisher.jetstream().get_stream(nats::STREAM).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = bytes;
+    publisher.jetstream().update_stream(&config).await.unwrap();
 }
 
 #[tokio::test]
-async fn a_batch_the_broker_partly_refuses_leaves_exactly_the_refused_rows() {
+async fn an_event_the_broker_refuses_is_parked_and_holds_back_only_its_aggregate() {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let dying = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
-    let aggregate = Uuid::now_v7();
-    let committed = commit_events(&dying, &[aggregate], 10, 10).await;
-
-    let refusing = relay(&store, Arc::new(RefusesAfter { inner: publisher.clone(), limit: 4 }), 20);
-    let pass = refusing.run_once().await.unwrap();
-    assert_eq!((pass.published, pass.failed), (4, 6), "{pass:?}");
-    let lag = refusing.lag().await.unwrap();
-    assert_eq!(lag.pending, 6, "the acknowledged rows are gone, the refused ones stay");
-    assert_eq!(lag.max_attempts, 1, "{lag:?}");
-    assert_eq!(lag.last_error.as_deref(), Some("broker error: refused by the test"), "{lag:?}");
-    let stored = stream_messages(&publisher).await;
-    let sequences: Vec<i64> = stored.iter().map(|m| m.wire.sequence).collect();
-    assert_eq!(sequences, [1, 2, 3, 4], "exactly the acknowledged events were published");
-
-    // A second refusing pass counts another attempt and publishes nothing new.
-    let pass = relay(&store, Arc::new(RefusesAfter { inner: publisher.clone(), limit: 0 }), 20)
-        .run_once()
+    set_max_msg_size(&publisher, 2_000).await;
+    let writer = silent_bus(&store, &publisher);
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let big = LessonPublished { lesson_id: a, author_id: None, title: "x".repeat(3_000) };
+    let first = writer.commit(async |tx| tx.append("lesson", a, 0, [counted(1)]).await).await.unwrap();
+    let refused = writer
+        .commit(async |tx| tx.append("lesson", a, 1, [CourseEvent::LessonPublished(big)]).await)
         .await
         .unwrap();
-    assert_eq!((pass.published, pass.failed), (0, 6), "{pass:?}");
-    assert_eq!(refusing.lag().await.unwrap().max_attempts, 2);
+    let behind = writer.commit(async |tx| tx.append("lesson", a, 2, [counted(3)]).await).await.unwrap();
+    let others = commit_events(&writer, &[b], 3, 1).await;
+    let refused_position = refused.value[0].global_position.unwrap();
 
-    drain(&relay(&store, Arc::new(publisher.clone()), 20)).await;
-    assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
+    let config = RelayConfig { max_attempts: 2, min_backoff: Duration::from_millis(5), ..relay_config(100) };
+    let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), config);
+    drain(&relay).await;
+    let stored = stream_messages(&publisher).await;
+    let published: BTreeSet<String> = stored.iter().map(|m| m.event_id.clone()).collect();
+    let mut expected: BTreeSet<String> = others.iter().map(Uuid::to_string).collect();
+    expected.insert(first.value[0].event_id.to_string());
+    assert_eq!(published, expected, "the other aggregate and the refused event's predecessor went out");
+
+    let parked = store.parked_events(100).await.unwrap();
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert_eq!(
+        (parked[0].global_position, parked[0].blocked_by, parked[0].attempts),
+        (refused_position, None, 2)
+    );
+    assert!(parked[0].reason.contains("refused"), "{}", parked[0].reason);
+    assert_eq!(parked[1].event_id, behind.value[0].event_id);
+    assert_eq!(parked[1].blocked_by, Some(refused_position), "the later event waits behind it");
+    let lag = store.relay_lag().await.unwrap();
+    assert_eq!((lag.pending, lag.parked), (0, 2), "{lag:?}");
+    assert!(matches!(
+        refused.receipt.published().await,
+        Err(EventError::Parked { global_position, .. }) if global_position == refused_position
+    ));
+    first.receipt.published().await.unwrap();
+
+    // A commit to the parked aggregate waits behind it too; the cause fixed, all go out in order.
+    let after = writer.commit(async |tx| tx.append("lesson", a, 3, [counted(4)]).await).await.unwrap();
+    drain(&relay).await;
+    assert_eq!(store.relay_lag().await.unwrap().parked, 3);
+    set_max_msg_size(&publisher, -1).await;
+    assert_eq!(store.requeue_parked(Requeue::All).await.unwrap(), 1, "one aggregate re-queued");
+    drain(&relay).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !store.parked_events(10).await.unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "re-queued events not published");
+        relay.run_once().await.unwrap();
+    }
+    after.receipt.published().await.unwrap();
+    let mut all = expected;
+    for id in [refused.value[0].event_id, behind.value[0].event_id, after.value[0].event_id] {
+        all.insert(id.to_string());
+    }
+    let ids: BTreeSet<Uuid> = all.iter().map(|s| s.parse().unwrap()).collect();
+    assert_exactly_once_in_order(&stream_messages(&publisher).await, &ids);
+}
+
+#[tokio::test]
+async fn a_failed_acknowledgement_mid_batch_never_lets_a_later_event_of_its_aggregate_through() {
+    // Every second event of one aggregate is too large for the stream: the broker refuses
+    // it, and the publisher must not have sent the aggregate's next event meanwhile
+    // (pipelining everything would put sequence 3 in the stream without 2).
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    set_max_msg_size(&publisher, 2_000).await;
+    let store = store().await;
+    let writer = silent_bus(&store, &publisher);
+    let id = Uuid::now_v7();
+    let events: Vec<CourseEvent> = (0..20)
+        .map(|n| {
+            let title = if n % 2 == 1 { "x".repeat(3_000) } else { format!("t{n}") };
+            CourseEvent::LessonPublished(LessonPublished { lesson_id: id, author_id: None, title })
+        })
+        .collect();
+    writer.commit(async |tx| tx.append("lesson", id, 0, events).await).await.unwrap();
+    // Other tests' transactions share the database's horizon: pass until the event is
+    // readable, then twice more.
+    let relay = relay(&store, Arc::new(publisher.clone()), 100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut published = 0;
+    while published == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing became readable");
+        published += relay.run_once().await.unwrap().published;
+    }
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        published += relay.run_once().await.unwrap().published;
+    }
+    assert_eq!(published, 1);
+    let sequences: Vec<i64> = stream_messages(&publisher).await.iter().map(|m| m.wire.sequence).collect();
+    assert_eq!(sequences, [1], "nothing after the refused event of the aggregate reached the stream");
 }
 
 #[tokio::test]
 async fn publishes_holding_more_than_the_acknowledgement_window_all_complete() {
-    // 16 acknowledgements in flight at most, for the whole publisher; 8 relay partitions
-    // of 100 events and 8 committers of 50 events each want far more at once. Each must
-    // await its own oldest acknowledgement instead of waiting for slots only it can free.
+    // 16 acknowledgements in flight at most, for the whole publisher; two relays of 32
+    // partitions each and 8 committers want far more at once.
     let server = NatsServer::start().await;
     let small =
         nats::publisher_with(&server, NatsConfig { max_ack_inflight: 16, ..NatsConfig::default() }).await;
     let store = store().await;
-    let dying = bus(&store, &small, BusConfig { publish_after_commit: false, ..BusConfig::default() });
-    let mut committed = BTreeSet::new();
-    let mut aggregates = Vec::new();
-    // Aggregates in eight different outbox partitions, so eight claimers run at once.
-    while aggregates.len() < 8 {
-        let id = Uuid::now_v7();
-        if aggregates.iter().all(|other: &Uuid| other.as_u128() % 64 != id.as_u128() % 64) {
-            aggregates.push(id);
-        }
-    }
-    committed.extend(commit_events(&dying, &aggregates, 100, 100).await);
-    let config = RelayConfig { batch_size: 100, concurrency: 8, ..RelayConfig::default() };
-    let relay = OutboxRelay::new(store.clone(), Arc::new(small.clone()), config);
-    let pass = tokio::time::timeout(Duration::from_secs(30), relay.run_once())
-        .await
-        .expect("the relay's partitions wait for each other's acknowledgement slots")
-        .unwrap();
-    assert_eq!((pass.published, pass.failed), (800, 0), "{pass:?}");
-
-    let live = bus(&store, &small, BusConfig::default());
+    let aggregates: Vec<Uuid> = (0..64).map(|_| Uuid::now_v7()).collect();
+    let mut committed = commit_events(&silent_bus(&store, &small), &aggregates, 20, 20).await;
+    let halves = [0..32, 32..64].map(|partitions| {
+        let config = RelayConfig { partitions, ..relay_config(500) };
+        spawn_relay(LogRelay::new(store.clone(), Arc::new(small.clone()), config))
+    });
+    let live = bus(&store, &small, BusConfig { background_relay: false, ..BusConfig::default() });
     let commits = (0..8).map(|_| {
         let live = live.clone();
         tokio::spawn(async move {
             let id = Uuid::now_v7();
             let events: Vec<_> = (0..50).map(counted).collect();
-            live.commit(async |tx| tx.append("lesson", id, 0, events).await).await.unwrap()
+            let committed = live.commit(async |tx| tx.append("lesson", id, 0, events).await).await.unwrap();
+            committed.published().await.unwrap()
         })
     });
     let stored = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(commits))
         .await
-        .expect("concurrent commits wait for each other's acknowledgement slots");
+        .expect("publishes wait for each other's acknowledgement slots, never for ever");
     for envelopes in stored {
         committed.extend(envelopes.unwrap().iter().map(|e| e.event_id));
     }
-    assert_eq!(live.lag().await.unwrap().pending, 0, "every commit was acknowledged right away");
+    wait_drained(&store, Duration::from_secs(30)).await;
+    for (stop, task) in halves {
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
     assert_exactly_once_in_order(&stream_messages(&small).await, &committed);
 }
 
 #[tokio::test]
-async fn two_relays_on_ten_thousand_events_keep_every_aggregate_in_order() {
+async fn two_relays_sharing_the_partitions_keep_ten_thousand_events_in_order() {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = common::store_with(|c| c.max_connections = 30).await;
-    let writer = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
     let aggregates: Vec<Uuid> = (0..100).map(|_| Uuid::now_v7()).collect();
-    let committed = commit_events(&writer, &aggregates, 100, 50).await;
+    let writer = silent_bus(&store, &publisher);
+    // Half committed before the relays start, half while they run.
+    let mut committed = commit_events(&writer, &aggregates[..50], 100, 50).await;
+    let relays = [0..32, 32..64].map(|partitions| {
+        let config = RelayConfig { partitions, ..relay_config(250) };
+        spawn_relay(LogRelay::new(store.clone(), Arc::new(publisher.clone()), config))
+    });
+    committed.extend(commit_events(&writer, &aggregates[50..], 100, 50).await);
     assert_eq!(committed.len(), 10_000);
-
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let relays: Vec<_> = (0..2)
-        .map(|_| {
-            let relay = relay(&store, Arc::new(publisher.clone()), 250);
-            let mut stopped = stopped.clone();
-            tokio::spawn(async move {
-                relay
-                    .run(async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    })
-                    .await
-            })
-        })
-        .collect();
-    let watcher = relay(&store, Arc::new(publisher.clone()), 1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while watcher.lag().await.unwrap().pending > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "not drained: {:?}", watcher.lag().await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.send(true).unwrap();
-    for relay in relays {
-        tokio::time::timeout(Duration::from_secs(10), relay)
-            .await
-            .expect("graceful shutdown")
-            .unwrap()
-            .unwrap();
+    wait_drained(&store, Duration::from_secs(120)).await;
+    for (stop, task) in relays {
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task).await.expect("graceful shutdown").unwrap();
     }
     let stored = stream_messages(&publisher).await;
     assert_eq!(stored.len(), 10_000);
     assert_exactly_once_in_order(&stored, &committed);
+}
+
+#[tokio::test]
+async fn a_standby_relay_takes_over_within_seconds_of_the_holders_death() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let writer = silent_bus(&store, &publisher);
+    let holder = tokio::spawn({
+        let relay = relay(&store, Arc::new(publisher.clone()), 100);
+        async move { relay.run(std::future::pending()).await }
+    });
+    let id = Uuid::now_v7();
+    writer.commit(async |tx| tx.append("lesson", id, 0, [counted(1)]).await).await.unwrap();
+    wait_drained(&store, Duration::from_secs(5)).await;
+    // The standby finds every partition held, and waits.
+    let (stop, standby) = spawn_relay(relay(&store, Arc::new(publisher.clone()), 100));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    holder.abort();
+    let _ = holder.await;
+    let killed = tokio::time::Instant::now();
+    let next = writer.commit(async |tx| tx.append("lesson", id, 1, [counted(2)]).await).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), next.receipt.published())
+        .await
+        .expect("the standby published within 5 s of the holder's death")
+        .unwrap();
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(5), "took over in {took:?}");
+    let sequences: Vec<i64> = stream_messages(&publisher).await.iter().map(|m| m.wire.sequence).collect();
+    assert_eq!(sequences, [1, 2]);
+    stop.send(()).unwrap();
+    standby.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_long_write_transaction_holds_publication_back_and_lag_names_it() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let mut config = BusConfig::default();
+    config.relay = relay_config(100);
+    let bus = bus(&store, &publisher, config);
+    let pool = store.pg_pool().unwrap().clone();
+
+    // Someone's write transaction, open for a while.
+    let mut long = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut *long).await.unwrap();
+    let committed =
+        bus.commit(async |tx| tx.append("lesson", Uuid::now_v7(), 0, [counted(1)]).await).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(stream_messages(&publisher).await.is_empty(), "the relay reads nothing above the horizon");
+    let lag = bus.lag().await.unwrap();
+    assert_eq!((lag.pending, lag.held_back), (1, 1), "{lag:?}");
+    let holder = lag.oldest_write_transaction.expect("the transaction holding the horizon is named");
+    assert!(holder.age >= Duration::from_millis(1_500), "{holder:?}");
+    assert!(holder.pid > 0);
+
+    long.commit().await.unwrap();
+    let released = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), committed.receipt.published())
+        .await
+        .expect("published within the poll interval once the horizon moved")
+        .unwrap();
+    assert!(released.elapsed() < Duration::from_secs(1), "{:?}", released.elapsed());
 }
 
 #[tokio::test]
@@ -446,6 +580,9 @@ async fn run_time_subject_tokens_are_checked() {
         tx.append("lesson", id, 0, [counted(1)]).await
     })
     .await
+    .unwrap()
+    .published()
+    .await
     .unwrap();
     let stored = stream_messages(&publisher).await;
     assert_eq!(stored.len(), 1);
@@ -457,12 +594,12 @@ async fn resends_inside_the_duplicate_window_are_dropped() {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let bus = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
+    let bus = silent_bus(&store, &publisher);
     let id = Uuid::now_v7();
     let envelope = EventEnvelope::new("lesson", id, counted(1)).with_metadata(Metadata::default());
     bus.commit(async |tx| tx.append_envelopes(0, vec![envelope]).await).await.unwrap();
 
-    // Publish the same pending rows twice, as two relays racing would.
+    // Publish the same event twice, as a relay and one that took over after it would.
     let relay_a = relay(&store, Arc::new(publisher.clone()), 10);
     let message = {
         let row = store.load::<CourseEvent>(id, 1).next().await.unwrap().unwrap();
@@ -487,148 +624,4 @@ async fn resends_inside_the_duplicate_window_are_dropped() {
     assert!(again.duplicate, "JetStream recognised the re-send");
     assert_eq!(again.stream_sequence, first.stream_sequence);
     assert_eq!(stream_messages(&publisher).await.len(), 1);
-}
-
-/// Counts what goes through it: how many events a relay published.
-struct Counting {
-    inner: NatsPublisher,
-    count: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Publisher for Counting {
-    fn publish<'a>(
-        &'a self,
-        messages: &'a [OutgoingMessage],
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
-        self.count.fetch_add(messages.len(), std::sync::atomic::Ordering::SeqCst);
-        self.inner.publish(messages)
-    }
-}
-
-/// Never answers: a process that dies while publishing.
-struct Hangs;
-
-impl Publisher for Hangs {
-    fn publish<'a>(
-        &'a self,
-        _: &'a [OutgoingMessage],
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
-        Box::pin(std::future::pending())
-    }
-}
-
-fn spawn_relay(relay: OutboxRelay) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    (stop, running)
-}
-
-#[tokio::test]
-async fn a_running_relay_leaves_the_committing_bus_its_own_events() {
-    // A relay polling every 10 ms while 8 committers publish their own events: without the
-    // settle time it claims rows between their COMMIT and their publish, publishing them a
-    // second time and making the next commits of those aggregates wait for it.
-    let server = NatsServer::start().await;
-    let publisher = nats::publisher(&server).await;
-    let store = store().await;
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let config = RelayConfig {
-        poll_interval: Duration::from_millis(10),
-        settle_time: Duration::from_secs(5),
-        ..RelayConfig::default()
-    };
-    let counting = Counting { inner: publisher.clone(), count: count.clone() };
-    let (stop, running) = spawn_relay(OutboxRelay::new(store.clone(), Arc::new(counting), config));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    let live = bus(&store, &publisher, BusConfig::default());
-    let committers = (0..8).map(|_| {
-        let live = live.clone();
-        tokio::spawn(async move { commit_events(&live, &[Uuid::now_v7()], 40, 1).await })
-    });
-    let mut committed = BTreeSet::new();
-    for ids in futures_util::future::join_all(committers).await {
-        committed.extend(ids.unwrap());
-    }
-    assert_eq!(live.lag().await.unwrap().pending, 0);
-    assert_eq!(
-        count.load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "the relay published events the bus was publishing"
-    );
-    assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
-    stop.send(()).unwrap();
-    running.await.unwrap();
-}
-
-#[tokio::test]
-async fn events_of_a_bus_that_died_while_publishing_are_published_once_settled() {
-    let server = NatsServer::start().await;
-    let publisher = nats::publisher(&server).await;
-    let store = store().await;
-    let config = RelayConfig {
-        poll_interval: Duration::from_millis(50),
-        settle_time: Duration::from_millis(300),
-        ..RelayConfig::default()
-    };
-    let (stop, running) = spawn_relay(OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), config));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    // The bus commits, starts publishing and never finishes: no notification reaches the relay.
-    let dying = EventBus::new(store.clone(), Arc::new(Hangs), BusConfig::default());
-    let aggregate = Uuid::now_v7();
-    let commit = tokio::spawn(async move { commit_events(&dying, &[aggregate], 3, 3).await });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while live_pending(&store).await < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "the commit did not happen");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    commit.abort();
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while stream_messages(&publisher).await.len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "the relay never took the orphaned events");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let stored = stream_messages(&publisher).await;
-    let sequences: Vec<i64> = stored.iter().map(|m| m.wire.sequence).collect();
-    assert_eq!(sequences, [1, 2, 3]);
-    assert!(stored.iter().all(|m| m.wire.aggregate_id == aggregate));
-    stop.send(()).unwrap();
-    running.await.unwrap();
-}
-
-async fn live_pending(store: &EventStore) -> i64 {
-    OutboxRelay::new(store.clone(), Arc::new(Hangs), RelayConfig::default()).lag().await.unwrap().pending
-}
-
-#[tokio::test]
-async fn a_running_relay_is_woken_by_notify_not_by_polling() {
-    let server = NatsServer::start().await;
-    let publisher = nats::publisher(&server).await;
-    let store = store().await;
-    let writer = bus(&store, &publisher, BusConfig { publish_after_commit: false, ..BusConfig::default() });
-    let config = RelayConfig { poll_interval: Duration::from_secs(3600), ..RelayConfig::default() };
-    let (stop, running) = spawn_relay(OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), config));
-    // Let the relay finish its first (empty) pass and start waiting.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let committed = commit_events(&writer, &[Uuid::now_v7()], 3, 3).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while stream_messages(&publisher).await.len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "the relay was not woken by the commit's NOTIFY");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), running)
-        .await
-        .expect("stops on the shutdown signal")
-        .unwrap();
 }

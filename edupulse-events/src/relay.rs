@@ -378,6 +378,8 @@ pub struct LogRelay {
     store: EventStore,
     publisher: Arc<dyn Publisher>,
     config: RelayConfig,
+    /// Failed events' attempts, kept from one run to the next (`run_once`).
+    failing: Mutex<HashMap<i64, Failing>>,
 }
 
 impl std::fmt::Debug for LogRelay {
@@ -389,7 +391,7 @@ impl std::fmt::Debug for LogRelay {
 impl LogRelay {
     /// A relay publishing `store`'s log through `publisher`.
     pub fn new(store: EventStore, publisher: Arc<dyn Publisher>, config: RelayConfig) -> Self {
-        Self { store, publisher, config }
+        Self { store, publisher, config, failing: Mutex::default() }
     }
 
     /// How far publication is behind; see [`EventStore::relay_lag`].
@@ -422,6 +424,7 @@ impl LogRelay {
             }
         }
         worker.release().await;
+        worker.keep_failures();
         Ok(total)
     }
 
@@ -542,10 +545,16 @@ impl<'a> Worker<'a> {
             held: Vec::new(),
             checkpoints: HashMap::new(),
             blocked: HashMap::new(),
-            failing: HashMap::new(),
+            failing: std::mem::take(&mut *relay.failing.lock().unwrap_or_else(PoisonError::into_inner)),
             acked_beyond: HashMap::new(),
             last_takeover: None,
         }
+    }
+
+    /// Hands the failed events' attempts back to the relay, for its next run.
+    fn keep_failures(&mut self) {
+        let failing = std::mem::take(&mut self.failing);
+        *self.relay.failing.lock().unwrap_or_else(PoisonError::into_inner) = failing;
     }
 
     fn config(&self) -> &RelayConfig {
@@ -640,7 +649,6 @@ impl<'a> Worker<'a> {
         self.held.clear();
         self.checkpoints.clear();
         self.blocked.clear();
-        self.failing.clear();
         self.acked_beyond.clear();
         self.last_takeover = None;
     }
