@@ -1,5 +1,6 @@
 //! Quickstart: define a context's events with `#[derive(DomainEvent)]`, commit them through
-//! the bus, publish them, replay an aggregate, and catch a concurrency conflict.
+//! the bus, wait until the broker acknowledged them, replay an aggregate, and catch a
+//! concurrency conflict.
 //!
 //! `cargo run --example quickstart` runs on the embedded default (SQLite in memory and an
 //! in-process broker). With `DATABASE_URL=postgres://…` and `NATS_URL=nats://…` set, the
@@ -62,7 +63,8 @@ async fn main() -> Result<(), EventError> {
     let course = Uuid::now_v7();
     let author = Uuid::now_v7();
 
-    // 1. Commit two events in one transaction; they are published right after COMMIT.
+    // 1. Commit two events in one transaction. The bus's background relay publishes them from
+    //    the log after COMMIT; `published()` waits for the broker's acknowledgement.
     let stored = bus
         .commit(async |tx| {
             let events = [
@@ -75,6 +77,8 @@ async fn main() -> Result<(), EventError> {
             ];
             tx.append("course", course, 0, events).await
         })
+        .await?
+        .published()
         .await?;
     for e in &stored {
         println!(
@@ -85,8 +89,7 @@ async fn main() -> Result<(), EventError> {
             e.global_position.unwrap_or_default()
         );
     }
-    let lag = bus.lag().await?;
-    println!("Published and acknowledged by the broker: {} pending in the outbox.", lag.pending);
+    println!("Published: the broker acknowledged both events.");
     if let Some(broker) = &backends.in_memory {
         for message in broker.messages() {
             println!(
@@ -124,5 +127,9 @@ async fn main() -> Result<(), EventError> {
     // 4. Find a teacher's lessons through the promoted key.
     let count = backends.store.events_by_key::<CourseEvent>("author_id", author).count().await;
     println!("Lessons by author {author}: {count}.");
+
+    // The relay finishes its batch and stops; whatever it had not published yet stays in the
+    // log for the next relay.
+    bus.shutdown().await;
     Ok(())
 }

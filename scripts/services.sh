@@ -85,11 +85,16 @@ start_postgres() {
   run_as_pg "$bin/initdb" -D "$data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >"$SERVICES_DIR/initdb.log" 2>&1 \
     || { cat "$SERVICES_DIR/initdb.log" >&2; die "initdb failed"; }
   port=$(free_port)
-  # A throw-away server: durability settings off, loopback only, enough connections for
-  # tests that run in parallel.
+  # A throw-away server: loopback only, enough connections for tests that run in parallel;
+  # durability settings off for tests, on (as in production) when SERVICES_DURABLE=1 (the
+  # benchmarks).
+  local durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  if [ "${SERVICES_DURABLE:-}" = 1 ]; then
+    durability="-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+  fi
   run_as_pg "$bin/pg_ctl" -D "$data" -l "$SERVICES_DIR/postgres.log" -w -t 60 start -o \
     "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$data -c max_connections=300 \
-     -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=128MB" >/dev/null \
+     $durability -c shared_buffers=128MB" >/dev/null \
     || { cat "$SERVICES_DIR/postgres.log" >&2; die "PostgreSQL did not start"; }
   SERVICES_PG_STARTED="$bin"
   export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"

@@ -12,7 +12,7 @@ use common::nats::{self, NatsServer, stream_messages};
 use common::{counted, store};
 use edupulse_events::{
     BusConfig, DomainEvent, EventBus, EventEnvelope, EventError, EventProblem, EventStore, ExpectedSequence,
-    Metadata, NatsPublisher, OutboxRelay, RelayConfig, StreamPosition, Uuid,
+    LogRelay, Metadata, NatsPublisher, RelayConfig, StreamPosition, Uuid,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -35,8 +35,9 @@ fn bus(store: &EventStore, publisher: &NatsPublisher) -> EventBus {
     EventBus::new(store.clone(), Arc::new(publisher.clone()), BusConfig::default())
 }
 
+/// A relay of its own publishes whatever the log holds.
 async fn relay_pass(store: &EventStore, publisher: &NatsPublisher) {
-    let relay = OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), RelayConfig::default());
+    let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), RelayConfig::default());
     relay.run_once().await.unwrap();
 }
 
@@ -142,6 +143,9 @@ async fn a_swallowed_failed_statement_makes_commit_an_error_and_publishes_nothin
         tx.append("quiz", fine, 0, [grade(fine, 4.0, "savepoint")]).await
     })
     .await
+    .unwrap()
+    .published()
+    .await
     .unwrap();
     assert_eq!(store.current_sequence(fine).await.unwrap(), 1);
     assert_eq!(stream_messages(&publisher).await.len(), 1);
@@ -149,8 +153,9 @@ async fn a_swallowed_failed_statement_makes_commit_an_error_and_publishes_nothin
 
 // ---- 2. Append accepts only what can be delivered and read back ------------------------
 
-/// Asserts an append was refused with `problem` and nothing was written or published.
-fn refused(result: Result<Vec<EventEnvelope<GradeRecorded>>, EventError>, what: &str) -> EventProblem {
+/// Asserts an append (or a commit) was refused with `problem`; the callers check that
+/// nothing was written or published.
+fn refused<T: std::fmt::Debug>(result: Result<T, EventError>, what: &str) -> EventProblem {
     match result {
         Err(EventError::InvalidEvent { problem, event_type, .. }) => {
             assert_eq!(event_type, "GradeRecorded", "{what}: the error names the event");
@@ -245,8 +250,13 @@ async fn appends_refuse_what_cannot_be_delivered_or_read_back() {
 
     // What can be delivered still is, right up to the limit.
     let near = "y".repeat(1024 * 1024 - 2048);
-    let stored =
-        bus.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 0.5, &near)]).await).await.unwrap();
+    let stored = bus
+        .commit(async |tx| tx.append("quiz", id, 0, [grade(id, 0.5, &near)]).await)
+        .await
+        .unwrap()
+        .published()
+        .await
+        .unwrap();
     assert_eq!(stored[0].sequence, 1);
     let mut loaded = store.load::<GradeRecorded>(id, 1);
     assert_eq!(loaded.next().await.unwrap().unwrap().event.comment.len(), near.len());
@@ -254,20 +264,21 @@ async fn appends_refuse_what_cannot_be_delivered_or_read_back() {
 }
 
 #[tokio::test]
-async fn a_row_with_a_line_break_written_around_the_store_fails_its_publish_without_a_panic() {
+async fn a_row_with_a_line_break_written_around_the_store_is_parked_without_a_panic() {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let bus = bus(&store, &publisher);
     let id = Uuid::now_v7();
-    // Committed without publishing, then corrupted by hand (an older version of the code,
-    // a manual fix): the relay must report it, not panic in async-nats.
+    // Committed with no relay running, then corrupted by hand (an older version of the
+    // code, a manual fix): the relay must refuse to send it, not panic in async-nats, and
+    // park it once its attempts are spent.
     let quiet = EventBus::new(
         store.clone(),
         Arc::new(publisher.clone()),
-        BusConfig { publish_after_commit: false, ..BusConfig::default() },
+        BusConfig { background_relay: false, ..BusConfig::default() },
     );
-    quiet.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 1.0, "ok")]).await).await.unwrap();
+    let committed =
+        quiet.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 1.0, "ok")]).await).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "UPDATE {} SET aggregate_type = E'quiz\\r\\nX: 1'",
         table(&store, "events")
@@ -275,12 +286,32 @@ async fn a_row_with_a_line_break_written_around_the_store_fails_its_publish_with
     .execute(store.pg_pool().unwrap())
     .await
     .unwrap();
-    let relay = OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), RelayConfig::default());
+    let config = RelayConfig {
+        max_attempts: 2,
+        min_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        ..RelayConfig::default()
+    };
+    let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), config);
     let pass = relay.run_once().await.unwrap();
-    assert_eq!((pass.published, pass.failed), (0, 1));
-    let lag = bus.lag().await.unwrap();
-    assert_eq!(lag.pending, 1);
-    assert!(lag.last_error.unwrap().contains("line break"));
+    assert_eq!((pass.published, pass.failed, pass.parked), (0, 1, 0), "{pass:?}");
+    let lag = quiet.lag().await.unwrap();
+    assert_eq!((lag.pending, lag.parked), (1, 0), "{lag:?}");
+
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let pass = relay.run_once().await.unwrap();
+    assert_eq!((pass.published, pass.parked), (0, 1), "{pass:?}");
+    let lag = quiet.lag().await.unwrap();
+    assert_eq!((lag.pending, lag.parked), (0, 1), "{lag:?}");
+    let parked = store.parked_events(10).await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!((parked[0].aggregate_id, parked[0].blocked_by, parked[0].attempts), (id, None, 2));
+    assert!(parked[0].reason.contains("line break"), "{}", parked[0].reason);
+    match committed.receipt.published().await {
+        Err(EventError::Parked { reason, .. }) => assert!(reason.contains("line break"), "{reason}"),
+        other => panic!("expected Parked, got {other:?}"),
+    }
+    assert!(stream_messages(&publisher).await.is_empty(), "nothing was published");
 }
 
 // ---- 3. The global stream keeps every aggregate's order --------------------------------
@@ -386,7 +417,9 @@ async fn the_embedded_default_refuses_the_same_inputs() {
 
     assert_eq!(store.current_sequence(id).await.unwrap(), 0);
     assert!(broker.messages().is_empty());
-    bus.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 1.0, "fine")]).await).await.unwrap();
+    let committed =
+        bus.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 1.0, "fine")]).await).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), committed.published()).await.unwrap().unwrap();
     assert_eq!(broker.messages().len(), 1);
 }
 

@@ -7,10 +7,16 @@
 //! The harness starts a PostgreSQL and a nats-server of its own; K writers commit random
 //! batches over A shared aggregates through `EventBus::commit` (plain appends, `Any`,
 //! closures that fail, closures that swallow a failed statement, caller writes first, bad
-//! inputs) while two relays run, and a seeded schedule kills relays mid-batch, SIGKILLs
-//! nats-server and restarts PostgreSQL. Then the relays drain the outbox and an independent
-//! checker (`fault_harness/checker.rs`) reads the whole stream and the whole store and
-//! counts every kind of violation; the test asserts that all of them are zero.
+//! inputs) while three relays publish the log and compete for its partitions: the bus's
+//! own background relay (the production path, holding partitions 0..32; a warm-up commit
+//! starts it first) and two standalone `LogRelay`s that may hold any partition: one holds
+//! 32..64, the other stands by. The report says how many acknowledgements each kind of relay
+//! got. A seeded schedule kills the standalone relays mid-batch,
+//! SIGKILLs nats-server and restarts PostgreSQL. Then the relays drain the log (until
+//! `relay_lag` shows nothing pending) and an independent checker
+//! (`fault_harness/checker.rs`) reads the whole stream and the whole store and counts every
+//! kind of violation; the test asserts that all of them are zero, and that events were
+//! committed and published at all.
 //!
 //! Environment: `TORTURE_SEED` (default fixed), `TORTURE_SECONDS` of load (default 40),
 //! `TORTURE_WRITERS` (6), `TORTURE_AGGREGATES` (40), `TORTURE_SKIP` (what to leave out, to
@@ -38,15 +44,15 @@ use std::time::Duration;
 
 use common::nats::NatsServer;
 use edupulse_events::{
-    BusConfig, EventBus, EventStore, NatsConfig, NatsPublisher, StoreConfig, StreamSpec, Uuid,
+    BusConfig, EventBus, EventStore, NatsConfig, NatsPublisher, Publisher, StoreConfig, StreamSpec, Uuid,
 };
 use tokio::time::Instant;
 
 use checker::{Counts, Observed};
-use faults::{FaultCounts, Relays};
+use faults::{Counting, FaultCounts, Relays};
 use postgres::PgServer;
 use prng::Rng;
-use workload::{Ledger, Writers};
+use workload::{AGGREGATE_TYPE, CommitRecord, Kind, Ledger, Outcome, Recorded, Writers};
 
 /// The store's schema on the harness's own server.
 const SCHEMA: &str = "harness";
@@ -63,8 +69,8 @@ struct Settings {
     /// Kinds of commit left out (`TORTURE_SKIP=bad-input,swallow-after`), to isolate a
     /// finding; see `workload::KINDS`.
     skip: Vec<String>,
-    /// The final drain stops when the outbox is empty, when it has not shrunk for
-    /// `stall`, or after `drain` at most.
+    /// The final drain stops when `relay_lag` shows no pending event, when the pending
+    /// count has not shrunk for `stall`, or after `drain` at most.
     drain: Duration,
     stall: Duration,
 }
@@ -102,6 +108,9 @@ struct Report {
     counts: Counts,
     faults: FaultCounts,
     relay_panic: Option<String>,
+    /// Acknowledgements the bus's background relay got, and the standalone relays.
+    acked_by_bus_relay: u64,
+    acked_by_standalone_relays: u64,
     drained_in: Duration,
     elapsed: Duration,
 }
@@ -113,7 +122,9 @@ impl Report {
             "fault harness: seed {seed} (0x{seed:x}), {load} s of load, {writers} writers, {aggregates} aggregates, \
              {elapsed:.0} s in all{skip}\n\
              faults injected: {rk} relay kills, {nk} nats-server SIGKILLs ({nd:.1} s down), {pr} PostgreSQL fast \
-             restarts ({pd:.1} s down); final drain {drain:.1} s\n{relay}\n{table}\
+             restarts ({pd:.1} s down); final drain {drain:.1} s\n\
+             acknowledgements (re-sends included): {bus} to the bus's background relay, {standalone} to the \
+             standalone relays\n{relay}\n{table}\
              replay with TORTURE_SEED={seed} TORTURE_SECONDS={load}{skip_env}",
             seed = settings.seed,
             load = settings.load.as_secs(),
@@ -131,6 +142,8 @@ impl Report {
             pr = f.pg_restarts,
             pd = f.pg_down.as_secs_f64(),
             drain = self.drained_in.as_secs_f64(),
+            bus = self.acked_by_bus_relay,
+            standalone = self.acked_by_standalone_relays,
             relay = self.relay_panic.as_deref().map(|p| format!("a relay panicked: {p}")).unwrap_or_default(),
             table = self.counts.table(),
             skip_env = if settings.skip.is_empty() {
@@ -152,12 +165,14 @@ async fn every_committed_event_is_published_once_in_order_under_faults() {
         settings.load.as_secs()
     );
     // Panics inside library tasks are counted as violations; print the first few, not
-    // every one (a bad input can make every relay pass panic).
+    // every one (a bad input can make every relay pass panic). Every panic is also counted
+    // here: the bus's background relay is a task nobody joins but the bus.
     let printed = Arc::new(AtomicU64::new(0));
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new({
         let printed = printed.clone();
         move |info| {
+            PANICS_SEEN.fetch_add(1, Ordering::Relaxed);
             // Runtime threads are `tokio-runtime-worker` or `tokio-rt-worker`, by version.
             let worker = std::thread::current().name().is_some_and(|name| name.starts_with("tokio-"));
             if !worker || printed.fetch_add(1, Ordering::Relaxed) < 3 {
@@ -175,7 +190,39 @@ async fn every_committed_event_is_published_once_in_order_under_faults() {
         "the fault harness found violations of the promise (seed {}):\n{summary}",
         settings.seed
     );
+    // A run that committed or published nothing checked nothing.
+    let c = &report.counts;
+    assert!(
+        c.commits_ok > 0 && c.events_committed > 0 && c.events_published > 0,
+        "the run committed {} events and published {}: nothing was checked (seed {}):\n{summary}",
+        c.events_committed,
+        c.events_published,
+        settings.seed
+    );
+    assert_eq!(c.events_published, c.events_committed, "every committed event is in the stream:\n{summary}");
 }
+
+/// Commits one event through the bus and waits for its publication: the bus's background
+/// relay then holds the partitions. The commit goes into the ledger like the writers' ones.
+async fn warm_up(bus: &EventBus, settings: &Settings) -> CommitRecord {
+    let aggregate = Rng::derive(settings.seed, 2).uuid();
+    // A writer index no writer has.
+    let writer = settings.writers;
+    let event = Recorded { aggregate, writer, commit: 0, amount: 1.0, note: "warm-up".into() };
+    let committed = bus
+        .commit(async |tx| tx.append(AGGREGATE_TYPE, aggregate, 0, [event]).await)
+        .await
+        .expect("the warm-up commit");
+    let events = committed.value.iter().map(|e| e.event_id).collect();
+    tokio::time::timeout(Duration::from_secs(30), committed.receipt.published())
+        .await
+        .expect("the warm-up event is published within 30 s")
+        .expect("the warm-up event is published");
+    CommitRecord { writer, kind: Kind::Plain, outcome: Outcome::Ok, events, error: None }
+}
+
+/// Panics seen by the hook, on any thread: the floor of the panics figure.
+static PANICS_SEEN: AtomicU64 = AtomicU64::new(0);
 
 async fn run(settings: &Settings) -> Report {
     let started = Instant::now();
@@ -205,15 +252,26 @@ async fn run(settings: &Settings) -> Report {
     .await
     .unwrap();
     publisher.ensure_stream(&StreamSpec::new(STREAM, ["harness.>"])).await.unwrap();
-    let publisher = Arc::new(publisher);
-    let bus = EventBus::new(store.clone(), publisher.clone(), BusConfig::default());
-    let mut relays = Relays::start(store.clone(), publisher.clone(), 2);
+    let publisher: Arc<dyn Publisher> = Arc::new(publisher);
+    // One broker, seen through two counters: which kind of relay published is reported.
+    let (bus_publisher, standalone_publisher) = (Counting::new(publisher.clone()), Counting::new(publisher));
+    // The bus's relay holds half the partitions; the standalone relays may hold any, so one
+    // holds the other half and the other stands by for both: a killed standalone relay's
+    // partitions are taken over, and both kinds of relay publish under faults.
+    let mut config = BusConfig::default();
+    config.relay.partitions = 0..32;
+    let bus = EventBus::new(store.clone(), bus_publisher.clone(), config);
+    // The bus's relay starts with the first commit: one commit before the standalone relays
+    // start lets it take its partitions first (a standalone relay would otherwise take
+    // them all, and the production path would not publish under faults).
+    let warm_up = warm_up(&bus, settings).await;
+    let mut relays = Relays::start(store.clone(), standalone_publisher.clone(), 2);
 
     let mut rng = Rng::derive(settings.seed, 0);
     let aggregates: Vec<Uuid> = (0..settings.aggregates).map(|_| rng.uuid()).collect();
     let load_start = Instant::now();
     let writers = Arc::new(Writers {
-        bus,
+        bus: bus.clone(),
         store: store.clone(),
         aggregates: Arc::new(aggregates),
         mix: workload::mix(&settings.skip),
@@ -238,7 +296,7 @@ async fn run(settings: &Settings) -> Report {
     }
 
     // Writers finish their last commit (each bounded: a hung commit is aborted after 30 s).
-    let mut ledger = Ledger::default();
+    let mut ledger = Ledger { commits: vec![warm_up] };
     let mut writer_failures = 0;
     for task in tasks {
         match tokio::time::timeout(Duration::from_secs(60), task).await {
@@ -247,17 +305,15 @@ async fn run(settings: &Settings) -> Report {
         }
     }
 
-    // The final drain: both servers are up; the relays run until the outbox is empty, or
-    // stops shrinking.
+    // The final drain: both servers are up; the relays (the bus's and the standalone ones)
+    // run until nothing is pending, or the backlog stops shrinking. The library's own
+    // figure decides when to stop; the checker counts the backlog again, its own way.
     let drain_start = Instant::now();
     let mut best = i64::MAX;
     let mut last_progress = Instant::now();
     loop {
         relays.reap().await;
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM harness.outbox")
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(i64::MAX);
+        let pending = store.relay_lag().await.map_or(i64::MAX, |lag| lag.pending);
         if pending == 0 {
             break;
         }
@@ -272,25 +328,26 @@ async fn run(settings: &Settings) -> Report {
     }
     let drained_in = drain_start.elapsed();
     let relays = relays.stop().await;
+    let bus_relay_stuck = tokio::time::timeout(Duration::from_secs(10), bus.shutdown()).await.is_err();
 
     // The independent check.
-    let (store_rows, outbox_pending) = checker::read_store(&pg_url, SCHEMA).await;
+    let (store_rows, backlog) = checker::read_store(&pg_url, SCHEMA).await;
     let (stream, stream_unreadable) = checker::read_stream(&nats.url(), STREAM).await;
     let (stream_all, stream_all_errors) = checker::read_stream_all(&store).await;
-    let observed = Observed {
-        store: store_rows,
-        stream,
-        stream_unreadable,
-        stream_all,
-        stream_all_errors,
-        outbox_pending,
-    };
+    let observed =
+        Observed { store: store_rows, stream, stream_unreadable, stream_all, stream_all_errors, backlog };
     let mut counts = checker::count(&ledger.commits, &observed);
     counts.panics += relays.panics + writer_failures;
+    // Every panic the harness joined went through the hook too; one it did not join (the
+    // bus's background relay) only did.
+    counts.panics = counts.panics.max(PANICS_SEEN.load(Ordering::Relaxed));
+    counts.relays_not_stopped = relays.stuck + u64::from(bus_relay_stuck);
     Report {
         counts,
         faults: fault_counts,
         relay_panic: relays.last_panic.clone(),
+        acked_by_bus_relay: bus_publisher.acked(),
+        acked_by_standalone_relays: standalone_publisher.acked(),
         drained_in,
         elapsed: started.elapsed(),
     }

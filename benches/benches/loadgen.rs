@@ -3,7 +3,7 @@
 //!
 //! `bash scripts/bench.sh` starts PostgreSQL and nats-server and runs it; or set
 //! `DATABASE_URL` and `NATS_URL` and run
-//! `cargo bench -p edupulse-events-bench --bench loadgen -- [--quick] [--only NAME]`.
+//! `cargo bench -p edupulse-events-bench --bench loadgen -- [--quick] [--only NAME] [--fsync off]`.
 //! Scenarios: `append`, `publish`, `relay`, `replay`, `wake`.
 
 use std::future::Future;
@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edupulse_events::{
-    BusConfig, DomainEvent, EventBus, EventError, EventStore, NatsConfig, NatsPublisher, OutboxRelay,
-    Publisher, RelayConfig, StoreConfig, StreamPosition, StreamSpec, Uuid,
+    BusConfig, DomainEvent, EventBus, EventError, EventStore, LogRelay, NatsConfig, NatsPublisher, Publisher,
+    RelayConfig, StoreConfig, StreamPosition, StreamSpec, Uuid,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -290,122 +290,48 @@ where
     Ok((rate((committers * rounds * events_per_round) as u64, elapsed), latencies))
 }
 
+/// The bus against a bare commit, in the same run: commit throughput and latency (the bus's
+/// background relay publishing meanwhile, as in production), and the publication latency
+/// from COMMIT returned to the JetStream acknowledgement, measured by a task per commit
+/// awaiting its receipt (the committers do not wait for it).
 async fn bench_publish(env: &Env) -> Result<()> {
-    println!("\n### Commit-then-publish, commit to JetStream acknowledgement\n");
+    println!("\n### Commit-then-publish: the bus beside a bare commit ({})\n", fsync_label(env).await?);
     println!(
-        "| committers | events per commit | edupulse events/s | p50 | p99 | by hand events/s | \
-         PostgreSQL commit alone events/s | raw JetStream publish events/s | raw p50 | raw p99 | \
-         edupulse / by hand | edupulse / commit alone | edupulse / raw publish |"
+        "| committers × events | bare commit events/s | p50 | p99 | `EventBus::commit` events/s | p50 | p99 | \
+         ratio | publication p50 | publication p99 | publication p99 / bare p99 | all acknowledged events/s |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    let per_run = if env.quick { 600 } else { 3_000 };
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let per_run = if env.quick { 1_200 } else { 6_000 };
     for (committers, per_commit) in [(1usize, 1usize), (8, 1), (64, 1), (64, 10)] {
         let rounds = (per_run / (committers * per_commit)).max(1);
         let publisher = nats(env, "BENCH").await?;
         let store = fresh_store(env, (committers as u32 + 4).min(80)).await?;
-        let bus = EventBus::new(store.clone(), Arc::new(publisher.clone()), BusConfig::default());
-        // A relay publishes what a fast path left to another claimer, as in production.
-        let relay = OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), RelayConfig::default());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let relay_task = tokio::spawn(async move {
-            relay
-                .run(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        let ids: Arc<Vec<Uuid>> = Arc::new((0..committers).map(|_| Uuid::now_v7()).collect());
-        // Warm-up: one commit per committer, so that the pool's connections exist before the
-        // clock starts (connection set-up is not what this table measures).
+        // `BUS_RELAY=0`: no background relay (an experiment: the commit alone).
+        let background_relay = std::env::var("BUS_RELAY").map_or(true, |v| v != "0");
+        let config = BusConfig { background_relay, ..BusConfig::default() };
+        let bus = EventBus::new(store.clone(), Arc::new(publisher.clone()), config);
+        let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
+        let table = raw_table(&pool, store.config().schema.as_str()).await?;
+        // Warm-up: one commit per committer, so that the pool's connections exist and the
+        // relay runs before the clock starts (set-up is not what this table measures).
         let warm: Vec<_> = (0..committers)
             .map(|_| {
                 let bus = bus.clone();
                 tokio::spawn(async move {
                     let id = Uuid::now_v7();
-                    bus.commit(async |tx| tx.append("bench", id, 0, [tick(id, 0)]).await).await
+                    bus.commit(async |tx| tx.append("bench", id, 0, [tick(id, 0)]).await)
+                        .await?
+                        .published()
+                        .await
                 })
             })
             .collect();
         for task in warm {
             task.await??;
         }
-        let started = Instant::now();
-        let (_, latencies) = run_committers(committers, rounds, per_commit, {
-            let (bus, ids) = (bus.clone(), ids.clone());
-            move |task, round| {
-                let (bus, id) = (bus.clone(), ids[task]);
-                async move {
-                    let first = (round * per_commit) as u64;
-                    let events: Vec<_> = (first..first + per_commit as u64).map(|n| tick(id, n)).collect();
-                    bus.commit(async |tx| tx.append("bench", id, first as i64, events).await).await?;
-                    Ok(())
-                }
-            }
-        })
-        .await?;
-        // Until the broker has acknowledged everything (the relay's share included).
-        while bus.lag().await?.pending > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let ours = rate((committers * rounds * per_commit) as u64, started.elapsed());
-        let _ = stop.send(());
-        relay_task.await??;
-
-        // The same work by hand: the event rows (one multi-row INSERT) and their outbox rows
-        // in one sqlx transaction, then the publishes (acks awaited together), then the
-        // outbox rows deleted.
-        let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
-        let schema = store.config().schema.as_str().to_owned();
-        let table = raw_table(&pool, &schema).await?;
-        let outbox = format!("\"{schema}\".raw_outbox");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "CREATE TABLE {outbox} (LIKE \"{schema}\".outbox INCLUDING ALL)"
-        )))
-        .execute(&pool)
-        .await?;
-        let outbox_insert = format!(
-            "INSERT INTO {outbox} (global_position, event_id, aggregate_id, sequence, subject, partition) \
-             SELECT p, gen_random_uuid(), $2, 1, 'bench.Tick', 0 FROM unnest($1::bigint[]) AS p"
-        );
-        let outbox_delete = format!("DELETE FROM {outbox} WHERE global_position = ANY($1)");
-        let (by_hand, _) = run_committers(committers, rounds, per_commit, {
-            let (pool, table, js) = (pool.clone(), table.clone(), publisher.jetstream().clone());
-            let (outbox_insert, outbox_delete) = (Arc::new(outbox_insert), Arc::new(outbox_delete));
-            move |_, round| {
-                let (pool, table, js) = (pool.clone(), table.clone(), js.clone());
-                let (outbox_insert, outbox_delete) = (outbox_insert.clone(), outbox_delete.clone());
-                async move {
-                    let id = Uuid::now_v7();
-                    let first = (round * per_commit) as u64;
-                    let events: Vec<_> = (first..first + per_commit as u64).map(|n| tick(id, n)).collect();
-                    let mut tx = pool.begin().await?;
-                    let positions = raw_insert_returning(&mut tx, &table, id, 1, &events).await?;
-                    sqlx::query(sqlx::AssertSqlSafe(outbox_insert.as_str()))
-                        .bind(&positions)
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                    tx.commit().await?;
-                    let mut acks = Vec::with_capacity(events.len());
-                    for event in &events {
-                        let body = serde_json::to_vec(event)?;
-                        acks.push(js.send_publish("bench.Hand", raw_message(&body)).await?);
-                    }
-                    for ack in acks {
-                        ack.await?;
-                    }
-                    sqlx::query(sqlx::AssertSqlSafe(outbox_delete.as_str()))
-                        .bind(&positions)
-                        .execute(&pool)
-                        .await?;
-                    Ok(())
-                }
-            }
-        })
-        .await?;
 
         // The least any commit-then-publish does in PostgreSQL: BEGIN, the event rows, COMMIT.
-        let (commit_alone, _) = run_committers(committers, rounds, per_commit, {
+        let (bare, bare_latencies) = run_committers(committers, rounds, per_commit, {
             let (pool, table) = (pool.clone(), table.clone());
             move |_, round| {
                 let (pool, table) = (pool.clone(), table.clone());
@@ -422,41 +348,63 @@ async fn bench_publish(env: &Env) -> Result<()> {
         })
         .await?;
 
-        // Ceiling: the same bytes with async-nats, the acks of one commit's events awaited
-        // together.
-        let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
-        let body = Arc::new(serde_json::to_vec(&envelope)?);
-        let (ceiling, raw) = run_committers(committers, rounds, per_commit, {
-            let js = publisher.jetstream().clone();
-            move |_, _| {
-                let (js, body) = (js.clone(), body.clone());
+        let ids: Arc<Vec<Uuid>> = Arc::new((0..committers).map(|_| Uuid::now_v7()).collect());
+        let (waiters, mut waited) =
+            tokio::sync::mpsc::unbounded_channel::<tokio::task::JoinHandle<Result<Duration>>>();
+        let started = Instant::now();
+        let (ours, latencies) = run_committers(committers, rounds, per_commit, {
+            let (bus, ids) = (bus.clone(), ids.clone());
+            move |task, round| {
+                let (bus, id, waiters) = (bus.clone(), ids[task], waiters.clone());
                 async move {
-                    let mut acks = Vec::with_capacity(per_commit);
-                    for _ in 0..per_commit {
-                        acks.push(js.send_publish("bench.Raw", raw_message(&body)).await?);
-                    }
-                    for ack in acks {
-                        ack.await?;
-                    }
+                    let first = (round * per_commit) as u64;
+                    let events: Vec<_> = (first..first + per_commit as u64).map(|n| tick(id, n)).collect();
+                    let committed =
+                        bus.commit(async |tx| tx.append("bench", id, first as i64, events).await).await?;
+                    let returned = Instant::now();
+                    let receipt = committed.receipt;
+                    let _ = waiters.send(tokio::spawn(async move {
+                        receipt.published().await?;
+                        Ok(returned.elapsed())
+                    }));
                     Ok(())
                 }
             }
         })
         .await?;
+        let mut publication = Vec::new();
+        while let Some(waiter) = waited.recv().await {
+            publication.push(waiter.await??);
+        }
+        let end_to_end = rate((committers * rounds * per_commit) as u64, started.elapsed());
+        publication.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let bare_p99 = percentile(&bare_latencies, 0.99);
         println!(
-            "| {committers} | {per_commit} | {ours:.0} | {:.1} ms | {:.1} ms | {by_hand:.0} | {commit_alone:.0} | \
-             {ceiling:.0} | {:.2} ms | {:.2} ms | {:.0} % | {:.0} % | {:.0} % |",
-            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-            percentile(&raw, 0.5).as_secs_f64() * 1e3,
-            percentile(&raw, 0.99).as_secs_f64() * 1e3,
-            100.0 * ours / by_hand,
-            100.0 * ours / commit_alone,
-            100.0 * ours / ceiling
+            "| {committers} × {per_commit} | {bare:.0} | {:.2} ms | {:.2} ms | {ours:.0} | {:.2} ms | {:.2} ms | \
+             {:.0} % | {:.2} ms | {:.2} ms | {:.2} | {end_to_end:.0} |",
+            ms(percentile(&bare_latencies, 0.5)),
+            ms(bare_p99),
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99)),
+            100.0 * ours / bare,
+            ms(percentile(&publication, 0.5)),
+            ms(percentile(&publication, 0.99)),
+            percentile(&publication, 0.99).as_secs_f64() / bare_p99.as_secs_f64(),
         );
+        bus.shutdown().await;
         drop_store(&store).await?;
     }
     Ok(())
+}
+
+/// Whether the server syncs its WAL (`fsync`), for the tables' titles.
+async fn fsync_label(env: &Env) -> Result<String> {
+    let pool = PgPool::connect(&env.database_url).await?;
+    let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&pool).await?;
+    let synchronous: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&pool).await?;
+    pool.close().await;
+    Ok(format!("fsync {fsync}, synchronous_commit {synchronous}"))
 }
 
 /// Commits `total` events over `aggregates` aggregates without publishing them.
@@ -469,7 +417,7 @@ async fn backlog(
     let bus = EventBus::new(
         store.clone(),
         publisher,
-        BusConfig { publish_after_commit: false, ..BusConfig::default() },
+        BusConfig { background_relay: false, ..BusConfig::default() },
     );
     let per_aggregate = total / aggregates;
     let mut tasks = Vec::new();
@@ -495,6 +443,8 @@ async fn backlog(
     Ok(())
 }
 
+/// A backlog published by one relay from its checkpoints, beside raw async-nats publishing
+/// the same number of messages pipelined.
 async fn bench_relay(env: &Env) -> Result<()> {
     let total = if env.quick { 20_000 } else { 100_000 };
     let publisher = nats(env, "BENCH").await?;
@@ -504,11 +454,9 @@ async fn bench_relay(env: &Env) -> Result<()> {
     // the two cores with the timed drain in some runs and not in others.
     let pool = store.pg_pool().ok_or("PostgreSQL only")?;
     let schema = store.config().schema.as_str();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "VACUUM (ANALYZE) \"{schema}\".outbox, \"{schema}\".events, \"{schema}\".streams"
-    )))
-    .execute(pool)
-    .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM (ANALYZE) \"{schema}\".events, \"{schema}\".streams")))
+        .execute(pool)
+        .await?;
     // And write the dirty pages out now rather than in a checkpoint during the drain (needs a
     // superuser or `pg_checkpoint`; without it the figure is noisier, not wrong).
     if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(pool).await {
@@ -517,28 +465,47 @@ async fn bench_relay(env: &Env) -> Result<()> {
     // Tuning knobs for experiments; the table is made with the defaults.
     let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let defaults = RelayConfig::default();
-    let config = RelayConfig {
-        batch_size: knob("RELAY_BATCH").unwrap_or(defaults.batch_size),
-        concurrency: knob("RELAY_CONCURRENCY").map_or(defaults.concurrency, |c| c as usize),
-        ..defaults
-    };
-    let relay = OutboxRelay::new(store.clone(), Arc::new(publisher.clone()), config.clone());
+    let config = RelayConfig { batch_size: knob("RELAY_BATCH").unwrap_or(defaults.batch_size), ..defaults };
+    let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), config.clone());
     let started = Instant::now();
-    while relay.lag().await?.pending > 0 {
-        relay.run_once().await?;
+    let mut published = 0;
+    while published < total {
+        published += relay.run_once().await?.published;
     }
     let elapsed = started.elapsed();
     let mut stream = publisher.jetstream().get_stream("BENCH").await?;
     let stored = stream.info().await?.state.messages;
+
+    // The ceiling: the same number of messages of the same size, pipelined by async-nats.
+    let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
+    let body = serde_json::to_vec(&envelope)?;
+    let js = publisher.jetstream().clone();
+    let started = Instant::now();
+    let mut acks = std::collections::VecDeque::new();
+    for _ in 0..total {
+        acks.push_back(js.send_publish("bench.Raw", raw_message(&body)).await?);
+        if acks.len() >= 5_000
+            && let Some(ack) = acks.pop_front()
+        {
+            ack.await?;
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    let raw = started.elapsed();
     println!("\n### Relay drain\n");
-    println!("| backlog | relays | batch | partitions at once | time | events/s | in the stream |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     println!(
-        "| {total} | 1 | {} | {} | {:.2} s | {:.0} | {stored} |",
+        "| backlog | aggregates | batch | time | events/s | in the stream | raw async-nats events/s | ratio |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {total} | 1000 | {} | {:.2} s | {:.0} | {stored} | {:.0} | {:.0} % |",
         config.batch_size,
-        config.concurrency,
         elapsed.as_secs_f64(),
-        rate(total, elapsed)
+        rate(total, elapsed),
+        rate(total, raw),
+        100.0 * raw.as_secs_f64() / elapsed.as_secs_f64()
     );
     drop_store(&store).await
 }
@@ -608,8 +575,8 @@ async fn bench_replay(env: &Env) -> Result<()> {
     drop_store(&store).await
 }
 
-/// How the publisher of the log design (issue 13) could be woken after a commit, and what
-/// each way costs the committers: a bare commit (BEGIN, the event rows, COMMIT); the same
+/// How a publisher of the log can be woken after a commit, and what each way costs the
+/// committers: a bare commit (BEGIN, the event rows, COMMIT); the same
 /// with `pg_notify` inside the transaction (PostgreSQL then takes a database-wide lock on
 /// the notification queue at COMMIT, held until the commit is flushed: committers
 /// serialise); `pg_notify` as a statement of its own after COMMIT (what the bus does today
@@ -713,22 +680,48 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         println!("## edupulse-events load generator{}", if env.quick { " (quick)" } else { "" });
+        // `--fsync off`: the second table, on a throw-away server (needs a superuser).
+        let fsync = args.iter().position(|a| a == "--fsync").and_then(|i| args.get(i + 1).cloned());
+        if let Some(setting) = &fsync {
+            set_fsync(&env, setting == "on").await?;
+        }
+        let result = run_scenarios(&env).await;
+        if fsync.is_some() {
+            set_fsync(&env, true).await?;
+        }
+        result
+    })
+}
+
+/// Turns the server's `fsync` on or off (`ALTER SYSTEM`, then a reload).
+async fn set_fsync(env: &Env, on: bool) -> Result<()> {
+    let pool = PgPool::connect(&env.database_url).await?;
+    let statement = if on { "ALTER SYSTEM RESET fsync" } else { "ALTER SYSTEM SET fsync = off" };
+    sqlx::raw_sql(statement).execute(&pool).await?;
+    sqlx::query("SELECT pg_reload_conf()").execute(&pool).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pool.close().await;
+    Ok(())
+}
+
+async fn run_scenarios(env: &Env) -> Result<()> {
+    {
         let wanted = |name: &str| env.only.as_deref().is_none_or(|o| o == name);
         if wanted("append") {
-            bench_append(&env).await?;
+            bench_append(env).await?;
         }
         if wanted("publish") {
-            bench_publish(&env).await?;
+            bench_publish(env).await?;
         }
         if wanted("relay") {
-            bench_relay(&env).await?;
+            bench_relay(env).await?;
         }
         if wanted("replay") {
-            bench_replay(&env).await?;
+            bench_replay(env).await?;
         }
         if wanted("wake") {
-            bench_wake(&env).await?;
+            bench_wake(env).await?;
         }
         Ok(())
-    })
+    }
 }

@@ -419,7 +419,7 @@ impl LogRelay {
             total.parked += pass.parked;
             total.failed += pass.failed;
             total.partitions = pass.partitions;
-            if !pass.more || (pass.published == 0 && pass.failed > 0) {
+            if !pass.more || (pass.published == 0 && (pass.failed > 0 || pass.waiting > 0)) {
                 break;
             }
         }
@@ -453,7 +453,8 @@ impl LogRelay {
                     worker.release().await;
                     self.config.backoff(failures)
                 }
-                Ok(pass) if pass.failed > 0 && pass.published == 0 => {
+                Ok(pass) if pass.published == 0 && (pass.failed > 0 || pass.waiting > 0) => {
+                    // Nothing went out: wait for the next retry, not for the next page.
                     failures += 1;
                     worker.next_retry().unwrap_or_else(|| self.config.backoff(failures))
                 }
@@ -521,6 +522,17 @@ struct RowMeta {
     sequence: i64,
 }
 
+/// How often a relay saves the checkpoints of partitions that had no event in a batch.
+const FULL_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// What publishing a page left to save.
+struct PageOutcome {
+    /// Events parked.
+    parked: Vec<ParkedRow>,
+    /// The partitions that had events in the page.
+    touched: HashSet<i32>,
+}
+
 /// A relay's state while it runs.
 struct Worker<'a> {
     relay: &'a LogRelay,
@@ -528,6 +540,9 @@ struct Worker<'a> {
     /// The partitions held, ascending.
     held: Vec<i32>,
     checkpoints: HashMap<i32, StreamPosition>,
+    /// The checkpoints as last saved.
+    saved: HashMap<i32, StreamPosition>,
+    last_full_save: Option<Instant>,
     /// Aggregates with parked events, and the position of their first.
     blocked: HashMap<Uuid, i64>,
     failing: HashMap<i64, Failing>,
@@ -544,6 +559,8 @@ impl<'a> Worker<'a> {
             lease: None,
             held: Vec::new(),
             checkpoints: HashMap::new(),
+            saved: HashMap::new(),
+            last_full_save: None,
             blocked: HashMap::new(),
             failing: std::mem::take(&mut *relay.failing.lock().unwrap_or_else(PoisonError::into_inner)),
             acked_beyond: HashMap::new(),
@@ -584,7 +601,7 @@ impl<'a> Worker<'a> {
     /// How long until the next failed event may be retried.
     fn next_retry(&self) -> Option<Duration> {
         let now = Instant::now();
-        self.failing.values().map(|f| f.retry_at.saturating_duration_since(now)).min()
+        self.failing.values().filter(|f| f.retry_at > now).map(|f| f.retry_at - now).min()
     }
 
     /// Takes the free partitions of the configured range, with their checkpoints and
@@ -633,6 +650,7 @@ impl<'a> Worker<'a> {
             _ => Vec::new(),
         };
         self.relay.store.inner.signals.advance(&checkpoints, false);
+        self.saved.extend(checkpoints.iter().copied());
         self.checkpoints.extend(checkpoints);
         self.held.extend(taken.iter().copied().filter(|p| self.checkpoints.contains_key(p)));
         self.held.sort_unstable();
@@ -642,12 +660,17 @@ impl<'a> Worker<'a> {
 
     /// Lets every partition go (closing the lease's session frees its locks).
     async fn release(&mut self) {
+        if let Err(e) = self.flush().await {
+            tracing::debug!(error = %e, "relay: last checkpoints not saved; the next holder re-reads from older ones");
+        }
         if let Some(Lease::Postgres(conn)) = self.lease.take() {
             // The server ends the session, and frees the locks, either way.
             let _ = sqlx::Connection::close(conn).await;
         }
         self.held.clear();
         self.checkpoints.clear();
+        self.saved.clear();
+        self.last_full_save = None;
         self.blocked.clear();
         self.acked_beyond.clear();
         self.last_takeover = None;
@@ -676,8 +699,8 @@ impl<'a> Worker<'a> {
             };
             pass.more = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
             let before = pass;
-            let parked = self.publish_page(rows, after, &mut halted, &mut stuck, &mut pass).await;
-            self.settle(end, &stuck, parked).await?;
+            let page = self.publish_page(rows, after, &mut halted, &mut stuck, &mut pass).await;
+            self.settle(end, &stuck, page).await?;
             after = end;
             // Nothing went out while something failed or waits for its retry: the broker is
             // likely in trouble, so the next pages wait for the next pass.
@@ -698,9 +721,10 @@ impl<'a> Worker<'a> {
         halted: &mut HashSet<Uuid>,
         stuck: &mut HashMap<i32, StreamPosition>,
         pass: &mut RelayPass,
-    ) -> Vec<ParkedRow> {
+    ) -> PageOutcome {
         let now = Instant::now();
         let mut parked = Vec::new();
+        let mut touched = HashSet::new();
         let mut sent: Vec<RowMeta> = Vec::new();
         let mut messages: Vec<OutgoingMessage> = Vec::new();
         let mut previous = start;
@@ -714,6 +738,7 @@ impl<'a> Worker<'a> {
                 sequence: row.sequence,
             };
             previous = meta.position;
+            touched.insert(partition);
             let checkpoint = self.checkpoints.get(&partition).copied();
             if checkpoint.is_none_or(|c| meta.position <= c)
                 || self.acked_beyond.contains_key(&meta.position.global_position)
@@ -730,7 +755,7 @@ impl<'a> Worker<'a> {
             if halted.contains(&meta.aggregate_id) || retry_later {
                 pass.waiting += u64::from(retry_later);
                 halted.insert(meta.aggregate_id);
-                stuck.entry(partition).or_insert(meta.previous);
+                hold(stuck, partition, meta.previous);
                 continue;
             }
             match wire::outgoing(row, subject) {
@@ -747,7 +772,7 @@ impl<'a> Worker<'a> {
                         pass.parked += 1;
                     } else {
                         halted.insert(meta.aggregate_id);
-                        stuck.entry(partition).or_insert(meta.previous);
+                        hold(stuck, partition, meta.previous);
                         pass.failed += 1;
                     }
                 }
@@ -760,7 +785,7 @@ impl<'a> Worker<'a> {
         for (meta, outcome) in outcomes {
             if halted.contains(&meta.aggregate_id) {
                 // An earlier event of the aggregate failed: this one waits for it.
-                stuck.entry(meta.partition).or_insert(meta.previous);
+                hold(stuck, meta.partition, meta.previous);
                 continue;
             }
             match outcome {
@@ -776,13 +801,13 @@ impl<'a> Worker<'a> {
                         pass.parked += 1;
                     } else {
                         halted.insert(meta.aggregate_id);
-                        stuck.entry(meta.partition).or_insert(meta.previous);
+                        hold(stuck, meta.partition, meta.previous);
                         pass.failed += 1;
                     }
                 }
             }
         }
-        parked
+        PageOutcome { parked, touched }
     }
 
     /// Records a failed attempt; returns the parked row when the event is refused for good.
@@ -822,8 +847,9 @@ impl<'a> Worker<'a> {
         &mut self,
         end: StreamPosition,
         stuck: &HashMap<i32, StreamPosition>,
-        parked: Vec<ParkedRow>,
+        page: PageOutcome,
     ) -> Result<(), EventError> {
+        let PageOutcome { parked, touched } = page;
         let mut moved = Vec::new();
         for partition in &self.held {
             let target = stuck.get(partition).copied().unwrap_or(end);
@@ -848,9 +874,41 @@ impl<'a> Worker<'a> {
             // Acknowledged: tell the committers before the checkpoint is written.
             signals.advance(&moved, false);
         }
-        self.save(&moved, &parked).await?;
+        // The partitions that had events in the page are saved now; the others (moved only
+        // because the page passed them by) at most once a second: one row per active
+        // partition per batch, not 64. A crash re-reads an idle partition's stretch of the
+        // log from an older checkpoint and finds nothing of it there to send.
+        let everything = !parked.is_empty() || self.last_full_save.is_none_or(|at| at.elapsed() >= FULL_SAVE_EVERY);
+        let due: Vec<(i32, StreamPosition)> = self
+            .checkpoints
+            .iter()
+            .filter(|(p, c)| (everything || touched.contains(p)) && self.saved.get(p).is_none_or(|s| s < c))
+            .map(|(p, c)| (*p, *c))
+            .collect();
+        if !due.is_empty() || !parked.is_empty() {
+            self.save(&due, &parked).await?;
+            self.saved.extend(due);
+        }
+        if everything {
+            self.last_full_save = Some(Instant::now());
+        }
         if !parked.is_empty() {
             signals.advance(&moved, true);
+        }
+        Ok(())
+    }
+
+    /// Saves every checkpoint that moved since it was last saved.
+    async fn flush(&mut self) -> Result<(), EventError> {
+        let due: Vec<(i32, StreamPosition)> = self
+            .checkpoints
+            .iter()
+            .filter(|(p, c)| self.saved.get(p).is_none_or(|s| s < c))
+            .map(|(p, c)| (*p, *c))
+            .collect();
+        if !due.is_empty() {
+            self.save(&due, &[]).await?;
+            self.saved.extend(due);
         }
         Ok(())
     }
@@ -954,6 +1012,14 @@ impl<'a> Worker<'a> {
             _ => Err(no_lease()),
         }
     }
+}
+
+/// Keeps a partition's checkpoint at or before `position` for the rest of the pass: an
+/// event after it failed or waits. The lowest such position wins, whatever the order in
+/// which they are found (an event found waiting while building the page, then an earlier
+/// one whose publish failed).
+fn hold(stuck: &mut HashMap<i32, StreamPosition>, partition: i32, position: StreamPosition) {
+    stuck.entry(partition).and_modify(|held| *held = (*held).min(position)).or_insert(position);
 }
 
 fn no_lease() -> EventError {

@@ -36,6 +36,7 @@ use uuid::Uuid;
 use crate::aggregate::{Aggregate, CommandError, Repository};
 use crate::bus::{BusConfig, EventBus};
 use crate::memory::{BrokerMessage, InMemoryBroker};
+use crate::relay::{LogRelay, RelayConfig};
 use crate::store::{EventStore, StoreConfig};
 use crate::{DomainEvent, EventError};
 
@@ -84,10 +85,20 @@ where
             store.append(A::TYPE, id, 0, self.given.clone()).await?;
         }
         let broker = InMemoryBroker::new();
-        let bus = EventBus::new(store, Arc::new(broker.clone()), BusConfig::default());
+        let config = BusConfig { background_relay: false, ..BusConfig::default() };
+        let bus = EventBus::new(store.clone(), Arc::new(broker.clone()), config);
         let repository = Repository::<A>::new(bus);
         let stored = repository.execute(id, command).await.map_err(RunError::Command)?;
-        Ok(Run { events: stored.into_iter().map(|e| e.event).collect(), published: broker.messages() })
+        // Publish the log (one relay pass: the embedded store has no horizon to wait for),
+        // then keep the messages of the command's events (the given ones go out too).
+        LogRelay::new(store, Arc::new(broker.clone()), RelayConfig::default()).run_once().await?;
+        let ids: Vec<String> = stored.iter().map(|e| e.event_id.to_string()).collect();
+        let published = broker
+            .messages()
+            .into_iter()
+            .filter(|m| m.header(crate::wire::headers::MSG_ID).is_some_and(|id| ids.iter().any(|i| i == id)))
+            .collect();
+        Ok(Run { events: stored.into_iter().map(|e| e.event).collect(), published })
     }
 }
 

@@ -1,5 +1,6 @@
 //! Course enrolment: an aggregate deciding on commands, a repository that loads it (snapshot
-//! plus tail), appends its decisions through the bus and retries on conflicts.
+//! plus tail), appends its decisions through the bus and retries on conflicts; the bus's
+//! background relay publishes them.
 //!
 //! `cargo run --example enrolment` (embedded), or with `DATABASE_URL` / `NATS_URL`.
 //! The domain's given/when/then tests are in `tests/enrolment.rs`.
@@ -18,7 +19,7 @@ async fn main() -> Result<(), EventError> {
             .await?;
     println!("Store: {}. Broker: {}.", backends.database_kind, backends.broker_kind);
     let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), BusConfig::default());
-    let mut courses = Repository::<Course>::new(bus);
+    let mut courses = Repository::<Course>::new(bus.clone());
     courses.snapshot_every = 5;
 
     let course_id = Uuid::now_v7();
@@ -73,5 +74,19 @@ async fn main() -> Result<(), EventError> {
         "A student withdrew; the ninth took the seat. Sequence now {}.",
         courses.load(course_id).await?.sequence
     );
+
+    // The commands only committed; the relay publishes in the background. Wait for it
+    // before stopping (a bounded wait: whatever is left stays in the log for the next relay).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut lag = bus.lag().await?;
+    while lag.pending > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        lag = bus.lag().await?;
+    }
+    bus.shutdown().await;
+    println!("The relay stopped with {} events pending and {} parked.", lag.pending, lag.parked);
+    if let Some(broker) = &backends.in_memory {
+        println!("The in-process broker holds {} messages.", broker.messages().len());
+    }
     Ok(())
 }

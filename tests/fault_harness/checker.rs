@@ -2,7 +2,8 @@
 //! happened:
 //!
 //! - the store is read with plain SQL on a connection of its own (the ground truth for
-//!   "committed");
+//!   "committed"); what is still to publish is counted there too, from the relay's
+//!   checkpoint table and the parked events table, never through `relay_lag`;
 //! - JetStream is read with plain async-nats, message by message, using only the headers
 //!   (`Nats-Msg-Id`, `Edupulse-Aggregate-Id`, `Edupulse-Sequence`) and the body as a
 //!   `serde_json::Value`, never the library's decoder;
@@ -60,11 +61,34 @@ pub(crate) struct Observed {
     pub(crate) stream_all: Vec<AllItem>,
     /// `stream_all` items that were errors without a position (a failed page read).
     pub(crate) stream_all_errors: u64,
-    pub(crate) outbox_pending: i64,
+    /// What the log still holds for the broker, counted by [`read_store`].
+    pub(crate) backlog: Backlog,
 }
 
-/// Reads the store with plain SQL on a pool of its own.
-pub(crate) async fn read_store(url: &str, schema: &str) -> (Vec<StoreRow>, i64) {
+/// What is left to publish, counted with plain SQL on the store's tables.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backlog {
+    /// Events past their partition's relay checkpoint (or in a partition without one), to
+    /// publish, and not parked: what a relay has yet to publish.
+    pub(crate) pending: i64,
+    /// Rows of `parked_events`: refused by the broker, or waiting behind one that was.
+    pub(crate) parked: i64,
+    /// Events stored without a subject: no relay ever publishes them.
+    pub(crate) without_subject: i64,
+}
+
+/// The rule for "still to publish", written here from the schema rather than taken from
+/// the library: an event with a subject, past the `(transaction id, position)` checkpoint
+/// of its partition, and not parked.
+const PENDING_SQL: &str = "SELECT count(*) FROM {schema}.events e \
+     LEFT JOIN {schema}.relay_checkpoints c ON c.partition = e.partition \
+     WHERE e.subject IS NOT NULL \
+       AND (c.partition IS NULL \
+            OR (e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)) \
+       AND NOT EXISTS (SELECT 1 FROM {schema}.parked_events p WHERE p.global_position = e.global_position)";
+
+/// Reads the store with plain SQL on a pool of its own: every event, and the backlog.
+pub(crate) async fn read_store(url: &str, schema: &str) -> (Vec<StoreRow>, Backlog) {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(30))
@@ -88,13 +112,23 @@ pub(crate) async fn read_store(url: &str, schema: &str) -> (Vec<StoreRow>, i64) 
             payload: r.get("payload"),
         })
         .collect();
-    let pending: i64 =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {schema}.outbox")))
+    let count_of = async |sql: String, what: &str| -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .fetch_one(&pool)
             .await
-            .expect("count the outbox");
+            .unwrap_or_else(|e| panic!("the checker counts {what}: {e}"))
+    };
+    let backlog = Backlog {
+        pending: count_of(PENDING_SQL.replace("{schema}", schema), "the pending events").await,
+        parked: count_of(format!("SELECT count(*) FROM {schema}.parked_events"), "the parked events").await,
+        without_subject: count_of(
+            format!("SELECT count(*) FROM {schema}.events WHERE subject IS NULL"),
+            "the events without a subject",
+        )
+        .await,
+    };
     pool.close().await;
-    (rows, pending)
+    (rows, backlog)
 }
 
 /// Reads every message of the stream with plain async-nats: `(messages, unreadable)`.
@@ -202,9 +236,12 @@ pub(crate) struct Counts {
     pub(crate) stream_all_mismatches: u64,
     pub(crate) store_gaps: u64,
     pub(crate) undecodable_rows: u64,
-    pub(crate) outbox_pending: i64,
+    pub(crate) backlog: Backlog,
     pub(crate) panics: u64,
     pub(crate) hung_commits: u64,
+    /// Relays (the standalone ones and the bus's) that did not stop within 10 s of being
+    /// asked; filled in by the harness, which stops them.
+    pub(crate) relays_not_stopped: u64,
 
     /// A few examples of each violation, to start debugging from.
     pub(crate) examples: BTreeMap<&'static str, Vec<String>>,
@@ -229,9 +266,15 @@ impl Counts {
             ("stream_all not exactly the store's events", self.stream_all_mismatches),
             ("aggregates whose sequences are not 1..n", self.store_gaps),
             ("undecodable rows", self.undecodable_rows),
-            ("outbox rows pending after the final drain", u64::try_from(self.outbox_pending).unwrap_or(0)),
+            (
+                "events pending after the final drain (past their relay checkpoint)",
+                figure(self.backlog.pending),
+            ),
+            ("events parked (nothing here is refused by the broker)", figure(self.backlog.parked)),
+            ("events stored without a subject (never published)", figure(self.backlog.without_subject)),
             ("panics (commits and relays)", self.panics),
             ("commits hung (no answer in 30 s)", self.hung_commits),
+            ("relays not stopped within 10 s of being asked", self.relays_not_stopped),
         ]
     }
 
@@ -408,7 +451,10 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
             }
             c.example("committed, never published", || {
                 let kind = attempted.get(&row.event_id).map(|r| kind_name(r.kind)).unwrap_or_default();
-                format!("{} ({kind}) aggregate {} sequence {}", row.event_id, row.aggregate_id, row.sequence)
+                format!(
+                    "{} ({kind}) aggregate {} sequence {} (transaction {}, position {})",
+                    row.event_id, row.aggregate_id, row.sequence, row.transaction_id, row.global_position
+                )
             });
         }
         let decodes = serde_json::from_str::<Recorded>(&row.payload).is_ok_and(|e| e.amount.is_finite());
@@ -500,8 +546,13 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
     }
     c.stream_all_mismatches += observed.store.len().saturating_sub(seen_positions.len()) as u64;
     c.stream_all_mismatches += observed.stream_all_errors;
-    c.outbox_pending = observed.outbox_pending;
+    c.backlog = observed.backlog;
     c
+}
+
+/// A count from SQL as a table figure; a negative count (impossible) still shows as one.
+fn figure(n: i64) -> u64 {
+    n.unsigned_abs()
 }
 
 #[cfg(test)]
@@ -577,7 +628,7 @@ mod tests {
             // stream_all orders by transaction: r2 (11) before r1 (12).
             stream_all: vec![all(&r2), all(&r1), all(&r3)],
             store: vec![r1.clone(), r2.clone(), r3.clone(), nan.clone()],
-            outbox_pending: 2,
+            backlog: Backlog { pending: 2, parked: 1, without_subject: 1 },
             ..Observed::default()
         };
         let ledger = [
@@ -599,7 +650,11 @@ mod tests {
         assert_eq!(c.stream_all_mismatches, 1, "the NaN row is missing from stream_all");
         assert_eq!(c.store_gaps, 1, "1, 2, 4");
         assert_eq!(c.undecodable_rows, 1);
-        assert_eq!(c.outbox_pending, 2);
+        assert_eq!(c.backlog, Backlog { pending: 2, parked: 1, without_subject: 1 });
+        let rows: HashMap<&str, u64> = c.violation_rows().into_iter().collect();
+        assert_eq!(rows["events pending after the final drain (past their relay checkpoint)"], 2);
+        assert_eq!(rows["events parked (nothing here is refused by the broker)"], 1);
+        assert_eq!(rows["events stored without a subject (never published)"], 1);
         assert_eq!(c.panics, 1);
     }
 }

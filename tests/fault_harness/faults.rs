@@ -3,9 +3,11 @@
 //! seed before the run starts.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use edupulse_events::{EventError, EventStore, OutboxRelay, Publisher, RelayConfig};
+use edupulse_events::wire::OutgoingMessage;
+use edupulse_events::{BoxFuture, EventError, EventStore, LogRelay, PublishReceipt, Publisher, RelayConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -71,6 +73,41 @@ pub(crate) fn schedule(
     out
 }
 
+/// The broker as one kind of relay sees it, counting the acknowledgements it got: which
+/// relays published at all (the bus's, the standalone ones) goes into the report.
+pub(crate) struct Counting {
+    inner: Arc<dyn Publisher>,
+    acked: AtomicU64,
+}
+
+impl Counting {
+    pub(crate) fn new(inner: Arc<dyn Publisher>) -> Arc<Self> {
+        Arc::new(Self { inner, acked: AtomicU64::new(0) })
+    }
+
+    /// Acknowledgements so far, duplicates included.
+    pub(crate) fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
+impl Publisher for Counting {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        Box::pin(async move {
+            let outcomes = self.inner.publish(messages).await;
+            self.acked.fetch_add(outcomes.iter().filter(|o| o.is_ok()).count() as u64, Ordering::Relaxed);
+            outcomes
+        })
+    }
+
+    fn max_payload(&self) -> Option<usize> {
+        self.inner.max_payload()
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub(crate) struct FaultCounts {
     pub(crate) relay_kills: u64,
@@ -80,7 +117,8 @@ pub(crate) struct FaultCounts {
     pub(crate) pg_down: Duration,
 }
 
-/// The running relays: `OutboxRelay::run` in tokio tasks, respawned when killed.
+/// The standalone relays: `LogRelay::run` in tokio tasks, respawned when killed. They
+/// compete for the partitions with the bus's own background relay, which is never killed.
 pub(crate) struct Relays {
     store: EventStore,
     publisher: Arc<dyn Publisher>,
@@ -91,13 +129,24 @@ pub(crate) struct Relays {
     /// Relay tasks that returned an error (`run` documents none in practice).
     pub(crate) errors: u64,
     pub(crate) last_panic: Option<String>,
+    /// Relays that did not stop within 10 s of being asked (`run` finishes its batch, at
+    /// most one acknowledgement timeout, then returns); each was aborted.
+    pub(crate) stuck: u64,
 }
 
 impl Relays {
     pub(crate) fn start(store: EventStore, publisher: Arc<dyn Publisher>, count: usize) -> Self {
         let (stop, _) = watch::channel(false);
-        let mut relays =
-            Self { store, publisher, slots: Vec::new(), stop, panics: 0, errors: 0, last_panic: None };
+        let mut relays = Self {
+            store,
+            publisher,
+            slots: Vec::new(),
+            stop,
+            panics: 0,
+            errors: 0,
+            last_panic: None,
+            stuck: 0,
+        };
         relays.slots = (0..count).map(|_| Some(relays.spawn())).collect();
         relays
     }
@@ -110,7 +159,7 @@ impl Relays {
             max_backoff: Duration::from_secs(1),
             ..RelayConfig::default()
         };
-        let relay = OutboxRelay::new(self.store.clone(), self.publisher.clone(), config);
+        let relay = LogRelay::new(self.store.clone(), self.publisher.clone(), config);
         let mut stopped = self.stop.subscribe();
         tokio::spawn(async move {
             relay
@@ -170,6 +219,7 @@ impl Relays {
                 match tokio::time::timeout(Duration::from_secs(10), &mut handle).await {
                     Ok(ended) => self.account(ended),
                     Err(_) => {
+                        self.stuck += 1;
                         handle.abort();
                         let _ = handle.await;
                     }

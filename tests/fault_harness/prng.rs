@@ -55,7 +55,7 @@ impl Rng {
         weights.len() - 1
     }
 
-    /// A random (version 4) UUID from this generator: aggregate ids, and so their outbox
+    /// A random (version 4) UUID from this generator: aggregate ids, and so their relay
     /// partitions, are part of what a seed replays.
     pub(crate) fn uuid(&mut self) -> Uuid {
         let mut bytes = [0u8; 16];

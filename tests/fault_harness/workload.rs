@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edupulse_events::{
-    BusTransaction, DomainEvent, EventBus, EventEnvelope, EventError, EventStore, ExpectedSequence, Metadata,
-    Uuid,
+    BusTransaction, Committed, DomainEvent, EventBus, EventEnvelope, EventError, EventStore,
+    ExpectedSequence, Metadata, Uuid,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -29,8 +29,9 @@ pub(crate) struct Recorded {
 
 pub(crate) const AGGREGATE_TYPE: &str = "ledger";
 
-/// A commit longer than this is "stuck": the pool waits 10 s at most for a connection and
-/// the publisher 1 s for an acknowledgement, so a healthy commit never comes near it.
+/// A commit longer than this is "stuck": the pool waits 10 s at most for a connection, and
+/// nothing but the COMMIT is on the write path (the relays publish), so a healthy commit
+/// never comes near it.
 const HUNG_AFTER: Duration = Duration::from_secs(30);
 
 /// What a commit's closure does.
@@ -363,6 +364,8 @@ async fn execute(
         }
     })
     .await
+    // The relays publish; the checker looks for the events in the stream after the drain.
+    .map(Committed::into_value)
 }
 
 /// A statement of the caller's that fails (a duplicate key), its error ignored: the
