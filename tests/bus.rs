@@ -231,8 +231,7 @@ async fn nats_down_at_commit_then_back_everything_is_published_once_in_order() {
     let mut server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let mut config = BusConfig::default();
-    config.relay = relay_config(100);
+    let config = BusConfig { relay: relay_config(100), ..BusConfig::default() };
     let bus = bus(&store, &publisher, config);
 
     server.kill().await;
@@ -530,8 +529,7 @@ async fn a_long_write_transaction_holds_publication_back_and_lag_names_it() {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let mut config = BusConfig::default();
-    config.relay = relay_config(100);
+    let config = BusConfig { relay: relay_config(100), ..BusConfig::default() };
     let bus = bus(&store, &publisher, config);
     let pool = store.pg_pool().unwrap().clone();
 

@@ -44,7 +44,8 @@ use std::time::Duration;
 
 use common::nats::NatsServer;
 use edupulse_events::{
-    BusConfig, EventBus, EventStore, NatsConfig, NatsPublisher, Publisher, StoreConfig, StreamSpec, Uuid,
+    BusConfig, EventBus, EventStore, NatsConfig, NatsPublisher, Publisher, RelayConfig, StoreConfig,
+    StreamSpec, Uuid,
 };
 use tokio::time::Instant;
 
@@ -258,8 +259,8 @@ async fn run(settings: &Settings) -> Report {
     // The bus's relay holds half the partitions; the standalone relays may hold any, so one
     // holds the other half and the other stands by for both: a killed standalone relay's
     // partitions are taken over, and both kinds of relay publish under faults.
-    let mut config = BusConfig::default();
-    config.relay.partitions = 0..32;
+    let relay = RelayConfig { partitions: 0..32, ..RelayConfig::default() };
+    let config = BusConfig { relay, ..BusConfig::default() };
     let bus = EventBus::new(store.clone(), bus_publisher.clone(), config);
     // The bus's relay starts with the first commit: one commit before the standalone relays
     // start lets it take its partitions first (a standalone relay would otherwise take

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use sqlx::postgres::PgConnection;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -154,7 +154,8 @@ impl EventBus {
         }
         shared.relay.get_or_init(|| {
             let (stop, mut stopped) = watch::channel(false);
-            let relay = LogRelay::new(shared.store.clone(), shared.publisher.clone(), shared.config.relay.clone());
+            let relay =
+                LogRelay::new(shared.store.clone(), shared.publisher.clone(), shared.config.relay.clone());
             let handle = tokio::spawn(async move {
                 let shutdown = async move {
                     // An error means the bus is gone: stop as well.
@@ -253,16 +254,16 @@ impl Receipt {
             return Ok(());
         }
         let signals = &self.store.inner.signals;
-        let mut progress = signals.subscribe_progress();
+        let (waiter, mut done) = oneshot::channel();
+        signals.notify_when_done(self.written.clone(), waiter);
         loop {
-            if signals.covers(&self.written) {
-                if signals.parked_any() {
+            tokio::select! {
+                published = &mut done => {
+                    if published.is_ok() && !signals.parked_any() {
+                        return Ok(());
+                    }
                     break;
                 }
-                return Ok(());
-            }
-            tokio::select! {
-                _ = progress.changed() => {}
                 () = tokio::time::sleep(RECEIPT_POLL) => {
                     if self.store.relay_covers(&self.written).await? {
                         break;

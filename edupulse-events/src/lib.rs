@@ -206,10 +206,10 @@ pub use crate::event::{
 };
 pub use crate::memory::{BrokerMessage, InMemoryBroker};
 pub use crate::projection::{Projection, ProjectionRunner, UndecodablePolicy};
+pub use crate::publisher::{BoxFuture, NatsConfig, NatsPublisher, PublishReceipt, Publisher, StreamSpec};
 pub use crate::relay::{
     LogRelay, PARTITIONS, ParkedEvent, RelayConfig, RelayLag, RelayPass, Requeue, RunningTransaction,
 };
-pub use crate::publisher::{BoxFuture, NatsConfig, NatsPublisher, PublishReceipt, Publisher, StreamSpec};
 pub use crate::setup::{Backends, EMBEDDED_DATABASE_URL};
 pub use crate::store::{
     EventStore, ExpectedSequence, SchemaName, StoreConfig, StoredSnapshot, StreamPosition, Transaction,

@@ -134,7 +134,10 @@ impl InMemoryBroker {
         }
         let mut state = self.lock();
         if state.refusing.as_ref().is_some_and(|filter| matches(filter, &message.subject)) {
-            return Err(EventError::Refused(format!("subject {} refused by the in-process broker", message.subject)));
+            return Err(EventError::Refused(format!(
+                "subject {} refused by the in-process broker",
+                message.subject
+            )));
         }
         let now = Instant::now();
         let window = self.duplicate_window;

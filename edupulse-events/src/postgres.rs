@@ -106,7 +106,8 @@ impl Queries {
                  WHERE aggregate_id = $1 AND aggregate_type = $2 AND version = $3 \
                  RETURNING version, last_transaction_id)"
         );
-        let plain = format!(" {events_insert} RETURNING global_position, sequence, recorded_at, transaction_id");
+        let plain =
+            format!(" {events_insert} RETURNING global_position, sequence, recorded_at, transaction_id");
         let sql = |text: String| AssertSqlSafe(text).into_sql_str();
         Self {
             append_new: sql(format!("{bump_new}{plain}")),
@@ -184,7 +185,8 @@ impl Queries {
             )),
             // Session locks: held while the connection lives, not by a transaction.
             relay_lock: sql(
-                "SELECT p FROM unnest($2::int4[]) AS p WHERE pg_try_advisory_lock($1, p) ORDER BY p".to_owned(),
+                "SELECT p FROM unnest($2::int4[]) AS p WHERE pg_try_advisory_lock($1, p) ORDER BY p"
+                    .to_owned(),
             ),
             relay_checkpoints: sql(format!(
                 "SELECT partition, transaction_id, global_position FROM {s}.relay_checkpoints \
@@ -255,14 +257,12 @@ impl Queries {
                  WHERE aggregate_id = $1 AND global_position <> $2"
             )),
             // What holds the horizon back: the oldest transaction that has written.
-            oldest_write: sql(
-                "SELECT pid, coalesce(application_name, ''), coalesce(state, ''), \
+            oldest_write: sql("SELECT pid, coalesce(application_name, ''), coalesce(state, ''), \
                      extract(epoch FROM now() - xact_start)::float8 \
                  FROM pg_stat_activity \
                  WHERE backend_xid IS NOT NULL AND datname = current_database() AND pid <> pg_backend_pid() \
                  ORDER BY xact_start LIMIT 1"
-                    .to_owned(),
-            ),
+                .to_owned()),
         }
     }
 }
@@ -542,7 +542,11 @@ impl PgBackend {
     }
 
     /// Takes the free ones of `partitions`; returns those taken.
-    pub(crate) async fn relay_lock(&self, conn: &mut PgConnection, partitions: &[i32]) -> Result<Vec<i32>, EventError> {
+    pub(crate) async fn relay_lock(
+        &self,
+        conn: &mut PgConnection,
+        partitions: &[i32],
+    ) -> Result<Vec<i32>, EventError> {
         Ok(sqlx::query_scalar(self.sql.relay_lock.clone())
             .bind(self.lock_class)
             .bind(partitions)
@@ -559,7 +563,9 @@ impl PgBackend {
             sqlx::query_as(self.sql.relay_checkpoints.clone()).bind(partitions).fetch_all(conn).await?;
         Ok(rows
             .into_iter()
-            .map(|(p, transaction_id, global_position)| (p, StreamPosition { transaction_id, global_position }))
+            .map(|(p, transaction_id, global_position)| {
+                (p, StreamPosition { transaction_id, global_position })
+            })
             .collect())
     }
 
@@ -578,7 +584,13 @@ impl PgBackend {
             .fetch_all(conn)
             .await?;
         rows.iter()
-            .map(|r| Ok(LogRow { partition: r.try_get("partition")?, subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .map(|r| {
+                Ok(LogRow {
+                    partition: r.try_get("partition")?,
+                    subject: r.try_get("subject")?,
+                    row: stored_row(r)?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(EventError::from)
     }
@@ -624,12 +636,22 @@ impl PgBackend {
     ) -> Result<Vec<LogRow>, EventError> {
         let rows = sqlx::query(self.sql.parked_requeued.clone()).bind(partitions).fetch_all(conn).await?;
         rows.iter()
-            .map(|r| Ok(LogRow { partition: r.try_get("partition")?, subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .map(|r| {
+                Ok(LogRow {
+                    partition: r.try_get("partition")?,
+                    subject: r.try_get("subject")?,
+                    row: stored_row(r)?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(EventError::from)
     }
 
-    pub(crate) async fn parked_delete(&self, conn: &mut PgConnection, positions: &[i64]) -> Result<(), EventError> {
+    pub(crate) async fn parked_delete(
+        &self,
+        conn: &mut PgConnection,
+        positions: &[i64],
+    ) -> Result<(), EventError> {
         sqlx::query(self.sql.parked_delete.clone()).bind(positions).execute(conn).await?;
         Ok(())
     }
@@ -682,7 +704,10 @@ impl PgBackend {
     }
 
     /// The checkpoints of `partitions`, on a pooled connection.
-    pub(crate) async fn checkpoints_of(&self, partitions: &[i32]) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+    pub(crate) async fn checkpoints_of(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
         self.relay_checkpoints(&mut *self.pool.acquire().await?, partitions).await
     }
 }

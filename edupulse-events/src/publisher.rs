@@ -361,7 +361,9 @@ impl Publisher for NatsPublisher {
                     }
                 }
                 match in_flight.next().await {
-                    Some((i, outcome)) => settle(messages, &mut outcomes, &mut queues, &mut ready, i, outcome),
+                    Some((i, outcome)) => {
+                        settle(messages, &mut outcomes, &mut queues, &mut ready, i, outcome)
+                    }
                     None if ready.is_empty() => break,
                     None => {}
                 }
@@ -394,8 +396,9 @@ fn settle(
         ready.extend(queue.front().copied());
     } else {
         for later in queue.drain(..) {
-            outcomes[later] =
-                Some(Err(EventError::Broker("not sent: an earlier event of the same aggregate failed".into())));
+            outcomes[later] = Some(Err(EventError::Broker(
+                "not sent: an earlier event of the same aggregate failed".into(),
+            )));
         }
     }
 }
@@ -431,7 +434,9 @@ fn publish_error(e: &PublishError) -> EventError {
         PublishErrorKind::StreamNotFound => EventError::Broker(format!(
             "publish failed: {e}; no JetStream stream captures this subject (see `ensure_stream`)"
         )),
-        PublishErrorKind::TimedOut => EventError::Broker(format!("publish failed: {e}; is the NATS server up?")),
+        PublishErrorKind::TimedOut => {
+            EventError::Broker(format!("publish failed: {e}; is the NATS server up?"))
+        }
         PublishErrorKind::MaxPayloadExceeded
         | PublishErrorKind::WrongLastMessageId
         | PublishErrorKind::WrongLastSequence => EventError::Refused(e.to_string()),

@@ -334,7 +334,10 @@ impl SqliteBackend {
             .collect()
     }
 
-    pub(crate) async fn relay_checkpoints(&self, partitions: &[i32]) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+    pub(crate) async fn relay_checkpoints(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
         let rows: Vec<(i32, i64)> = sqlx::query_as(
             "SELECT partition, global_position FROM relay_checkpoints \
              WHERE partition IN (SELECT value FROM json_each(?1))",
@@ -342,7 +345,10 @@ impl SqliteBackend {
         .bind(json_list(partitions))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|(p, g)| (p, StreamPosition { transaction_id: g, global_position: g })).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(p, g)| (p, StreamPosition { transaction_id: g, global_position: g }))
+            .collect())
     }
 
     pub(crate) async fn relay_page(
@@ -363,7 +369,13 @@ impl SqliteBackend {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok(LogRow { partition: r.try_get("partition")?, subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .map(|r| {
+                Ok(LogRow {
+                    partition: r.try_get("partition")?,
+                    subject: r.try_get("subject")?,
+                    row: stored_row(r)?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(EventError::from)
     }
@@ -432,7 +444,13 @@ impl SqliteBackend {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok(LogRow { partition: r.try_get("partition")?, subject: r.try_get("subject")?, row: stored_row(r)? }))
+            .map(|r| {
+                Ok(LogRow {
+                    partition: r.try_get("partition")?,
+                    subject: r.try_get("subject")?,
+                    row: stored_row(r)?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(EventError::from)
     }
@@ -479,14 +497,10 @@ impl SqliteBackend {
         )
         .fetch_one(&self.pool)
         .await?;
-        let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(&self.pool).await?;
+        let parked: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(&self.pool).await?;
         let seconds = |t: DateTime<Utc>| (Utc::now() - t).num_milliseconds() as f64 / 1000.0;
-        Ok(RelayLagRow {
-            pending,
-            oldest_pending_seconds: oldest.map(seconds),
-            held_back: 0,
-            parked,
-        })
+        Ok(RelayLagRow { pending, oldest_pending_seconds: oldest.map(seconds), held_back: 0, parked })
     }
 
     pub(crate) async fn parked_list(&self, limit: i64) -> Result<Vec<ParkedEvent>, EventError> {
@@ -538,21 +552,22 @@ fn parked_events(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<ParkedEvent>, E
 
 impl SqliteBackend {
     pub(crate) async fn requeue(&self, positions: Option<&[i64]>) -> Result<u64, EventError> {
-        let done = match positions {
-            Some(positions) => {
-                sqlx::query(
+        let done =
+            match positions {
+                Some(positions) => sqlx::query(
                     "UPDATE parked_events SET requeued = 1 WHERE blocked_by IS NULL AND aggregate_id IN ( \
                          SELECT aggregate_id FROM parked_events \
                          WHERE global_position IN (SELECT value FROM json_each(?1)))",
                 )
                 .bind(serde_json::Value::from(positions.to_vec()).to_string())
                 .execute(&self.pool)
-                .await?
-            }
-            None => sqlx::query("UPDATE parked_events SET requeued = 1 WHERE blocked_by IS NULL")
-                .execute(&self.pool)
                 .await?,
-        };
+                None => {
+                    sqlx::query("UPDATE parked_events SET requeued = 1 WHERE blocked_by IS NULL")
+                        .execute(&self.pool)
+                        .await?
+                }
+            };
         Ok(done.rows_affected())
     }
 }

@@ -13,8 +13,8 @@ use sqlx::sqlite::SqliteConnection;
 use uuid::Uuid;
 
 use crate::deliverable::{DEFAULT_MAX_MESSAGE_BYTES, check_event};
-use crate::relay::{Signals, partition_of};
 use crate::postgres::{PgBackend, PgTransaction};
+use crate::relay::{Signals, partition_of};
 use crate::sqlite::{SqliteBackend, SqliteTransaction};
 use crate::stream::{EventStream, PageQuery};
 use crate::{DomainEvent, EventEnvelope, EventError, IntoKeyValue, validate_subject};
@@ -508,8 +508,12 @@ impl Transaction {
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         let rules = AppendRules { max_message_bytes: self.max_message_bytes, subjects: &self.subjects };
         let appended = match (&self.store.inner.backend, &mut self.inner) {
-            (Backend::Postgres(pg), TxInner::Postgres(tx)) => pg.append(tx, expected.into(), envelopes, &rules).await,
-            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => sq.append(tx, expected.into(), envelopes, &rules).await,
+            (Backend::Postgres(pg), TxInner::Postgres(tx)) => {
+                pg.append(tx, expected.into(), envelopes, &rules).await
+            }
+            (Backend::Sqlite(sq), TxInner::Sqlite(tx)) => {
+                sq.append(tx, expected.into(), envelopes, &rules).await
+            }
             _ => Err(EventError::Config("the transaction belongs to another backend".into())),
         };
         let appended = self.note(appended)?;
