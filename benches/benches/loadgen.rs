@@ -94,7 +94,7 @@ async fn raw_insert(
     Ok(())
 }
 
-/// The same INSERT in a transaction, returning the rows' positions (for outbox rows).
+/// The same INSERT in a transaction, returning the rows' positions.
 async fn raw_insert_returning(
     conn: &mut sqlx::PgConnection,
     table: &str,
