@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::publisher::Publisher;
-use crate::relay::{LogRelay, RelayConfig, RelayLag};
+use crate::relay::{LogRelay, RelayConfig, RelayLag, Written};
 use crate::store::{EventStore, ExpectedSequence, StreamPosition, Transaction};
 use crate::{DomainEvent, EventEnvelope, EventError, validate_subject_token};
 
@@ -229,7 +229,7 @@ impl<T> Committed<T> {
 #[derive(Debug, Clone)]
 pub struct Receipt {
     store: EventStore,
-    written: Arc<[(i32, StreamPosition)]>,
+    written: Written,
 }
 
 /// How often a receipt asks the database when no relay of this process reports progress.

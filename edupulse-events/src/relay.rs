@@ -304,10 +304,13 @@ impl Signals {
     }
 }
 
+/// The events a commit wrote: their partitions and stream positions.
+pub(crate) type Written = Arc<[(i32, StreamPosition)]>;
+
 /// What this process's relays published, and who waits for what.
 struct Progress {
     done: Vec<StreamPosition>,
-    waiting: Vec<(Arc<[(i32, StreamPosition)]>, oneshot::Sender<()>)>,
+    waiting: Vec<(Written, oneshot::Sender<()>)>,
 }
 
 impl Progress {
