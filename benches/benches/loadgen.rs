@@ -3,7 +3,9 @@
 //!
 //! `bash scripts/bench.sh` starts PostgreSQL and nats-server and runs it; or set
 //! `DATABASE_URL` and `NATS_URL` and run
-//! `cargo bench -p edupulse-events-bench --bench loadgen -- [--quick] [--only NAME] [--fsync off]`.
+//! `cargo bench -p edupulse-events-bench --bench loadgen -- [--quick] [--fresh] [--only NAME]`. Each table's
+//! title says whether the server syncs its WAL (`scripts/bench.sh --fsync off` starts one that
+//! does not).
 //! Scenarios: `append`, `publish`, `relay`, `replay`, `wake`.
 
 use std::future::Future;
@@ -38,6 +40,8 @@ struct Env {
     database_url: String,
     nats_url: String,
     quick: bool,
+    /// `--fresh`: the bus's commits each create an aggregate, as the bare commit's do.
+    fresh: bool,
     only: Option<String>,
 }
 
@@ -295,7 +299,12 @@ where
 /// from COMMIT returned to the JetStream acknowledgement, measured by a task per commit
 /// awaiting its receipt (the committers do not wait for it).
 async fn bench_publish(env: &Env) -> Result<()> {
-    println!("\n### Commit-then-publish: the bus beside a bare commit ({})\n", fsync_label(env).await?);
+    let fresh = env.fresh;
+    let aggregates = if fresh { "a new aggregate per commit" } else { "one aggregate per committer" };
+    println!(
+        "\n### Commit-then-publish: the bus beside a bare commit ({}; {aggregates})\n",
+        fsync_label(env).await?
+    );
     println!(
         "| committers × events | bare commit events/s | p50 | p99 | bare commit + raw publish events/s | \
          raw publication p50 | raw publication p99 | `EventBus::commit` events/s | p50 | p99 | / bare | \
@@ -399,9 +408,12 @@ async fn bench_publish(env: &Env) -> Result<()> {
         let (ours, latencies) = run_committers(committers, rounds, per_commit, {
             let (bus, ids) = (bus.clone(), ids.clone());
             move |task, round| {
-                let (bus, id, waiters) = (bus.clone(), ids[task], waiters.clone());
+                let (bus, waiters) = (bus.clone(), waiters.clone());
+                // Each committer appends to an aggregate of its own, or (`--fresh`) to a new
+                // aggregate per commit, as the bare commit does.
+                let (id, first) =
+                    if fresh { (Uuid::now_v7(), 0) } else { (ids[task], (round * per_commit) as u64) };
                 async move {
-                    let first = (round * per_commit) as u64;
                     let events: Vec<_> = (first..first + per_commit as u64).map(|n| tick(id, n)).collect();
                     let committed =
                         bus.commit(async |tx| tx.append("bench", id, first as i64, events).await).await?;
@@ -726,33 +738,14 @@ fn main() -> Result<()> {
             .map_err(|_| "set DATABASE_URL (or run scripts/bench.sh)")?,
         nats_url: std::env::var("NATS_URL").map_err(|_| "set NATS_URL (or run scripts/bench.sh)")?,
         quick: args.iter().any(|a| a == "--quick"),
+        fresh: args.iter().any(|a| a == "--fresh"),
         only: args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1).cloned()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         println!("## edupulse-events load generator{}", if env.quick { " (quick)" } else { "" });
-        // `--fsync off`: the second table, on a throw-away server (needs a superuser).
-        let fsync = args.iter().position(|a| a == "--fsync").and_then(|i| args.get(i + 1).cloned());
-        if let Some(setting) = &fsync {
-            set_fsync(&env, setting == "on").await?;
-        }
-        let result = run_scenarios(&env).await;
-        if fsync.is_some() {
-            set_fsync(&env, true).await?;
-        }
-        result
+        run_scenarios(&env).await
     })
-}
-
-/// Turns the server's `fsync` on or off (`ALTER SYSTEM`, then a reload).
-async fn set_fsync(env: &Env, on: bool) -> Result<()> {
-    let pool = PgPool::connect(&env.database_url).await?;
-    let statement = if on { "ALTER SYSTEM RESET fsync" } else { "ALTER SYSTEM SET fsync = off" };
-    sqlx::raw_sql(statement).execute(&pool).await?;
-    sqlx::query("SELECT pg_reload_conf()").execute(&pool).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    pool.close().await;
-    Ok(())
 }
 
 async fn run_scenarios(env: &Env) -> Result<()> {
