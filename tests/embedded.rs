@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{CourseEvent, LessonPublished, counted};
-use edupulse_events::wire::decode_message;
+use edupulse_events::wire::{OutgoingMessage, decode_message};
 use edupulse_events::{
-    Backends, BusConfig, EventBus, EventError, EventStore, InMemoryBroker, LogRelay, RelayConfig, Requeue,
-    StoreConfig, StreamPosition, StreamSpec, Uuid,
+    Backends, BoxFuture, BusConfig, EventBus, EventError, EventStore, InMemoryBroker, LogRelay,
+    PublishReceipt, Publisher, RelayConfig, Requeue, StoreConfig, StreamPosition, StreamSpec, Uuid,
 };
 use futures_util::StreamExt;
 use tokio::sync::Barrier;
@@ -491,4 +491,50 @@ async fn a_failed_event_is_not_passed_over_when_a_later_event_of_its_partition_w
         store.relay_lag().await.unwrap()
     );
     tokio::time::timeout(Duration::from_secs(1), x_first.published()).await.unwrap().unwrap();
+}
+
+/// Records the size of every batch handed to the broker.
+struct Batches {
+    inner: Arc<dyn Publisher>,
+    sizes: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Publisher for Batches {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        self.sizes.lock().unwrap().push(messages.len());
+        self.inner.publish(messages)
+    }
+}
+
+#[tokio::test]
+async fn a_batch_is_bounded_by_bytes_as_well_as_rows() {
+    let backends = embedded().await;
+    let broker = backends.in_memory.clone().unwrap();
+    let store = &backends.store;
+    let bus = EventBus::new(
+        store.clone(),
+        backends.publisher.clone(),
+        BusConfig { background_relay: false, ..BusConfig::default() },
+    );
+    // Ten events of about 100 KB each, one aggregate.
+    let id = Uuid::now_v7();
+    let events: Vec<CourseEvent> = (0..10)
+        .map(|n| {
+            let title = format!("{n}-{}", "x".repeat(100_000));
+            CourseEvent::LessonPublished(LessonPublished { lesson_id: id, author_id: None, title })
+        })
+        .collect();
+    bus.commit(async |tx| tx.append("lesson", id, 0, events).await).await.unwrap();
+
+    let batches = Arc::new(Batches { inner: backends.publisher.clone(), sizes: std::sync::Mutex::default() });
+    let config = RelayConfig { batch_size: 1_000, max_batch_bytes: 250_000, ..RelayConfig::default() };
+    let pass = LogRelay::new(store.clone(), batches.clone(), config).run_once().await.unwrap();
+    assert_eq!(pass.published, 10, "{pass:?}");
+    let sizes = batches.sizes.lock().unwrap().clone();
+    assert!(sizes.iter().all(|&n| (1..=3).contains(&n)), "batches of at most ~250 KB: {sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 10);
+    assert_eq!(sequences_of(&broker, id), (1..=10).collect::<Vec<i64>>());
 }

@@ -4,12 +4,13 @@
 //! name, validated by [`SchemaName`] and quoted as an identifier.
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use sqlx::{AssertSqlSafe, Connection, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
-use crate::relay::{LogRow, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction};
+use crate::relay::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction};
 use crate::store::{
     AppendRules, Appended, ExpectedSequence, Prepared, SchemaName, StreamPosition, prepare_append, refusal,
 };
@@ -574,25 +575,24 @@ impl PgBackend {
         conn: &mut PgConnection,
         after: StreamPosition,
         limit: i64,
+        max_bytes: usize,
         partitions: &[i32],
-    ) -> Result<Vec<LogRow>, EventError> {
+    ) -> Result<Page, EventError> {
         let rows = sqlx::query(self.sql.relay_page.clone())
             .bind(after.transaction_id)
             .bind(after.global_position)
             .bind(limit)
             .bind(partitions)
-            .fetch_all(conn)
-            .await?;
-        rows.iter()
+            .fetch(conn)
             .map(|r| {
+                let r = r?;
                 Ok(LogRow {
                     partition: r.try_get("partition")?,
                     subject: r.try_get("subject")?,
-                    row: stored_row(r)?,
+                    row: stored_row(&r)?,
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(EventError::from)
+            });
+        Page::collect(rows, max_bytes).await
     }
 
     pub(crate) async fn relay_save(

@@ -63,6 +63,37 @@ pub(crate) struct LogRow {
     pub(crate) row: StoredRow,
 }
 
+/// One page of the log: at most `batch_size` rows, and at most about `max_batch_bytes` of
+/// payload and metadata (a page always holds at least one row).
+pub(crate) struct Page {
+    pub(crate) rows: Vec<LogRow>,
+    /// The byte bound cut the page short: more rows may follow.
+    pub(crate) cut: bool,
+}
+
+impl Page {
+    /// Reads rows until the stream ends or they hold `max_bytes`.
+    pub(crate) async fn collect(
+        rows: impl futures_util::Stream<Item = Result<LogRow, sqlx::Error>>,
+        max_bytes: usize,
+    ) -> Result<Self, EventError> {
+        use futures_util::StreamExt;
+        let mut rows = std::pin::pin!(rows);
+        let mut page = Self { rows: Vec::new(), cut: false };
+        let mut bytes = 0_usize;
+        while let Some(row) = rows.next().await {
+            let row = row?;
+            bytes = bytes.saturating_add(row.row.payload.len() + row.row.metadata.len());
+            page.rows.push(row);
+            if bytes >= max_bytes {
+                page.cut = true;
+                break;
+            }
+        }
+        Ok(page)
+    }
+}
+
 /// A parked event, as the relay writes it.
 pub(crate) struct ParkedRow {
     pub(crate) global_position: i64,
@@ -324,9 +355,13 @@ impl Progress {
 /// Settings of a [`LogRelay`].
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Rows read and published per batch; the checkpoints are saved once per batch
-    /// (default 1 000).
+    /// Rows read and published per batch at most (default 5 000). An aggregate's events go
+    /// one acknowledgement round trip each, so a larger batch holds more aggregates in
+    /// flight: measured in BENCHMARKS.md.
     pub batch_size: u32,
+    /// Bytes of payload and metadata read per batch at most (default 16 MiB): what bounds
+    /// a batch's memory when events are large (a batch holds at least one event).
+    pub max_batch_bytes: usize,
     /// How often to look for new events when no commit of this process woke the relay
     /// (default 100 ms): commits of other processes are published within about this long.
     pub poll_interval: Duration,
@@ -352,7 +387,8 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 1_000,
+            batch_size: 5_000,
+            max_batch_bytes: 16 << 20,
             poll_interval: Duration::from_millis(100),
             takeover_interval: Duration::from_secs(1),
             partitions: 0..PARTITIONS,
@@ -366,8 +402,8 @@ impl Default for RelayConfig {
 
 impl RelayConfig {
     fn check(&self) -> Result<(), EventError> {
-        let problem = if self.batch_size == 0 {
-            Some("batch_size must be at least 1".to_owned())
+        let problem = if self.batch_size == 0 || self.max_batch_bytes == 0 {
+            Some("batch_size and max_batch_bytes must be at least 1".to_owned())
         } else if self.partitions.start < 0 || self.partitions.end > PARTITIONS || self.partitions.is_empty()
         {
             Some(format!("partitions {:?} must be a non-empty range within 0..{PARTITIONS}", self.partitions))
@@ -756,12 +792,12 @@ impl<'a> Worker<'a> {
         let mut halted: HashSet<Uuid> = HashSet::new();
         let mut stuck: HashMap<i32, StreamPosition> = HashMap::new();
         loop {
-            let rows = self.page(after, limit).await?;
+            let Page { rows, cut } = self.page(after, limit).await?;
             let Some(end) = rows.last().map(|r| position_of(&r.row)) else {
                 pass.more = false;
                 break;
             };
-            pass.more = i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
+            pass.more = cut || i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
             let before = pass;
             let page = self.publish_page(rows, after, &mut halted, &mut stuck, &mut pass).await;
             self.settle(end, &stuck, page).await?;
@@ -1067,12 +1103,15 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    async fn page(&mut self, after: StreamPosition, limit: i64) -> Result<Vec<LogRow>, EventError> {
+    async fn page(&mut self, after: StreamPosition, limit: i64) -> Result<Page, EventError> {
+        let max_bytes = self.config().max_batch_bytes;
         match (&self.relay.store.inner.backend, &mut self.lease) {
             (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => {
-                pg.relay_page(conn, after, limit, &self.held).await
+                pg.relay_page(conn, after, limit, max_bytes, &self.held).await
             }
-            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => sq.relay_page(after, limit, &self.held).await,
+            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => {
+                sq.relay_page(after, limit, max_bytes, &self.held).await
+            }
             _ => Err(no_lease()),
         }
     }

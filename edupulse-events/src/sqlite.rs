@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -24,7 +25,7 @@ use sqlx::{Row, Sqlite};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
-use crate::relay::{LogRow, PARTITIONS, ParkedEvent, ParkedRow, RelayLagRow};
+use crate::relay::{LogRow, PARTITIONS, Page, ParkedEvent, ParkedRow, RelayLagRow};
 use crate::store::{
     AppendRules, Appended, ExpectedSequence, Prepared, StoreConfig, StreamPosition, prepare_append, refusal,
 };
@@ -355,8 +356,10 @@ impl SqliteBackend {
         &self,
         after: StreamPosition,
         limit: i64,
+        max_bytes: usize,
         partitions: &[i32],
-    ) -> Result<Vec<LogRow>, EventError> {
+    ) -> Result<Page, EventError> {
+        let partitions = json_list(partitions);
         let rows = sqlx::query(concat!(
             "SELECT e.partition, e.subject, ",
             columns!(),
@@ -365,19 +368,17 @@ impl SqliteBackend {
         ))
         .bind(after.global_position)
         .bind(limit)
-        .bind(json_list(partitions))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LogRow {
-                    partition: r.try_get("partition")?,
-                    subject: r.try_get("subject")?,
-                    row: stored_row(r)?,
-                })
+        .bind(partitions)
+        .fetch(&self.pool)
+        .map(|r| {
+            let r = r?;
+            Ok(LogRow {
+                partition: r.try_get("partition")?,
+                subject: r.try_get("subject")?,
+                row: stored_row(&r)?,
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(EventError::from)
+        });
+        Page::collect(rows, max_bytes).await
     }
 
     /// Parks the refused events and moves the checkpoints, in one transaction.
