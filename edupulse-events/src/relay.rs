@@ -871,15 +871,7 @@ impl<'a> Worker<'a> {
                 Err(e) => {
                     // Settled now, so that the aggregate's later events are not sent.
                     let error = EventError::Refused(format!("cannot be made a message: {e}"));
-                    if let Some(row) = self.failed(&meta, &error) {
-                        self.blocked.insert(meta.aggregate_id, meta.position.global_position);
-                        parked.push(row);
-                        pass.parked += 1;
-                    } else {
-                        halted.insert(meta.aggregate_id);
-                        hold(stuck, partition, meta.previous);
-                        pass.failed += 1;
-                    }
+                    self.settle_failure(&meta, &error, halted, stuck, &mut parked, pass);
                 }
             }
         }
@@ -900,20 +892,33 @@ impl<'a> Worker<'a> {
                     self.failing.remove(&meta.position.global_position);
                     self.acked_beyond.insert(meta.position.global_position, (meta.partition, meta.position));
                 }
-                Err(error) => {
-                    if let Some(row) = self.failed(&meta, &error) {
-                        self.blocked.insert(meta.aggregate_id, meta.position.global_position);
-                        parked.push(row);
-                        pass.parked += 1;
-                    } else {
-                        halted.insert(meta.aggregate_id);
-                        hold(stuck, meta.partition, meta.previous);
-                        pass.failed += 1;
-                    }
-                }
+                Err(error) => self.settle_failure(&meta, &error, halted, stuck, &mut parked, pass),
             }
         }
         PageOutcome { parked, touched }
+    }
+
+    /// Settles an event that failed: parked once refused `max_attempts` times (its
+    /// aggregate's later events then park behind it), else held back for its retry with
+    /// its aggregate's later events, its partition's checkpoint before it.
+    fn settle_failure(
+        &mut self,
+        meta: &RowMeta,
+        error: &EventError,
+        halted: &mut HashSet<Uuid>,
+        stuck: &mut HashMap<i32, StreamPosition>,
+        parked: &mut Vec<ParkedRow>,
+        pass: &mut RelayPass,
+    ) {
+        if let Some(row) = self.failed(meta, error) {
+            self.blocked.insert(meta.aggregate_id, meta.position.global_position);
+            parked.push(row);
+            pass.parked += 1;
+        } else {
+            halted.insert(meta.aggregate_id);
+            hold(stuck, meta.partition, meta.previous);
+            pass.failed += 1;
+        }
     }
 
     /// Records a failed attempt; returns the parked row when the event is refused for good.
