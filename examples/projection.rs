@@ -5,8 +5,8 @@
 //! `cargo run --example projection` (embedded), or with `DATABASE_URL` for PostgreSQL.
 
 use edupulse_events::{
-    Backends, DomainEvent, EventEnvelope, EventError, EventStore, Projection, ProjectionRunner, StoreConfig,
-    StreamSpec, Transaction, Uuid,
+    Backends, Connection, DatabasePool, DomainEvent, EventEnvelope, EventError, EventStore, Projection,
+    ProjectionRunner, StoreConfig, StreamSpec, Transaction, Uuid,
 };
 use serde::{Deserialize, Serialize};
 
@@ -45,64 +45,65 @@ impl Projection<ProjectedEvent> for LessonsPerAuthor {
         envelope: &EventEnvelope<ProjectedEvent>,
     ) -> Result<(), EventError> {
         let ProjectedEvent::LessonPublished(e) = &envelope.event;
-        if let Some(conn) = tx.pg_connection() {
-            sqlx::query(
-                "INSERT INTO edupulse_example.lessons_per_author (author, lessons) VALUES ($1, 1) \
-                 ON CONFLICT (author) DO UPDATE SET lessons = lessons_per_author.lessons + 1",
-            )
-            .bind(&e.author)
-            .execute(conn)
-            .await?;
-        } else if let Some(conn) = tx.sqlite_connection() {
-            sqlx::query(
-                "INSERT INTO lessons_per_author (author, lessons) VALUES (?1, 1) \
-                 ON CONFLICT (author) DO UPDATE SET lessons = lessons + 1",
-            )
-            .bind(&e.author)
-            .execute(conn)
-            .await?;
+        match tx.connection() {
+            Connection::Postgres(conn) => {
+                sqlx::query(
+                    "INSERT INTO edupulse_example.lessons_per_author (author, lessons) VALUES ($1, 1) \
+                     ON CONFLICT (author) DO UPDATE SET lessons = lessons_per_author.lessons + 1",
+                )
+                .bind(&e.author)
+                .execute(conn)
+                .await?;
+            }
+            Connection::Sqlite(conn) => {
+                sqlx::query(
+                    "INSERT INTO lessons_per_author (author, lessons) VALUES (?1, 1) \
+                     ON CONFLICT (author) DO UPDATE SET lessons = lessons + 1",
+                )
+                .bind(&e.author)
+                .execute(conn)
+                .await?;
+            }
         }
         Ok(())
     }
 
     /// A rebuild starts from an empty table.
     async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
-        if let Some(conn) = tx.pg_connection() {
-            sqlx::raw_sql(
-                "CREATE SCHEMA IF NOT EXISTS edupulse_example; \
-                 DROP TABLE IF EXISTS edupulse_example.lessons_per_author; \
-                 CREATE TABLE edupulse_example.lessons_per_author (author text PRIMARY KEY, lessons bigint NOT NULL)",
-            )
-            .execute(conn)
-            .await?;
-        } else if let Some(conn) = tx.sqlite_connection() {
-            sqlx::raw_sql(
-                "DROP TABLE IF EXISTS lessons_per_author; \
-                 CREATE TABLE lessons_per_author (author TEXT PRIMARY KEY, lessons INTEGER NOT NULL)",
-            )
-            .execute(conn)
-            .await?;
+        match tx.connection() {
+            Connection::Postgres(conn) => {
+                sqlx::raw_sql(
+                    "CREATE SCHEMA IF NOT EXISTS edupulse_example; \
+                     DROP TABLE IF EXISTS edupulse_example.lessons_per_author; \
+                     CREATE TABLE edupulse_example.lessons_per_author (author text PRIMARY KEY, lessons bigint NOT NULL)",
+                )
+                .execute(conn)
+                .await?;
+            }
+            Connection::Sqlite(conn) => {
+                sqlx::raw_sql(
+                    "DROP TABLE IF EXISTS lessons_per_author; \
+                     CREATE TABLE lessons_per_author (author TEXT PRIMARY KEY, lessons INTEGER NOT NULL)",
+                )
+                .execute(conn)
+                .await?;
+            }
         }
         Ok(())
     }
 }
 
 async fn read_model(store: &EventStore) -> Result<Vec<(String, i64)>, EventError> {
-    Ok(match store.pg_pool() {
-        Some(pool) => {
+    Ok(match store.pool() {
+        DatabasePool::Postgres(pool) => {
             sqlx::query_as("SELECT author, lessons FROM edupulse_example.lessons_per_author ORDER BY author")
-                .fetch_all(pool)
+                .fetch_all(&pool)
                 .await?
         }
-        None => {
-            let mut tx = store.begin().await?;
-            let conn =
-                tx.sqlite_connection().ok_or_else(|| EventError::Config("no SQLite connection".into()))?;
-            let rows = sqlx::query_as("SELECT author, lessons FROM lessons_per_author ORDER BY author")
-                .fetch_all(conn)
-                .await?;
-            tx.commit().await?;
-            rows
+        DatabasePool::Sqlite(pool) => {
+            sqlx::query_as("SELECT author, lessons FROM lessons_per_author ORDER BY author")
+                .fetch_all(&pool)
+                .await?
         }
     })
 }

@@ -531,7 +531,7 @@ async fn a_long_write_transaction_holds_publication_back_and_lag_names_it() {
     let store = store().await;
     let config = BusConfig { relay: relay_config(100), ..BusConfig::default() };
     let bus = bus(&store, &publisher, config);
-    let pool = store.pg_pool().unwrap().clone();
+    let pool = common::pg_pool(&store);
 
     // Someone's write transaction, open for a while.
     let mut long = pool.begin().await.unwrap();

@@ -277,7 +277,7 @@ async fn committed_then_died_a_later_relay_publishes_and_a_resend_is_dropped() {
     // the next one sends the event again, and the broker drops the copy (same Nats-Msg-Id).
     let mut tx = store.begin().await.unwrap();
     sqlx::query("UPDATE relay_checkpoints SET transaction_id = 0, global_position = 0")
-        .execute(tx.sqlite_connection().unwrap())
+        .execute(common::sqlite(tx.connection()))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -456,7 +456,7 @@ async fn a_failed_event_is_not_passed_over_when_a_later_event_of_its_partition_w
     let mut tx = store.begin().await.unwrap();
     sqlx::query("UPDATE events SET payload = 'not json' WHERE aggregate_id = ?1")
         .bind(z)
-        .execute(tx.sqlite_connection().unwrap())
+        .execute(common::sqlite(tx.connection()))
         .await
         .unwrap();
     tx.commit().await.unwrap();

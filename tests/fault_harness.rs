@@ -239,7 +239,7 @@ async fn run(settings: &Settings) -> Report {
     let store =
         EventStore::connect(&pg_url, store_config).await.expect("connect to the harness's PostgreSQL");
     store.migrate().await.unwrap();
-    let pool = store.pg_pool().expect("a PostgreSQL store").clone();
+    let pool = common::pg_pool(&store);
     for statement in [
         "CREATE SCHEMA harness_own",
         "CREATE TABLE harness_own.caller_writes (id bigserial PRIMARY KEY, writer int NOT NULL, \

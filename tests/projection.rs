@@ -29,13 +29,13 @@ impl Totals {
         let sql = format!(
             "CREATE TABLE {table} (aggregate_id uuid PRIMARY KEY, events bigint NOT NULL, total bigint NOT NULL)"
         );
-        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(store.pg_pool().unwrap()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&common::pg_pool(store)).await.unwrap();
         Self { name: name.into(), table }
     }
 
     async fn rows(&self, store: &EventStore) -> Vec<(Uuid, i64, i64)> {
         let sql = format!("SELECT aggregate_id, events, total FROM {} ORDER BY aggregate_id", self.table);
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(store.pg_pool().unwrap()).await.unwrap()
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&common::pg_pool(store)).await.unwrap()
     }
 }
 
@@ -55,13 +55,13 @@ impl Projection<CourseEvent> for Totals {
              ON CONFLICT (aggregate_id) DO UPDATE SET events = {0}.events + 1, total = {0}.total + $2",
             self.table
         );
-        let conn = tx.pg_connection().ok_or_else(|| EventError::Config("PostgreSQL only".into()))?;
+        let conn = common::pg(tx.connection());
         sqlx::query(sqlx::AssertSqlSafe(sql)).bind(event.aggregate_id).bind(c.n as i64).execute(conn).await?;
         Ok(())
     }
 
     async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
-        let conn = tx.pg_connection().ok_or_else(|| EventError::Config("PostgreSQL only".into()))?;
+        let conn = common::pg(tx.connection());
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", self.table))).execute(conn).await?;
         Ok(())
     }
@@ -161,7 +161,7 @@ async fn end_of_stream(store: &EventStore) -> StreamPosition {
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(sql.clone()))
-        .fetch_one(store.pg_pool().unwrap())
+        .fetch_one(&common::pg_pool(store))
         .await
         .unwrap()
     {
@@ -174,7 +174,7 @@ async fn end_of_stream(store: &EventStore) -> StreamPosition {
         store.config().schema.as_str()
     );
     let (transaction_id, global_position) =
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(store.pg_pool().unwrap()).await.unwrap();
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(&common::pg_pool(store)).await.unwrap();
     StreamPosition { transaction_id, global_position }
 }
 
@@ -218,7 +218,7 @@ async fn a_projection_passes_over_other_contexts_events_and_stops_on_a_corrupt_o
     let corrupt: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(Uuid::now_v7())
         .bind(lesson)
-        .fetch_one(store.pg_pool().unwrap())
+        .fetch_one(&common::pg_pool(&store))
         .await
         .unwrap();
     store.append("invoice", invoice, 42, [paid(3)]).await.unwrap();
@@ -292,13 +292,13 @@ impl Applications {
     async fn create(store: &EventStore) -> String {
         let table = format!("\"{}\".applications", store.config().schema.as_str());
         let sql = format!("CREATE TABLE {table} (event_id uuid PRIMARY KEY, applied bigint NOT NULL)");
-        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(store.pg_pool().unwrap()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&common::pg_pool(store)).await.unwrap();
         table
     }
 
     async fn counts(&self, store: &EventStore) -> Vec<(Uuid, i64)> {
         let sql = format!("SELECT event_id, applied FROM {} ORDER BY event_id", self.table);
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(store.pg_pool().unwrap()).await.unwrap()
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&common::pg_pool(store)).await.unwrap()
     }
 }
 
@@ -317,7 +317,7 @@ impl Projection<CourseEvent> for Applications {
              ON CONFLICT (event_id) DO UPDATE SET applied = {0}.applied + 1",
             self.table
         );
-        let conn = tx.pg_connection().ok_or_else(|| EventError::Config("PostgreSQL only".into()))?;
+        let conn = common::pg(tx.connection());
         sqlx::query(sqlx::AssertSqlSafe(sql)).bind(event.event_id).execute(conn).await?;
         if let Some(applying) = &self.applying {
             applying.notify_waiters();
@@ -327,7 +327,7 @@ impl Projection<CourseEvent> for Applications {
     }
 
     async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
-        let conn = tx.pg_connection().ok_or_else(|| EventError::Config("PostgreSQL only".into()))?;
+        let conn = common::pg(tx.connection());
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", self.table))).execute(conn).await?;
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{CourseEvent, LessonPublished, LessonRenamed, counted, store};
 use edupulse_events::{
-    EventEnvelope, EventError, EventStore, ExpectedSequence, Metadata, StreamPosition, Uuid,
+    Connection, EventEnvelope, EventError, EventStore, ExpectedSequence, Metadata, StreamPosition, Uuid,
 };
 use futures_util::StreamExt;
 use tokio::sync::Barrier;
@@ -43,7 +43,7 @@ async fn insert_raw(
         .bind(event_type)
         .bind(version)
         .bind(payload)
-        .execute(store.pg_pool().expect("postgres"))
+        .execute(&common::pg_pool(store))
         .await
         .expect("raw insert");
     let sql = format!(
@@ -53,7 +53,7 @@ async fn insert_raw(
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(aggregate_id)
         .bind(sequence)
-        .execute(store.pg_pool().expect("postgres"))
+        .execute(&common::pg_pool(store))
         .await
         .expect("raw stream row");
 }
@@ -193,7 +193,7 @@ async fn one_transaction_appends_to_several_aggregates_all_or_nothing() {
 #[tokio::test]
 async fn the_callers_own_writes_share_the_transaction() {
     let store = store().await;
-    let pool = store.pg_pool().unwrap().clone();
+    let pool = common::pg_pool(&store);
     let table = format!("\"{}\".read_model", store.config().schema.as_str());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (id uuid PRIMARY KEY)")))
         .execute(&pool)
@@ -204,7 +204,7 @@ async fn the_callers_own_writes_share_the_transaction() {
         let mut tx = store.begin().await.unwrap();
         sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} VALUES ($1)")))
             .bind(id)
-            .execute(tx.pg_connection().unwrap())
+            .execute(common::pg(tx.connection()))
             .await
             .unwrap();
         tx.append("lesson", id, 0, [counted(1)]).await.unwrap();
@@ -222,7 +222,7 @@ async fn the_callers_own_writes_share_the_transaction() {
     // A plain sqlx transaction works as well.
     let mut sqlx_tx = pool.begin().await.unwrap();
     let stored = store
-        .append_in_pg(&mut sqlx_tx, 1, vec![EventEnvelope::new("lesson", id, counted(2))])
+        .append_in(Connection::Postgres(&mut sqlx_tx), 1, vec![EventEnvelope::new("lesson", id, counted(2))])
         .await
         .unwrap();
     sqlx_tx.commit().await.unwrap();
@@ -333,7 +333,7 @@ async fn events_by_promoted_key() {
 
     // The query is served by the GIN index, not by reading every payload.
     let schema = store.config().schema.as_str();
-    let pool = store.pg_pool().unwrap();
+    let pool = &common::pg_pool(&store);
     let mut conn = pool.acquire().await.unwrap();
     sqlx::query("SET enable_seqscan = off").execute(&mut *conn).await.unwrap();
     let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edupulse_events::{
-    BusConfig, DomainEvent, EventBus, EventError, EventStore, LogRelay, NatsConfig, NatsPublisher, Publisher,
-    RelayConfig, StoreConfig, StreamPosition, StreamSpec, Uuid,
+    BusConfig, DatabasePool, DomainEvent, EventBus, EventError, EventStore, LogRelay, NatsConfig,
+    NatsPublisher, Publisher, RelayConfig, StoreConfig, StreamPosition, StreamSpec, Uuid,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -68,10 +68,18 @@ async fn fresh_store(env: &Env, connections: u32) -> Result<EventStore> {
 /// Drops a benchmark's schema, so that repeated runs do not grow the database (and its
 /// checkpoints) under the next one.
 async fn drop_store(store: &EventStore) -> Result<()> {
-    let pool = store.pg_pool().ok_or("PostgreSQL only")?;
+    let pool = &pg_pool(store)?;
     let schema = store.config().schema.as_str();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE"))).execute(pool).await?;
     Ok(())
+}
+
+/// The store's PostgreSQL pool: the load generator measures PostgreSQL.
+fn pg_pool(store: &EventStore) -> Result<PgPool> {
+    match store.pool() {
+        DatabasePool::Postgres(pool) => Ok(pool),
+        DatabasePool::Sqlite(_) => Err("the load generator needs PostgreSQL (DATABASE_URL)".into()),
+    }
 }
 
 /// The ceiling's table: the same columns and constraints as the store's events table.
@@ -152,7 +160,7 @@ async fn bench_append(env: &Env) -> Result<()> {
     for (batch, total) in [(1usize, 4_000u64), (10, 20_000), (100, 50_000)] {
         let total = total / scale;
         let store = fresh_store(env, 4).await?;
-        let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
+        let pool = pg_pool(&store)?;
         let table = raw_table(&pool, store.config().schema.as_str()).await?;
         let id = Uuid::now_v7();
         let started = Instant::now();
@@ -183,7 +191,7 @@ async fn bench_append(env: &Env) -> Result<()> {
     let aggregates = if env.quick { 200 } else { 1_000 };
     let per_aggregate = 20u64;
     let store = fresh_store(env, 10).await?;
-    let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
+    let pool = pg_pool(&store)?;
     let table = raw_table(&pool, store.config().schema.as_str()).await?;
     let ids: Arc<Vec<Uuid>> = Arc::new((0..aggregates).map(|_| Uuid::now_v7()).collect());
     let started = Instant::now();
@@ -323,7 +331,7 @@ async fn bench_publish(env: &Env) -> Result<()> {
         let background_relay = std::env::var("BUS_RELAY").map_or(true, |v| v != "0");
         let config = BusConfig { background_relay, ..BusConfig::default() };
         let bus = EventBus::new(store.clone(), Arc::new(publisher.clone()), config);
-        let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
+        let pool = pg_pool(&store)?;
         let table = raw_table(&pool, store.config().schema.as_str()).await?;
         // Warm-up: one commit per committer, so that the pool's connections exist and the
         // relay runs before the clock starts (set-up is not what this table measures).
@@ -512,10 +520,11 @@ async fn bench_relay(env: &Env) -> Result<()> {
     let total = if env.quick { 20_000 } else { 100_000 };
     let publisher = nats(env, "BENCH").await?;
     let store = fresh_store(env, 10).await?;
-    backlog(&store, Arc::new(publisher.clone()), total, 1_000).await?;
+    let aggregates = std::env::var("BACKLOG_AGGREGATES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    backlog(&store, Arc::new(publisher.clone()), total, aggregates).await?;
     // Vacuum now, so that autovacuum's pass over the freshly written tables does not share
     // the two cores with the timed drain in some runs and not in others.
-    let pool = store.pg_pool().ok_or("PostgreSQL only")?;
+    let pool = &pg_pool(&store)?;
     let schema = store.config().schema.as_str();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM (ANALYZE) \"{schema}\".events, \"{schema}\".streams")))
         .execute(pool)
@@ -563,7 +572,7 @@ async fn bench_relay(env: &Env) -> Result<()> {
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     println!(
-        "| {total} | 1000 | {} | {:.2} s | {:.0} | {stored} | {:.0} | {:.0} % |",
+        "| {total} | {aggregates} | {} | {:.2} s | {:.0} | {stored} | {:.0} | {:.0} % |",
         config.batch_size,
         elapsed.as_secs_f64(),
         rate(total, elapsed),
@@ -658,7 +667,7 @@ async fn bench_wake(env: &Env) -> Result<()> {
     for (committers, per_commit) in [(1usize, 1usize), (8, 1), (64, 1), (64, 10)] {
         let rounds = (per_run / (committers * per_commit)).max(1);
         let store = fresh_store(env, (committers as u32 + 4).min(80)).await?;
-        let pool = store.pg_pool().ok_or("PostgreSQL only")?.clone();
+        let pool = pg_pool(&store)?;
         let table = raw_table(&pool, store.config().schema.as_str()).await?;
         let signal = Arc::new(tokio::sync::Notify::new());
         let mut row = format!("| {committers} | {per_commit} |");

@@ -7,9 +7,9 @@ pub use ::std::{boxed::Box, vec::Vec};
 pub use ::uuid::Uuid;
 
 pub use crate::EventError;
+pub use crate::event::subject::{all_in_context, subject_problem};
+pub use crate::event::upcast::{JsonValue, UpcastOutput};
 pub use crate::event::{AggregateId, DomainEvent, EventSchema, IntoKeyValue, PromotedKey};
-pub use crate::subject::{all_in_context, subject_problem};
-pub use crate::upcast::{JsonValue, UpcastOutput};
 
 use serde::{Serialize, de::DeserializeOwned};
 

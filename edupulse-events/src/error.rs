@@ -1,10 +1,9 @@
 //! The one error type of the crate.
 
 use std::error::Error as StdError;
+use std::fmt;
 
 use uuid::Uuid;
-
-use crate::ConnectCause;
 
 /// A boxed error from a lower layer (serde_json, an upcaster, a driver).
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -268,5 +267,40 @@ fn fmt_position(position: Option<i64>) -> String {
     match position {
         Some(p) => format!(" at global position {p}"),
         None => String::new(),
+    }
+}
+
+/// Why the first connection to a server failed, for callers that branch on it (retry a
+/// timeout, alert on bad credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectCause {
+    /// Nothing listens at the address: the server is down or the port is wrong.
+    Refused,
+    /// The host name cannot be resolved.
+    Dns,
+    /// The server refused the credentials.
+    Authentication,
+    /// PostgreSQL has no database of that name.
+    UnknownDatabase,
+    /// The TLS handshake or the TLS setup failed.
+    Tls,
+    /// No answer in time: a firewall, a wrong address, an overloaded server.
+    Timeout,
+    /// Anything else; the error's source says what.
+    Other,
+}
+
+impl fmt::Display for ConnectCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Refused => "connection refused",
+            Self::Dns => "the host name cannot be resolved",
+            Self::Authentication => "authentication failed",
+            Self::UnknownDatabase => "the database does not exist",
+            Self::Tls => "TLS failed",
+            Self::Timeout => "no answer in time",
+            Self::Other => "the connection failed",
+        })
     }
 }

@@ -165,27 +165,29 @@
 //!   [`EventError::Connect`] naming `host:port`, a [`ConnectCause`] and the next step. Once
 //!   connected, NATS reconnects in the background and the pool reopens connections.
 
-mod aggregate;
-mod bus;
+// The layers, each importing only those listed before it (`error` and `connect` below
+// them all): events; then the store and the broker, which never import each other;
+// delivery, which joins them; the read and write sides on top.
 mod connect;
-mod consume;
-mod deliverable;
-mod envelope;
 mod error;
 mod event;
-mod memory;
-mod postgres;
-mod projection;
-mod publisher;
-mod relay;
-mod setup;
-mod sqlite;
+
+mod broker;
 mod store;
-mod stream;
-mod subject;
-pub mod testing;
-pub mod upcast;
-pub mod wire;
+
+mod delivery;
+
+mod read;
+mod write;
+
+mod setup;
+
+/// Upcasting steps for `#[event(previous = …)]` chains.
+pub use crate::event::upcast;
+/// The message format, for consumers of other languages or frameworks.
+pub use crate::event::wire;
+/// The given/when/then harness for aggregates.
+pub use crate::write::testing;
 
 #[doc(hidden)]
 pub mod __private;
@@ -194,28 +196,27 @@ pub use chrono;
 pub use serde_json;
 pub use uuid::{self, Uuid};
 
-pub use crate::aggregate::{Aggregate, CommandError, Loaded, Repository};
-pub use crate::bus::{BusConfig, BusTransaction, Committed, EventBus, Receipt};
-pub use crate::connect::ConnectCause;
-pub use crate::consume::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};
-pub use crate::deliverable::DEFAULT_MAX_MESSAGE_BYTES;
-pub use crate::envelope::{EventEnvelope, Metadata};
-pub use crate::error::{BoxError, EventError, EventProblem};
+pub use crate::broker::{
+    BoxFuture, BrokerMessage, InMemoryBroker, NatsConfig, NatsPublisher, PoisonReport, PublishReceipt,
+    Publisher, StreamSpec, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy,
+};
+pub use crate::delivery::{
+    BusConfig, BusTransaction, Committed, EventBus, LogRelay, Receipt, RelayConfig, RelayPass,
+};
+pub use crate::error::{BoxError, ConnectCause, EventError, EventProblem};
+pub use crate::event::envelope::{EventEnvelope, Metadata};
+pub use crate::event::subject::{MAX_SUBJECT_LEN, validate_subject, validate_subject_token};
+pub use crate::event::wire::DEFAULT_MAX_MESSAGE_BYTES;
 pub use crate::event::{
     AggregateId, DomainEvent, EncodedEvent, EventSchema, IntoKeyValue, KeyValue, PromotedKey,
 };
-pub use crate::memory::{BrokerMessage, InMemoryBroker};
-pub use crate::projection::{Projection, ProjectionRunner, UndecodablePolicy};
-pub use crate::publisher::{BoxFuture, NatsConfig, NatsPublisher, PublishReceipt, Publisher, StreamSpec};
-pub use crate::relay::{
-    LogRelay, PARTITIONS, ParkedEvent, RelayConfig, RelayLag, RelayPass, Requeue, RunningTransaction,
-};
+pub use crate::read::{Projection, ProjectionRunner, UndecodablePolicy};
 pub use crate::setup::{Backends, EMBEDDED_DATABASE_URL};
 pub use crate::store::{
-    EventStore, ExpectedSequence, SchemaName, StoreConfig, StoredSnapshot, StreamPosition, Transaction,
+    Connection, DatabasePool, EventStore, EventStream, ExpectedSequence, PARTITIONS, ParkedEvent, RelayLag,
+    Requeue, RunningTransaction, SchemaName, StoreConfig, StoredSnapshot, StreamPosition, Transaction,
 };
-pub use crate::stream::EventStream;
-pub use crate::subject::{MAX_SUBJECT_LEN, validate_subject, validate_subject_token};
+pub use crate::write::{Aggregate, CommandError, Loaded, Repository};
 pub use async_nats;
 pub use futures_core::Stream;
 pub use sqlx;

@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use crate::EventError;
-use crate::memory::InMemoryBroker;
-use crate::publisher::{NatsConfig, NatsPublisher, Publisher, StreamSpec};
-use crate::store::{EventStore, StoreConfig};
+use crate::broker::{InMemoryBroker, NatsConfig, NatsPublisher, Publisher, StreamSpec};
+use crate::store::{DatabasePool, EventStore, StoreConfig};
 
 /// The URL of the embedded default: an in-memory SQLite database.
 pub const EMBEDDED_DATABASE_URL: &str = "sqlite::memory:";
@@ -52,7 +51,10 @@ impl Backends {
         let database_url = database_url.filter(|u| !u.is_empty()).unwrap_or(EMBEDDED_DATABASE_URL);
         let store = EventStore::connect(database_url, config).await?;
         store.migrate().await?;
-        let database_kind = if store.pg_pool().is_some() { "PostgreSQL" } else { "SQLite (embedded)" };
+        let database_kind = match store.pool() {
+            DatabasePool::Postgres(_) => "PostgreSQL",
+            DatabasePool::Sqlite(_) => "SQLite (embedded)",
+        };
         let (publisher, in_memory, broker_kind): (Arc<dyn Publisher>, _, _) =
             match nats_url.filter(|u| !u.is_empty()) {
                 Some(url) => {

@@ -4,8 +4,9 @@
 
 pub mod nats;
 
+use edupulse_events::sqlx::{PgConnection, PgPool, SqliteConnection};
 use edupulse_events::upcast::{self, JsonValue, UpcastError};
-use edupulse_events::{DomainEvent, EventStore, StoreConfig, Uuid};
+use edupulse_events::{Connection, DatabasePool, DomainEvent, EventStore, StoreConfig, Uuid};
 use serde::{Deserialize, Serialize};
 
 /// The PostgreSQL URL of the test server. Tests that need it fail, loudly, without it.
@@ -16,6 +17,30 @@ pub fn database_url() -> String {
             "DATABASE_URL is not set: this test needs PostgreSQL. Run `bash scripts/test.sh`, which starts \
              a throw-away server on loopback, or set DATABASE_URL to a server of your own."
         ),
+    }
+}
+
+/// The PostgreSQL pool of a store of these tests.
+pub fn pg_pool(store: &EventStore) -> PgPool {
+    match store.pool() {
+        DatabasePool::Postgres(pool) => pool,
+        DatabasePool::Sqlite(_) => panic!("this test needs a PostgreSQL store"),
+    }
+}
+
+/// The PostgreSQL connection of a store transaction.
+pub fn pg(connection: Connection<'_>) -> &mut PgConnection {
+    match connection {
+        Connection::Postgres(conn) => conn,
+        Connection::Sqlite(_) => panic!("this test needs a PostgreSQL store"),
+    }
+}
+
+/// The SQLite connection of a store transaction.
+pub fn sqlite(connection: Connection<'_>) -> &mut SqliteConnection {
+    match connection {
+        Connection::Sqlite(conn) => conn,
+        Connection::Postgres(_) => panic!("this test needs the embedded store"),
     }
 }
 

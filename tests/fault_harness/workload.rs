@@ -333,7 +333,7 @@ async fn execute(
             swallow_failed_statement(tx).await;
         }
         if kind == Kind::CallerWritesFirst {
-            let conn = tx.pg_connection().expect("a PostgreSQL transaction");
+            let conn = crate::common::pg(tx.connection());
             sqlx::query("INSERT INTO harness_own.caller_writes (writer) VALUES ($1)")
                 .bind(i32::try_from(writer).unwrap_or(i32::MAX))
                 .execute(conn)
@@ -371,9 +371,8 @@ async fn execute(
 /// A statement of the caller's that fails (a duplicate key), its error ignored: the
 /// transaction is aborted on the server, whatever the closure returns.
 async fn swallow_failed_statement(tx: &mut BusTransaction) {
-    if let Some(conn) = tx.pg_connection() {
-        let _ignored = sqlx::query("INSERT INTO harness_own.once (key) VALUES ('taken')").execute(conn).await;
-    }
+    let conn = crate::common::pg(tx.connection());
+    let _ignored = sqlx::query("INSERT INTO harness_own.once (key) VALUES ('taken')").execute(conn).await;
 }
 
 /// One writer: commits until the deadline, recording every attempt.

@@ -33,11 +33,10 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::aggregate::{Aggregate, CommandError, Repository};
-use crate::bus::{BusConfig, EventBus};
-use crate::memory::{BrokerMessage, InMemoryBroker};
-use crate::relay::{LogRelay, RelayConfig};
+use crate::broker::{BrokerMessage, InMemoryBroker};
+use crate::delivery::{BusConfig, EventBus, LogRelay, RelayConfig};
 use crate::store::{EventStore, StoreConfig};
+use crate::write::aggregate::{Aggregate, CommandError, Repository};
 use crate::{DomainEvent, EventError};
 
 /// Given events, when a command: the start of a test. See the [module docs](self).
@@ -96,7 +95,9 @@ where
         let published = broker
             .messages()
             .into_iter()
-            .filter(|m| m.header(crate::wire::headers::MSG_ID).is_some_and(|id| ids.iter().any(|i| i == id)))
+            .filter(|m| {
+                m.header(crate::event::wire::headers::MSG_ID).is_some_and(|id| ids.iter().any(|i| i == id))
+            })
             .collect();
         Ok(Run { events: stored.into_iter().map(|e| e.event).collect(), published })
     }

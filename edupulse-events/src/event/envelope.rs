@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::{DomainEvent, EventError};
+
 /// An event together with where it belongs and where it came from.
 ///
 /// - `event_id` is a UUID v7, so ids sort by creation time; it is also the broker's
@@ -139,6 +141,50 @@ impl Metadata {
     pub fn with(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
         self.user.insert(key.into(), value.into());
         self
+    }
+}
+
+/// An event as it was recorded, its payload and metadata still JSON: what the store reads
+/// and the broker carries, decoded the same way from both.
+pub(crate) struct Recorded<'a> {
+    pub(crate) event_id: Uuid,
+    pub(crate) aggregate_type: String,
+    pub(crate) aggregate_id: Uuid,
+    pub(crate) sequence: i64,
+    pub(crate) global_position: i64,
+    pub(crate) occurred_at: DateTime<Utc>,
+    pub(crate) recorded_at: DateTime<Utc>,
+    pub(crate) event_type: &'a str,
+    /// The payload's schema version (0, never valid, for a stored value out of range).
+    pub(crate) version: u32,
+    pub(crate) payload: &'a str,
+    pub(crate) metadata: &'a str,
+}
+
+impl Recorded<'_> {
+    /// Decodes the event through `E`'s upcaster chain; errors name the global position.
+    pub(crate) fn decode<E: DomainEvent>(self) -> Result<EventEnvelope<E>, EventError> {
+        let (position, version) = (self.global_position, self.version);
+        let event = E::decode(self.event_type, version, self.payload.as_bytes())
+            .map_err(|e| e.at_position(position))?;
+        let metadata: Metadata =
+            serde_json::from_str(self.metadata).map_err(|source| EventError::Decode {
+                event_type: self.event_type.to_owned(),
+                version,
+                position: Some(position),
+                source: format!("invalid metadata: {source}").into(),
+            })?;
+        Ok(EventEnvelope {
+            event_id: self.event_id,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            global_position: Some(position),
+            occurred_at: self.occurred_at,
+            recorded_at: Some(self.recorded_at),
+            metadata,
+            event,
+        })
     }
 }
 

@@ -1,4 +1,11 @@
-//! The traits `#[derive(DomainEvent)]` implements, and the typed values it hands the store.
+//! The events themselves: the traits `#[derive(DomainEvent)]` implements, the typed values
+//! it hands the store, envelopes, subjects, upcasting and the message format. Every other
+//! layer builds on this one; it imports none of them.
+
+pub(crate) mod envelope;
+pub(crate) mod subject;
+pub mod upcast;
+pub mod wire;
 
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::value::RawValue;

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::EventError;
-use crate::deliverable::DEFAULT_MAX_MESSAGE_BYTES;
-use crate::publisher::{BoxFuture, PublishReceipt, Publisher, validate_filter};
-use crate::wire::{OutgoingMessage, header_block_len, headers};
+use crate::broker::publisher::{BoxFuture, PublishReceipt, Publisher};
+use crate::event::subject::validate_filter;
+use crate::event::wire::{DEFAULT_MAX_MESSAGE_BYTES, OutgoingMessage, header_block_len, headers};
 
 /// A message as the in-process broker stored it.
 #[derive(Debug, Clone, PartialEq, Eq)]

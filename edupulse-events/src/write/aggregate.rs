@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::bus::{Committed, EventBus};
+use crate::delivery::{Committed, EventBus};
 use crate::store::StoredSnapshot;
 use crate::{DomainEvent, EventEnvelope, EventError};
 

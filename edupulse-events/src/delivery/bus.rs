@@ -14,14 +14,14 @@ use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::publisher::Publisher;
-use crate::relay::{LogRelay, RelayConfig, RelayLag, Written};
-use crate::store::{EventStore, ExpectedSequence, StreamPosition, Transaction};
+use crate::broker::Publisher;
+use crate::delivery::relay::{LogRelay, RelayConfig};
+use crate::store::signals::Written;
+use crate::store::{Connection, EventStore, ExpectedSequence, RelayLag, StreamPosition, Transaction};
 use crate::{DomainEvent, EventEnvelope, EventError, validate_subject_token};
 
 /// Settings of an [`EventBus`].
@@ -339,14 +339,9 @@ impl BusTransaction {
         self.tx.append_envelopes(expected, envelopes).await
     }
 
-    /// The PostgreSQL connection of the transaction, for the caller's own writes.
-    pub fn pg_connection(&mut self) -> Option<&mut PgConnection> {
-        self.tx.pg_connection()
-    }
-
-    /// The SQLite connection of the transaction (embedded backend), for the caller's own
-    /// writes.
-    pub fn sqlite_connection(&mut self) -> Option<&mut sqlx::sqlite::SqliteConnection> {
-        self.tx.sqlite_connection()
+    /// The database connection of the transaction, for the caller's own writes; see
+    /// [`Transaction::connection`].
+    pub fn connection(&mut self) -> Connection<'_> {
+        self.tx.connection()
     }
 }

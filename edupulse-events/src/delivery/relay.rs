@@ -32,325 +32,20 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgConnection;
-use tokio::sync::{OwnedMutexGuard, oneshot, watch};
 use uuid::Uuid;
 
 use crate::EventError;
-use crate::publisher::Publisher;
-use crate::store::{Backend, EventStore, StreamPosition};
-use crate::stream::StoredRow;
-use crate::wire::{self, OutgoingMessage};
-
-/// The number of partitions: the most relays that can publish at once.
-pub const PARTITIONS: i32 = 64;
-
-/// The partition of an aggregate: the low six bits of its id (the PostgreSQL column computes
-/// the same from the id's last byte).
-pub(crate) fn partition_of(aggregate_id: Uuid) -> i32 {
-    // `as` is exact: the remainder is below 64.
-    (aggregate_id.as_u128() % PARTITIONS as u128) as i32
-}
-
-/// One row of the log as a relay reads it.
-pub(crate) struct LogRow {
-    pub(crate) partition: i32,
-    pub(crate) subject: String,
-    pub(crate) row: StoredRow,
-}
-
-/// One page of the log: at most `batch_size` rows, and at most about `max_batch_bytes` of
-/// payload and metadata (a page always holds at least one row).
-pub(crate) struct Page {
-    pub(crate) rows: Vec<LogRow>,
-    /// The byte bound cut the page short: more rows may follow.
-    pub(crate) cut: bool,
-}
-
-impl Page {
-    /// Reads rows until the stream ends or they hold `max_bytes`.
-    pub(crate) async fn collect(
-        rows: impl futures_util::Stream<Item = Result<LogRow, sqlx::Error>>,
-        max_bytes: usize,
-    ) -> Result<Self, EventError> {
-        use futures_util::StreamExt;
-        let mut rows = std::pin::pin!(rows);
-        let mut page = Self { rows: Vec::new(), cut: false };
-        let mut bytes = 0_usize;
-        while let Some(row) = rows.next().await {
-            let row = row?;
-            bytes = bytes.saturating_add(row.row.payload.len() + row.row.metadata.len());
-            page.rows.push(row);
-            if bytes >= max_bytes {
-                page.cut = true;
-                break;
-            }
-        }
-        Ok(page)
-    }
-}
-
-/// A parked event, as the relay writes it.
-pub(crate) struct ParkedRow {
-    pub(crate) global_position: i64,
-    pub(crate) event_id: Uuid,
-    pub(crate) aggregate_id: Uuid,
-    pub(crate) sequence: i64,
-    pub(crate) partition: i32,
-    pub(crate) blocked_by: Option<i64>,
-    pub(crate) attempts: i32,
-    pub(crate) reason: String,
-}
-
-/// The backlog as the database tells it.
-pub(crate) struct RelayLagRow {
-    pub(crate) pending: i64,
-    pub(crate) oldest_pending_seconds: Option<f64>,
-    pub(crate) held_back: i64,
-    pub(crate) parked: i64,
-}
-
-/// An event the broker refused for good, or one waiting behind it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParkedEvent {
-    /// The event's global position.
-    pub global_position: i64,
-    /// The event id.
-    pub event_id: Uuid,
-    /// Its aggregate.
-    pub aggregate_id: Uuid,
-    /// Its sequence in the aggregate.
-    pub sequence: i64,
-    /// Its partition.
-    pub partition: i32,
-    /// `None` for an event the broker refused; else the position of the parked event of
-    /// the same aggregate it waits behind.
-    pub blocked_by: Option<i64>,
-    /// Attempts made before it was parked.
-    pub attempts: i32,
-    /// The broker's refusal, or why it waits.
-    pub reason: String,
-    /// Re-queued: the relay publishes it (and the events behind it) again.
-    pub requeued: bool,
-    /// How long ago it was parked.
-    pub age: Duration,
-}
-
-/// A write transaction still running: what holds the transaction horizon back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunningTransaction {
-    /// The server process (`pg_terminate_backend(pid)` ends it).
-    pub pid: i32,
-    /// The client's `application_name`.
-    pub application_name: String,
-    /// `active`, `idle in transaction`, …
-    pub state: String,
-    /// How long it has been running.
-    pub age: Duration,
-}
-
-/// How far publication is behind the log.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RelayLag {
-    /// Committed events not yet acknowledged by the broker (nor parked).
-    pub pending: i64,
-    /// The checkpoints' age: how long the oldest pending event has waited.
-    pub oldest_pending_age: Option<Duration>,
-    /// Pending events a relay cannot read yet: an older write transaction is still
-    /// running (see [`oldest_write_transaction`](Self::oldest_write_transaction)).
-    pub held_back: i64,
-    /// Events parked: refused by the broker, or waiting behind one that was.
-    pub parked: i64,
-    /// When events are held back: the oldest running write transaction, which holds the
-    /// horizon (PostgreSQL; reading other roles' sessions needs `pg_read_all_stats`).
-    pub oldest_write_transaction: Option<RunningTransaction>,
-}
-
-/// Which parked aggregates [`EventStore::requeue_parked`] re-queues.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Requeue {
-    /// Every parked aggregate.
-    All,
-    /// The aggregates of these parked events (by global position): each is re-queued
-    /// whole, from its first parked event.
-    Positions(Vec<i64>),
-}
-
-impl EventStore {
-    /// How far publication is behind: pending and parked events, the oldest pending
-    /// event's age and, when the horizon holds events back, the transaction holding it.
-    ///
-    /// # Errors
-    /// [`EventError::Database`].
-    pub async fn relay_lag(&self) -> Result<RelayLag, EventError> {
-        let (row, oldest) = match &self.inner.backend {
-            Backend::Postgres(pg) => {
-                let row = pg.relay_lag().await?;
-                let oldest = if row.held_back > 0 { pg.oldest_write().await? } else { None };
-                (row, oldest)
-            }
-            Backend::Sqlite(sq) => (sq.relay_lag().await?, None),
-        };
-        Ok(RelayLag {
-            pending: row.pending,
-            oldest_pending_age: row
-                .oldest_pending_seconds
-                .map(|s| Duration::try_from_secs_f64(s).unwrap_or_default()),
-            held_back: row.held_back,
-            parked: row.parked,
-            oldest_write_transaction: oldest,
-        })
-    }
-
-    /// The parked events, oldest first, at most `limit`.
-    ///
-    /// # Errors
-    /// [`EventError::Database`].
-    pub async fn parked_events(&self, limit: u32) -> Result<Vec<ParkedEvent>, EventError> {
-        match &self.inner.backend {
-            Backend::Postgres(pg) => pg.parked_list(i64::from(limit)).await,
-            Backend::Sqlite(sq) => sq.parked_list(i64::from(limit)).await,
-        }
-    }
-
-    /// Re-queues parked aggregates once the cause of the refusal is fixed: the relay
-    /// holding their partition publishes their parked events again, in order, then their
-    /// aggregates flow again. Returns the number of aggregates re-queued.
-    ///
-    /// # Errors
-    /// [`EventError::Database`].
-    pub async fn requeue_parked(&self, which: Requeue) -> Result<u64, EventError> {
-        let positions = match &which {
-            Requeue::All => None,
-            Requeue::Positions(positions) => Some(positions.as_slice()),
-        };
-        let requeued = match &self.inner.backend {
-            Backend::Postgres(pg) => pg.requeue(positions).await?,
-            Backend::Sqlite(sq) => sq.requeue(positions).await?,
-        };
-        self.inner.signals.wake();
-        Ok(requeued)
-    }
-}
-
-impl EventStore {
-    /// Whether the relays' checkpoints are past every one of `written`.
-    pub(crate) async fn relay_covers(&self, written: &[(i32, StreamPosition)]) -> Result<bool, EventError> {
-        let mut partitions: Vec<i32> = written.iter().map(|(p, _)| *p).collect();
-        partitions.sort_unstable();
-        partitions.dedup();
-        let checkpoints: HashMap<i32, StreamPosition> = match &self.inner.backend {
-            Backend::Postgres(pg) => pg.checkpoints_of(&partitions).await?,
-            Backend::Sqlite(sq) => sq.relay_checkpoints(&partitions).await?,
-        }
-        .into_iter()
-        .collect();
-        Ok(written.iter().all(|(p, position)| checkpoints.get(p).is_some_and(|c| c >= position)))
-    }
-
-    /// The parked events among `positions`.
-    pub(crate) async fn parked_among(&self, positions: &[i64]) -> Result<Vec<ParkedEvent>, EventError> {
-        match &self.inner.backend {
-            Backend::Postgres(pg) => pg.parked_among(positions).await,
-            Backend::Sqlite(sq) => sq.parked_among(positions).await,
-        }
-    }
-}
-
-/// What this process's relays have done, for its committers: wake-ups after a commit, and
-/// the positions published per partition (what a receipt waits for).
-pub(crate) struct Signals {
-    wake: watch::Sender<u64>,
-    /// Per partition: every event up to here was acknowledged or parked; and the receipts
-    /// waiting for positions not reached yet.
-    done: Mutex<Progress>,
-    /// A relay of this process has parked an event.
-    parked_any: AtomicBool,
-}
-
-impl Default for Signals {
-    fn default() -> Self {
-        Self {
-            wake: watch::Sender::new(0),
-            done: Mutex::new(Progress {
-                done: vec![StreamPosition::START; PARTITIONS as usize],
-                waiting: Vec::new(),
-            }),
-            parked_any: AtomicBool::new(false),
-        }
-    }
-}
-
-impl Signals {
-    /// Wakes this process's relays: events were committed.
-    pub(crate) fn wake(&self) {
-        self.wake.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// Resolves `waiter` once this process's relays have acknowledged or parked every one
-    /// of `written` (at once when they have).
-    pub(crate) fn notify_when_done(
-        &self,
-        written: Arc<[(i32, StreamPosition)]>,
-        waiter: oneshot::Sender<()>,
-    ) {
-        // No code below panics, so a poisoned lock holds sound data.
-        let mut progress = self.done.lock().unwrap_or_else(PoisonError::into_inner);
-        if progress.covers(&written) {
-            let _ = waiter.send(());
-        } else {
-            progress.waiting.retain(|(_, w)| !w.is_closed());
-            progress.waiting.push((written, waiter));
-        }
-    }
-
-    fn advance(&self, checkpoints: &[(i32, StreamPosition)], parked: bool) {
-        if parked {
-            self.parked_any.store(true, Ordering::SeqCst);
-        }
-        let mut progress = self.done.lock().unwrap_or_else(PoisonError::into_inner);
-        for (partition, position) in checkpoints {
-            if let Some(slot) = usize::try_from(*partition).ok().and_then(|p| progress.done.get_mut(p)) {
-                *slot = (*slot).max(*position);
-            }
-        }
-        // Only the receipts now covered are woken.
-        let waiting = std::mem::take(&mut progress.waiting);
-        for (written, waiter) in waiting {
-            if progress.covers(&written) {
-                let _ = waiter.send(());
-            } else if !waiter.is_closed() {
-                progress.waiting.push((written, waiter));
-            }
-        }
-    }
-
-    /// Whether a relay of this process ever parked an event.
-    pub(crate) fn parked_any(&self) -> bool {
-        self.parked_any.load(Ordering::SeqCst)
-    }
-}
-
-/// The events a commit wrote: their partitions and stream positions.
-pub(crate) type Written = Arc<[(i32, StreamPosition)]>;
-
-/// What this process's relays published, and who waits for what.
-struct Progress {
-    done: Vec<StreamPosition>,
-    waiting: Vec<(Written, oneshot::Sender<()>)>,
-}
-
-impl Progress {
-    fn covers(&self, written: &[(i32, StreamPosition)]) -> bool {
-        written.iter().all(|(partition, position)| {
-            usize::try_from(*partition).ok().and_then(|p| self.done.get(p)) >= Some(position)
-        })
-    }
-}
+use crate::broker::Publisher;
+use crate::delivery::message;
+use crate::event::wire::OutgoingMessage;
+use crate::store::PARTITIONS;
+use crate::store::backend::Lease;
+use crate::store::log::{LogRow, Page, ParkedRow};
+use crate::store::row::StoredRow;
+use crate::store::{EventStore, RelayLag, StreamPosition};
 
 /// Settings of a [`LogRelay`].
 #[derive(Debug, Clone)]
@@ -513,7 +208,7 @@ impl LogRelay {
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), EventError> {
         self.config.check()?;
         let mut worker = Worker::new(self);
-        let mut wake = self.store.inner.signals.wake.subscribe();
+        let mut wake = self.store.inner.signals.subscribe();
         tokio::pin!(shutdown);
         let mut failures = 0_u32;
         // After a wake-up, look again soon: the commit may still be above the horizon (an
@@ -563,14 +258,6 @@ impl LogRelay {
         worker.release().await;
         Ok(())
     }
-}
-
-/// How a relay holds its partitions.
-enum Lease {
-    /// A session holding advisory locks; the relay's statements run on it.
-    Postgres(PgConnection),
-    /// In-process locks.
-    Sqlite(Vec<(i32, OwnedMutexGuard<()>)>),
 }
 
 /// An event that failed and waits for its next attempt.
@@ -709,43 +396,16 @@ impl<'a> Worker<'a> {
         if wanted.is_empty() {
             return Ok(());
         }
-        let taken = match &self.relay.store.inner.backend {
-            Backend::Postgres(pg) => {
-                if self.lease.is_none() {
-                    self.lease = Some(Lease::Postgres(pg.relay_lease().await?));
-                }
-                match &mut self.lease {
-                    Some(Lease::Postgres(conn)) => pg.relay_lock(conn, &wanted).await?,
-                    _ => Vec::new(),
-                }
-            }
-            Backend::Sqlite(sq) => {
-                let guards = sq.relay_lock(&wanted);
-                let taken = guards.iter().map(|(p, _)| *p).collect();
-                match &mut self.lease {
-                    Some(Lease::Sqlite(held)) => held.extend(guards),
-                    _ => self.lease = Some(Lease::Sqlite(guards)),
-                }
-                taken
-            }
+        let lease = match &mut self.lease {
+            Some(lease) => lease,
+            None => self.lease.insert(self.relay.store.inner.backend.lease().await?),
         };
+        let taken = lease.lock(&wanted).await?;
         if taken.is_empty() {
             return Ok(());
         }
-        let checkpoints = match (&self.relay.store.inner.backend, &mut self.lease) {
-            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => {
-                let checkpoints = pg.relay_checkpoints(conn, &taken).await?;
-                let heads = pg.parked_heads(conn, &taken).await?;
-                self.blocked.extend(heads);
-                checkpoints
-            }
-            (Backend::Sqlite(sq), _) => {
-                let checkpoints = sq.relay_checkpoints(&taken).await?;
-                self.blocked.extend(sq.parked_heads(&taken).await?);
-                checkpoints
-            }
-            _ => Vec::new(),
-        };
+        let checkpoints = lease.checkpoints(&taken).await?;
+        self.blocked.extend(lease.parked_heads(&taken).await?);
         self.relay.store.inner.signals.advance(&checkpoints, false);
         self.saved.extend(checkpoints.iter().copied());
         self.checkpoints.extend(checkpoints);
@@ -760,9 +420,8 @@ impl<'a> Worker<'a> {
         if let Err(e) = self.flush().await {
             tracing::debug!(error = %e, "relay: last checkpoints not saved; the next holder re-reads from older ones");
         }
-        if let Some(Lease::Postgres(conn)) = self.lease.take() {
-            // The server ends the session, and frees the locks, either way.
-            let _ = sqlx::Connection::close(conn).await;
+        if let Some(lease) = self.lease.take() {
+            lease.close().await;
         }
         self.held.clear();
         self.checkpoints.clear();
@@ -863,7 +522,7 @@ impl<'a> Worker<'a> {
                 hold(stuck, partition, meta.previous);
                 continue;
             }
-            match wire::outgoing(row, subject) {
+            match message::outgoing(row, subject) {
                 Ok(message) => {
                     messages.push(message);
                     sent.push(meta);
@@ -1058,7 +717,7 @@ impl<'a> Worker<'a> {
             if refused.contains_key(&aggregate_id) {
                 continue;
             }
-            match wire::outgoing(row, subject) {
+            match message::outgoing(row, subject) {
                 Ok(message) => {
                     metas.push((aggregate_id, position));
                     messages.push(message);
@@ -1089,55 +748,25 @@ impl<'a> Worker<'a> {
             }
         }
         pass.published += u64::try_from(acked.len()).unwrap_or(0);
-        match (&self.relay.store.inner.backend, &mut self.lease) {
-            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => {
-                pg.parked_delete(conn, &acked).await?;
-                for (aggregate_id, (position, reason)) in &refused {
-                    pg.parked_refused_again(conn, *aggregate_id, *position, reason).await?;
-                }
-            }
-            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => {
-                sq.parked_delete(&acked).await?;
-                for (aggregate_id, (position, reason)) in &refused {
-                    sq.parked_refused_again(*aggregate_id, *position, reason).await?;
-                }
-            }
-            _ => return Err(no_lease()),
+        let held = &self.held;
+        let lease = self.lease.as_mut().ok_or_else(no_lease)?;
+        lease.unpark(&acked).await?;
+        for (aggregate_id, (position, reason)) in &refused {
+            lease.refused_again(*aggregate_id, *position, reason).await?;
         }
-        self.blocked = self.heads().await?;
+        self.blocked = lease.parked_heads(held).await?;
         Ok(())
     }
 
     async fn page(&mut self, after: StreamPosition, limit: i64) -> Result<Page, EventError> {
         let max_bytes = self.config().max_batch_bytes;
-        match (&self.relay.store.inner.backend, &mut self.lease) {
-            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => {
-                pg.relay_page(conn, after, limit, max_bytes, &self.held).await
-            }
-            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => {
-                sq.relay_page(after, limit, max_bytes, &self.held).await
-            }
-            _ => Err(no_lease()),
-        }
+        let lease = self.lease.as_mut().ok_or_else(no_lease)?;
+        lease.page(after, limit, max_bytes, &self.held).await
     }
 
     async fn requeued(&mut self) -> Result<Vec<LogRow>, EventError> {
-        match (&self.relay.store.inner.backend, &mut self.lease) {
-            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => {
-                pg.parked_requeued(conn, &self.held).await
-            }
-            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => sq.parked_requeued(&self.held).await,
-            _ => Err(no_lease()),
-        }
-    }
-
-    async fn heads(&mut self) -> Result<HashMap<Uuid, i64>, EventError> {
-        let heads = match (&self.relay.store.inner.backend, &mut self.lease) {
-            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => pg.parked_heads(conn, &self.held).await?,
-            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => sq.parked_heads(&self.held).await?,
-            _ => return Err(no_lease()),
-        };
-        Ok(heads.into_iter().collect())
+        let lease = self.lease.as_mut().ok_or_else(no_lease)?;
+        lease.requeued(&self.held).await
     }
 
     async fn save(
@@ -1145,13 +774,7 @@ impl<'a> Worker<'a> {
         checkpoints: &[(i32, StreamPosition)],
         parked: &[ParkedRow],
     ) -> Result<(), EventError> {
-        match (&self.relay.store.inner.backend, &mut self.lease) {
-            (Backend::Postgres(pg), Some(Lease::Postgres(conn))) => {
-                pg.relay_save(conn, checkpoints, parked).await
-            }
-            (Backend::Sqlite(sq), Some(Lease::Sqlite(_))) => sq.relay_save(checkpoints, parked).await,
-            _ => Err(no_lease()),
-        }
+        self.lease.as_mut().ok_or_else(no_lease)?.save(checkpoints, parked).await
     }
 }
 

@@ -22,7 +22,8 @@ use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use async_nats::jetstream::{self, AckKind};
 use futures_util::{FutureExt, StreamExt};
 
-use crate::wire::{self, headers};
+use crate::event::subject::validate_filter;
+use crate::event::wire::{self, headers};
 use crate::{BoxError, DomainEvent, EventEnvelope, EventError};
 
 /// What to do with a message whose event type the consumer does not know.
@@ -144,7 +145,7 @@ impl<E: DomainEvent> Subscriber<E> {
     ///   reached.
     pub async fn new(jetstream: &jetstream::Context, config: SubscriberConfig) -> Result<Self, EventError> {
         if let Some(filter) = &config.filter_subject {
-            crate::publisher::validate_filter(filter)?;
+            validate_filter(filter)?;
         }
         let stream = jetstream.get_stream(&config.stream).await.map_err(|e| broker("no such stream", e))?;
         let in_flight = i64::try_from(config.max_in_flight.max(1)).unwrap_or(i64::MAX);

@@ -25,11 +25,11 @@ use sqlx::{Row, Sqlite};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
-use crate::relay::{LogRow, PARTITIONS, Page, ParkedEvent, ParkedRow, RelayLagRow};
-use crate::store::{
-    AppendRules, Appended, ExpectedSequence, Prepared, StoreConfig, StreamPosition, prepare_append, refusal,
-};
-use crate::stream::{PageQuery, StoredRow, stored_row};
+use crate::store::PARTITIONS;
+use crate::store::append::{AppendRules, Appended, Prepared, prepare_append, refusal};
+use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow};
+use crate::store::row::{PageQuery, StoredRow, stored_row};
+use crate::store::{ExpectedSequence, StoreConfig, StoredSnapshot, StreamPosition};
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
 
 static MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -64,8 +64,13 @@ impl SqliteBackend {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
+        Ok(Self::new(pool))
+    }
+
+    /// Uses an existing pool.
+    pub(crate) fn new(pool: SqlitePool) -> Self {
         let partition_locks = (0..PARTITIONS).map(|_| Arc::new(Mutex::new(()))).collect();
-        Ok(Self { pool, partition_locks })
+        Self { pool, partition_locks }
     }
 
     pub(crate) async fn migrate(&self) -> Result<(), EventError> {
@@ -208,7 +213,7 @@ impl SqliteBackend {
         Ok(self.load_checkpoint(conn, name).await?.unwrap_or(StreamPosition::START))
     }
 
-    pub(crate) async fn save_snapshot(&self, snapshot: &crate::StoredSnapshot) -> Result<(), EventError> {
+    pub(crate) async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), EventError> {
         sqlx::query(
             "INSERT INTO snapshots (aggregate_id, aggregate_type, sequence, state_version, state, taken_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
@@ -230,14 +235,14 @@ impl SqliteBackend {
     pub(crate) async fn load_snapshot(
         &self,
         aggregate_id: Uuid,
-    ) -> Result<Option<crate::StoredSnapshot>, EventError> {
+    ) -> Result<Option<StoredSnapshot>, EventError> {
         let row: Option<(Uuid, String, i64, i64, String)> = sqlx::query_as(
             "SELECT aggregate_id, aggregate_type, sequence, state_version, state FROM snapshots WHERE aggregate_id = ?1",
         )
         .bind(aggregate_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(aggregate_id, aggregate_type, sequence, state_version, state)| crate::StoredSnapshot {
+        Ok(row.map(|(aggregate_id, aggregate_type, sequence, state_version, state)| StoredSnapshot {
             aggregate_id,
             aggregate_type,
             sequence,

@@ -7,115 +7,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures_core::Stream;
-use sqlx::{ColumnIndex, Decode, Row, Type};
-use uuid::Uuid;
 
-use crate::store::{Backend, EventStore, StreamPosition};
-use crate::{DomainEvent, EventEnvelope, EventError, Metadata};
-
-/// One row of the events table, before decoding.
-pub(crate) struct StoredRow {
-    pub(crate) global_position: i64,
-    pub(crate) transaction_id: i64,
-    pub(crate) event_id: Uuid,
-    pub(crate) aggregate_type: String,
-    pub(crate) aggregate_id: Uuid,
-    pub(crate) sequence: i64,
-    pub(crate) event_type: String,
-    pub(crate) schema_version: i32,
-    pub(crate) payload: String,
-    pub(crate) metadata: String,
-    pub(crate) occurred_at: DateTime<Utc>,
-    pub(crate) recorded_at: DateTime<Utc>,
-}
-
-/// Reads a stored row from a query result of either backend (the same column names).
-pub(crate) fn stored_row<'r, R: Row>(row: &'r R) -> Result<StoredRow, sqlx::Error>
-where
-    &'static str: ColumnIndex<R>,
-    i64: Decode<'r, R::Database> + Type<R::Database>,
-    i32: Decode<'r, R::Database> + Type<R::Database>,
-    String: Decode<'r, R::Database> + Type<R::Database>,
-    Uuid: Decode<'r, R::Database> + Type<R::Database>,
-    DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
-{
-    Ok(StoredRow {
-        global_position: row.try_get("global_position")?,
-        transaction_id: row.try_get("transaction_id")?,
-        event_id: row.try_get("event_id")?,
-        aggregate_type: row.try_get("aggregate_type")?,
-        aggregate_id: row.try_get("aggregate_id")?,
-        sequence: row.try_get("sequence")?,
-        event_type: row.try_get("event_type")?,
-        schema_version: row.try_get("schema_version")?,
-        payload: row.try_get("payload")?,
-        metadata: row.try_get("metadata")?,
-        occurred_at: row.try_get("occurred_at")?,
-        recorded_at: row.try_get("recorded_at")?,
-    })
-}
-
-impl StoredRow {
-    /// Decodes the row through `E`'s upcaster chain; errors name the global position.
-    pub(crate) fn decode<E: DomainEvent>(self) -> Result<EventEnvelope<E>, EventError> {
-        // A negative or zero version is reported as unsupported by the decoder.
-        let version = u32::try_from(self.schema_version).unwrap_or(0);
-        self.decode_as_version(version)
-    }
-
-    /// Decodes the row as a payload of `version` (the wire carries it as `u32`).
-    pub(crate) fn decode_as_version<E: DomainEvent>(
-        self,
-        version: u32,
-    ) -> Result<EventEnvelope<E>, EventError> {
-        let position = self.global_position;
-        let event = E::decode(&self.event_type, version, self.payload.as_bytes())
-            .map_err(|e| e.at_position(position))?;
-        let metadata: Metadata =
-            serde_json::from_str(&self.metadata).map_err(|source| EventError::Decode {
-                event_type: self.event_type.clone(),
-                version,
-                position: Some(position),
-                source: format!("invalid metadata: {source}").into(),
-            })?;
-        Ok(EventEnvelope {
-            event_id: self.event_id,
-            aggregate_type: self.aggregate_type,
-            aggregate_id: self.aggregate_id,
-            sequence: self.sequence,
-            global_position: Some(position),
-            occurred_at: self.occurred_at,
-            recorded_at: Some(self.recorded_at),
-            metadata,
-            event,
-        })
-    }
-}
-
-/// What a stream reads.
-pub(crate) enum PageQuery {
-    /// One aggregate, by sequence.
-    Aggregate(Uuid),
-    /// The global stream, optionally only some event types.
-    All { event_types: Option<Vec<String>> },
-    /// Events whose keys contain `filter` (a JSON object), by global position.
-    Key { filter: serde_json::Value, event_types: Vec<String> },
-}
-
-impl PageQuery {
-    /// The cursor after `row`.
-    fn cursor_after(&self, row: &StoredRow) -> StreamPosition {
-        match self {
-            Self::Aggregate(_) => StreamPosition { transaction_id: 0, global_position: row.sequence },
-            Self::All { .. } => {
-                StreamPosition { transaction_id: row.transaction_id, global_position: row.global_position }
-            }
-            Self::Key { .. } => StreamPosition { transaction_id: 0, global_position: row.global_position },
-        }
-    }
-}
+use crate::store::StreamPosition;
+use crate::store::backend::Backend;
+use crate::store::row::{PageQuery, StoredRow};
+use crate::{DomainEvent, EventEnvelope, EventError};
 
 /// One page, and for a stream of some event types the end of the whole stream as it was
 /// just before the page was read.
@@ -129,12 +26,8 @@ type PageFuture =
 /// Every row up to it has committed, and no row can commit later at or below it, so a
 /// reader of some event types that read everything of its types after this query has
 /// passed the other types' rows up to it too.
-async fn stream_head(store: &EventStore) -> Result<StreamPosition, EventError> {
-    let head = match &store.inner.backend {
-        Backend::Postgres(pg) => pg.stream_head().await?,
-        Backend::Sqlite(sq) => sq.stream_head().await?,
-    };
-    Ok(head.unwrap_or(StreamPosition::START))
+async fn stream_head(backend: &Backend) -> Result<StreamPosition, EventError> {
+    Ok(backend.stream_head().await?.unwrap_or(StreamPosition::START))
 }
 
 /// A stream of decoded, upcast events from the store, read one page at a time as it is
@@ -144,7 +37,7 @@ async fn stream_head(store: &EventStore) -> Result<StreamPosition, EventError> {
 /// and the stream goes on after it; a database error is an `Err` too, and the next poll
 /// retries the same page. The caller decides whether to stop or skip.
 pub struct EventStream<E> {
-    store: EventStore,
+    backend: Backend,
     query: std::sync::Arc<PageQuery>,
     position: StreamPosition,
     next_fetch: StreamPosition,
@@ -171,10 +64,10 @@ impl<E> std::fmt::Debug for EventStream<E> {
 }
 
 impl<E: DomainEvent> EventStream<E> {
-    pub(crate) fn new(store: EventStore, query: PageQuery, from: StreamPosition) -> Self {
-        let page_size = i64::from(store.config().page_size.max(1));
+    pub(crate) fn new(backend: Backend, page_size: u32, query: PageQuery, from: StreamPosition) -> Self {
+        let page_size = i64::from(page_size.max(1));
         Self {
-            store,
+            backend,
             query: std::sync::Arc::new(query),
             position: from,
             next_fetch: from,
@@ -225,14 +118,14 @@ impl<E: DomainEvent> EventStream<E> {
     /// The position after the last item yielded (an event or an undecodable row), or, with
     /// [`only_known_types`](EventStream::only_known_types) once the stream has read
     /// everything up to the end, after the last row of any type: where to resume. For
-    /// [`EventStore::stream_all`] this is the checkpoint to save; for
-    /// [`EventStore::load`], `global_position` holds the last sequence read.
+    /// [`EventStore::stream_all`](crate::EventStore::stream_all) this is the checkpoint to save; for
+    /// [`EventStore::load`](crate::EventStore::load), `global_position` holds the last sequence read.
     pub fn position(&self) -> StreamPosition {
         self.position
     }
 
     fn start_fetch(&mut self) {
-        let store = self.store.clone();
+        let backend = self.backend.clone();
         let query = self.query.clone();
         let after = self.next_fetch;
         let limit = self.page_size;
@@ -240,13 +133,10 @@ impl<E: DomainEvent> EventStream<E> {
             // The end first, then the page: everything up to the end is in the page or
             // before it when the page is not full.
             let head = match &*query {
-                PageQuery::All { event_types: Some(_) } => Some(stream_head(&store).await?),
+                PageQuery::All { event_types: Some(_) } => Some(stream_head(&backend).await?),
                 _ => None,
             };
-            let rows = match &store.inner.backend {
-                Backend::Postgres(pg) => pg.fetch_page(&query, after, limit).await?,
-                Backend::Sqlite(sq) => sq.fetch_page(&query, after, limit).await?,
-            };
+            let rows = backend.fetch_page(&query, after, limit).await?;
             Ok((rows, head))
         }));
     }

@@ -1,9 +1,8 @@
-//! Publishing to the broker: the [`Publisher`] trait and its NATS JetStream implementation.
+//! The NATS JetStream publisher: one message per event, an aggregate's messages one
+//! acknowledgement apart, and errors sorted into refusals and transient failures.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,44 +19,10 @@ use futures_util::stream::FuturesUnordered;
 use uuid::Uuid;
 
 use crate::EventError;
-use crate::connect::{self, NatsCredentials};
-use crate::wire::OutgoingMessage;
-
-/// A boxed future, as trait objects return them.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// What the broker said about one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PublishReceipt {
-    /// The message's sequence in the broker's stream (0 for brokers without one).
-    pub stream_sequence: u64,
-    /// The broker had the message already (a re-send inside the duplicate window).
-    pub duplicate: bool,
-}
-
-/// A broker the relay publishes to.
-///
-/// Contract: one outcome per message comes back, in the order given. An aggregate's
-/// messages are sent in the order given, each only after the broker acknowledged the one
-/// before, so the broker never holds an aggregate's message before an earlier one; messages
-/// of different aggregates are in flight at once. After a message of an aggregate fails,
-/// its later messages are not sent (they fail too). A failure that is the message's own
-/// (the broker answered and refused it) is [`EventError::Refused`]; any other is
-/// [`EventError::Broker`].
-pub trait Publisher: Send + Sync + 'static {
-    /// Publishes `messages` and waits for every acknowledgement.
-    fn publish<'a>(
-        &'a self,
-        messages: &'a [OutgoingMessage],
-    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>>;
-
-    /// The largest message the broker accepts, headers included, when it is known (NATS
-    /// tells its clients its `max_payload`). The bus refuses larger events before writing
-    /// them.
-    fn max_payload(&self) -> Option<usize> {
-        None
-    }
-}
+use crate::broker::connect::{self, NatsCredentials};
+use crate::broker::publisher::{BoxFuture, PublishReceipt, Publisher};
+use crate::event::subject::validate_filter;
+use crate::event::wire::OutgoingMessage;
 
 /// Settings of a [`NatsPublisher`].
 #[derive(Clone)]
@@ -456,31 +421,12 @@ fn validate_stream_name(name: &str) -> Result<(), EventError> {
     }
 }
 
-/// A subscription filter: tokens are non-empty; `*` stands alone; `>` stands alone, last.
-pub(crate) fn validate_filter(filter: &str) -> Result<(), EventError> {
-    let tokens: Vec<&str> = filter.split('.').collect();
-    for (i, token) in tokens.iter().enumerate() {
-        let wildcard = *token == "*" || (*token == ">" && i + 1 == tokens.len());
-        if !wildcard {
-            crate::validate_subject_token(token)
-                .map_err(|e| EventError::Config(format!("invalid subject filter {filter:?}: {e}")))?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn filters_and_names() {
-        for ok in ["courses.>", "*.courses.*", "a", "a.b.c"] {
-            assert!(validate_filter(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "a..b", "a.>.b", "a b", "a.b*", "a.>x"] {
-            assert!(validate_filter(bad).is_err(), "{bad}");
-        }
+    fn stream_names() {
         assert!(validate_stream_name("EDUPULSE_events-1").is_ok());
         assert!(validate_stream_name("a.b").is_err());
         assert!(validate_stream_name("").is_err());

@@ -25,8 +25,8 @@ pub trait Projection<E: DomainEvent>: Send + Sync {
     /// The checkpoint's name: unique per projection, stable across deployments.
     fn name(&self) -> &str;
 
-    /// Applies one event to the read model, inside the runner's transaction (use
-    /// [`Transaction::pg_connection`] or [`Transaction::sqlite_connection`]).
+    /// Applies one event to the read model, inside the runner's transaction (match on
+    /// [`Transaction::connection`](crate::Transaction::connection) for its sqlx connection).
     fn apply(
         &self,
         tx: &mut Transaction,

@@ -106,9 +106,32 @@ pub const fn all_in_context(subjects: &[&str], context: &str) -> bool {
     true
 }
 
+/// A subscription filter: tokens are non-empty; `*` stands alone; `>` stands alone, last.
+pub(crate) fn validate_filter(filter: &str) -> Result<(), EventError> {
+    let tokens: Vec<&str> = filter.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        let wildcard = *token == "*" || (*token == ">" && i + 1 == tokens.len());
+        if !wildcard {
+            validate_subject_token(token)
+                .map_err(|e| EventError::Config(format!("invalid subject filter {filter:?}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters() {
+        for ok in ["courses.>", "*.courses.*", "a", "a.b.c"] {
+            assert!(validate_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a..b", "a.>.b", "a b", "a.b*", "a.>x"] {
+            assert!(validate_filter(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn accepts_ordinary_subjects() {

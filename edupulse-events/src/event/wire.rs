@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::stream::StoredRow;
+use crate::event::envelope::Recorded;
 use crate::{DomainEvent, EventEnvelope, EventError, Metadata};
 
 /// Header names set on every published message.
@@ -33,6 +33,9 @@ pub mod headers {
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
 }
+
+/// NATS' default `max_payload` (1 MiB): the default limit of a message, headers included.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// One message ready for the broker.
 #[derive(Debug, Clone)]
@@ -86,23 +89,20 @@ impl WireEnvelope {
     /// The errors of [`DomainEvent::decode`], with the global position set; a
     /// [`EventError::Decode`] for invalid metadata.
     pub fn decode<E: DomainEvent>(self) -> Result<EventEnvelope<E>, EventError> {
-        let payload: Box<str> = self.payload.into();
-        let metadata: Box<str> = self.metadata.into();
-        let row = StoredRow {
-            global_position: self.global_position,
-            transaction_id: 0,
+        Recorded {
             event_id: self.event_id,
             aggregate_type: self.aggregate_type,
             aggregate_id: self.aggregate_id,
             sequence: self.sequence,
-            event_type: self.event_type,
-            schema_version: 0,
-            payload: payload.into(),
-            metadata: metadata.into(),
+            global_position: self.global_position,
             occurred_at: self.occurred_at,
             recorded_at: self.recorded_at,
-        };
-        row.decode_as_version(self.schema_version)
+            event_type: &self.event_type,
+            version: self.schema_version,
+            payload: self.payload.get(),
+            metadata: self.metadata.get(),
+        }
+        .decode()
     }
 }
 
@@ -191,54 +191,4 @@ pub(crate) fn message_size_bound(
     };
     let skeleton_len = serde_json::to_vec(&skeleton).map_err(serialization)?.len();
     Ok(headers + skeleton_len - 2 + payload_len + metadata_len)
-}
-
-/// The message for a stored row (the relay publishes rows it does not decode).
-pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessage, EventError> {
-    let (event_type, version, position) =
-        (row.event_type.clone(), u32::try_from(row.schema_version).unwrap_or(0), row.global_position);
-    let bad = |what: &str, e: serde_json::Error| EventError::Decode {
-        event_type: event_type.clone(),
-        version,
-        position: Some(position),
-        source: format!("stored {what} is not valid JSON: {e}").into(),
-    };
-    // The strings move into the raw values: no copy of the payload per message.
-    let metadata = RawValue::from_string(row.metadata).map_err(|e| bad("metadata", e))?;
-    let payload = RawValue::from_string(row.payload).map_err(|e| bad("payload", e))?;
-    let parsed: Metadata = serde_json::from_str(metadata.get()).unwrap_or_default();
-    let headers = HeaderFields {
-        event_id: row.event_id,
-        event_type: &row.event_type,
-        schema_version: row.schema_version,
-        aggregate_type: &row.aggregate_type,
-        aggregate_id: row.aggregate_id,
-        sequence: row.sequence,
-        metadata: &parsed,
-    }
-    .headers();
-    let wire = WireEnvelope {
-        event_id: row.event_id,
-        event_type: row.event_type,
-        schema_version: u32::try_from(row.schema_version).unwrap_or(0),
-        aggregate_type: row.aggregate_type,
-        aggregate_id: row.aggregate_id,
-        sequence: row.sequence,
-        global_position: row.global_position,
-        occurred_at: row.occurred_at,
-        recorded_at: row.recorded_at,
-        metadata,
-        payload,
-    };
-    let body = serde_json::to_vec(&wire)
-        .map_err(|source| EventError::Serialization { event_type: "WireEnvelope", source })?
-        .into();
-    Ok(OutgoingMessage {
-        event_id: wire.event_id,
-        aggregate_id: wire.aggregate_id,
-        global_position: wire.global_position,
-        subject,
-        headers,
-        body,
-    })
 }

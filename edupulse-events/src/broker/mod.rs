@@ -1,0 +1,14 @@
+//! The broker side: the [`Publisher`] trait the relay publishes through, NATS JetStream and
+//! the in-process broker behind it, and the [`Subscriber`] that consumes what they carry.
+//! Builds on the event layer only; it knows nothing of the store.
+
+mod connect;
+mod memory;
+mod nats;
+mod publisher;
+mod subscriber;
+
+pub use self::memory::{BrokerMessage, InMemoryBroker};
+pub use self::nats::{NatsConfig, NatsPublisher, StreamSpec};
+pub use self::publisher::{BoxFuture, PublishReceipt, Publisher};
+pub use self::subscriber::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};

@@ -1,0 +1,111 @@
+//! A row of the log made a message: the relay publishes rows without decoding them.
+
+use serde_json::value::RawValue;
+
+use crate::event::wire::{HeaderFields, OutgoingMessage, WireEnvelope};
+use crate::store::row::StoredRow;
+use crate::{EventError, Metadata};
+
+/// The message for a stored row (the relay publishes rows it does not decode).
+pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessage, EventError> {
+    let (event_type, version, position) =
+        (row.event_type.clone(), u32::try_from(row.schema_version).unwrap_or(0), row.global_position);
+    let bad = |what: &str, e: serde_json::Error| EventError::Decode {
+        event_type: event_type.clone(),
+        version,
+        position: Some(position),
+        source: format!("stored {what} is not valid JSON: {e}").into(),
+    };
+    // The strings move into the raw values: no copy of the payload per message.
+    let metadata = RawValue::from_string(row.metadata).map_err(|e| bad("metadata", e))?;
+    let payload = RawValue::from_string(row.payload).map_err(|e| bad("payload", e))?;
+    let parsed: Metadata = serde_json::from_str(metadata.get()).unwrap_or_default();
+    let headers = HeaderFields {
+        event_id: row.event_id,
+        event_type: &row.event_type,
+        schema_version: row.schema_version,
+        aggregate_type: &row.aggregate_type,
+        aggregate_id: row.aggregate_id,
+        sequence: row.sequence,
+        metadata: &parsed,
+    }
+    .headers();
+    let wire = WireEnvelope {
+        event_id: row.event_id,
+        event_type: row.event_type,
+        schema_version: u32::try_from(row.schema_version).unwrap_or(0),
+        aggregate_type: row.aggregate_type,
+        aggregate_id: row.aggregate_id,
+        sequence: row.sequence,
+        global_position: row.global_position,
+        occurred_at: row.occurred_at,
+        recorded_at: row.recorded_at,
+        metadata,
+        payload,
+    };
+    let body = serde_json::to_vec(&wire)
+        .map_err(|source| EventError::Serialization { event_type: "WireEnvelope", source })?
+        .into();
+    Ok(OutgoingMessage {
+        event_id: wire.event_id,
+        aggregate_id: wire.aggregate_id,
+        global_position: wire.global_position,
+        subject,
+        headers,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::event::wire::{header_block_len, message_size_bound};
+    use crate::store::append::{ENVELOPE_OVERHEAD_BOUND, MAX_HEADER_VALUE_LEN};
+
+    /// The bound is above the real message, and the shortcut's overhead above the bound,
+    /// with every header value at its longest and JSON escapes in the types.
+    #[test]
+    fn size_bound_covers_the_real_message() {
+        let long = format!("{}\"\\", "a".repeat(MAX_HEADER_VALUE_LEN - 2));
+        let metadata = Metadata {
+            correlation_id: Some(Uuid::now_v7()),
+            causation_id: Some(Uuid::now_v7()),
+            traceparent: Some(long.clone()),
+            ..Metadata::default()
+        };
+        let metadata_json = serde_json::to_string(&metadata).unwrap();
+        let payload = format!("{{\"text\":\"{}\"}}", "p".repeat(5000));
+        let occurred_at = DateTime::<Utc>::from_timestamp(1_800_000_000, 123).unwrap();
+        let fields = HeaderFields {
+            event_id: Uuid::now_v7(),
+            event_type: &long,
+            schema_version: i32::MAX,
+            aggregate_type: &long,
+            aggregate_id: Uuid::now_v7(),
+            sequence: 0,
+            metadata: &metadata,
+        };
+        let bound = message_size_bound(&fields, occurred_at, payload.len(), metadata_json.len()).unwrap();
+        let row = StoredRow {
+            global_position: i64::MAX,
+            transaction_id: 0,
+            event_id: fields.event_id,
+            aggregate_type: long.clone(),
+            aggregate_id: fields.aggregate_id,
+            sequence: i64::MAX,
+            event_type: long.clone(),
+            schema_version: i32::MAX,
+            payload: payload.clone(),
+            metadata: metadata_json.clone(),
+            occurred_at,
+            recorded_at: DateTime::<Utc>::from_timestamp(1_800_000_000, 999_999_999).unwrap(),
+        };
+        let message = outgoing(row, "courses.x".into()).unwrap();
+        let real = header_block_len(&message.headers) + message.body.len();
+        assert!(real <= bound, "real {real} > bound {bound}");
+        assert!(bound <= payload.len() + metadata_json.len() + ENVELOPE_OVERHEAD_BOUND, "bound {bound}");
+    }
+}

@@ -1,0 +1,454 @@
+//! The backend seam: the one place that decides between PostgreSQL and SQLite.
+//!
+//! Everything above it (the store's API, transactions, streams, the relay's log access)
+//! calls the methods here; only this file matches on the backend. A transaction and a
+//! relay's lease carry their backend with them, so no pair of values of different backends
+//! can meet. A third backend is a driver file and a variant in each enum below.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use tokio::sync::OwnedMutexGuard;
+use uuid::Uuid;
+
+use crate::store::append::{AppendRules, Appended};
+use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLag, RunningTransaction};
+use crate::store::postgres::{self, PgBackend, PgTransaction};
+use crate::store::row::{PageQuery, StoredRow};
+use crate::store::sqlite::{SqliteBackend, SqliteTransaction};
+use crate::store::{ExpectedSequence, SchemaName, StoreConfig, StoredSnapshot, StreamPosition};
+use crate::{DomainEvent, EventEnvelope, EventError};
+
+/// The database of a store, for the application's own queries: match on it to use the
+/// backend's sqlx pool. Cheap to clone (sqlx pools are handles).
+///
+/// Deliberately not `#[non_exhaustive]`: a match names every backend, so a new backend is
+/// a compile error in the code that must handle it, not a silent fall-through.
+#[derive(Debug, Clone)]
+pub enum DatabasePool {
+    /// A PostgreSQL pool.
+    Postgres(PgPool),
+    /// The embedded SQLite pool.
+    Sqlite(SqlitePool),
+}
+
+impl From<PgPool> for DatabasePool {
+    fn from(pool: PgPool) -> Self {
+        Self::Postgres(pool)
+    }
+}
+
+impl From<SqlitePool> for DatabasePool {
+    fn from(pool: SqlitePool) -> Self {
+        Self::Sqlite(pool)
+    }
+}
+
+/// A connection in a transaction of the store, for the caller's own writes, or one the
+/// caller manages with sqlx and hands to [`EventStore::append_in`](crate::EventStore::append_in).
+/// Exhaustive, like [`DatabasePool`].
+#[derive(Debug)]
+pub enum Connection<'a> {
+    /// A PostgreSQL connection (`&mut *tx` of a sqlx transaction).
+    Postgres(&'a mut PgConnection),
+    /// A SQLite connection of the embedded backend.
+    Sqlite(&'a mut SqliteConnection),
+}
+
+/// A store's database driver.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Postgres(Arc<PgBackend>),
+    Sqlite(Arc<SqliteBackend>),
+}
+
+/// An open transaction, with its driver.
+pub(crate) enum Tx {
+    Postgres(Arc<PgBackend>, PgTransaction),
+    Sqlite(Arc<SqliteBackend>, SqliteTransaction),
+}
+
+/// How a relay holds its partitions, with its driver.
+pub(crate) enum Lease {
+    /// A session holding advisory locks; the relay's statements run on it.
+    Postgres(Arc<PgBackend>, PgConnection),
+    /// In-process locks.
+    Sqlite(Arc<SqliteBackend>, Vec<(i32, OwnedMutexGuard<()>)>),
+}
+
+impl Backend {
+    /// Opens the database named by `url`: `postgres://` or `postgresql://`, or `sqlite:`.
+    pub(crate) async fn connect(url: &str, config: &StoreConfig) -> Result<Self, EventError> {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme).unwrap_or_default();
+        match scheme {
+            "postgres" | "postgresql" => Ok(Self::Postgres(Arc::new(PgBackend::connect(url, config).await?))),
+            _ if url.starts_with("sqlite:") => {
+                Ok(Self::Sqlite(Arc::new(SqliteBackend::connect(url, config).await?)))
+            }
+            _ => Err(EventError::Config(format!(
+                "unsupported database URL scheme {scheme:?}: expected `postgres://` or `sqlite:`"
+            ))),
+        }
+    }
+
+    /// Uses an existing pool.
+    pub(crate) fn from_pool(pool: DatabasePool, config: &StoreConfig) -> Self {
+        match pool {
+            DatabasePool::Postgres(pool) => Self::Postgres(Arc::new(PgBackend::new(pool, &config.schema))),
+            DatabasePool::Sqlite(pool) => Self::Sqlite(Arc::new(SqliteBackend::new(pool))),
+        }
+    }
+
+    /// The backend's name, for `Debug` output.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Sqlite(_) => "sqlite",
+        }
+    }
+
+    pub(crate) fn pool(&self) -> DatabasePool {
+        match self {
+            Self::Postgres(pg) => DatabasePool::Postgres(pg.pool.clone()),
+            Self::Sqlite(sq) => DatabasePool::Sqlite(sq.pool.clone()),
+        }
+    }
+
+    pub(crate) async fn migrate(&self, schema: &SchemaName) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(pg) => pg.migrate(schema).await,
+            Self::Sqlite(sq) => sq.migrate().await,
+        }
+    }
+
+    pub(crate) async fn begin(&self) -> Result<Tx, EventError> {
+        Ok(match self {
+            Self::Postgres(pg) => Tx::Postgres(pg.clone(), pg.pool.begin().await?),
+            Self::Sqlite(sq) => Tx::Sqlite(sq.clone(), sq.begin().await?),
+        })
+    }
+
+    /// Appends in a transaction of its own: on PostgreSQL one statement, which is atomic
+    /// without BEGIN and COMMIT round trips.
+    pub(crate) async fn append_alone<E: DomainEvent>(
+        &self,
+        expected: ExpectedSequence,
+        envelopes: Vec<EventEnvelope<E>>,
+        rules: &AppendRules<'_>,
+    ) -> Result<Appended<E>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.append(&mut *pg.pool.acquire().await?, expected, envelopes, rules).await,
+            Self::Sqlite(sq) => {
+                let mut tx = sq.begin().await?;
+                let appended = sq.append(&mut tx, expected, envelopes, rules).await?;
+                tx.commit().await?;
+                Ok(appended)
+            }
+        }
+    }
+
+    /// Appends on a connection the caller manages.
+    pub(crate) async fn append_in<E: DomainEvent>(
+        &self,
+        conn: Connection<'_>,
+        expected: ExpectedSequence,
+        envelopes: Vec<EventEnvelope<E>>,
+        rules: &AppendRules<'_>,
+    ) -> Result<Appended<E>, EventError> {
+        match (self, conn) {
+            (Self::Postgres(pg), Connection::Postgres(conn)) => {
+                pg.append(conn, expected, envelopes, rules).await
+            }
+            (Self::Sqlite(sq), Connection::Sqlite(conn)) => sq.append(conn, expected, envelopes, rules).await,
+            (store, _) => Err(EventError::Config(format!(
+                "append_in: the connection is not of this store's database ({})",
+                store.name()
+            ))),
+        }
+    }
+
+    pub(crate) async fn current_sequence(&self, aggregate_id: Uuid) -> Result<i64, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.current_sequence(aggregate_id).await,
+            Self::Sqlite(sq) => sq.current_sequence(aggregate_id).await,
+        }
+    }
+
+    pub(crate) async fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(pg) => pg.save_snapshot(snapshot).await,
+            Self::Sqlite(sq) => sq.save_snapshot(snapshot).await,
+        }
+    }
+
+    pub(crate) async fn load_snapshot(
+        &self,
+        aggregate_id: Uuid,
+    ) -> Result<Option<StoredSnapshot>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.load_snapshot(aggregate_id).await,
+            Self::Sqlite(sq) => sq.load_snapshot(aggregate_id).await,
+        }
+    }
+
+    pub(crate) async fn load_checkpoint(&self, name: &str) -> Result<Option<StreamPosition>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.load_checkpoint(&mut *pg.pool.acquire().await?, name).await,
+            Self::Sqlite(sq) => sq.load_checkpoint(&mut *sq.pool.acquire().await?, name).await,
+        }
+    }
+
+    pub(crate) async fn stream_head(&self) -> Result<Option<StreamPosition>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.stream_head().await,
+            Self::Sqlite(sq) => sq.stream_head().await,
+        }
+    }
+
+    pub(crate) async fn fetch_page(
+        &self,
+        query: &PageQuery,
+        after: StreamPosition,
+        limit: i64,
+    ) -> Result<Vec<StoredRow>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.fetch_page(query, after, limit).await,
+            Self::Sqlite(sq) => sq.fetch_page(query, after, limit).await,
+        }
+    }
+
+    /// The backlog, and on PostgreSQL the transaction holding the horizon when events are
+    /// held back.
+    pub(crate) async fn relay_lag(&self) -> Result<RelayLag, EventError> {
+        let (row, oldest) = match self {
+            Self::Postgres(pg) => {
+                let row = pg.relay_lag().await?;
+                let oldest: Option<RunningTransaction> =
+                    if row.held_back > 0 { pg.oldest_write().await? } else { None };
+                (row, oldest)
+            }
+            Self::Sqlite(sq) => (sq.relay_lag().await?, None),
+        };
+        Ok(row.with_oldest_write(oldest))
+    }
+
+    pub(crate) async fn parked_list(&self, limit: i64) -> Result<Vec<ParkedEvent>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.parked_list(limit).await,
+            Self::Sqlite(sq) => sq.parked_list(limit).await,
+        }
+    }
+
+    pub(crate) async fn parked_among(&self, positions: &[i64]) -> Result<Vec<ParkedEvent>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.parked_among(positions).await,
+            Self::Sqlite(sq) => sq.parked_among(positions).await,
+        }
+    }
+
+    pub(crate) async fn requeue(&self, positions: Option<&[i64]>) -> Result<u64, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.requeue(positions).await,
+            Self::Sqlite(sq) => sq.requeue(positions).await,
+        }
+    }
+
+    /// The saved checkpoints of `partitions` (read without a lease).
+    pub(crate) async fn checkpoints_of(
+        &self,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.checkpoints_of(partitions).await,
+            Self::Sqlite(sq) => sq.relay_checkpoints(partitions).await,
+        }
+    }
+
+    /// A lease holding no partitions yet (on PostgreSQL, its own session).
+    pub(crate) async fn lease(&self) -> Result<Lease, EventError> {
+        Ok(match self {
+            Self::Postgres(pg) => Lease::Postgres(pg.clone(), pg.relay_lease().await?),
+            Self::Sqlite(sq) => Lease::Sqlite(sq.clone(), Vec::new()),
+        })
+    }
+}
+
+impl Tx {
+    pub(crate) fn backend_name(&self) -> &'static str {
+        match self {
+            Self::Postgres(..) => "postgres",
+            Self::Sqlite(..) => "sqlite",
+        }
+    }
+
+    pub(crate) async fn append<E: DomainEvent>(
+        &mut self,
+        expected: ExpectedSequence,
+        envelopes: Vec<EventEnvelope<E>>,
+        rules: &AppendRules<'_>,
+    ) -> Result<Appended<E>, EventError> {
+        match self {
+            Self::Postgres(pg, tx) => pg.append(tx, expected, envelopes, rules).await,
+            Self::Sqlite(sq, tx) => sq.append(tx, expected, envelopes, rules).await,
+        }
+    }
+
+    pub(crate) fn connection(&mut self) -> Connection<'_> {
+        match self {
+            Self::Postgres(_, tx) => Connection::Postgres(tx),
+            Self::Sqlite(_, tx) => Connection::Sqlite(tx),
+        }
+    }
+
+    pub(crate) async fn save_checkpoint(
+        &mut self,
+        name: &str,
+        position: StreamPosition,
+    ) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(pg, tx) => pg.save_checkpoint(tx, name, position).await,
+            Self::Sqlite(sq, tx) => sq.save_checkpoint(tx, name, position).await,
+        }
+    }
+
+    pub(crate) async fn load_checkpoint(&mut self, name: &str) -> Result<Option<StreamPosition>, EventError> {
+        match self {
+            Self::Postgres(pg, tx) => pg.load_checkpoint(tx, name).await,
+            Self::Sqlite(sq, tx) => sq.load_checkpoint(tx, name).await,
+        }
+    }
+
+    pub(crate) async fn lock_checkpoint(&mut self, name: &str) -> Result<StreamPosition, EventError> {
+        match self {
+            Self::Postgres(pg, tx) => pg.lock_checkpoint(tx, name).await,
+            Self::Sqlite(sq, tx) => sq.lock_checkpoint(tx, name).await,
+        }
+    }
+
+    /// Commits; on PostgreSQL, when a statement may have failed, first makes sure the
+    /// transaction was not aborted (PostgreSQL answers COMMIT of an aborted one with
+    /// ROLLBACK, which sqlx reports as success).
+    pub(crate) async fn commit(self, may_be_aborted: bool, appended: bool) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(_, mut tx) => {
+                if may_be_aborted {
+                    postgres::ensure_not_aborted(&mut tx, appended).await?;
+                }
+                tx.commit().await?;
+            }
+            Self::Sqlite(_, tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(_, tx) => tx.rollback().await?,
+            Self::Sqlite(_, tx) => tx.rollback().await?,
+        }
+        Ok(())
+    }
+}
+
+impl Lease {
+    /// Takes those of `wanted` that no other relay holds; returns them.
+    pub(crate) async fn lock(&mut self, wanted: &[i32]) -> Result<Vec<i32>, EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.relay_lock(conn, wanted).await,
+            Self::Sqlite(sq, held) => {
+                let guards = sq.relay_lock(wanted);
+                let taken = guards.iter().map(|(p, _)| *p).collect();
+                held.extend(guards);
+                Ok(taken)
+            }
+        }
+    }
+
+    /// The checkpoints of `partitions` (created at the log's start when missing).
+    pub(crate) async fn checkpoints(
+        &mut self,
+        partitions: &[i32],
+    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.relay_checkpoints(conn, partitions).await,
+            Self::Sqlite(sq, _) => sq.relay_checkpoints(partitions).await,
+        }
+    }
+
+    /// The parked aggregates of `partitions`, with the position of their first parked event.
+    pub(crate) async fn parked_heads(
+        &mut self,
+        partitions: &[i32],
+    ) -> Result<HashMap<Uuid, i64>, EventError> {
+        let heads = match self {
+            Self::Postgres(pg, conn) => pg.parked_heads(conn, partitions).await?,
+            Self::Sqlite(sq, _) => sq.parked_heads(partitions).await?,
+        };
+        Ok(heads.into_iter().collect())
+    }
+
+    /// The next page of `partitions` after `after`, below the horizon.
+    pub(crate) async fn page(
+        &mut self,
+        after: StreamPosition,
+        limit: i64,
+        max_bytes: usize,
+        partitions: &[i32],
+    ) -> Result<Page, EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.relay_page(conn, after, limit, max_bytes, partitions).await,
+            Self::Sqlite(sq, _) => sq.relay_page(after, limit, max_bytes, partitions).await,
+        }
+    }
+
+    /// The parked events of re-queued aggregates of `partitions`, in order.
+    pub(crate) async fn requeued(&mut self, partitions: &[i32]) -> Result<Vec<LogRow>, EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.parked_requeued(conn, partitions).await,
+            Self::Sqlite(sq, _) => sq.parked_requeued(partitions).await,
+        }
+    }
+
+    /// Forgets parked events that were published after all.
+    pub(crate) async fn unpark(&mut self, positions: &[i64]) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.parked_delete(conn, positions).await,
+            Self::Sqlite(sq, _) => sq.parked_delete(positions).await,
+        }
+    }
+
+    /// Parks a re-queued aggregate again, from `position`, refused for `reason`.
+    pub(crate) async fn refused_again(
+        &mut self,
+        aggregate_id: Uuid,
+        position: i64,
+        reason: &str,
+    ) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.parked_refused_again(conn, aggregate_id, position, reason).await,
+            Self::Sqlite(sq, _) => sq.parked_refused_again(aggregate_id, position, reason).await,
+        }
+    }
+
+    /// Saves checkpoints and parks events, in one statement.
+    pub(crate) async fn save(
+        &mut self,
+        checkpoints: &[(i32, StreamPosition)],
+        parked: &[ParkedRow],
+    ) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.relay_save(conn, checkpoints, parked).await,
+            Self::Sqlite(sq, _) => sq.relay_save(checkpoints, parked).await,
+        }
+    }
+
+    /// Lets every partition go: the session ends (PostgreSQL frees its locks either way),
+    /// or the in-process locks are dropped.
+    pub(crate) async fn close(self) {
+        if let Self::Postgres(_, conn) = self {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The store's plain values: expected sequences, stream positions, snapshots, and the
+//! configuration.
+
+use uuid::Uuid;
+
+use crate::EventError;
+use crate::event::wire::DEFAULT_MAX_MESSAGE_BYTES;
+
+/// The sequence an append expects the aggregate's stream to be at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedSequence {
+    /// Append whatever the stream's sequence is (no concurrency check).
+    Any,
+    /// The stream must be at exactly this sequence; 0 means the aggregate has no events yet.
+    Exactly(i64),
+}
+
+impl From<i64> for ExpectedSequence {
+    fn from(sequence: i64) -> Self {
+        Self::Exactly(sequence)
+    }
+}
+
+impl ExpectedSequence {
+    /// As stored procedures see it: -1 for `Any`.
+    pub(crate) fn as_i64(self) -> i64 {
+        match self {
+            Self::Any => -1,
+            Self::Exactly(n) => n,
+        }
+    }
+}
+
+/// A place in the global stream, from which [`EventStore::stream_all`](crate::EventStore::stream_all) resumes.
+///
+/// The global stream is ordered by the writing transaction, then by position: events of a
+/// transaction are read only once every older transaction has finished, so an event that
+/// commits late with a lower position is never skipped (see [`EventStore::stream_all`](crate::EventStore::stream_all)).
+/// Save both numbers as a projection's checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamPosition {
+    /// The writing transaction's id (PostgreSQL `xid8`).
+    pub transaction_id: i64,
+    /// The event's global position.
+    pub global_position: i64,
+}
+
+impl StreamPosition {
+    /// The start of the stream.
+    pub const START: Self = Self { transaction_id: 0, global_position: 0 };
+}
+
+/// An aggregate's state after `sequence` events, as stored: a cache that spares replaying
+/// the whole history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// The aggregate.
+    pub aggregate_id: Uuid,
+    /// Its type.
+    pub aggregate_type: String,
+    /// The sequence of the last event folded into `state`.
+    pub sequence: i64,
+    /// The version of the state's shape; a snapshot of another version is ignored.
+    pub state_version: u32,
+    /// The state as JSON.
+    pub state: String,
+}
+
+/// A validated SQL schema name: 1 to 63 characters, lowercase ASCII letters, digits and `_`,
+/// not starting with a digit and not `pg_…`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SchemaName(String);
+
+impl SchemaName {
+    /// Checks a schema name.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] when the name is not a plain lowercase identifier.
+    pub fn new(name: impl Into<String>) -> Result<Self, EventError> {
+        let name = name.into();
+        let valid_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        let starts_ok = name.bytes().next().is_some_and(|b| !b.is_ascii_digit());
+        if !valid_chars || !starts_ok || name.len() > 63 || name.starts_with("pg_") {
+            return Err(EventError::Config(format!(
+                "invalid schema name {name:?}: use 1 to 63 lowercase ASCII letters, digits and `_`, \
+                 not starting with a digit or `pg_`"
+            )));
+        }
+        Ok(Self(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// How the store is set up.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The schema holding the store's tables (default `edupulse`).
+    pub schema: SchemaName,
+    /// The most connections the store's own pool opens (default 10).
+    pub max_connections: u32,
+    /// How many rows one page of a stream reads (default 500).
+    pub page_size: u32,
+    /// The largest message an event may become, headers included (default 1 MiB, NATS'
+    /// default `max_payload`). Appends refuse larger events before writing anything: the
+    /// broker would refuse them at every attempt. The bus also applies the broker's own
+    /// limit when it is lower.
+    pub max_message_bytes: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            schema: SchemaName("edupulse".into()),
+            max_connections: 10,
+            page_size: 500,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The default configuration with another schema.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid schema name.
+    pub fn with_schema(schema: &str) -> Result<Self, EventError> {
+        Ok(Self { schema: SchemaName::new(schema)?, ..Self::default() })
+    }
+}
+
+/// The number of partitions: the most relays that can publish at once.
+pub const PARTITIONS: i32 = 64;
+
+/// The partition of an aggregate: the low six bits of its id (the PostgreSQL column computes
+/// the same from the id's last byte).
+pub(crate) fn partition_of(aggregate_id: Uuid) -> i32 {
+    // `as` is exact: the remainder is below 64.
+    (aggregate_id.as_u128() % PARTITIONS as u128) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for ok in ["edupulse", "a", "_x", "t_0123456789abcdef"] {
+            assert!(SchemaName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Edupulse", "1abc", "a-b", "a b", "a;drop", "pg_catalog", "\"x\"", &"a".repeat(64)] {
+            assert!(matches!(SchemaName::new(bad), Err(EventError::Config(_))), "{bad}");
+        }
+    }
+}
