@@ -5,8 +5,8 @@
 //! `cargo run --example projection` (embedded), or with `DATABASE_URL` for PostgreSQL.
 
 use edupulse_events::{
-    Backends, Connection, DatabasePool, DomainEvent, EventEnvelope, EventError, EventStore, Projection,
-    ProjectionRunner, StoreConfig, StreamSpec, Transaction, Uuid,
+    Backends, BoxError, Connection, DatabasePool, DomainEvent, EventEnvelope, EventError, EventStore,
+    Projection, ProjectionRunner, StoreConfig, StreamSpec, Transaction, Uuid,
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +43,7 @@ impl Projection<ProjectedEvent> for LessonsPerAuthor {
         &self,
         tx: &mut Transaction,
         envelope: &EventEnvelope<ProjectedEvent>,
-    ) -> Result<(), EventError> {
+    ) -> Result<(), BoxError> {
         let ProjectedEvent::LessonPublished(e) = &envelope.event;
         match tx.connection() {
             Connection::Postgres(conn) => {
@@ -69,7 +69,7 @@ impl Projection<ProjectedEvent> for LessonsPerAuthor {
     }
 
     /// A rebuild starts from an empty table.
-    async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
+    async fn reset(&self, tx: &mut Transaction) -> Result<(), BoxError> {
         match tx.connection() {
             Connection::Postgres(conn) => {
                 sqlx::raw_sql(

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use common::nats::NatsServer;
 use common::{counted, database_url};
 use edupulse_events::{
-    ConnectCause, EventError, EventStore, NatsConfig, NatsPublisher, StoreConfig, StreamSpec, Uuid,
+    BrokerErrorKind, ConnectCause, EventError, EventStore, NatsConfig, NatsPublisher, StoreConfig,
+    StreamSpec, Uuid,
 };
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -119,16 +120,16 @@ fn config() -> NatsConfig {
     NatsConfig { ack_timeout: Duration::from_secs(2), ..NatsConfig::default() }
 }
 
+fn broker(e: impl std::error::Error + Send + Sync + 'static) -> EventError {
+    EventError::Broker { kind: BrokerErrorKind::Other, message: e.to_string(), source: Some(Box::new(e)) }
+}
+
 /// Connects, ensures a stream, publishes one message and reads it back.
 async fn publish_one(url: &str) -> Result<(), EventError> {
     let publisher = NatsPublisher::connect(url, config()).await?;
     publisher.ensure_stream(&StreamSpec::new("SECRETS", ["secrets.>"])).await?;
-    let ack = publisher
-        .jetstream()
-        .publish("secrets.one", "hello".into())
-        .await
-        .map_err(|e| EventError::Broker(e.to_string()))?;
-    ack.await.map_err(|e| EventError::Broker(e.to_string()))?;
+    let ack = publisher.jetstream().publish("secrets.one", "hello".into()).await.map_err(broker)?;
+    ack.await.map_err(broker)?;
     Ok(())
 }
 

@@ -47,7 +47,7 @@ async fn append_load_conflict_and_upcast_on_sqlite() {
     let err = store.append("lesson", Uuid::now_v7(), 3, [counted(3)]).await.unwrap_err();
     assert!(matches!(err, EventError::Concurrency { expected: 3, actual: 0, .. }), "{err}");
     let err = store.append("course", id, 2, [counted(3)]).await.unwrap_err();
-    assert!(matches!(err, EventError::Config(_)), "{err}");
+    assert!(matches!(err, EventError::WrongAggregate(_)), "{err}");
 
     // An old deployment wrote version 2 of LessonPublished; it reads back as version 3.
     let old = common::LessonPublishedV2 { lesson_id: id, title: "Old".into() };

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{CourseEvent, counted, store};
 use edupulse_events::{
-    DomainEvent, EventEnvelope, EventError, EventStore, Projection, ProjectionRunner, StoreConfig,
+    BoxError, DomainEvent, EventEnvelope, EventError, EventStore, Projection, ProjectionRunner, StoreConfig,
     StreamPosition, Transaction, UndecodablePolicy, Uuid,
 };
 use serde::{Deserialize, Serialize};
@@ -44,11 +44,7 @@ impl Projection<CourseEvent> for Totals {
         &self.name
     }
 
-    async fn apply(
-        &self,
-        tx: &mut Transaction,
-        event: &EventEnvelope<CourseEvent>,
-    ) -> Result<(), EventError> {
+    async fn apply(&self, tx: &mut Transaction, event: &EventEnvelope<CourseEvent>) -> Result<(), BoxError> {
         let CourseEvent::Counted(c) = &event.event else { return Ok(()) };
         let sql = format!(
             "INSERT INTO {} (aggregate_id, events, total) VALUES ($1, 1, $2) \
@@ -60,7 +56,7 @@ impl Projection<CourseEvent> for Totals {
         Ok(())
     }
 
-    async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
+    async fn reset(&self, tx: &mut Transaction) -> Result<(), BoxError> {
         let conn = common::pg(tx.connection());
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", self.table))).execute(conn).await?;
         Ok(())
@@ -254,7 +250,7 @@ impl Projection<CourseEvent> for Counter {
         "counter"
     }
 
-    async fn apply(&self, _: &mut Transaction, _: &EventEnvelope<CourseEvent>) -> Result<(), EventError> {
+    async fn apply(&self, _: &mut Transaction, _: &EventEnvelope<CourseEvent>) -> Result<(), BoxError> {
         self.0.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -307,11 +303,7 @@ impl Projection<CourseEvent> for Applications {
         "applications"
     }
 
-    async fn apply(
-        &self,
-        tx: &mut Transaction,
-        event: &EventEnvelope<CourseEvent>,
-    ) -> Result<(), EventError> {
+    async fn apply(&self, tx: &mut Transaction, event: &EventEnvelope<CourseEvent>) -> Result<(), BoxError> {
         let sql = format!(
             "INSERT INTO {0} (event_id, applied) VALUES ($1, 1) \
              ON CONFLICT (event_id) DO UPDATE SET applied = {0}.applied + 1",
@@ -326,7 +318,7 @@ impl Projection<CourseEvent> for Applications {
         Ok(())
     }
 
-    async fn reset(&self, tx: &mut Transaction) -> Result<(), EventError> {
+    async fn reset(&self, tx: &mut Transaction) -> Result<(), BoxError> {
         let conn = common::pg(tx.connection());
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}", self.table))).execute(conn).await?;
         Ok(())

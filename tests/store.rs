@@ -116,11 +116,11 @@ async fn wrong_expected_sequence_is_a_typed_conflict_and_writes_nothing() {
     assert_eq!(any[0].sequence, 3);
     // Another aggregate type for the same id is refused.
     let err = store.append("course", id, 3, [counted(4)]).await.unwrap_err();
-    assert!(matches!(&err, EventError::Config(m) if m.contains("is a `lesson`")), "{err}");
+    assert!(matches!(&err, EventError::WrongAggregate(m) if m.contains("is a `lesson`")), "{err}");
     // An event naming another aggregate is refused before anything is written.
     let other = Uuid::now_v7();
     let err = store.append("lesson", id, 3, [published(other, "x")]).await.unwrap_err();
-    assert!(matches!(&err, EventError::Config(m) if m.contains("appended to")), "{err}");
+    assert!(matches!(&err, EventError::WrongAggregate(m) if m.contains("appended to")), "{err}");
     assert_eq!(store.current_sequence(id).await.unwrap(), 3);
 }
 

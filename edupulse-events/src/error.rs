@@ -107,13 +107,59 @@ pub enum EventError {
 
     /// The broker failed or could not be reached (a timeout, a lost connection, no stream
     /// for the subject). The events stay in the store; the relay retries without limit.
-    #[error("broker error: {0}")]
-    Broker(String),
+    #[error("broker error ({kind}): {message}")]
+    Broker {
+        /// What failed, for callers that branch on it (a timeout is not a missing stream).
+        kind: BrokerErrorKind,
+        /// What was being done, and the next step when there is one.
+        message: String,
+        /// What the client reported, when it reported an error.
+        #[source]
+        source: Option<BoxError>,
+    },
 
     /// The broker answered and refused this one message (for example larger than the
     /// stream allows). The relay retries it a few times, then parks it.
-    #[error("the broker refused the message: {0}")]
-    Refused(String),
+    #[error("the broker refused the message: {message}")]
+    Refused {
+        /// The refusal.
+        message: String,
+        /// What the client reported, when it reported an error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The database's schema could not be brought up to date.
+    #[error("migration of the {backend} schema failed: {source}")]
+    Migration {
+        /// `"PostgreSQL"` or `"SQLite"`.
+        backend: &'static str,
+        /// What sqlx's migrator reported.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+
+    /// An append named events of more than one aggregate, an event names another aggregate
+    /// in its `#[event(aggregate_id)]` field, or the aggregate exists with another type.
+    /// Nothing was written.
+    #[error("{0}")]
+    WrongAggregate(String),
+
+    /// An append's expected sequence is negative (0 is a new aggregate).
+    #[error("expected sequence {0} is negative: use 0 for a new aggregate")]
+    NegativeExpectedSequence(i64),
+
+    /// A read model's or a subscriber's handler failed.
+    #[error("handler of `{name}` failed{at}: {source}", at = fmt_position(*position))]
+    Handler {
+        /// The projection's name, or the subscriber's durable name.
+        name: String,
+        /// The event's global position, when known.
+        position: Option<i64>,
+        /// What the handler returned.
+        #[source]
+        source: BoxError,
+    },
 
     /// The event was committed but the broker refused it for good: it is parked, with its
     /// aggregate's later events behind it, until re-queued
@@ -174,6 +220,38 @@ pub enum EventError {
     },
 }
 
+/// What kind of broker failure an [`EventError::Broker`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BrokerErrorKind {
+    /// No answer in time: the server is slow or down, or the network drops packets.
+    TimedOut,
+    /// No JetStream stream captures the subject, or the stream named does not exist.
+    NoStream,
+    /// The server cannot be reached now (connection lost, no JetStream responders); the
+    /// client reconnects in the background.
+    Unavailable,
+    /// JetStream answered a request (a stream, a consumer) with an error.
+    Api,
+    /// The message was not sent: an earlier message of its aggregate failed first.
+    NotSent,
+    /// Anything else; the source says what.
+    Other,
+}
+
+impl fmt::Display for BrokerErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::TimedOut => "timed out",
+            Self::NoStream => "no stream",
+            Self::Unavailable => "unavailable",
+            Self::Api => "JetStream API error",
+            Self::NotSent => "not sent",
+            Self::Other => "other",
+        })
+    }
+}
+
 /// Why an append refused an event ([`EventError::InvalidEvent`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -230,6 +308,38 @@ pub enum EventProblem {
 }
 
 impl EventError {
+    /// A broker failure of `kind`, with what the client reported.
+    pub(crate) fn broker(
+        kind: BrokerErrorKind,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self::Broker { kind, message: message.into(), source: Some(source.into()) }
+    }
+
+    /// A broker failure of `kind` that no client error explains.
+    pub(crate) fn broker_message(kind: BrokerErrorKind, message: impl Into<String>) -> Self {
+        Self::Broker { kind, message: message.into(), source: None }
+    }
+
+    /// A refusal of one message that no client error explains.
+    pub(crate) fn refused(message: impl Into<String>) -> Self {
+        Self::Refused { message: message.into(), source: None }
+    }
+
+    /// Whether this is a broker's refusal of one message (the relay parks after a few).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Refused { .. })
+    }
+
+    /// The kind of a broker failure; `None` for other errors.
+    pub fn broker_kind(&self) -> Option<BrokerErrorKind> {
+        match self {
+            Self::Broker { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
     /// Attaches the global position of the stored row to a decoding error.
     ///
     /// Other errors are returned unchanged.

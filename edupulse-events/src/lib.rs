@@ -203,7 +203,7 @@ pub use crate::broker::{
 pub use crate::delivery::{
     BusConfig, BusTransaction, Committed, EventBus, LogRelay, Receipt, RelayConfig, RelayPass,
 };
-pub use crate::error::{BoxError, ConnectCause, EventError, EventProblem};
+pub use crate::error::{BoxError, BrokerErrorKind, ConnectCause, EventError, EventProblem};
 pub use crate::event::envelope::{EventEnvelope, Metadata};
 pub use crate::event::subject::{MAX_SUBJECT_LEN, validate_subject, validate_subject_token};
 pub use crate::event::wire::DEFAULT_MAX_MESSAGE_BYTES;

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::EventError;
 use crate::broker::publisher::{BoxFuture, PublishReceipt, Publisher};
 use crate::event::subject::validate_filter;
 use crate::event::wire::{DEFAULT_MAX_MESSAGE_BYTES, OutgoingMessage, header_block_len, headers};
+use crate::{BrokerErrorKind, EventError};
 
 /// A message as the in-process broker stored it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,18 +123,21 @@ impl InMemoryBroker {
 
     fn store(&self, message: &OutgoingMessage) -> Result<PublishReceipt, EventError> {
         if !self.available.load(Ordering::SeqCst) {
-            return Err(EventError::Broker("the in-process broker is unavailable".into()));
+            return Err(EventError::broker_message(
+                BrokerErrorKind::Unavailable,
+                "the in-process broker is unavailable",
+            ));
         }
         let size = header_block_len(&message.headers) + message.body.len();
         if size > DEFAULT_MAX_MESSAGE_BYTES {
-            return Err(EventError::Refused(format!(
+            return Err(EventError::refused(format!(
                 "message of {size} bytes refused: the in-process broker's limit is {DEFAULT_MAX_MESSAGE_BYTES}, \
                  as NATS' default max_payload"
             )));
         }
         let mut state = self.lock();
         if state.refusing.as_ref().is_some_and(|filter| matches(filter, &message.subject)) {
-            return Err(EventError::Refused(format!(
+            return Err(EventError::refused(format!(
                 "subject {} refused by the in-process broker",
                 message.subject
             )));
@@ -181,8 +184,9 @@ impl Publisher for InMemoryBroker {
                 .iter()
                 .map(|message| {
                     if failed.contains(&message.aggregate_id) {
-                        return Err(EventError::Broker(
-                            "not sent: an earlier event of the same aggregate failed".into(),
+                        return Err(EventError::broker_message(
+                            BrokerErrorKind::NotSent,
+                            "not sent: an earlier event of the same aggregate failed",
                         ));
                     }
                     let outcome = self.store(message);

@@ -18,11 +18,11 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use uuid::Uuid;
 
-use crate::EventError;
 use crate::broker::connect::{self, NatsCredentials};
 use crate::broker::publisher::{BoxFuture, PublishReceipt, Publisher};
 use crate::event::subject::validate_filter;
 use crate::event::wire::OutgoingMessage;
+use crate::{BrokerErrorKind, EventError};
 
 /// Settings of a [`NatsPublisher`].
 #[derive(Clone)]
@@ -115,8 +115,15 @@ impl fmt::Debug for NatsPublisher {
     }
 }
 
-fn broker(what: &str, e: impl fmt::Display) -> EventError {
-    EventError::Broker(format!("{what}: {e}"))
+/// A failed JetStream request about the stream: `kind`, the hint when JetStream did not
+/// answer, and the client's error as the source.
+fn stream_error(
+    what: &str,
+    kind: BrokerErrorKind,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> EventError {
+    let message = format!("{what}: {}", stream_hint(&e));
+    EventError::broker(kind, message, e)
 }
 
 impl NatsPublisher {
@@ -205,13 +212,16 @@ impl NatsPublisher {
                     // theirs, as if it had been there first.
                     Err(e) if create_code(e.kind()) == Some(ErrorCode::STREAM_NAME_EXIST) => {
                         self.stream_config(&spec.name).await?.ok_or_else(|| {
-                            broker(
-                                "cannot create the stream",
-                                "JetStream says it exists, then that it does not",
+                            EventError::broker_message(
+                                BrokerErrorKind::Api,
+                                "cannot create the stream: JetStream says it exists, then that it does not",
                             )
                         })?
                     }
-                    Err(e) => return Err(broker("cannot create the stream", stream_hint(e))),
+                    Err(e) => {
+                        let kind = create_kind(e.kind());
+                        return Err(stream_error("cannot create the stream", kind, e));
+                    }
                 }
             }
         };
@@ -225,7 +235,7 @@ impl NatsPublisher {
             self.jetstream
                 .update_stream(&config)
                 .await
-                .map_err(|e| broker("cannot update the stream", stream_hint(e)))?;
+                .map_err(|e| stream_error("cannot update the stream", create_kind(e.kind()), e))?;
         }
         Ok(())
     }
@@ -235,7 +245,14 @@ impl NatsPublisher {
         match self.jetstream.get_stream(name).await {
             Ok(stream) => Ok(Some(stream.cached_info().config.clone())),
             Err(e) if jetstream_code(e.kind()) == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
-            Err(e) => Err(broker("cannot read the stream's configuration", stream_hint(e))),
+            Err(e) => {
+                let kind = match e.kind() {
+                    GetStreamErrorKind::JetStream(_) => BrokerErrorKind::Api,
+                    GetStreamErrorKind::Request => BrokerErrorKind::Unavailable,
+                    _ => BrokerErrorKind::Other,
+                };
+                Err(stream_error("cannot read the stream's configuration", kind, e))
+            }
         }
     }
 }
@@ -247,6 +264,16 @@ fn jetstream_code(kind: GetStreamErrorKind) -> Option<ErrorCode> {
     }
 }
 
+fn create_kind(kind: CreateStreamErrorKind) -> BrokerErrorKind {
+    match kind {
+        CreateStreamErrorKind::TimedOut => BrokerErrorKind::TimedOut,
+        CreateStreamErrorKind::JetStreamUnavailable => BrokerErrorKind::Unavailable,
+        CreateStreamErrorKind::NotFound => BrokerErrorKind::NoStream,
+        CreateStreamErrorKind::JetStream(_) => BrokerErrorKind::Api,
+        _ => BrokerErrorKind::Other,
+    }
+}
+
 fn create_code(kind: CreateStreamErrorKind) -> Option<ErrorCode> {
     match kind {
         CreateStreamErrorKind::JetStream(e) => Some(e.error_code()),
@@ -255,7 +282,7 @@ fn create_code(kind: CreateStreamErrorKind) -> Option<ErrorCode> {
 }
 
 /// A stream request's error, with the likely reason when JetStream did not answer.
-fn stream_hint(e: impl fmt::Display) -> String {
+fn stream_hint(e: &impl fmt::Display) -> String {
     let text = e.to_string();
     if text.contains("timed out") || text.contains("no responders") || text.contains("unavailable") {
         format!("{text}; is JetStream enabled on the server (`nats-server -js`)?")
@@ -320,7 +347,7 @@ impl Publisher for NatsPublisher {
                             break;
                         }
                         Err(e) => {
-                            let error = publish_error(&e);
+                            let error = publish_error(e);
                             settle(messages, &mut outcomes, &mut queues, &mut ready, i, Err(error));
                         }
                     }
@@ -335,7 +362,11 @@ impl Publisher for NatsPublisher {
             }
             outcomes
                 .into_iter()
-                .map(|o| o.unwrap_or_else(|| Err(EventError::Broker("no outcome recorded".into()))))
+                .map(|o| {
+                    o.unwrap_or_else(|| {
+                        Err(EventError::broker_message(BrokerErrorKind::Other, "no outcome recorded"))
+                    })
+                })
                 .collect()
         })
     }
@@ -361,8 +392,9 @@ fn settle(
         ready.extend(queue.front().copied());
     } else {
         for later in queue.drain(..) {
-            outcomes[later] = Some(Err(EventError::Broker(
-                "not sent: an earlier event of the same aggregate failed".into(),
+            outcomes[later] = Some(Err(EventError::broker_message(
+                BrokerErrorKind::NotSent,
+                "not sent: an earlier event of the same aggregate failed",
             )));
         }
     }
@@ -379,7 +411,7 @@ fn header_map(pairs: &[(&'static str, String)]) -> Result<HeaderMap, EventError>
     let mut headers = HeaderMap::new();
     for (name, value) in pairs {
         let value = async_nats::HeaderValue::from_str(value)
-            .map_err(|_| EventError::Refused(format!("not sent: the {name} header holds a line break")))?;
+            .map_err(|_| EventError::refused(format!("not sent: the {name} header holds a line break")))?;
         headers.insert(*name, value);
     }
     Ok(headers)
@@ -387,27 +419,35 @@ fn header_map(pairs: &[(&'static str, String)]) -> Result<HeaderMap, EventError>
 
 fn receipt(ack: Result<jetstream::publish::PublishAck, PublishError>) -> Result<PublishReceipt, EventError> {
     ack.map(|ack| PublishReceipt { stream_sequence: ack.sequence, duplicate: ack.duplicate })
-        .map_err(|e| publish_error(&e))
+        .map_err(publish_error)
 }
 
 /// A failed publish: [`EventError::Refused`] when the server answered with an error about
 /// this message (the relay parks it after a few), else [`EventError::Broker`] (retried).
-fn publish_error(e: &PublishError) -> EventError {
-    let answered = std::error::Error::source(e)
+/// The client's error is the source of either.
+fn publish_error(e: PublishError) -> EventError {
+    let answered = std::error::Error::source(&e)
         .is_some_and(|source| source.downcast_ref::<jetstream::Error>().is_some());
-    match e.kind() {
-        PublishErrorKind::StreamNotFound => EventError::Broker(format!(
-            "publish failed: {e}; no JetStream stream captures this subject (see `ensure_stream`)"
-        )),
-        PublishErrorKind::TimedOut => {
-            EventError::Broker(format!("publish failed: {e}; is the NATS server up?"))
-        }
+    let (kind, message) = match e.kind() {
         PublishErrorKind::MaxPayloadExceeded
         | PublishErrorKind::WrongLastMessageId
-        | PublishErrorKind::WrongLastSequence => EventError::Refused(e.to_string()),
-        PublishErrorKind::Other if answered => EventError::Refused(e.to_string()),
-        _ => EventError::Broker(format!("publish failed: {e}")),
-    }
+        | PublishErrorKind::WrongLastSequence => {
+            return EventError::Refused { message: e.to_string(), source: Some(Box::new(e)) };
+        }
+        PublishErrorKind::Other if answered => {
+            return EventError::Refused { message: e.to_string(), source: Some(Box::new(e)) };
+        }
+        PublishErrorKind::StreamNotFound => (
+            BrokerErrorKind::NoStream,
+            format!("publish failed: {e}; no JetStream stream captures this subject (see `ensure_stream`)"),
+        ),
+        PublishErrorKind::TimedOut => {
+            (BrokerErrorKind::TimedOut, format!("publish failed: {e}; is the NATS server up?"))
+        }
+        PublishErrorKind::BrokenPipe => (BrokerErrorKind::Unavailable, format!("publish failed: {e}")),
+        _ => (BrokerErrorKind::Other, format!("publish failed: {e}")),
+    };
+    EventError::broker(kind, message, e)
 }
 
 fn validate_stream_name(name: &str) -> Result<(), EventError> {

@@ -16,15 +16,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, FromConsumer, PullConsumer, pull};
-use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::consumer::{self, FromConsumer, PullConsumer, StreamErrorKind, pull};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use async_nats::jetstream::{self, AckKind};
 use futures_util::{FutureExt, StreamExt};
 
 use crate::event::subject::validate_filter;
 use crate::event::wire::{self, headers};
-use crate::{BoxError, DomainEvent, EventEnvelope, EventError};
+use crate::{BoxError, BrokerErrorKind, DomainEvent, EventEnvelope, EventError};
 
 /// What to do with a message whose event type the consumer does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +119,64 @@ impl<E> fmt::Debug for Subscriber<E> {
     }
 }
 
-fn broker(what: &str, e: impl fmt::Display) -> EventError {
-    EventError::Broker(format!("{what}: {e}"))
+/// A failed JetStream request of the subscriber, its kind from the client's, the client's
+/// error as the source.
+fn broker<K>(what: &str, e: async_nats::error::Error<K>) -> EventError
+where
+    K: ErrorKindOf + Clone + fmt::Debug + fmt::Display + PartialEq + Send + Sync + 'static,
+{
+    let kind = e.kind().broker_kind();
+    EventError::broker(kind, format!("{what}: {e}"), e)
+}
+
+/// What kind of broker failure an async-nats error kind is.
+trait ErrorKindOf {
+    fn broker_kind(&self) -> BrokerErrorKind;
+}
+
+impl ErrorKindOf for GetStreamErrorKind {
+    fn broker_kind(&self) -> BrokerErrorKind {
+        match self {
+            Self::JetStream(e) if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
+                BrokerErrorKind::NoStream
+            }
+            Self::JetStream(_) => BrokerErrorKind::Api,
+            Self::Request => BrokerErrorKind::Unavailable,
+            _ => BrokerErrorKind::Other,
+        }
+    }
+}
+
+impl ErrorKindOf for ConsumerErrorKind {
+    fn broker_kind(&self) -> BrokerErrorKind {
+        match self {
+            Self::TimedOut => BrokerErrorKind::TimedOut,
+            Self::Request => BrokerErrorKind::Unavailable,
+            Self::JetStream(_) => BrokerErrorKind::Api,
+            _ => BrokerErrorKind::Other,
+        }
+    }
+}
+
+impl ErrorKindOf for ConsumerInfoErrorKind {
+    fn broker_kind(&self) -> BrokerErrorKind {
+        match self {
+            Self::TimedOut => BrokerErrorKind::TimedOut,
+            Self::StreamNotFound => BrokerErrorKind::NoStream,
+            Self::Request | Self::NoResponders | Self::Offline => BrokerErrorKind::Unavailable,
+            Self::JetStream(_) => BrokerErrorKind::Api,
+            _ => BrokerErrorKind::Other,
+        }
+    }
+}
+
+impl ErrorKindOf for StreamErrorKind {
+    fn broker_kind(&self) -> BrokerErrorKind {
+        match self {
+            Self::TimedOut => BrokerErrorKind::TimedOut,
+            _ => BrokerErrorKind::Other,
+        }
+    }
 }
 
 impl<E: DomainEvent> Subscriber<E> {
@@ -162,9 +218,9 @@ impl<E: DomainEvent> Subscriber<E> {
         let name = &config.durable_name;
         let consumer = match stream.consumer_info(name).await {
             Ok(info) => match reconcile(name, info.config, &wanted)? {
-                None => {
-                    stream.get_consumer(name).await.map_err(|e| broker("cannot bind to the consumer", e))?
-                }
+                None => stream.get_consumer(name).await.map_err(|e| {
+                    EventError::broker(BrokerErrorKind::Other, format!("cannot bind to the consumer: {e}"), e)
+                })?,
                 Some(updated) => {
                     tracing::info!(consumer = %name, "subscriber: updating the durable consumer's settings");
                     stream.create_consumer(updated).await.map_err(|e| refused_update(name, e))?

@@ -37,7 +37,6 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::EventError;
 use crate::broker::Publisher;
 use crate::delivery::message;
 use crate::event::wire::OutgoingMessage;
@@ -46,6 +45,7 @@ use crate::store::backend::Lease;
 use crate::store::log::{LogRow, Page, ParkedRow};
 use crate::store::row::StoredRow;
 use crate::store::{EventStore, RelayLag, StreamPosition};
+use crate::{BrokerErrorKind, EventError};
 
 /// Settings of a [`LogRelay`].
 #[derive(Debug, Clone)]
@@ -529,7 +529,10 @@ impl<'a> Worker<'a> {
                 }
                 Err(e) => {
                     // Settled now, so that the aggregate's later events are not sent.
-                    let error = EventError::Refused(format!("cannot be made a message: {e}"));
+                    let error = EventError::Refused {
+                        message: format!("cannot be made a message: {e}"),
+                        source: Some(Box::new(e)),
+                    };
                     self.settle_failure(&meta, &error, halted, stuck, &mut parked, pass);
                 }
             }
@@ -537,7 +540,7 @@ impl<'a> Worker<'a> {
         let outcomes =
             if messages.is_empty() { Vec::new() } else { self.relay.publisher.publish(&messages).await };
         let outcomes = sent.into_iter().zip(outcomes.into_iter().chain(std::iter::repeat_with(|| {
-            Err(EventError::Broker("the publisher returned no outcome".into()))
+            Err(EventError::broker_message(BrokerErrorKind::Other, "the publisher returned no outcome"))
         })));
         for (meta, outcome) in outcomes {
             if halted.contains(&meta.aggregate_id) {
@@ -582,7 +585,7 @@ impl<'a> Worker<'a> {
 
     /// Records a failed attempt; returns the parked row when the event is refused for good.
     fn failed(&mut self, meta: &RowMeta, error: &EventError) -> Option<ParkedRow> {
-        let refused = matches!(error, EventError::Refused(_));
+        let refused = error.is_refusal();
         let key = meta.position.global_position;
         let entry = self.failing.entry(key).or_insert(Failing {
             partition: meta.partition,
@@ -738,8 +741,8 @@ impl<'a> Worker<'a> {
             }
             match outcome {
                 Ok(_) => acked.push(position),
-                Err(EventError::Refused(reason)) => {
-                    refused.insert(aggregate_id, (position, reason));
+                Err(EventError::Refused { message, .. }) => {
+                    refused.insert(aggregate_id, (position, message));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, position, "relay: re-queued event not published, will retry");

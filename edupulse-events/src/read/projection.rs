@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::store::{EventStore, StreamPosition, Transaction};
-use crate::{DomainEvent, EventEnvelope, EventError};
+use crate::{BoxError, DomainEvent, EventEnvelope, EventError};
 
 /// A read model fed by events of `E`.
 pub trait Projection<E: DomainEvent>: Send + Sync {
@@ -27,14 +27,18 @@ pub trait Projection<E: DomainEvent>: Send + Sync {
 
     /// Applies one event to the read model, inside the runner's transaction (match on
     /// [`Transaction::connection`](crate::Transaction::connection) for its sqlx connection).
+    ///
+    /// Returns any error, as a [`Subscriber`](crate::Subscriber)'s handler does: the
+    /// runner returns an [`EventError`] as it is, and wraps any other in
+    /// [`EventError::Handler`] with the projection's name and the event's position.
     fn apply(
         &self,
         tx: &mut Transaction,
         event: &EventEnvelope<E>,
-    ) -> impl Future<Output = Result<(), EventError>> + Send;
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
 
     /// Empties the read model before a rebuild. The default does nothing.
-    fn reset(&self, tx: &mut Transaction) -> impl Future<Output = Result<(), EventError>> + Send {
+    fn reset(&self, tx: &mut Transaction) -> impl Future<Output = Result<(), BoxError>> + Send {
         let _ = tx;
         async { Ok(()) }
     }
@@ -152,7 +156,7 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         // written but not yet committed; they would survive it and be applied again from
         // the start.
         tx.checkpoint_for_update(self.projection.name()).await?;
-        self.projection.reset(&mut tx).await?;
+        self.projection.reset(&mut tx).await.map_err(|e| self.handler_error(None, e))?;
         tx.save_checkpoint(self.projection.name(), StreamPosition::START).await?;
         tx.commit().await?;
         self.catch_up().await
@@ -160,6 +164,15 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
 
     /// Reads one batch after the checkpoint and applies it with the new checkpoint in one
     /// transaction.
+    /// The projection's own error as it is when it is an [`EventError`] (a database error
+    /// keeps its variant), else wrapped with the projection's name and the position.
+    fn handler_error(&self, position: Option<i64>, error: BoxError) -> EventError {
+        match error.downcast::<EventError>() {
+            Ok(own) => *own,
+            Err(source) => EventError::Handler { name: self.projection.name().to_owned(), position, source },
+        }
+    }
+
     async fn apply_batch(&self) -> Result<Batch, EventError> {
         let name = self.projection.name();
         let from = self.store.checkpoint(name).await?.unwrap_or(StreamPosition::START);
@@ -196,7 +209,10 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
             return Ok(Batch::Raced);
         }
         for envelope in batch.iter().flatten() {
-            self.projection.apply(&mut tx, envelope).await?;
+            self.projection
+                .apply(&mut tx, envelope)
+                .await
+                .map_err(|e| self.handler_error(envelope.global_position, e))?;
         }
         tx.save_checkpoint(name, last).await?;
         tx.commit().await?;

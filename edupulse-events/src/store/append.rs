@@ -166,9 +166,7 @@ pub(crate) fn prepare_append<E: DomainEvent>(
     if let ExpectedSequence::Exactly(n) = expected
         && n < 0
     {
-        return Err(EventError::Config(format!(
-            "expected sequence {n} is negative: use 0 for a new aggregate"
-        )));
+        return Err(EventError::NegativeExpectedSequence(n));
     }
     let aggregate_id = first.aggregate_id;
     let aggregate_type = first.aggregate_type.clone();
@@ -223,7 +221,7 @@ fn check_aggregate<E: DomainEvent>(
     aggregate_type: &str,
 ) -> Result<(), EventError> {
     if envelope.aggregate_id != aggregate_id || envelope.aggregate_type != aggregate_type {
-        return Err(EventError::Config(format!(
+        return Err(EventError::WrongAggregate(format!(
             "one append writes to one aggregate: {} {} and {aggregate_type} {aggregate_id} are both in it",
             envelope.aggregate_type, envelope.aggregate_id
         )));
@@ -231,7 +229,7 @@ fn check_aggregate<E: DomainEvent>(
     if let Some(own) = envelope.event.aggregate_id()
         && own != aggregate_id
     {
-        return Err(EventError::Config(format!(
+        return Err(EventError::WrongAggregate(format!(
             "event `{}` names aggregate {own} in its `#[event(aggregate_id)]` field but is appended to {aggregate_id}",
             envelope.event.event_type()
         )));
@@ -247,7 +245,7 @@ pub(crate) fn refusal(
     stream: Option<(String, i64)>,
 ) -> EventError {
     match stream {
-        Some((stored_type, _)) if stored_type != aggregate_type => EventError::Config(format!(
+        Some((stored_type, _)) if stored_type != aggregate_type => EventError::WrongAggregate(format!(
             "aggregate {aggregate_id} is a `{stored_type}`, not a `{aggregate_type}`: one id, one aggregate type"
         )),
         Some((_, actual)) => EventError::Concurrency { aggregate_id, expected: expected.as_i64(), actual },

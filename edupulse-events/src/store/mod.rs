@@ -114,7 +114,8 @@ impl EventStore {
     /// at once.
     ///
     /// # Errors
-    /// [`EventError::Database`] when a migration fails.
+    /// [`EventError::Migration`] when a migration fails; [`EventError::Database`] when the
+    /// schema cannot be created.
     pub async fn migrate(&self) -> Result<(), EventError> {
         self.inner.backend.migrate(&self.inner.config.schema).await
     }

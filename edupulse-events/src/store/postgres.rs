@@ -399,7 +399,10 @@ impl PgBackend {
             }
         }
         sqlx::raw_sql(AssertSqlSafe(format!("SET search_path TO {quoted}"))).execute(&mut conn).await?;
-        MIGRATOR.run(&mut conn).await.map_err(|e| EventError::Config(format!("migration failed: {e}")))?;
+        MIGRATOR
+            .run(&mut conn)
+            .await
+            .map_err(|source| EventError::Migration { backend: "PostgreSQL", source })?;
         conn.close().await?;
         Ok(())
     }

@@ -74,7 +74,7 @@ impl SqliteBackend {
     }
 
     pub(crate) async fn migrate(&self) -> Result<(), EventError> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| EventError::Config(format!("migration failed: {e}")))
+        MIGRATOR.run(&self.pool).await.map_err(|source| EventError::Migration { backend: "SQLite", source })
     }
 
     /// A write transaction: `BEGIN IMMEDIATE` takes the write lock at once, so a

@@ -59,8 +59,10 @@ impl Transaction {
     /// - [`EventError::Concurrency`] when the stream is not at `expected`, with the actual
     ///   sequence. The transaction is still usable, but the usual answer is to roll back,
     ///   reload and decide again;
-    /// - [`EventError::Config`] when an event names another aggregate in its
+    /// - [`EventError::WrongAggregate`] when an event names another aggregate in its
     ///   `#[event(aggregate_id)]` field, or the aggregate exists with another type;
+    /// - [`EventError::NegativeExpectedSequence`] for an expected sequence below 0;
+    /// - [`EventError::InvalidEvent`] for an event that could not be delivered or read back;
     /// - [`EventError::Serialization`], [`EventError::Database`].
     pub async fn append<E: DomainEvent>(
         &mut self,
