@@ -85,8 +85,8 @@ fn args() -> Result<Args, EventError> {
 /// Commits a backlog nobody publishes yet, then a trickle of events, through a bus without
 /// a relay of its own: this process's relay publishes them.
 async fn demo(backends: &Backends) -> Result<tokio::task::JoinHandle<()>, EventError> {
-    let quiet = BusConfig { background_relay: false, ..BusConfig::default() };
-    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), quiet);
+    let quiet = BusConfig::default().with_background_relay(false);
+    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), quiet)?;
     let quizzes: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
     for quiz in &quizzes {
         let events: Vec<_> = (0..100).map(|score| QuizSubmitted { quiz_id: *quiz, score }).collect();

@@ -59,7 +59,7 @@ async fn main() -> Result<(), EventError> {
     println!("Store: {}. Broker: {}.", backends.database_kind, backends.broker_kind);
     println!("The courses context publishes {:?} on {:?}.", CourseEvent::EVENT_TYPES, CourseEvent::SUBJECTS);
 
-    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), BusConfig::default());
+    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), BusConfig::default())?;
     let course = Uuid::now_v7();
     let author = Uuid::now_v7();
 

@@ -32,7 +32,7 @@ fn grade(quiz_id: Uuid, score: f64, comment: &str) -> GradeRecorded {
 }
 
 fn bus(store: &EventStore, publisher: &NatsPublisher) -> EventBus {
-    EventBus::new(store.clone(), Arc::new(publisher.clone()), BusConfig::default())
+    EventBus::new(store.clone(), Arc::new(publisher.clone()), BusConfig::default()).unwrap()
 }
 
 /// A relay of its own publishes whatever the log holds.
@@ -275,8 +275,9 @@ async fn a_row_with_a_line_break_written_around_the_store_is_parked_without_a_pa
     let quiet = EventBus::new(
         store.clone(),
         Arc::new(publisher.clone()),
-        BusConfig { background_relay: false, ..BusConfig::default() },
-    );
+        BusConfig::default().with_background_relay(false),
+    )
+    .unwrap();
     let committed =
         quiet.commit(async |tx| tx.append("quiz", id, 0, [grade(id, 1.0, "ok")]).await).await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -286,12 +287,10 @@ async fn a_row_with_a_line_break_written_around_the_store_is_parked_without_a_pa
     .execute(&common::pg_pool(&store))
     .await
     .unwrap();
-    let config = RelayConfig {
-        max_attempts: 2,
-        min_backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(5),
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default()
+        .with_max_attempts(2)
+        .with_min_backoff(Duration::from_millis(1))
+        .with_max_backoff(Duration::from_millis(5));
     let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), config);
     let pass = relay.run_once().await.unwrap();
     assert_eq!((pass.published, pass.failed, pass.parked), (0, 1, 0), "{pass:?}");
@@ -418,7 +417,7 @@ async fn the_embedded_default_refuses_the_same_inputs() {
         EventStore::connect("sqlite::memory:", edupulse_events::StoreConfig::default()).await.unwrap();
     store.migrate().await.unwrap();
     let broker = edupulse_events::InMemoryBroker::new();
-    let bus = EventBus::new(store.clone(), Arc::new(broker.clone()), BusConfig::default());
+    let bus = EventBus::new(store.clone(), Arc::new(broker.clone()), BusConfig::default()).unwrap();
     let id = Uuid::now_v7();
 
     let big = "x".repeat(1024 * 1024);

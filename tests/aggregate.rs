@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 fn repository<A: Aggregate>(store: &edupulse_events::EventStore) -> Repository<A> {
-    let bus = EventBus::new(store.clone(), Arc::new(InMemoryBroker::new()), BusConfig::default());
+    let bus = EventBus::new(store.clone(), Arc::new(InMemoryBroker::new()), BusConfig::default()).unwrap();
     Repository::new(bus)
 }
 

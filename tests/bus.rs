@@ -17,23 +17,21 @@ use edupulse_events::{
 use futures_util::StreamExt;
 
 fn bus(store: &EventStore, publisher: &NatsPublisher, config: BusConfig) -> EventBus {
-    EventBus::new(store.clone(), Arc::new(publisher.clone()), config)
+    EventBus::new(store.clone(), Arc::new(publisher.clone()), config).unwrap()
 }
 
 /// A bus whose commits nobody publishes: a process that dies right after COMMIT.
 fn silent_bus(store: &EventStore, publisher: &NatsPublisher) -> EventBus {
-    bus(store, publisher, BusConfig { background_relay: false, ..BusConfig::default() })
+    bus(store, publisher, BusConfig::default().with_background_relay(false))
 }
 
 fn relay_config(batch_size: u32) -> RelayConfig {
-    RelayConfig {
-        batch_size,
-        poll_interval: Duration::from_millis(50),
-        takeover_interval: Duration::from_millis(200),
-        min_backoff: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(500),
-        ..RelayConfig::default()
-    }
+    RelayConfig::default()
+        .with_batch_size(batch_size)
+        .with_poll_interval(Duration::from_millis(50))
+        .with_takeover_interval(Duration::from_millis(200))
+        .with_min_backoff(Duration::from_millis(20))
+        .with_max_backoff(Duration::from_millis(500))
 }
 
 fn relay(store: &EventStore, publisher: Arc<dyn Publisher>, batch_size: u32) -> LogRelay {
@@ -231,7 +229,7 @@ async fn nats_down_at_commit_then_back_everything_is_published_once_in_order() {
     let mut server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let config = BusConfig { relay: relay_config(100), ..BusConfig::default() };
+    let config = BusConfig::default().with_relay(relay_config(100));
     let bus = bus(&store, &publisher, config);
 
     server.kill().await;
@@ -345,7 +343,7 @@ async fn an_event_the_broker_refuses_is_parked_and_holds_back_only_its_aggregate
     let others = commit_events(&writer, &[b], 3, 1).await;
     let refused_position = refused.value[0].global_position.unwrap();
 
-    let config = RelayConfig { max_attempts: 2, min_backoff: Duration::from_millis(5), ..relay_config(100) };
+    let config = relay_config(100).with_max_attempts(2).with_min_backoff(Duration::from_millis(5));
     let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), config);
     drain(&relay).await;
     let stored = stream_messages(&publisher).await;
@@ -433,16 +431,15 @@ async fn publishes_holding_more_than_the_acknowledgement_window_all_complete() {
     // 16 acknowledgements in flight at most, for the whole publisher; two relays of 32
     // partitions each and 8 committers want far more at once.
     let server = NatsServer::start().await;
-    let small =
-        nats::publisher_with(&server, NatsConfig { max_ack_inflight: 16, ..NatsConfig::default() }).await;
+    let small = nats::publisher_with(&server, NatsConfig::default().with_max_ack_inflight(16)).await;
     let store = store().await;
     let aggregates: Vec<Uuid> = (0..64).map(|_| Uuid::now_v7()).collect();
     let mut committed = commit_events(&silent_bus(&store, &small), &aggregates, 20, 20).await;
     let halves = [0..32, 32..64].map(|partitions| {
-        let config = RelayConfig { partitions, ..relay_config(500) };
+        let config = relay_config(500).with_partitions(partitions);
         spawn_relay(LogRelay::new(store.clone(), Arc::new(small.clone()), config))
     });
-    let live = bus(&store, &small, BusConfig { background_relay: false, ..BusConfig::default() });
+    let live = bus(&store, &small, BusConfig::default().with_background_relay(false));
     let commits = (0..8).map(|_| {
         let live = live.clone();
         tokio::spawn(async move {
@@ -476,7 +473,7 @@ async fn two_relays_sharing_the_partitions_keep_ten_thousand_events_in_order() {
     // Half committed before the relays start, half while they run.
     let mut committed = commit_events(&writer, &aggregates[..50], 100, 50).await;
     let relays = [0..32, 32..64].map(|partitions| {
-        let config = RelayConfig { partitions, ..relay_config(250) };
+        let config = relay_config(250).with_partitions(partitions);
         spawn_relay(LogRelay::new(store.clone(), Arc::new(publisher.clone()), config))
     });
     committed.extend(commit_events(&writer, &aggregates[50..], 100, 50).await);
@@ -529,7 +526,7 @@ async fn a_long_write_transaction_holds_publication_back_and_lag_names_it() {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
     let store = store().await;
-    let config = BusConfig { relay: relay_config(100), ..BusConfig::default() };
+    let config = BusConfig::default().with_relay(relay_config(100));
     let bus = bus(&store, &publisher, config);
     let pool = common::pg_pool(&store);
 

@@ -117,7 +117,7 @@ fn closed_port() -> u16 {
 }
 
 fn config() -> NatsConfig {
-    NatsConfig { ack_timeout: Duration::from_secs(2), ..NatsConfig::default() }
+    NatsConfig::default().with_ack_timeout(Duration::from_secs(2))
 }
 
 fn broker(e: impl std::error::Error + Send + Sync + 'static) -> EventError {

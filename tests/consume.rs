@@ -28,16 +28,14 @@ enum RenamesOnly {
 async fn setup() -> (NatsServer, NatsPublisher, EventBus) {
     let server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
-    let bus = EventBus::new(store().await, Arc::new(publisher.clone()), BusConfig::default());
+    let bus = EventBus::new(store().await, Arc::new(publisher.clone()), BusConfig::default()).unwrap();
     (server, publisher, bus)
 }
 
 fn config(name: &str, max_deliver: i64) -> SubscriberConfig {
-    SubscriberConfig {
-        max_deliver,
-        nak_delay: Duration::from_millis(30),
-        ..SubscriberConfig::new(STREAM, name)
-    }
+    SubscriberConfig::new(STREAM, name)
+        .with_max_deliver(max_deliver)
+        .with_nak_delay(Duration::from_millis(30))
 }
 
 /// Runs the subscriber until `done` holds (or 20 s), then stops it.
@@ -178,8 +176,7 @@ async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
 
     let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
     let sink = reports.clone();
-    let strict_config =
-        SubscriberConfig { unknown_events: UnknownEventPolicy::Refuse, ..config("strict", 3) };
+    let strict_config = config("strict", 3).with_unknown_events(UnknownEventPolicy::Refuse);
     let strict = Subscriber::<RenamesOnly>::new(publisher.jetstream(), strict_config)
         .await
         .unwrap()
@@ -255,12 +252,10 @@ async fn an_existing_durable_consumer_takes_the_new_settings_and_keeps_its_progr
     assert_eq!(stream.consumer_info("evolving").await.unwrap().config.max_deliver, 3);
 
     // The next deployment asks for other settings under the same durable name.
-    let changed = SubscriberConfig {
-        filter_subject: Some("courses.>".into()),
-        ack_wait: Duration::from_secs(7),
-        max_in_flight: 16,
-        ..config("evolving", 5)
-    };
+    let changed = config("evolving", 5)
+        .with_filter_subject("courses.>")
+        .with_ack_wait(Duration::from_secs(7))
+        .with_max_in_flight(16);
     let _second = Subscriber::<CourseEvent>::new(publisher.jetstream(), changed).await.unwrap();
     let info = stream.consumer_info("evolving").await.unwrap();
     assert_eq!(

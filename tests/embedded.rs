@@ -139,11 +139,9 @@ async fn bus_publishes_to_the_in_process_broker_and_the_relay_recovers_an_outage
     let mut subscription = broker.subscribe("courses.>").unwrap();
     // The bus's background relay (the default), with a short backoff so that the recovery
     // below does not wait long.
-    let config = BusConfig {
-        relay: RelayConfig { max_backoff: Duration::from_millis(200), ..RelayConfig::default() },
-        ..BusConfig::default()
-    };
-    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), config);
+    let config =
+        BusConfig::default().with_relay(RelayConfig::default().with_max_backoff(Duration::from_millis(200)));
+    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), config).unwrap();
     let id = Uuid::now_v7();
     let committed = bus.commit(async |tx| tx.append("lesson", id, 0, [counted(1)]).await).await.unwrap();
     let position = committed.receipt.positions().next().unwrap();
@@ -204,9 +202,9 @@ async fn bus_publishes_to_the_in_process_broker_and_the_relay_recovers_an_outage
 async fn a_running_relay_is_woken_in_process() {
     let backends = embedded().await;
     let broker = backends.in_memory.clone().unwrap();
-    let quiet = BusConfig { background_relay: false, ..BusConfig::default() };
-    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), quiet);
-    let config = RelayConfig { poll_interval: Duration::from_secs(3600), ..RelayConfig::default() };
+    let quiet = BusConfig::default().with_background_relay(false);
+    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), quiet).unwrap();
+    let config = RelayConfig::default().with_poll_interval(Duration::from_secs(3600));
     let relay = LogRelay::new(backends.store.clone(), Arc::new(broker.clone()), config);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(async move {
@@ -257,8 +255,9 @@ async fn committed_then_died_a_later_relay_publishes_and_a_resend_is_dropped() {
     let bus = EventBus::new(
         store.clone(),
         backends.publisher.clone(),
-        BusConfig { background_relay: false, ..BusConfig::default() },
-    );
+        BusConfig::default().with_background_relay(false),
+    )
+    .unwrap();
     let id = Uuid::now_v7();
     let committed = bus.commit(async |tx| tx.append("lesson", id, 0, [counted(1)]).await).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -293,8 +292,8 @@ async fn a_refused_event_is_parked_with_its_aggregate_and_requeued_in_order() {
     let broker = backends.in_memory.clone().unwrap();
     let store = &backends.store;
     // The aggregate id as the subject's last token, so that the broker refuses one aggregate.
-    let config = BusConfig { aggregate_id_in_subject: true, background_relay: false, ..BusConfig::default() };
-    let bus = EventBus::new(store.clone(), backends.publisher.clone(), config);
+    let config = BusConfig::default().with_aggregate_id_in_subject(true).with_background_relay(false);
+    let bus = EventBus::new(store.clone(), backends.publisher.clone(), config).unwrap();
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     broker.refuse(Some(&format!("courses.Counted.{a}"))).unwrap();
 
@@ -309,12 +308,10 @@ async fn a_refused_event_is_parked_with_its_aggregate_and_requeued_in_order() {
     let relay = LogRelay::new(
         store.clone(),
         backends.publisher.clone(),
-        RelayConfig {
-            max_attempts: 2,
-            min_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(5),
-            ..RelayConfig::default()
-        },
+        RelayConfig::default()
+            .with_max_attempts(2)
+            .with_min_backoff(Duration::from_millis(1))
+            .with_max_backoff(Duration::from_millis(5)),
     );
     for _ in 0..5 {
         relay.run_once().await.unwrap();
@@ -374,17 +371,13 @@ async fn the_bus_relay_parks_after_its_attempts_and_a_requeued_aggregate_flows_a
     let broker = backends.in_memory.clone().unwrap();
     let store = &backends.store;
     // The production path: the bus's background relay, `run` rather than `run_once`.
-    let config = BusConfig {
-        aggregate_id_in_subject: true,
-        relay: RelayConfig {
-            max_attempts: 2,
-            min_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(5),
-            ..RelayConfig::default()
-        },
-        ..BusConfig::default()
-    };
-    let bus = EventBus::new(store.clone(), backends.publisher.clone(), config);
+    let config = BusConfig::default().with_aggregate_id_in_subject(true).with_relay(
+        RelayConfig::default()
+            .with_max_attempts(2)
+            .with_min_backoff(Duration::from_millis(1))
+            .with_max_backoff(Duration::from_millis(5)),
+    );
+    let bus = EventBus::new(store.clone(), backends.publisher.clone(), config).unwrap();
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     broker.refuse(Some(&format!("courses.Counted.{a}"))).unwrap();
 
@@ -445,8 +438,9 @@ async fn a_failed_event_is_not_passed_over_when_a_later_event_of_its_partition_w
     let bus = EventBus::new(
         store.clone(),
         backends.publisher.clone(),
-        BusConfig { background_relay: false, ..BusConfig::default() },
-    );
+        BusConfig::default().with_background_relay(false),
+    )
+    .unwrap();
     // X's event, then Z's, in one partition. Z's row is corrupted by hand (an older version
     // of the code, a manual fix): it can never become a message, so the relay retries it,
     // then parks it. X's event only meets a broker outage, and must go out once it is over.
@@ -461,12 +455,10 @@ async fn a_failed_event_is_not_passed_over_when_a_later_event_of_its_partition_w
         .unwrap();
     tx.commit().await.unwrap();
 
-    let config = RelayConfig {
-        max_attempts: 3,
-        min_backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(5),
-        ..RelayConfig::default()
-    };
+    let config = RelayConfig::default()
+        .with_max_attempts(3)
+        .with_min_backoff(Duration::from_millis(1))
+        .with_max_backoff(Duration::from_millis(5));
     let relay = LogRelay::new(store.clone(), backends.publisher.clone(), config);
     broker.set_available(false);
     let pass = relay.run_once().await.unwrap();
@@ -517,8 +509,9 @@ async fn a_batch_is_bounded_by_bytes_as_well_as_rows() {
     let bus = EventBus::new(
         store.clone(),
         backends.publisher.clone(),
-        BusConfig { background_relay: false, ..BusConfig::default() },
-    );
+        BusConfig::default().with_background_relay(false),
+    )
+    .unwrap();
     // Ten events of about 100 KB each, one aggregate.
     let id = Uuid::now_v7();
     let events: Vec<CourseEvent> = (0..10)
@@ -530,7 +523,7 @@ async fn a_batch_is_bounded_by_bytes_as_well_as_rows() {
     bus.commit(async |tx| tx.append("lesson", id, 0, events).await).await.unwrap();
 
     let batches = Arc::new(Batches { inner: backends.publisher.clone(), sizes: std::sync::Mutex::default() });
-    let config = RelayConfig { batch_size: 1_000, max_batch_bytes: 250_000, ..RelayConfig::default() };
+    let config = RelayConfig::default().with_batch_size(1_000).with_max_batch_bytes(250_000);
     let pass = LogRelay::new(store.clone(), batches.clone(), config).run_once().await.unwrap();
     assert_eq!(pass.published, 10, "{pass:?}");
     let sizes = batches.sizes.lock().unwrap().clone();

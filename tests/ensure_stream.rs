@@ -84,7 +84,7 @@ fn message(subject: &str, body: Vec<u8>) -> OutgoingMessage {
 #[tokio::test]
 async fn publish_errors_keep_their_kind_and_source() {
     let mut server = NatsServer::start().await;
-    let config = NatsConfig { ack_timeout: Duration::from_millis(500), ..NatsConfig::default() };
+    let config = NatsConfig::default().with_ack_timeout(Duration::from_millis(500));
     let publisher = NatsPublisher::connect(&server.url(), config).await.unwrap();
     let mut spec = StreamSpec::new("KINDS", ["kinds.>"]);
     spec.duplicate_window = Duration::from_secs(10);

@@ -235,7 +235,7 @@ async fn run(settings: &Settings) -> Report {
     let pg_url = pg.url();
     let mut pg = Some(pg);
 
-    let store_config = StoreConfig { max_connections: 24, ..StoreConfig::with_schema(SCHEMA).unwrap() };
+    let store_config = StoreConfig::with_schema(SCHEMA).unwrap().with_max_connections(24);
     let store =
         EventStore::connect(&pg_url, store_config).await.expect("connect to the harness's PostgreSQL");
     store.migrate().await.unwrap();
@@ -249,12 +249,10 @@ async fn run(settings: &Settings) -> Report {
     ] {
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
-    let publisher = NatsPublisher::connect(
-        &nats.url(),
-        NatsConfig { ack_timeout: Duration::from_secs(1), ..NatsConfig::default() },
-    )
-    .await
-    .unwrap();
+    let publisher =
+        NatsPublisher::connect(&nats.url(), NatsConfig::default().with_ack_timeout(Duration::from_secs(1)))
+            .await
+            .unwrap();
     publisher.ensure_stream(&StreamSpec::new(STREAM, ["harness.>"])).await.unwrap();
     let publisher: Arc<dyn Publisher> = Arc::new(publisher);
     // One broker, seen through two counters: which kind of relay published is reported.
@@ -262,9 +260,9 @@ async fn run(settings: &Settings) -> Report {
     // The bus's relay holds half the partitions; the standalone relays may hold any, so one
     // holds the other half and the other stands by for both: a killed standalone relay's
     // partitions are taken over, and both kinds of relay publish under faults.
-    let relay = RelayConfig { partitions: 0..32, ..RelayConfig::default() };
-    let config = BusConfig { relay, ..BusConfig::default() };
-    let bus = EventBus::new(store.clone(), bus_publisher.clone(), config);
+    let relay = RelayConfig::default().with_partitions(0..32);
+    let config = BusConfig::default().with_relay(relay);
+    let bus = EventBus::new(store.clone(), bus_publisher.clone(), config).unwrap();
     // The bus's relay starts with the first commit: one commit before the standalone relays
     // start lets it take its partitions first (a standalone relay would otherwise take
     // them all, and the production path would not publish under faults).

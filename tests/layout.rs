@@ -17,6 +17,8 @@ use std::{fs, path::Path};
 
 /// The layers each layer may import besides itself (a layer is a module's first segment).
 const LAYERS: &[(&str, &[&str])] = &[
+    // The `setters!` macro: imports nothing, used by the settings structs of every layer.
+    ("setters", &[]),
     ("error", &["connect"]),
     ("connect", &["error"]),
     ("event", &["error", "connect"]),

@@ -59,7 +59,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 async fn fresh_store(env: &Env, connections: u32) -> Result<EventStore> {
     let schema = format!("bench_{}", Uuid::now_v7().simple());
-    let config = StoreConfig { max_connections: connections, ..StoreConfig::with_schema(&schema)? };
+    let config = StoreConfig::with_schema(&schema)?.with_max_connections(connections);
     let store = EventStore::connect(&env.database_url, config).await?;
     store.migrate().await?;
     Ok(store)
@@ -329,8 +329,8 @@ async fn bench_publish(env: &Env) -> Result<()> {
         let store = fresh_store(env, (committers as u32 + 4).min(80)).await?;
         // `BUS_RELAY=0`: no background relay (an experiment: the commit alone).
         let background_relay = std::env::var("BUS_RELAY").map_or(true, |v| v != "0");
-        let config = BusConfig { background_relay, ..BusConfig::default() };
-        let bus = EventBus::new(store.clone(), Arc::new(publisher.clone()), config);
+        let config = BusConfig::default().with_background_relay(background_relay);
+        let bus = EventBus::new(store.clone(), Arc::new(publisher.clone()), config)?;
         let pool = pg_pool(&store)?;
         let table = raw_table(&pool, store.config().schema.as_str()).await?;
         // Warm-up: one commit per committer, so that the pool's connections exist and the
@@ -485,11 +485,7 @@ async fn backlog(
     total: u64,
     aggregates: u64,
 ) -> Result<()> {
-    let bus = EventBus::new(
-        store.clone(),
-        publisher,
-        BusConfig { background_relay: false, ..BusConfig::default() },
-    );
+    let bus = EventBus::new(store.clone(), publisher, BusConfig::default().with_background_relay(false))?;
     let per_aggregate = total / aggregates;
     let mut tasks = Vec::new();
     for worker in 0..4u64 {
@@ -537,7 +533,8 @@ async fn bench_relay(env: &Env) -> Result<()> {
     // Tuning knobs for experiments; the table is made with the defaults.
     let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
     let defaults = RelayConfig::default();
-    let config = RelayConfig { batch_size: knob("RELAY_BATCH").unwrap_or(defaults.batch_size), ..defaults };
+    let batch_size = knob("RELAY_BATCH").unwrap_or(defaults.batch_size);
+    let config = defaults.with_batch_size(batch_size);
     let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), config.clone());
     let started = Instant::now();
     let mut published = 0;

@@ -99,7 +99,7 @@
 //!
 //! // Events and the caller's own writes commit together; the bus's background relay
 //! // publishes them from the log. Wait for the acknowledgement only when you need it.
-//! let bus = EventBus::new(store.clone(), nats.clone(), BusConfig::default());
+//! let bus = EventBus::new(store.clone(), nats.clone(), BusConfig::default())?;
 //! let committed = bus.commit(async |tx| tx.append("lesson", lesson_id, 0, [event.clone()]).await).await?;
 //! committed.receipt.published().await?;
 //!
@@ -168,6 +168,9 @@
 // The layers, each importing only those listed before it (`error` and `connect` below
 // them all): events; then the store and the broker, which never import each other;
 // delivery, which joins them; the read and write sides on top.
+#[macro_use]
+mod setters;
+
 mod connect;
 mod error;
 mod event;

@@ -18,7 +18,7 @@ async fn main() -> Result<(), EventError> {
         Backends::from_env(&StreamSpec::new("EDUPULSE_EXAMPLES", ["courses.>", "quizzes.>", "enrolment.>"]))
             .await?;
     println!("Store: {}. Broker: {}.", backends.database_kind, backends.broker_kind);
-    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), BusConfig::default());
+    let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), BusConfig::default())?;
     let mut courses = Repository::<Course>::new(bus.clone());
     courses.snapshot_every = 5;
 

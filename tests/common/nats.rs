@@ -113,7 +113,7 @@ pub async fn publisher(server: &NatsServer) -> NatsPublisher {
 
 /// The same, with `config` (its acknowledgement timeout shortened as above).
 pub async fn publisher_with(server: &NatsServer, config: NatsConfig) -> NatsPublisher {
-    let config = NatsConfig { ack_timeout: Duration::from_millis(800), ..config };
+    let config = config.with_ack_timeout(Duration::from_millis(800));
     let publisher = NatsPublisher::connect(&server.url(), config).await.unwrap();
     publisher.ensure_stream(&StreamSpec::new(STREAM, ["courses.>", "tenant-42.courses.>"])).await.unwrap();
     publisher

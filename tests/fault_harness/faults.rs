@@ -153,12 +153,10 @@ impl Relays {
 
     fn spawn(&self) -> JoinHandle<Result<(), EventError>> {
         // Short backoffs: the servers come back within seconds, and the run is short.
-        let config = RelayConfig {
-            poll_interval: Duration::from_millis(200),
-            min_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(1),
-            ..RelayConfig::default()
-        };
+        let config = RelayConfig::default()
+            .with_poll_interval(Duration::from_millis(200))
+            .with_min_backoff(Duration::from_millis(50))
+            .with_max_backoff(Duration::from_secs(1));
         let relay = LogRelay::new(self.store.clone(), self.publisher.clone(), config);
         let mut stopped = self.stop.subscribe();
         tokio::spawn(async move {

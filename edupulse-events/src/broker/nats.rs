@@ -24,8 +24,9 @@ use crate::event::subject::validate_filter;
 use crate::event::wire::OutgoingMessage;
 use crate::{BrokerErrorKind, EventError};
 
-/// Settings of a [`NatsPublisher`].
+/// Settings of a [`NatsPublisher`]: `NatsConfig::default()`, then the `with_*` setters.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct NatsConfig {
     /// How long to wait for JetStream's acknowledgement of a message (default 5 s).
     pub ack_timeout: Duration,
@@ -48,6 +49,30 @@ impl Default for NatsConfig {
     }
 }
 
+setters!(NatsConfig {
+    with_ack_timeout => ack_timeout: Duration,
+    with_connect_timeout => connect_timeout: Duration,
+    with_max_ack_inflight => max_ack_inflight: usize,
+});
+
+impl NatsConfig {
+    /// An invalid setting, as an error.
+    fn check(&self) -> Result<(), EventError> {
+        if self.ack_timeout.is_zero() || self.connect_timeout.is_zero() || self.max_ack_inflight == 0 {
+            return Err(EventError::Config(
+                "NATS configuration: ack_timeout and connect_timeout must be above zero, max_ack_inflight at least 1"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+setters!(StreamSpec {
+    with_duplicate_window => duplicate_window: Duration,
+    with_max_age => max_age: Duration,
+});
+
 impl fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsConfig")
@@ -58,8 +83,9 @@ impl fmt::Debug for NatsConfig {
     }
 }
 
-/// The JetStream stream events are stored in.
+/// The JetStream stream events are stored in: [`StreamSpec::new`], then the `with_*` setters.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct StreamSpec {
     /// The stream's name: letters, digits, `-` and `_`.
     pub name: String,
@@ -139,10 +165,11 @@ impl NatsPublisher {
     /// the server is back (the events wait in the store's log).
     ///
     /// # Errors
-    /// [`EventError::Config`] when the URL is invalid; [`EventError::Connect`] when the
+    /// [`EventError::Config`] when the URL or the configuration is invalid; [`EventError::Connect`] when the
     /// first connection fails, with the cause and the next step. Neither shows the URL's
     /// credentials.
     pub async fn connect(url: &str, config: NatsConfig) -> Result<Self, EventError> {
+        config.check()?;
         let target = connect::nats_target(url)?;
         let options = async_nats::ConnectOptions::new().connection_timeout(config.connect_timeout);
         let options = match target.credentials {
@@ -158,18 +185,22 @@ impl NatsPublisher {
             Ok(Err(e)) => return Err(connect::nats_connect_error(e, &target.names)),
             Err(_) => return Err(connect::nats_timeout(&target.names, config.connect_timeout)),
         };
-        Ok(Self::from_client(client, &config))
+        Self::from_client(client, &config)
     }
 
     /// Uses an existing client.
-    pub fn from_client(client: async_nats::Client, config: &NatsConfig) -> Self {
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid configuration.
+    pub fn from_client(client: async_nats::Client, config: &NatsConfig) -> Result<Self, EventError> {
+        config.check()?;
         let jetstream = jetstream::ContextBuilder::new().timeout(config.ack_timeout).build(client.clone());
         let publishing = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
-            .max_ack_inflight(config.max_ack_inflight.max(1))
+            .max_ack_inflight(config.max_ack_inflight)
             .backpressure_on_inflight(false)
             .build(client);
-        Self { jetstream, publishing, max_payload: Arc::default() }
+        Ok(Self { jetstream, publishing, max_payload: Arc::default() })
     }
 
     /// The JetStream context, for the application's own use.

@@ -37,8 +37,9 @@ pub enum UnknownEventPolicy {
     Refuse,
 }
 
-/// Settings of a [`Subscriber`].
+/// Settings of a [`Subscriber`]: [`SubscriberConfig::new`], then the `with_*` setters.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SubscriberConfig {
     /// The JetStream stream to consume.
     pub stream: String,
@@ -71,6 +72,37 @@ impl SubscriberConfig {
             max_in_flight: 64,
             unknown_events: UnknownEventPolicy::Ack,
         }
+    }
+}
+
+setters!(SubscriberConfig {
+    with_max_deliver => max_deliver: i64,
+    with_nak_delay => nak_delay: Duration,
+    with_ack_wait => ack_wait: Duration,
+    with_max_in_flight => max_in_flight: usize,
+    with_unknown_events => unknown_events: UnknownEventPolicy,
+});
+
+impl SubscriberConfig {
+    /// Only subjects matching `filter` (a subject, `*` and `>` wildcards allowed).
+    #[must_use]
+    pub fn with_filter_subject(mut self, filter: impl Into<String>) -> Self {
+        self.filter_subject = Some(filter.into());
+        self
+    }
+
+    /// An invalid setting, as an error.
+    fn check(&self) -> Result<(), EventError> {
+        if self.max_deliver < 1 || self.max_in_flight == 0 || self.ack_wait.is_zero() {
+            return Err(EventError::Config(
+                "subscriber configuration: max_deliver and max_in_flight must be at least 1, ack_wait above zero"
+                    .into(),
+            ));
+        }
+        if let Some(filter) = &self.filter_subject {
+            validate_filter(filter)?;
+        }
+        Ok(())
     }
 }
 
@@ -200,17 +232,15 @@ impl<E: DomainEvent> Subscriber<E> {
     /// - [`EventError::Broker`] when the stream does not exist or the server cannot be
     ///   reached.
     pub async fn new(jetstream: &jetstream::Context, config: SubscriberConfig) -> Result<Self, EventError> {
-        if let Some(filter) = &config.filter_subject {
-            validate_filter(filter)?;
-        }
+        config.check()?;
         let stream = jetstream.get_stream(&config.stream).await.map_err(|e| broker("no such stream", e))?;
-        let in_flight = i64::try_from(config.max_in_flight.max(1)).unwrap_or(i64::MAX);
+        let in_flight = i64::try_from(config.max_in_flight).unwrap_or(i64::MAX);
         let wanted = pull::Config {
             durable_name: Some(config.durable_name.clone()),
             filter_subject: config.filter_subject.clone().unwrap_or_default(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.ack_wait,
-            max_deliver: config.max_deliver.max(1),
+            max_deliver: config.max_deliver,
             max_ack_pending: in_flight,
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
@@ -271,7 +301,7 @@ impl<E: DomainEvent> Subscriber<E> {
         let mut messages = self
             .consumer
             .stream()
-            .max_messages_per_batch(self.config.max_in_flight.max(1))
+            .max_messages_per_batch(self.config.max_in_flight)
             .messages()
             .await
             .map_err(|e| broker("cannot pull messages", e))?;

@@ -24,8 +24,9 @@ use crate::store::signals::Written;
 use crate::store::{Connection, EventStore, ExpectedSequence, RelayLag, StreamPosition, Transaction};
 use crate::{DomainEvent, EventEnvelope, EventError, validate_subject_token};
 
-/// Settings of an [`EventBus`].
+/// Settings of an [`EventBus`]: `BusConfig::default()`, then the `with_*` setters.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BusConfig {
     /// Append the aggregate id as a last subject token (`courses.LessonPublished.<id>`),
     /// so consumers can subscribe to one aggregate (default false).
@@ -43,6 +44,12 @@ impl Default for BusConfig {
         Self { aggregate_id_in_subject: false, background_relay: true, relay: RelayConfig::default() }
     }
 }
+
+setters!(BusConfig {
+    with_aggregate_id_in_subject => aggregate_id_in_subject: bool,
+    with_background_relay => background_relay: bool,
+    with_relay => relay: RelayConfig,
+});
 
 /// Commits events with the caller's writes; a relay publishes them.
 ///
@@ -97,8 +104,16 @@ impl fmt::Debug for EventBus {
 
 impl EventBus {
     /// A bus writing to `store`; its background relay publishes through `publisher`.
-    pub fn new(store: EventStore, publisher: Arc<dyn Publisher>, config: BusConfig) -> Self {
-        Self { shared: Arc::new(Shared { store, publisher, config, relay: OnceLock::new() }) }
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid relay configuration.
+    pub fn new(
+        store: EventStore,
+        publisher: Arc<dyn Publisher>,
+        config: BusConfig,
+    ) -> Result<Self, EventError> {
+        config.relay.check()?;
+        Ok(Self { shared: Arc::new(Shared { store, publisher, config, relay: OnceLock::new() }) })
     }
 
     /// The store.

@@ -47,8 +47,9 @@ use crate::store::row::StoredRow;
 use crate::store::{EventStore, RelayLag, StreamPosition};
 use crate::{BrokerErrorKind, EventError};
 
-/// Settings of a [`LogRelay`].
+/// Settings of a [`LogRelay`]: `RelayConfig::default()`, then the `with_*` setters.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Rows read and published per batch at most (default 5 000). An aggregate's events go
     /// one acknowledgement round trip each, so a larger batch holds more aggregates in
@@ -95,8 +96,21 @@ impl Default for RelayConfig {
     }
 }
 
+setters!(RelayConfig {
+    with_batch_size => batch_size: u32,
+    with_max_batch_bytes => max_batch_bytes: usize,
+    with_poll_interval => poll_interval: Duration,
+    with_takeover_interval => takeover_interval: Duration,
+    with_partitions => partitions: Range<i32>,
+    with_checkpoint_interval => checkpoint_interval: Duration,
+    with_max_attempts => max_attempts: u32,
+    with_min_backoff => min_backoff: Duration,
+    with_max_backoff => max_backoff: Duration,
+});
+
 impl RelayConfig {
-    fn check(&self) -> Result<(), EventError> {
+    /// An invalid setting, as an error.
+    pub(crate) fn check(&self) -> Result<(), EventError> {
         let problem = if self.batch_size == 0 || self.max_batch_bytes == 0 {
             Some("batch_size and max_batch_bytes must be at least 1".to_owned())
         } else if self.partitions.start < 0 || self.partitions.end > PARTITIONS || self.partitions.is_empty()

@@ -75,11 +75,13 @@ impl EventStore {
     /// The URL is never logged or put in an error message: it may hold a password.
     ///
     /// # Errors
-    /// [`EventError::Config`] for a URL that cannot be parsed or has an unsupported scheme;
+    /// [`EventError::Config`] for a URL that cannot be parsed or has an unsupported scheme,
+    /// or an invalid configuration;
     /// [`EventError::Connect`] when the PostgreSQL server cannot be reached or refuses the
     /// user or the database (within 5 s, at once when the port is closed or the host
     /// unknown); [`EventError::Database`] for the SQLite file.
     pub async fn connect(url: &str, config: StoreConfig) -> Result<Self, EventError> {
+        config.check()?;
         let backend = Backend::connect(url, &config).await?;
         Ok(Self::with_backend(backend, config))
     }
@@ -87,8 +89,12 @@ impl EventStore {
     /// Uses an existing pool, for example the application's own. A SQLite pool should be
     /// opened as [`connect`](Self::connect) opens one: WAL journal, a busy timeout, foreign
     /// keys on.
-    pub fn from_pool(pool: impl Into<DatabasePool>, config: StoreConfig) -> Self {
-        Self::with_backend(Backend::from_pool(pool.into(), &config), config)
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid configuration.
+    pub fn from_pool(pool: impl Into<DatabasePool>, config: StoreConfig) -> Result<Self, EventError> {
+        config.check()?;
+        Ok(Self::with_backend(Backend::from_pool(pool.into(), &config), config))
     }
 
     fn with_backend(backend: Backend, config: StoreConfig) -> Self {

@@ -95,8 +95,10 @@ impl SchemaName {
     }
 }
 
-/// How the store is set up.
+/// How the store is set up: `StoreConfig::default()` or [`with_schema`](Self::with_schema),
+/// then the `with_*` setters.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct StoreConfig {
     /// The schema holding the store's tables (default `edupulse`).
     pub schema: SchemaName,
@@ -129,6 +131,25 @@ impl StoreConfig {
     /// [`EventError::Config`] for an invalid schema name.
     pub fn with_schema(schema: &str) -> Result<Self, EventError> {
         Ok(Self { schema: SchemaName::new(schema)?, ..Self::default() })
+    }
+}
+
+setters!(StoreConfig {
+    with_max_connections => max_connections: u32,
+    with_page_size => page_size: u32,
+    with_max_message_bytes => max_message_bytes: usize,
+});
+
+impl StoreConfig {
+    /// An invalid setting, as an error.
+    pub(crate) fn check(&self) -> Result<(), EventError> {
+        if self.max_connections == 0 || self.page_size == 0 || self.max_message_bytes == 0 {
+            return Err(EventError::Config(
+                "store configuration: max_connections, page_size and max_message_bytes must be at least 1"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -60,7 +60,7 @@ impl SqliteBackend {
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
-            .max_connections(config.max_connections.max(1))
+            .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;

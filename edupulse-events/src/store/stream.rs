@@ -65,7 +65,7 @@ impl<E> std::fmt::Debug for EventStream<E> {
 
 impl<E: DomainEvent> EventStream<E> {
     pub(crate) fn new(backend: Backend, page_size: u32, query: PageQuery, from: StreamPosition) -> Self {
-        let page_size = i64::from(page_size.max(1));
+        let page_size = i64::from(page_size);
         Self {
             backend,
             query: std::sync::Arc::new(query),
@@ -89,10 +89,11 @@ impl<E: DomainEvent> EventStream<E> {
         self
     }
 
-    /// Reads `rows` rows per page (default: the store's `page_size`).
+    /// Reads `rows` rows per page (default: the store's `page_size`). Zero is invalid: the
+    /// stream's first item is then an [`EventError::Config`], and it ends.
     #[must_use]
     pub fn page_size(mut self, rows: u32) -> Self {
-        self.page_size = i64::from(rows.max(1));
+        self.page_size = i64::from(rows);
         self
     }
 
@@ -147,6 +148,12 @@ impl<E: DomainEvent> Stream for EventStream<E> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if this.page_size < 1 && !this.done {
+            this.done = true;
+            return Poll::Ready(Some(Err(EventError::Config(
+                "a stream's page size must be at least 1".into(),
+            ))));
+        }
         loop {
             if let Some(row) = this.buffer.pop_front() {
                 this.position = this.query.cursor_after(&row);

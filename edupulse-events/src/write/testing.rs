@@ -84,8 +84,8 @@ where
             store.append(A::TYPE, id, 0, self.given.clone()).await?;
         }
         let broker = InMemoryBroker::new();
-        let config = BusConfig { background_relay: false, ..BusConfig::default() };
-        let bus = EventBus::new(store.clone(), Arc::new(broker.clone()), config);
+        let config = BusConfig::default().with_background_relay(false);
+        let bus = EventBus::new(store.clone(), Arc::new(broker.clone()), config)?;
         let repository = Repository::<A>::new(bus);
         let stored = repository.execute(id, command).await.map_err(RunError::Command)?;
         // Publish the log (one relay pass: the embedded store has no horizon to wait for),
