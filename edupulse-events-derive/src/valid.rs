@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use quote::ToTokens;
 
-use crate::ast::{Enum, Input, Struct};
+use crate::ast::{Enum, Field, Input, Struct};
+use crate::attr::Container;
 use crate::ctxt::Ctxt;
 
 /// Checks a model; the errors go to `cx`.
@@ -26,19 +27,27 @@ fn no_generics(cx: &Ctxt, input: &syn::DeriveInput) {
     }
 }
 
+/// Checks an event struct: its names, subject, version and upcaster chain, and fields.
 fn validate_struct(cx: &Ctxt, s: &Struct<'_>) {
     no_generics(cx, s.original);
-    let attrs = &s.attrs;
+    validate_names(cx, s);
+    validate_subject(cx, &s.attrs);
+    validate_version(cx, &s.attrs);
+    validate_chain(cx, s, s.version());
+    validate_fields(cx, s);
+    validate_unique_keys(cx, s);
+}
 
-    // Names.
+/// Errors for an invalid event type name or alias, and for an alias given twice.
+fn validate_names(cx: &Ctxt, s: &Struct<'_>) {
     let event_type = s.event_type();
-    match &attrs.name {
+    match &s.attrs.name {
         Some(lit) => check_name(cx, lit, &event_type, "event type name"),
         None => check_name(cx, &s.original.ident, &event_type, "event type name (the struct's name)"),
     }
     let mut seen = BTreeMap::new();
-    seen.insert(event_type.clone(), ());
-    for alias in &attrs.aliases {
+    seen.insert(event_type, ());
+    for alias in &s.attrs.aliases {
         let value = alias.value();
         check_name(cx, alias, &value, "alias");
         if seen.insert(value.clone(), ()).is_some() {
@@ -48,8 +57,10 @@ fn validate_struct(cx: &Ctxt, s: &Struct<'_>) {
             );
         }
     }
+}
 
-    // Subject.
+/// Errors for `subject` together with `context`, and for an invalid subject or context.
+fn validate_subject(cx: &Ctxt, attrs: &Container) {
     if let (Some(_), Some(context)) = (&attrs.subject, &attrs.context) {
         cx.error_spanned_by(
             context,
@@ -62,38 +73,52 @@ fn validate_struct(cx: &Ctxt, s: &Struct<'_>) {
     if let Some(context) = &attrs.context {
         check_subject(cx, context, &context.value(), "context");
     }
+}
 
-    // Version and the upcaster chain.
-    let version = s.version();
+/// The error for `version = 0`.
+fn validate_version(cx: &Ctxt, attrs: &Container) {
     if let Some(v) = &attrs.version
         && v.value == 0
     {
         cx.error_spanned_by(&v.lit, "schema versions start at 1: write `version = 1` or leave it out");
     }
-    validate_chain(cx, s, version);
+}
 
-    // Fields.
+/// Errors for a second `aggregate_id` field and for invalid key names, field by field.
+fn validate_fields(cx: &Ctxt, s: &Struct<'_>) {
     let mut aggregate: Option<String> = None;
     for field in &s.fields {
-        if let Some(keyword) = &field.attrs.aggregate_id {
-            match &aggregate {
-                Some(first) => cx.error_spanned_by(
-                    keyword,
-                    format!("only one field can be the aggregate id, and `{first}` already is"),
-                ),
-                None => aggregate = Some(field.name()),
-            }
-        }
-        if let Some(rename) = field.attrs.key.as_ref().and_then(|k| k.rename.as_ref()) {
-            let name = rename.value();
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                cx.error_spanned_by(
-                    rename,
-                    "a key name is made of ASCII letters, digits and `_`, such as `author_id`",
-                );
-            }
-        }
+        check_aggregate_id(cx, field, &mut aggregate);
+        check_key_name(cx, field);
     }
+}
+
+/// The error for an `aggregate_id` field after the first one, whose name `first` remembers.
+fn check_aggregate_id(cx: &Ctxt, field: &Field<'_>, first: &mut Option<String>) {
+    let Some(keyword) = &field.attrs.aggregate_id else { return };
+    match first {
+        Some(first) => cx.error_spanned_by(
+            keyword,
+            format!("only one field can be the aggregate id, and `{first}` already is"),
+        ),
+        None => *first = Some(field.name()),
+    }
+}
+
+/// The error for a `key = "…"` rename that is not a valid key name.
+fn check_key_name(cx: &Ctxt, field: &Field<'_>) {
+    let Some(rename) = field.attrs.key.as_ref().and_then(|k| k.rename.as_ref()) else { return };
+    let name = rename.value();
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        cx.error_spanned_by(
+            rename,
+            "a key name is made of ASCII letters, digits and `_`, such as `author_id`",
+        );
+    }
+}
+
+/// Errors for a key name promoted from more than one field, on each later one.
+fn validate_unique_keys(cx: &Ctxt, s: &Struct<'_>) {
     let mut keys = BTreeMap::new();
     for (name, field) in s.keys() {
         if let Some(first) = keys.insert(name.clone(), field.name()) {
