@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use quote::ToTokens;
+use syn::{Ident, Type};
 
 use crate::ast::{Enum, Field, Input, Struct};
-use crate::attr::Container;
+use crate::attr::{Container, Int, Upcast};
 use crate::ctxt::Ctxt;
 
 /// Checks a model; the errors go to `cx`.
@@ -33,7 +34,7 @@ fn validate_struct(cx: &Ctxt, s: &Struct<'_>) {
     validate_names(cx, s);
     validate_subject(cx, &s.attrs);
     validate_version(cx, &s.attrs);
-    validate_chain(cx, s, s.version());
+    validate_chain(cx, s);
     validate_fields(cx, s);
     validate_unique_keys(cx, s);
 }
@@ -136,43 +137,66 @@ fn validate_unique_keys(cx: &Ctxt, s: &Struct<'_>) {
     }
 }
 
-fn validate_chain(cx: &Ctxt, s: &Struct<'_>, version: u32) {
+/// Checks the upcaster chain: `previous`, or one `upcast` step from each older version.
+fn validate_chain(cx: &Ctxt, s: &Struct<'_>) {
     let attrs = &s.attrs;
+    let version = s.version();
     if let Some(previous) = &attrs.previous {
-        if version <= 1 {
-            cx.error_spanned_by(
-                previous,
-                "`previous` names the shape of the version before this one, but this is version 1: \
-                 add `version = 2` (or higher) to this struct",
-            );
-        }
-        for step in &attrs.upcasts {
-            cx.error_spanned_by(
-                &step.keyword,
-                "with `previous = …`, older versions are decoded by the previous type's own chain: \
-                 move this `upcast(...)` to that type",
-            );
-        }
+        validate_previous(cx, previous, version, &attrs.upcasts);
         return;
     }
-    if version > 1 && attrs.upcasts.is_empty() {
-        let at = attrs.version.as_ref().map(|v| v.lit.to_token_stream()).unwrap_or_default();
+    // A version above 1 can only come from `version = …`, so `v` is there whenever it matters.
+    if let Some(v) = &attrs.version
+        && v.value > 1
+        && attrs.upcasts.is_empty()
+    {
+        missing_chain(cx, &s.original.ident, v);
+        return;
+    }
+    let covered = validate_steps(cx, &attrs.upcasts, version);
+    validate_coverage(cx, attrs, version, &covered);
+}
+
+/// Errors for `previous` on version 1, and for `upcast` steps given alongside `previous`.
+fn validate_previous(cx: &Ctxt, previous: &Type, version: u32, upcasts: &[Upcast]) {
+    if version <= 1 {
         cx.error_spanned_by(
-            at,
-            format!(
-                "version {version} needs an upcaster chain so that payloads of versions 1 to {} can be \
-                 read: add `previous = {}V{}` (the old shape, with `impl From<…> for {}`) or \
-                 `upcast(from = 1, with = …)` steps",
-                version - 1,
-                s.original.ident,
-                version - 1,
-                s.original.ident,
-            ),
+            previous,
+            "`previous` names the shape of the version before this one, but this is version 1: \
+             add `version = 2` (or higher) to this struct",
         );
-        return;
     }
+    for step in upcasts {
+        cx.error_spanned_by(
+            &step.keyword,
+            "with `previous = …`, older versions are decoded by the previous type's own chain: \
+             move this `upcast(...)` to that type",
+        );
+    }
+}
+
+/// The error for a version above 1 that has neither `previous` nor `upcast` steps.
+fn missing_chain(cx: &Ctxt, ident: &Ident, v: &Int) {
+    let version = v.value;
+    cx.error_spanned_by(
+        &v.lit,
+        format!(
+            "version {version} needs an upcaster chain so that payloads of versions 1 to {} can be \
+             read: add `previous = {}V{}` (the old shape, with `impl From<…> for {}`) or \
+             `upcast(from = 1, with = …)` steps",
+            version - 1,
+            ident,
+            version - 1,
+            ident,
+        ),
+    );
+}
+
+/// Errors for steps from version 0, from the current version or later, or from a version
+/// that already has a step; returns the versions that have a step.
+fn validate_steps(cx: &Ctxt, upcasts: &[Upcast], version: u32) -> BTreeMap<u32, ()> {
     let mut covered = BTreeMap::new();
-    for step in &attrs.upcasts {
+    for step in upcasts {
         let Some(from) = &step.from else { continue };
         if from.value == 0 {
             cx.error_spanned_by(
@@ -196,19 +220,24 @@ fn validate_chain(cx: &Ctxt, s: &Struct<'_>, version: u32) {
             );
         }
     }
-    if let Some(v) = &attrs.version {
-        for missing in (1..version).filter(|k| !covered.contains_key(k)) {
-            if attrs.upcasts.iter().any(|u| u.from.is_none()) {
-                break; // the incomplete step was reported already
-            }
-            cx.error_spanned_by(
-                &v.lit,
-                format!(
-                    "missing upcaster from version {missing} to {}: add `upcast(from = {missing}, with = …)`",
-                    missing + 1
-                ),
-            );
-        }
+    covered
+}
+
+/// Errors on `version = …` for each older version that no step starts from.
+fn validate_coverage(cx: &Ctxt, attrs: &Container, version: u32, covered: &BTreeMap<u32, ()>) {
+    // Without `version = …` the version is 1, and there is nothing to cover.
+    let Some(v) = &attrs.version else { return };
+    if attrs.upcasts.iter().any(|u| u.from.is_none()) {
+        return; // the incomplete step was reported already
+    }
+    for missing in (1..version).filter(|k| !covered.contains_key(k)) {
+        cx.error_spanned_by(
+            &v.lit,
+            format!(
+                "missing upcaster from version {missing} to {}: add `upcast(from = {missing}, with = …)`",
+                missing + 1
+            ),
+        );
     }
 }
 
