@@ -56,9 +56,9 @@ fn expand_struct(s: &Struct<'_>) -> TokenStream {
     };
 
     let keys = s.keys();
-    let key_names: Vec<&String> = keys.iter().map(|(name, _)| name).collect();
+    let key_names: Vec<&String> = keys.iter().map(|(name, _, _)| name).collect();
     let key_count = keys.len();
-    let push_keys = keys.iter().map(|(name, field)| {
+    let push_keys = keys.iter().map(|(name, field, _)| {
         let member = &field.member;
         let span = field.ty.span();
         quote_spanned! {span=>

@@ -121,9 +121,8 @@ fn check_key_name(cx: &Ctxt, field: &Field<'_>) {
 /// Errors for a key name promoted from more than one field, on each later one.
 fn validate_unique_keys(cx: &Ctxt, s: &Struct<'_>) {
     let mut keys = BTreeMap::new();
-    for (name, field) in s.keys() {
+    for (name, field, key) in s.keys() {
         if let Some(first) = keys.insert(name.clone(), field.name()) {
-            let Some(key) = &field.attrs.key else { continue };
             let at =
                 key.rename.as_ref().map_or_else(|| key.keyword.to_token_stream(), ToTokens::to_token_stream);
             cx.error_spanned_by(
