@@ -2,8 +2,8 @@
 
 use proc_macro2::{Literal, Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
-use syn::DeriveInput;
 use syn::spanned::Spanned;
+use syn::{DeriveInput, Ident};
 
 use crate::ast::{Enum, Input, Struct};
 use crate::ctxt::Ctxt;
@@ -34,15 +34,133 @@ fn u32_lit(n: u32) -> Literal {
     Literal::u32_unsuffixed(n)
 }
 
+/// The bodies of the items of `impl DomainEvent`, the parts that differ between a struct
+/// and an enum.
+struct DomainEventParts {
+    /// Whether the accessors `event_type`, `subject` and `schema_version` get `#[inline]`.
+    inline: bool,
+    event_types: TokenStream,
+    accepted_types: TokenStream,
+    subjects: TokenStream,
+    event_type: TokenStream,
+    subject: TokenStream,
+    schema_version: TokenStream,
+    aggregate_id: TokenStream,
+    promoted_keys: TokenStream,
+    to_payload: TokenStream,
+    decode: TokenStream,
+}
+
+/// The `impl DomainEvent` for `ident`, made of the given parts.
+fn domain_event_impl(ident: &Ident, parts: DomainEventParts) -> TokenStream {
+    let DomainEventParts {
+        inline,
+        event_types,
+        accepted_types,
+        subjects,
+        event_type,
+        subject,
+        schema_version,
+        aggregate_id,
+        promoted_keys,
+        to_payload,
+        decode,
+    } = parts;
+    let inline = inline.then(|| quote!(#[inline]));
+    quote! {
+        #[automatically_derived]
+        #[allow(unused_qualifications)]
+        impl ::edupulse_events::__private::DomainEvent for #ident {
+            const EVENT_TYPES: &'static [&'static str] = #event_types;
+            const ACCEPTED_TYPES: &'static [&'static str] = #accepted_types;
+            const SUBJECTS: &'static [&'static str] = #subjects;
+
+            #inline
+            fn event_type(&self) -> &'static str {
+                #event_type
+            }
+
+            #inline
+            fn subject(&self) -> &'static str {
+                #subject
+            }
+
+            #inline
+            fn schema_version(&self) -> u32 {
+                #schema_version
+            }
+
+            fn aggregate_id(&self) -> ::edupulse_events::__private::Option<::edupulse_events::__private::Uuid> {
+                #aggregate_id
+            }
+
+            fn promoted_keys(&self) -> ::edupulse_events::__private::Vec<::edupulse_events::__private::PromotedKey> {
+                #promoted_keys
+            }
+
+            fn to_payload(&self) -> ::edupulse_events::__private::Result<
+                ::edupulse_events::__private::Box<::edupulse_events::__private::RawValue>,
+                ::edupulse_events::__private::EventError,
+            > {
+                #to_payload
+            }
+
+            fn decode(
+                __event_type: &str,
+                __version: u32,
+                __payload: &[u8],
+            ) -> ::edupulse_events::__private::Result<Self, ::edupulse_events::__private::EventError> {
+                #decode
+            }
+        }
+    }
+}
+
+/// The error `decode` returns for an event type name that `Self` does not accept.
+fn unknown_event_type() -> TokenStream {
+    quote! {
+        ::edupulse_events::__private::Result::Err(::edupulse_events::__private::unknown(
+            __event_type,
+            <Self as ::edupulse_events::__private::DomainEvent>::ACCEPTED_TYPES,
+        ))
+    }
+}
+
+/// The impls for an event struct: `DomainEvent`, `EventSchema`, and the check on `previous`.
 fn expand_struct(s: &Struct<'_>) -> TokenStream {
     let ident = &s.original.ident;
     let event_type = s.event_type();
     let aliases = s.aliases();
     let subject = s.subject();
-    let version = s.version();
-    let version_lit = u32_lit(version);
+    let version_lit = u32_lit(s.version());
+    let domain_event = domain_event_impl(
+        ident,
+        DomainEventParts {
+            inline: true,
+            event_types: quote!(&[#event_type]),
+            accepted_types: quote!(&[#event_type #(, #aliases)*]),
+            subjects: quote!(&[#subject]),
+            event_type: quote!(#event_type),
+            subject: quote!(#subject),
+            schema_version: quote!(#version_lit),
+            aggregate_id: struct_aggregate_id(s),
+            promoted_keys: struct_promoted_keys(s),
+            to_payload: quote!(::edupulse_events::__private::to_payload(#event_type, self)),
+            decode: struct_decode(&event_type, &aliases),
+        },
+    );
+    let schema = schema_impl(s);
+    let previous_check = previous_version_check(s);
+    quote! {
+        #domain_event
+        #schema
+        #previous_check
+    }
+}
 
-    let aggregate_id = match s.aggregate_field() {
+/// The body of a struct's `aggregate_id`: the `aggregate_id` field as a UUID, or `None`.
+fn struct_aggregate_id(s: &Struct<'_>) -> TokenStream {
+    match s.aggregate_field() {
         Some(field) => {
             let member = &field.member;
             let span = field.ty.span();
@@ -53,10 +171,12 @@ fn expand_struct(s: &Struct<'_>) -> TokenStream {
             }
         }
         None => quote!(::edupulse_events::__private::Option::None),
-    };
+    }
+}
 
+/// The body of a struct's `promoted_keys`: one `push_key` per key field.
+fn struct_promoted_keys(s: &Struct<'_>) -> TokenStream {
     let keys = s.keys();
-    let key_names: Vec<&String> = keys.iter().map(|(name, _, _)| name).collect();
     let key_count = keys.len();
     let push_keys = keys.iter().map(|(name, field, _)| {
         let member = &field.member;
@@ -65,81 +185,37 @@ fn expand_struct(s: &Struct<'_>) -> TokenStream {
             ::edupulse_events::__private::push_key(&mut __keys, #name, &self.#member);
         }
     });
-
-    let chain = expand_chain(s, version);
-    let previous_check = s.attrs.previous.as_ref().map(|previous| {
-        let expected = u32_lit(version.saturating_sub(1));
-        let message = format!(
-            "`previous` of `{ident}` (version {version}) must be the shape of version {}: set \
-             `#[event(version = {})]` on the previous type",
-            version.saturating_sub(1),
-            version.saturating_sub(1),
-        );
-        quote_spanned! {previous.span()=>
-            const _: () = ::core::assert!(
-                <#previous as ::edupulse_events::__private::EventSchema>::VERSION == #expected,
-                #message
-            );
-        }
-    });
-
     quote! {
-        #[automatically_derived]
-        #[allow(unused_qualifications)]
-        impl ::edupulse_events::__private::DomainEvent for #ident {
-            const EVENT_TYPES: &'static [&'static str] = &[#event_type];
-            const ACCEPTED_TYPES: &'static [&'static str] = &[#event_type #(, #aliases)*];
-            const SUBJECTS: &'static [&'static str] = &[#subject];
+        #[allow(unused_mut)]
+        let mut __keys = ::edupulse_events::__private::Vec::with_capacity(#key_count);
+        #(#push_keys)*
+        __keys
+    }
+}
 
-            #[inline]
-            fn event_type(&self) -> &'static str {
-                #event_type
-            }
-
-            #[inline]
-            fn subject(&self) -> &'static str {
-                #subject
-            }
-
-            #[inline]
-            fn schema_version(&self) -> u32 {
-                #version_lit
-            }
-
-            fn aggregate_id(&self) -> ::edupulse_events::__private::Option<::edupulse_events::__private::Uuid> {
-                #aggregate_id
-            }
-
-            fn promoted_keys(&self) -> ::edupulse_events::__private::Vec<::edupulse_events::__private::PromotedKey> {
-                #[allow(unused_mut)]
-                let mut __keys = ::edupulse_events::__private::Vec::with_capacity(#key_count);
-                #(#push_keys)*
-                __keys
-            }
-
-            fn to_payload(&self) -> ::edupulse_events::__private::Result<
-                ::edupulse_events::__private::Box<::edupulse_events::__private::RawValue>,
-                ::edupulse_events::__private::EventError,
-            > {
-                ::edupulse_events::__private::to_payload(#event_type, self)
-            }
-
-            fn decode(
-                __event_type: &str,
-                __version: u32,
-                __payload: &[u8],
-            ) -> ::edupulse_events::__private::Result<Self, ::edupulse_events::__private::EventError> {
-                if __event_type == #event_type #(|| __event_type == #aliases)* {
-                    <Self as ::edupulse_events::__private::EventSchema>::decode_version(__event_type, __version, __payload)
-                } else {
-                    ::edupulse_events::__private::Result::Err(::edupulse_events::__private::unknown(
-                        __event_type,
-                        <Self as ::edupulse_events::__private::DomainEvent>::ACCEPTED_TYPES,
-                    ))
-                }
-            }
+/// The body of a struct's `decode`: its name or an alias goes to `decode_version`.
+fn struct_decode(event_type: &str, aliases: &[String]) -> TokenStream {
+    let unknown = unknown_event_type();
+    quote! {
+        if __event_type == #event_type #(|| __event_type == #aliases)* {
+            <Self as ::edupulse_events::__private::EventSchema>::decode_version(__event_type, __version, __payload)
+        } else {
+            #unknown
         }
+    }
+}
 
+/// The `impl EventSchema` of an event struct: its constants and `decode_version`.
+fn schema_impl(s: &Struct<'_>) -> TokenStream {
+    let ident = &s.original.ident;
+    let event_type = s.event_type();
+    let aliases = s.aliases();
+    let subject = s.subject();
+    let version = s.version();
+    let version_lit = u32_lit(version);
+    let key_names = s.keys().into_iter().map(|(name, _, _)| name);
+    let chain = expand_chain(s, version);
+    quote! {
         #[automatically_derived]
         #[allow(unused_qualifications)]
         impl ::edupulse_events::__private::EventSchema for #ident {
@@ -157,9 +233,28 @@ fn expand_struct(s: &Struct<'_>) -> TokenStream {
                 #chain
             }
         }
-
-        #previous_check
     }
+}
+
+/// With `previous = T`, a compile-time check that `T` is the shape of the version before.
+fn previous_version_check(s: &Struct<'_>) -> Option<TokenStream> {
+    let ident = &s.original.ident;
+    let version = s.version();
+    s.attrs.previous.as_ref().map(|previous| {
+        let expected = u32_lit(version.saturating_sub(1));
+        let message = format!(
+            "`previous` of `{ident}` (version {version}) must be the shape of version {}: set \
+             `#[event(version = {})]` on the previous type",
+            version.saturating_sub(1),
+            version.saturating_sub(1),
+        );
+        quote_spanned! {previous.span()=>
+            const _: () = ::core::assert!(
+                <#previous as ::edupulse_events::__private::EventSchema>::VERSION == #expected,
+                #message
+            );
+        }
+    })
 }
 
 /// The body of `decode_version`: the current version decodes directly; older ones go
