@@ -1,11 +1,11 @@
 //! Generates the impls from a model that `valid.rs` has accepted.
 
-use proc_macro2::{Literal, Span, TokenStream};
+use proc_macro2::{Literal, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{DeriveInput, Ident};
 
-use crate::ast::{Enum, Input, Struct};
+use crate::ast::{Enum, Input, Struct, Variant};
 use crate::ctxt::Ctxt;
 use crate::{fallback, valid};
 
@@ -318,42 +318,96 @@ fn expand_chain(s: &Struct<'_>, version: u32) -> TokenStream {
     }
 }
 
+/// The impls for an enum of events: `DomainEvent` by dispatch to the variants, `From` each
+/// event, and the compile-time checks across the variants.
 fn expand_enum(e: &Enum<'_>) -> TokenStream {
     let ident = &e.original.ident;
-    let types: Vec<_> = e.variants.iter().map(|v| v.ty).collect();
     let idents: Vec<_> = e.variants.iter().map(|v| v.ident).collect();
-    let tys_as_event: Vec<_> = types
+    let tys_as_event: Vec<_> = e
+        .variants
         .iter()
-        .map(|ty| quote_spanned!(ty.span()=> <#ty as ::edupulse_events::__private::DomainEvent>))
+        .map(|v| {
+            let ty = v.ty;
+            quote_spanned!(ty.span()=> <#ty as ::edupulse_events::__private::DomainEvent>)
+        })
         .collect();
+    let dispatch = |method: TokenStream| dispatch(&idents, &tys_as_event, &method);
+    let domain_event = domain_event_impl(
+        ident,
+        DomainEventParts {
+            inline: false,
+            event_types: concat_lists(&tys_as_event, "EVENT_TYPES"),
+            accepted_types: concat_lists(&tys_as_event, "ACCEPTED_TYPES"),
+            subjects: concat_lists(&tys_as_event, "SUBJECTS"),
+            event_type: dispatch(quote!(event_type)),
+            subject: dispatch(quote!(subject)),
+            schema_version: dispatch(quote!(schema_version)),
+            aggregate_id: dispatch(quote!(aggregate_id)),
+            promoted_keys: dispatch(quote!(promoted_keys)),
+            to_payload: dispatch(quote!(to_payload)),
+            decode: enum_decode(&idents, &tys_as_event),
+        },
+    );
+    let from_impls = e.variants.iter().map(|v| from_impl(ident, v));
+    let checks = distinct_names_checks(e).into_iter().chain(context_checks(e));
+    quote! {
+        #domain_event
+        #(#from_impls)*
+        #(#checks)*
+    }
+}
 
-    let list = |name: &str| {
-        let name = format_ident!("{}", name);
-        quote! {{
-            const __PARTS: &[&[&'static str]] = &[#(#tys_as_event::#name),*];
-            const __N: usize = ::edupulse_events::__private::concat_len(__PARTS);
-            const __ALL: [&'static str; __N] = ::edupulse_events::__private::concat_strs(__PARTS);
-            &__ALL
-        }}
-    };
-    let event_types = list("EVENT_TYPES");
-    let accepted = list("ACCEPTED_TYPES");
-    let subjects = list("SUBJECTS");
+/// A constant block that concatenates the list `name` (such as `EVENT_TYPES`) of every variant.
+fn concat_lists(tys_as_event: &[TokenStream], name: &str) -> TokenStream {
+    let name = format_ident!("{}", name);
+    quote! {{
+        const __PARTS: &[&[&'static str]] = &[#(#tys_as_event::#name),*];
+        const __N: usize = ::edupulse_events::__private::concat_len(__PARTS);
+        const __ALL: [&'static str; __N] = ::edupulse_events::__private::concat_strs(__PARTS);
+        &__ALL
+    }}
+}
 
-    let dispatch = |method: TokenStream| {
-        quote! {
-            match self {
-                #(Self::#idents(__event) => #tys_as_event::#method(__event),)*
+/// A `match self` that calls `method` on the event of whichever variant it is.
+fn dispatch(idents: &[&Ident], tys_as_event: &[TokenStream], method: &TokenStream) -> TokenStream {
+    quote! {
+        match self {
+            #(Self::#idents(__event) => #tys_as_event::#method(__event),)*
+        }
+    }
+}
+
+/// The body of an enum's `decode`: the first variant whose event accepts the name decodes it.
+fn enum_decode(idents: &[&Ident], tys_as_event: &[TokenStream]) -> TokenStream {
+    let unknown = unknown_event_type();
+    quote! {
+        #(
+            if #tys_as_event::accepts(__event_type) {
+                return #tys_as_event::decode(__event_type, __version, __payload).map(Self::#idents);
+            }
+        )*
+        #unknown
+    }
+}
+
+/// `impl From<Event> for Enum`, wrapping the event in its variant.
+fn from_impl(ident: &Ident, v: &Variant<'_>) -> TokenStream {
+    let (variant, ty) = (v.ident, v.ty);
+    quote! {
+        #[automatically_derived]
+        #[allow(unused_qualifications)]
+        impl ::edupulse_events::__private::From<#ty> for #ident {
+            #[inline]
+            fn from(event: #ty) -> Self {
+                Self::#variant(event)
             }
         }
-    };
-    let event_type = dispatch(quote!(event_type));
-    let subject = dispatch(quote!(subject));
-    let schema_version = dispatch(quote!(schema_version));
-    let aggregate_id = dispatch(quote!(aggregate_id));
-    let promoted_keys = dispatch(quote!(promoted_keys));
-    let to_payload = dispatch(quote!(to_payload));
+    }
+}
 
+/// Compile-time checks that no two variants accept the same event type name or alias.
+fn distinct_names_checks(e: &Enum<'_>) -> Vec<TokenStream> {
+    let ident = &e.original.ident;
     let mut checks = Vec::new();
     for (j, later) in e.variants.iter().enumerate() {
         for earlier in &e.variants[..j] {
@@ -374,16 +428,24 @@ fn expand_enum(e: &Enum<'_>) -> TokenStream {
             });
         }
     }
-    if let Some(context) = &e.attrs.context {
-        let context_value = context.value();
-        for v in &e.variants {
+    checks
+}
+
+/// With `context = "…"`, compile-time checks that every variant publishes inside it.
+fn context_checks(e: &Enum<'_>) -> Vec<TokenStream> {
+    let ident = &e.original.ident;
+    let Some(context) = &e.attrs.context else { return Vec::new() };
+    let context_value = context.value();
+    e.variants
+        .iter()
+        .map(|v| {
             let ty = v.ty;
             let message = format!(
                 "variant `{}` of `{ident}` is published outside the context `{context_value}`: give its \
                  event `#[event(context = \"{context_value}\")]` or a subject that starts with `{context_value}.`",
                 v.ident
             );
-            checks.push(quote_spanned! {ty.span()=>
+            quote_spanned! {ty.span()=>
                 const _: () = ::core::assert!(
                     ::edupulse_events::__private::all_in_context(
                         <#ty as ::edupulse_events::__private::DomainEvent>::SUBJECTS,
@@ -391,78 +453,7 @@ fn expand_enum(e: &Enum<'_>) -> TokenStream {
                     ),
                     #message
                 );
-            });
-        }
-    }
-
-    let from_impls = e.variants.iter().map(|v| {
-        let (variant, ty) = (v.ident, v.ty);
-        quote! {
-            #[automatically_derived]
-            #[allow(unused_qualifications)]
-            impl ::edupulse_events::__private::From<#ty> for #ident {
-                #[inline]
-                fn from(event: #ty) -> Self {
-                    Self::#variant(event)
-                }
             }
-        }
-    });
-
-    let span = Span::call_site();
-    quote_spanned! {span=>
-        #[automatically_derived]
-        #[allow(unused_qualifications)]
-        impl ::edupulse_events::__private::DomainEvent for #ident {
-            const EVENT_TYPES: &'static [&'static str] = #event_types;
-            const ACCEPTED_TYPES: &'static [&'static str] = #accepted;
-            const SUBJECTS: &'static [&'static str] = #subjects;
-
-            fn event_type(&self) -> &'static str {
-                #event_type
-            }
-
-            fn subject(&self) -> &'static str {
-                #subject
-            }
-
-            fn schema_version(&self) -> u32 {
-                #schema_version
-            }
-
-            fn aggregate_id(&self) -> ::edupulse_events::__private::Option<::edupulse_events::__private::Uuid> {
-                #aggregate_id
-            }
-
-            fn promoted_keys(&self) -> ::edupulse_events::__private::Vec<::edupulse_events::__private::PromotedKey> {
-                #promoted_keys
-            }
-
-            fn to_payload(&self) -> ::edupulse_events::__private::Result<
-                ::edupulse_events::__private::Box<::edupulse_events::__private::RawValue>,
-                ::edupulse_events::__private::EventError,
-            > {
-                #to_payload
-            }
-
-            fn decode(
-                __event_type: &str,
-                __version: u32,
-                __payload: &[u8],
-            ) -> ::edupulse_events::__private::Result<Self, ::edupulse_events::__private::EventError> {
-                #(
-                    if #tys_as_event::accepts(__event_type) {
-                        return #tys_as_event::decode(__event_type, __version, __payload).map(Self::#idents);
-                    }
-                )*
-                ::edupulse_events::__private::Result::Err(::edupulse_events::__private::unknown(
-                    __event_type,
-                    <Self as ::edupulse_events::__private::DomainEvent>::ACCEPTED_TYPES,
-                ))
-            }
-        }
-
-        #(#from_impls)*
-        #(#checks)*
-    }
+        })
+        .collect()
 }
