@@ -52,21 +52,10 @@ struct DomainEventParts {
 }
 
 /// The `impl DomainEvent` for `ident`, made of the given parts.
-fn domain_event_impl(ident: &Ident, parts: DomainEventParts) -> TokenStream {
-    let DomainEventParts {
-        inline,
-        event_types,
-        accepted_types,
-        subjects,
-        event_type,
-        subject,
-        schema_version,
-        aggregate_id,
-        promoted_keys,
-        to_payload,
-        decode,
-    } = parts;
-    let inline = inline.then(|| quote!(#[inline]));
+fn domain_event_impl(ident: &Ident, parts: &DomainEventParts) -> TokenStream {
+    let DomainEventParts { event_types, accepted_types, subjects, .. } = parts;
+    let accessors = domain_event_accessors(parts);
+    let codec = domain_event_codec(parts);
     quote! {
         #[automatically_derived]
         #[allow(unused_qualifications)]
@@ -75,43 +64,59 @@ fn domain_event_impl(ident: &Ident, parts: DomainEventParts) -> TokenStream {
             const ACCEPTED_TYPES: &'static [&'static str] = #accepted_types;
             const SUBJECTS: &'static [&'static str] = #subjects;
 
-            #inline
-            fn event_type(&self) -> &'static str {
-                #event_type
-            }
+            #accessors
+            #codec
+        }
+    }
+}
 
-            #inline
-            fn subject(&self) -> &'static str {
-                #subject
-            }
+/// The methods `event_type`, `subject`, `schema_version`, `aggregate_id` and `promoted_keys`.
+fn domain_event_accessors(parts: &DomainEventParts) -> TokenStream {
+    let DomainEventParts { event_type, subject, schema_version, aggregate_id, promoted_keys, .. } = parts;
+    let inline = parts.inline.then(|| quote!(#[inline]));
+    quote! {
+        #inline
+        fn event_type(&self) -> &'static str {
+            #event_type
+        }
 
-            #inline
-            fn schema_version(&self) -> u32 {
-                #schema_version
-            }
+        #inline
+        fn subject(&self) -> &'static str {
+            #subject
+        }
 
-            fn aggregate_id(&self) -> ::edupulse_events::__private::Option<::edupulse_events::__private::Uuid> {
-                #aggregate_id
-            }
+        #inline
+        fn schema_version(&self) -> u32 {
+            #schema_version
+        }
 
-            fn promoted_keys(&self) -> ::edupulse_events::__private::Vec<::edupulse_events::__private::PromotedKey> {
-                #promoted_keys
-            }
+        fn aggregate_id(&self) -> ::edupulse_events::__private::Option<::edupulse_events::__private::Uuid> {
+            #aggregate_id
+        }
 
-            fn to_payload(&self) -> ::edupulse_events::__private::Result<
-                ::edupulse_events::__private::Box<::edupulse_events::__private::RawValue>,
-                ::edupulse_events::__private::EventError,
-            > {
-                #to_payload
-            }
+        fn promoted_keys(&self) -> ::edupulse_events::__private::Vec<::edupulse_events::__private::PromotedKey> {
+            #promoted_keys
+        }
+    }
+}
 
-            fn decode(
-                __event_type: &str,
-                __version: u32,
-                __payload: &[u8],
-            ) -> ::edupulse_events::__private::Result<Self, ::edupulse_events::__private::EventError> {
-                #decode
-            }
+/// The methods `to_payload` and `decode`.
+fn domain_event_codec(parts: &DomainEventParts) -> TokenStream {
+    let DomainEventParts { to_payload, decode, .. } = parts;
+    quote! {
+        fn to_payload(&self) -> ::edupulse_events::__private::Result<
+            ::edupulse_events::__private::Box<::edupulse_events::__private::RawValue>,
+            ::edupulse_events::__private::EventError,
+        > {
+            #to_payload
+        }
+
+        fn decode(
+            __event_type: &str,
+            __version: u32,
+            __payload: &[u8],
+        ) -> ::edupulse_events::__private::Result<Self, ::edupulse_events::__private::EventError> {
+            #decode
         }
     }
 }
@@ -135,7 +140,7 @@ fn expand_struct(s: &Struct<'_>) -> TokenStream {
     let version_lit = u32_lit(s.version());
     let domain_event = domain_event_impl(
         ident,
-        DomainEventParts {
+        &DomainEventParts {
             inline: true,
             event_types: quote!(&[#event_type]),
             accepted_types: quote!(&[#event_type #(, #aliases)*]),
@@ -334,7 +339,7 @@ fn expand_enum(e: &Enum<'_>) -> TokenStream {
     let dispatch = |method: TokenStream| dispatch(&idents, &tys_as_event, &method);
     let domain_event = domain_event_impl(
         ident,
-        DomainEventParts {
+        &DomainEventParts {
             inline: false,
             event_types: concat_lists(&tys_as_event, "EVENT_TYPES"),
             accepted_types: concat_lists(&tys_as_event, "ACCEPTED_TYPES"),
