@@ -3,9 +3,10 @@
 use proc_macro2::{Literal, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{DeriveInput, Ident};
+use syn::{DeriveInput, Ident, Type};
 
 use crate::ast::{Enum, Input, Struct, Variant};
+use crate::attr::Upcast;
 use crate::ctxt::Ctxt;
 use crate::{fallback, valid};
 
@@ -265,62 +266,94 @@ fn previous_version_check(s: &Struct<'_>) -> Option<TokenStream> {
 /// The body of `decode_version`: the current version decodes directly; older ones go
 /// through the typed `previous` type or the raw JSON steps.
 fn expand_chain(s: &Struct<'_>, version: u32) -> TokenStream {
+    let current = decode_current_version(version);
+    let older = match &s.attrs.previous {
+        Some(previous) => decode_through_previous(previous),
+        // Only version 1 exists, and `current` refuses every other version.
+        None if version == 1 => unsupported_version(version),
+        None => decode_through_upcasts(&s.attrs.upcasts, version),
+    };
+    quote! {
+        #current
+        #older
+    }
+}
+
+/// The error `decode_version` returns for a version it cannot read.
+fn unsupported_version(version: u32) -> TokenStream {
     let version_lit = u32_lit(version);
-    let current = quote! {
+    quote! {
+        ::edupulse_events::__private::Result::Err(
+            ::edupulse_events::__private::unsupported(__event_type, __version, #version_lit),
+        )
+    }
+}
+
+/// Decodes the current version directly; refuses version 0 and versions above the current.
+fn decode_current_version(version: u32) -> TokenStream {
+    let version_lit = u32_lit(version);
+    let unsupported = unsupported_version(version);
+    quote! {
         if __version == #version_lit {
             return ::edupulse_events::__private::from_slice::<Self>(__event_type, __version, __payload);
         }
         if __version == 0 || __version > #version_lit {
-            return ::edupulse_events::__private::Result::Err(
-                ::edupulse_events::__private::unsupported(__event_type, __version, #version_lit),
-            );
+            return #unsupported;
         }
+    }
+}
+
+/// Decodes an older version as the `previous` type, with its own chain, and converts it.
+fn decode_through_previous(previous: &Type) -> TokenStream {
+    let from = quote_spanned! {previous.span()=>
+        <Self as ::edupulse_events::__private::From<#previous>>::from
     };
-    if let Some(previous) = &s.attrs.previous {
-        let from = quote_spanned! {previous.span()=>
-            <Self as ::edupulse_events::__private::From<#previous>>::from
-        };
-        return quote! {
-            #current
-            <#previous as ::edupulse_events::__private::EventSchema>::decode_version(__event_type, __version, __payload)
-                .map(#from)
-        };
-    }
-    if version == 1 {
-        // Only version 1 exists; versions other than 1 were refused above.
-        return quote! {
-            #current
-            ::edupulse_events::__private::Result::Err(
-                ::edupulse_events::__private::unsupported(__event_type, __version, #version_lit),
-            )
-        };
-    }
-    let mut steps: Vec<_> =
-        s.attrs.upcasts.iter().filter_map(|u| Some((u.from.as_ref()?.value, u.with.as_ref()?))).collect();
-    steps.sort_by_key(|(from, _)| *from);
-    let arms = steps.iter().map(|(from, with)| {
-        let from = u32_lit(*from);
-        quote_spanned! {with.span()=>
-            #from => ::edupulse_events::__private::upcast(__event_type, __version, #from, #with, __value)?,
-        }
-    });
     quote! {
-        #current
+        <#previous as ::edupulse_events::__private::EventSchema>::decode_version(__event_type, __version, __payload)
+            .map(#from)
+    }
+}
+
+/// Decodes an older version as JSON, runs the `upcast` steps from it up to the current
+/// version, and decodes the result.
+fn decode_through_upcasts(upcasts: &[Upcast], version: u32) -> TokenStream {
+    let version_lit = u32_lit(version);
+    let unsupported = unsupported_version(version);
+    let arms = upcast_arms(upcasts);
+    // The `_` arm is never taken (validation requires a step from every older version),
+    // but a `match` on a `u32` needs it.
+    quote! {
         let mut __value = ::edupulse_events::__private::value_from_slice(__event_type, __version, __payload)?;
         let mut __at = __version;
         while __at < #version_lit {
             __value = match __at {
                 #(#arms)*
                 _ => {
-                    return ::edupulse_events::__private::Result::Err(
-                        ::edupulse_events::__private::unsupported(__event_type, __version, #version_lit),
-                    );
+                    return #unsupported;
                 }
             };
             __at += 1;
         }
         ::edupulse_events::__private::from_value::<Self>(__event_type, __version, __value)
     }
+}
+
+/// One `match` arm per `upcast` step, ordered by the version it starts from.
+fn upcast_arms(upcasts: &[Upcast]) -> Vec<TokenStream> {
+    // A step without `from` or `with` is an error in attr.rs and never gets here; the
+    // `filter_map` only avoids an unwrap.
+    let mut steps: Vec<_> =
+        upcasts.iter().filter_map(|u| Some((u.from.as_ref()?.value, u.with.as_ref()?))).collect();
+    steps.sort_by_key(|(from, _)| *from);
+    steps
+        .iter()
+        .map(|(from, with)| {
+            let from = u32_lit(*from);
+            quote_spanned! {with.span()=>
+                #from => ::edupulse_events::__private::upcast(__event_type, __version, #from, #with, __value)?,
+            }
+        })
+        .collect()
 }
 
 /// The impls for an enum of events: `DomainEvent` by dispatch to the variants, `From` each
