@@ -24,6 +24,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
             let stand_in = fallback::expand(input);
             let errors = match cx.check() {
                 Err(e) => e.into_compile_error(),
+                // Kept defensively: the model is missing only for a union, which is an error.
                 Ok(()) => TokenStream::new(),
             };
             Ok(quote! { #errors #stand_in })
@@ -31,6 +32,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     }
 }
 
+/// `n` as an unsuffixed integer literal (`2`, not `2u32`).
 fn u32_lit(n: u32) -> Literal {
     Literal::u32_unsuffixed(n)
 }
