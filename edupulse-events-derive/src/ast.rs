@@ -165,14 +165,14 @@ impl Struct<'_> {
         self.fields.iter().find(|f| f.attrs.aggregate_id.is_some())
     }
 
-    /// The promoted key fields with their key names.
-    pub(crate) fn keys(&self) -> Vec<(String, &Field<'_>)> {
+    /// The promoted key fields with their key names and their `key` attributes.
+    pub(crate) fn keys(&self) -> Vec<(String, &Field<'_>, &attr::Key)> {
         self.fields
             .iter()
             .filter_map(|f| {
                 let key = f.attrs.key.as_ref()?;
                 let name = key.rename.as_ref().map_or_else(|| f.name(), syn::LitStr::value);
-                Some((name, f))
+                Some((name, f, key))
             })
             .collect()
     }

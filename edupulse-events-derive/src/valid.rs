@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 
 use quote::ToTokens;
+use syn::{Ident, Type};
 
-use crate::ast::{Enum, Input, Struct};
+use crate::ast::{Enum, Field, Input, Struct};
+use crate::attr::{Container, Int, Upcast};
 use crate::ctxt::Ctxt;
 
 /// Checks a model; the errors go to `cx`.
@@ -26,19 +28,27 @@ fn no_generics(cx: &Ctxt, input: &syn::DeriveInput) {
     }
 }
 
+/// Checks an event struct: its names, subject, version and upcaster chain, and fields.
 fn validate_struct(cx: &Ctxt, s: &Struct<'_>) {
     no_generics(cx, s.original);
-    let attrs = &s.attrs;
+    validate_names(cx, s);
+    validate_subject(cx, &s.attrs);
+    validate_version(cx, &s.attrs);
+    validate_chain(cx, s);
+    validate_fields(cx, s);
+    validate_unique_keys(cx, s);
+}
 
-    // Names.
+/// Errors for an invalid event type name or alias, and for an alias given twice.
+fn validate_names(cx: &Ctxt, s: &Struct<'_>) {
     let event_type = s.event_type();
-    match &attrs.name {
+    match &s.attrs.name {
         Some(lit) => check_name(cx, lit, &event_type, "event type name"),
         None => check_name(cx, &s.original.ident, &event_type, "event type name (the struct's name)"),
     }
     let mut seen = BTreeMap::new();
-    seen.insert(event_type.clone(), ());
-    for alias in &attrs.aliases {
+    seen.insert(event_type, ());
+    for alias in &s.attrs.aliases {
         let value = alias.value();
         check_name(cx, alias, &value, "alias");
         if seen.insert(value.clone(), ()).is_some() {
@@ -48,8 +58,10 @@ fn validate_struct(cx: &Ctxt, s: &Struct<'_>) {
             );
         }
     }
+}
 
-    // Subject.
+/// Errors for `subject` together with `context`, and for an invalid subject or context.
+fn validate_subject(cx: &Ctxt, attrs: &Container) {
     if let (Some(_), Some(context)) = (&attrs.subject, &attrs.context) {
         cx.error_spanned_by(
             context,
@@ -62,42 +74,55 @@ fn validate_struct(cx: &Ctxt, s: &Struct<'_>) {
     if let Some(context) = &attrs.context {
         check_subject(cx, context, &context.value(), "context");
     }
+}
 
-    // Version and the upcaster chain.
-    let version = s.version();
+/// The error for `version = 0`.
+fn validate_version(cx: &Ctxt, attrs: &Container) {
     if let Some(v) = &attrs.version
         && v.value == 0
     {
         cx.error_spanned_by(&v.lit, "schema versions start at 1: write `version = 1` or leave it out");
     }
-    validate_chain(cx, s, version);
+}
 
-    // Fields.
+/// Errors for a second `aggregate_id` field and for invalid key names, field by field.
+fn validate_fields(cx: &Ctxt, s: &Struct<'_>) {
     let mut aggregate: Option<String> = None;
     for field in &s.fields {
-        if let Some(keyword) = &field.attrs.aggregate_id {
-            match &aggregate {
-                Some(first) => cx.error_spanned_by(
-                    keyword,
-                    format!("only one field can be the aggregate id, and `{first}` already is"),
-                ),
-                None => aggregate = Some(field.name()),
-            }
-        }
-        if let Some(rename) = field.attrs.key.as_ref().and_then(|k| k.rename.as_ref()) {
-            let name = rename.value();
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                cx.error_spanned_by(
-                    rename,
-                    "a key name is made of ASCII letters, digits and `_`, such as `author_id`",
-                );
-            }
-        }
+        check_aggregate_id(cx, field, &mut aggregate);
+        check_key_name(cx, field);
     }
+}
+
+/// The error for an `aggregate_id` field after the first one, whose name `first` remembers.
+fn check_aggregate_id(cx: &Ctxt, field: &Field<'_>, first: &mut Option<String>) {
+    let Some(keyword) = &field.attrs.aggregate_id else { return };
+    match first {
+        Some(first) => cx.error_spanned_by(
+            keyword,
+            format!("only one field can be the aggregate id, and `{first}` already is"),
+        ),
+        None => *first = Some(field.name()),
+    }
+}
+
+/// The error for a `key = "…"` rename that is not a valid key name.
+fn check_key_name(cx: &Ctxt, field: &Field<'_>) {
+    let Some(rename) = field.attrs.key.as_ref().and_then(|k| k.rename.as_ref()) else { return };
+    let name = rename.value();
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        cx.error_spanned_by(
+            rename,
+            "a key name is made of ASCII letters, digits and `_`, such as `author_id`",
+        );
+    }
+}
+
+/// Errors for a key name promoted from more than one field, on each later one.
+fn validate_unique_keys(cx: &Ctxt, s: &Struct<'_>) {
     let mut keys = BTreeMap::new();
-    for (name, field) in s.keys() {
+    for (name, field, key) in s.keys() {
         if let Some(first) = keys.insert(name.clone(), field.name()) {
-            let Some(key) = &field.attrs.key else { continue };
             let at =
                 key.rename.as_ref().map_or_else(|| key.keyword.to_token_stream(), ToTokens::to_token_stream);
             cx.error_spanned_by(
@@ -111,43 +136,66 @@ fn validate_struct(cx: &Ctxt, s: &Struct<'_>) {
     }
 }
 
-fn validate_chain(cx: &Ctxt, s: &Struct<'_>, version: u32) {
+/// Checks the upcaster chain: `previous`, or one `upcast` step from each older version.
+fn validate_chain(cx: &Ctxt, s: &Struct<'_>) {
     let attrs = &s.attrs;
+    let version = s.version();
     if let Some(previous) = &attrs.previous {
-        if version <= 1 {
-            cx.error_spanned_by(
-                previous,
-                "`previous` names the shape of the version before this one, but this is version 1: \
-                 add `version = 2` (or higher) to this struct",
-            );
-        }
-        for step in &attrs.upcasts {
-            cx.error_spanned_by(
-                &step.keyword,
-                "with `previous = …`, older versions are decoded by the previous type's own chain: \
-                 move this `upcast(...)` to that type",
-            );
-        }
+        validate_previous(cx, previous, version, &attrs.upcasts);
         return;
     }
-    if version > 1 && attrs.upcasts.is_empty() {
-        let at = attrs.version.as_ref().map(|v| v.lit.to_token_stream()).unwrap_or_default();
+    // A version above 1 can only come from `version = …`, so `v` is there whenever it matters.
+    if let Some(v) = &attrs.version
+        && v.value > 1
+        && attrs.upcasts.is_empty()
+    {
+        missing_chain(cx, &s.original.ident, v);
+        return;
+    }
+    let covered = validate_steps(cx, &attrs.upcasts, version);
+    validate_coverage(cx, attrs, version, &covered);
+}
+
+/// Errors for `previous` on version 1, and for `upcast` steps given alongside `previous`.
+fn validate_previous(cx: &Ctxt, previous: &Type, version: u32, upcasts: &[Upcast]) {
+    if version <= 1 {
         cx.error_spanned_by(
-            at,
-            format!(
-                "version {version} needs an upcaster chain so that payloads of versions 1 to {} can be \
-                 read: add `previous = {}V{}` (the old shape, with `impl From<…> for {}`) or \
-                 `upcast(from = 1, with = …)` steps",
-                version - 1,
-                s.original.ident,
-                version - 1,
-                s.original.ident,
-            ),
+            previous,
+            "`previous` names the shape of the version before this one, but this is version 1: \
+             add `version = 2` (or higher) to this struct",
         );
-        return;
     }
+    for step in upcasts {
+        cx.error_spanned_by(
+            &step.keyword,
+            "with `previous = …`, older versions are decoded by the previous type's own chain: \
+             move this `upcast(...)` to that type",
+        );
+    }
+}
+
+/// The error for a version above 1 that has neither `previous` nor `upcast` steps.
+fn missing_chain(cx: &Ctxt, ident: &Ident, v: &Int) {
+    let version = v.value;
+    cx.error_spanned_by(
+        &v.lit,
+        format!(
+            "version {version} needs an upcaster chain so that payloads of versions 1 to {} can be \
+             read: add `previous = {}V{}` (the old shape, with `impl From<…> for {}`) or \
+             `upcast(from = 1, with = …)` steps",
+            version - 1,
+            ident,
+            version - 1,
+            ident,
+        ),
+    );
+}
+
+/// Errors for steps from version 0, from the current version or later, or from a version
+/// that already has a step; returns the versions that have a step.
+fn validate_steps(cx: &Ctxt, upcasts: &[Upcast], version: u32) -> BTreeMap<u32, ()> {
     let mut covered = BTreeMap::new();
-    for step in &attrs.upcasts {
+    for step in upcasts {
         let Some(from) = &step.from else { continue };
         if from.value == 0 {
             cx.error_spanned_by(
@@ -171,19 +219,24 @@ fn validate_chain(cx: &Ctxt, s: &Struct<'_>, version: u32) {
             );
         }
     }
-    if let Some(v) = &attrs.version {
-        for missing in (1..version).filter(|k| !covered.contains_key(k)) {
-            if attrs.upcasts.iter().any(|u| u.from.is_none()) {
-                break; // the incomplete step was reported already
-            }
-            cx.error_spanned_by(
-                &v.lit,
-                format!(
-                    "missing upcaster from version {missing} to {}: add `upcast(from = {missing}, with = …)`",
-                    missing + 1
-                ),
-            );
-        }
+    covered
+}
+
+/// Errors on `version = …` for each older version that no step starts from.
+fn validate_coverage(cx: &Ctxt, attrs: &Container, version: u32, covered: &BTreeMap<u32, ()>) {
+    // Without `version = …` the version is 1, and there is nothing to cover.
+    let Some(v) = &attrs.version else { return };
+    if attrs.upcasts.iter().any(|u| u.from.is_none()) {
+        return; // the incomplete step was reported already
+    }
+    for missing in (1..version).filter(|k| !covered.contains_key(k)) {
+        cx.error_spanned_by(
+            &v.lit,
+            format!(
+                "missing upcaster from version {missing} to {}: add `upcast(from = {missing}, with = …)`",
+                missing + 1
+            ),
+        );
     }
 }
 
