@@ -2,9 +2,9 @@
 
 use serde_json::value::RawValue;
 
-use crate::event::wire::{HeaderFields, OutgoingMessage, WireEnvelope};
+use crate::EventError;
+use crate::event::wire::{HeaderFields, HeaderMetadata, OutgoingMessage, WireEnvelope};
 use crate::store::row::StoredRow;
-use crate::{EventError, Metadata};
 
 /// The message for a stored row (the relay publishes rows it does not decode).
 pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessage, EventError> {
@@ -19,7 +19,7 @@ pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessag
     // The strings move into the raw values: no copy of the payload per message.
     let metadata = RawValue::from_string(row.metadata).map_err(|e| bad("metadata", e))?;
     let payload = RawValue::from_string(row.payload).map_err(|e| bad("payload", e))?;
-    let parsed: Metadata = serde_json::from_str(metadata.get()).unwrap_or_default();
+    let repeated: HeaderMetadata<'_> = serde_json::from_str(metadata.get()).unwrap_or_default();
     let headers = HeaderFields {
         event_id: row.event_id,
         event_type: &row.event_type,
@@ -27,7 +27,9 @@ pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessag
         aggregate_type: &row.aggregate_type,
         aggregate_id: row.aggregate_id,
         sequence: row.sequence,
-        metadata: &parsed,
+        correlation_id: repeated.correlation_id,
+        causation_id: repeated.causation_id,
+        traceparent: repeated.traceparent.as_deref(),
     }
     .headers();
     let wire = WireEnvelope {
@@ -62,6 +64,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::Metadata;
     use crate::event::wire::{header_block_len, message_size_bound};
     use crate::store::append::{ENVELOPE_OVERHEAD_BOUND, MAX_HEADER_VALUE_LEN};
 
@@ -86,7 +89,9 @@ mod tests {
             aggregate_type: &long,
             aggregate_id: Uuid::now_v7(),
             sequence: 0,
-            metadata: &metadata,
+            correlation_id: metadata.correlation_id,
+            causation_id: metadata.causation_id,
+            traceparent: metadata.traceparent.as_deref(),
         };
         let bound = message_size_bound(&fields, occurred_at, payload.len(), metadata_json.len()).unwrap();
         let row = StoredRow {
@@ -107,5 +112,26 @@ mod tests {
         let real = header_block_len(&message.headers) + message.body.len();
         assert!(real <= bound, "real {real} > bound {bound}");
         assert!(bound <= payload.len() + metadata_json.len() + ENVELOPE_OVERHEAD_BOUND, "bound {bound}");
+    }
+
+    /// The headers read from stored metadata are those of the typed metadata: the user
+    /// fields are skipped, an escaped traceparent is unescaped.
+    #[test]
+    fn headers_from_stored_metadata() {
+        let mut user = std::collections::BTreeMap::new();
+        user.insert("tenant".to_owned(), serde_json::json!({"nested": ["x", 1]}));
+        let metadata = Metadata {
+            correlation_id: Some(Uuid::now_v7()),
+            causation_id: None,
+            traceparent: Some("00-a\"b-01".into()),
+            user,
+        };
+        let stored = serde_json::to_string(&metadata).unwrap();
+        let repeated: HeaderMetadata<'_> = serde_json::from_str(&stored).unwrap();
+        assert_eq!(repeated.correlation_id, metadata.correlation_id);
+        assert_eq!(repeated.causation_id, None);
+        assert_eq!(repeated.traceparent.as_deref(), metadata.traceparent.as_deref());
+        let empty: HeaderMetadata<'_> = serde_json::from_str("{}").unwrap();
+        assert!(empty.correlation_id.is_none() && empty.traceparent.is_none());
     }
 }

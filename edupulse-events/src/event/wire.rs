@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::event::envelope::Recorded;
-use crate::{DomainEvent, EventEnvelope, EventError, Metadata};
+use crate::{DomainEvent, EventEnvelope, EventError};
 
 /// Header names set on every published message.
 pub mod headers {
@@ -129,7 +129,21 @@ pub(crate) struct HeaderFields<'a> {
     pub(crate) aggregate_type: &'a str,
     pub(crate) aggregate_id: Uuid,
     pub(crate) sequence: i64,
-    pub(crate) metadata: &'a Metadata,
+    pub(crate) correlation_id: Option<Uuid>,
+    pub(crate) causation_id: Option<Uuid>,
+    pub(crate) traceparent: Option<&'a str>,
+}
+
+/// The metadata fields the headers repeat, read from stored metadata without building the
+/// whole [`Metadata`] (its user fields are skipped, not copied).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct HeaderMetadata<'a> {
+    #[serde(default)]
+    pub(crate) correlation_id: Option<Uuid>,
+    #[serde(default)]
+    pub(crate) causation_id: Option<Uuid>,
+    #[serde(default, borrow)]
+    pub(crate) traceparent: Option<std::borrow::Cow<'a, str>>,
 }
 
 impl HeaderFields<'_> {
@@ -142,13 +156,13 @@ impl HeaderFields<'_> {
             (headers::AGGREGATE_TYPE, self.aggregate_type.to_owned()),
             (headers::AGGREGATE_ID, self.aggregate_id.to_string()),
             (headers::SEQUENCE, self.sequence.to_string()),
-            (headers::CORRELATION_ID, self.metadata.correlation_id.unwrap_or(self.event_id).to_string()),
+            (headers::CORRELATION_ID, self.correlation_id.unwrap_or(self.event_id).to_string()),
         ];
-        if let Some(causation) = self.metadata.causation_id {
+        if let Some(causation) = self.causation_id {
             out.push((headers::CAUSATION_ID, causation.to_string()));
         }
-        if let Some(traceparent) = &self.metadata.traceparent {
-            out.push((headers::TRACEPARENT, traceparent.clone()));
+        if let Some(traceparent) = self.traceparent {
+            out.push((headers::TRACEPARENT, traceparent.to_owned()));
         }
         out
     }

@@ -57,7 +57,9 @@ pub(crate) fn check_event<E: DomainEvent>(
         aggregate_type: &envelope.aggregate_type,
         aggregate_id: envelope.aggregate_id,
         sequence: envelope.sequence,
-        metadata: &envelope.metadata,
+        correlation_id: envelope.metadata.correlation_id,
+        causation_id: envelope.metadata.causation_id,
+        traceparent: envelope.metadata.traceparent.as_deref(),
     };
     let size = message_size_bound(&fields, row.occurred_at, row.payload.len(), row.metadata.len())?;
     if size > max_message_bytes {

@@ -245,12 +245,9 @@ impl EventStore {
     /// position order, found through the keys index without reading payloads. Only event
     /// types `E` accepts are returned.
     pub fn events_by_key<E: DomainEvent>(&self, key: &str, value: impl IntoKeyValue) -> EventStream<E> {
-        let filter = match value.key_value() {
-            Some(v) => serde_json::json!({ key: v }),
-            None => serde_json::Value::Null,
-        };
-        let types = E::ACCEPTED_TYPES.iter().map(|t| (*t).to_owned()).collect();
-        self.stream(PageQuery::Key { filter, event_types: types }, StreamPosition::START)
+        let event_types = E::ACCEPTED_TYPES.iter().map(|t| (*t).to_owned()).collect();
+        let query = PageQuery::Key { name: key.to_owned(), value: value.key_value(), event_types };
+        self.stream(query, StreamPosition::START)
     }
 
     fn stream<E: DomainEvent>(&self, query: PageQuery, from: StreamPosition) -> EventStream<E> {

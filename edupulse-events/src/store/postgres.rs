@@ -548,7 +548,10 @@ impl PgBackend {
                     .fetch_all(&self.pool)
                     .await?
             }
-            PageQuery::Key { filter, event_types } => {
+            PageQuery::Key { value: None, .. } => Vec::new(),
+            PageQuery::Key { name, value: Some(value), event_types } => {
+                // The containment the GIN index answers: `keys @> {"name": value}`.
+                let filter = serde_json::json!({ name.as_str(): value });
                 sqlx::query(self.sql.key_page.clone())
                     .bind(filter.to_string())
                     .bind(after.global_position)

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::event::envelope::Recorded;
 use crate::store::StreamPosition;
-use crate::{DomainEvent, EventEnvelope, EventError};
+use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
 
 /// One row of the events table, before decoding.
 pub(crate) struct StoredRow {
@@ -79,7 +79,8 @@ pub(crate) enum PageQuery {
     /// The global stream, optionally only some event types.
     All { event_types: Option<Vec<String>> },
     /// Events whose keys contain `filter` (a JSON object), by global position.
-    Key { filter: serde_json::Value, event_types: Vec<String> },
+    /// Events whose key `name` is `value` (none for a missing value: no event matches).
+    Key { name: String, value: Option<KeyValue>, event_types: Vec<String> },
 }
 
 impl PageQuery {

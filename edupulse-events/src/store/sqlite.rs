@@ -293,14 +293,10 @@ impl SqliteBackend {
                 .fetch_all(&self.pool)
                 .await?
             }
-            PageQuery::Key { filter, event_types } => {
-                let Some((name, value)) = filter.as_object().and_then(|o| o.iter().next()) else {
-                    return Ok(Vec::new());
-                };
+            PageQuery::Key { value: None, .. } => Vec::new(),
+            PageQuery::Key { name, value: Some(value), event_types } => {
                 let path = format!("$.{}", serde_json::Value::from(name.as_str()));
                 let types = serde_json::Value::from(event_types.clone()).to_string();
-                let value: KeyValue = serde_json::from_value(value.clone())
-                    .map_err(|e| EventError::Config(format!("invalid key value: {e}")))?;
                 let query = sqlx::query(concat!(
                     "SELECT ",
                     columns!(),
@@ -314,9 +310,9 @@ impl SqliteBackend {
                 .bind(path);
                 let query = match value {
                     KeyValue::Uuid(u) => query.bind(u.to_string()),
-                    KeyValue::Text(t) => query.bind(t),
-                    KeyValue::Integer(i) => query.bind(i),
-                    KeyValue::Bool(b) => query.bind(i64::from(b)),
+                    KeyValue::Text(t) => query.bind(t.as_str()),
+                    KeyValue::Integer(i) => query.bind(*i),
+                    KeyValue::Bool(b) => query.bind(i64::from(*b)),
                 };
                 query.fetch_all(&self.pool).await?
             }
