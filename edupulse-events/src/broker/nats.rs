@@ -339,95 +339,131 @@ impl Publisher for NatsPublisher {
         messages: &'a [OutgoingMessage],
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
         Box::pin(async move {
-            let mut outcomes: Vec<Option<Result<PublishReceipt, EventError>>> =
-                messages.iter().map(|_| None).collect();
-            // Each aggregate's messages in order; only its first is ready to send. The next
-            // one becomes ready when the broker acknowledged the previous: one message per
-            // aggregate in flight, so a lost or refused message can never let a later one
-            // of its aggregate into the stream first. Different aggregates are pipelined.
-            let mut queues: HashMap<Uuid, VecDeque<usize>> = HashMap::new();
-            let mut ready: VecDeque<usize> = VecDeque::new();
-            for (i, message) in messages.iter().enumerate() {
-                let queue = queues.entry(message.aggregate_id).or_default();
-                if queue.is_empty() {
-                    ready.push_back(i);
-                }
-                queue.push_back(i);
-            }
+            let mut order = InOrder::new(messages);
             let mut in_flight = FuturesUnordered::new();
             loop {
-                while let Some(i) = ready.pop_front() {
-                    let message = &messages[i];
-                    let headers = match header_map(&message.headers) {
-                        Ok(headers) => headers,
-                        Err(e) => {
-                            settle(messages, &mut outcomes, &mut queues, &mut ready, i, Err(e));
-                            continue;
-                        }
-                    };
-                    let publish = PublishMessage::build().payload(message.body.clone()).headers(headers);
-                    match self.publishing.send_publish(message.subject.clone(), publish).await {
-                        Ok(ack) => in_flight.push(await_ack(i, ack)),
-                        Err(e) if e.kind() == PublishErrorKind::MaxAckPending => {
+                while let Some(i) = order.next_ready() {
+                    match self.send(&messages[i]).await {
+                        Sent::Awaiting(ack) => in_flight.push(await_ack(i, ack)),
+                        Sent::NoSlot => {
                             // Every slot is taken: wait for one of ours, or for the other
                             // publishes to free theirs. Nothing was sent.
-                            ready.push_front(i);
+                            order.retry_first(i);
                             if in_flight.is_empty() {
                                 tokio::time::sleep(Duration::from_millis(1)).await;
                             }
                             break;
                         }
-                        Err(e) => {
-                            let error = publish_error(e);
-                            settle(messages, &mut outcomes, &mut queues, &mut ready, i, Err(error));
-                        }
+                        Sent::Failed(error) => order.settle(i, Err(error)),
                     }
                 }
                 match in_flight.next().await {
-                    Some((i, outcome)) => {
-                        settle(messages, &mut outcomes, &mut queues, &mut ready, i, outcome)
-                    }
-                    None if ready.is_empty() => break,
+                    Some((i, outcome)) => order.settle(i, outcome),
+                    None if !order.has_ready() => break,
                     None => {}
                 }
             }
-            outcomes
-                .into_iter()
-                .map(|o| {
-                    o.unwrap_or_else(|| {
-                        Err(EventError::broker_message(BrokerErrorKind::Other, "no outcome recorded"))
-                    })
-                })
-                .collect()
+            order.finish()
         })
     }
 }
 
-/// Records message `i`'s outcome: an acknowledged message readies its aggregate's next;
-/// a failed one fails the aggregate's later messages unsent.
-fn settle(
-    messages: &[OutgoingMessage],
-    outcomes: &mut [Option<Result<PublishReceipt, EventError>>],
-    queues: &mut HashMap<Uuid, VecDeque<usize>>,
-    ready: &mut VecDeque<usize>,
-    i: usize,
-    outcome: Result<PublishReceipt, EventError>,
-) {
-    let acknowledged = outcome.is_ok();
-    outcomes[i] = Some(outcome);
-    let Some(queue) = queues.get_mut(&messages[i].aggregate_id) else { return };
-    if queue.front() == Some(&i) {
-        queue.pop_front();
-    }
-    if acknowledged {
-        ready.extend(queue.front().copied());
-    } else {
-        for later in queue.drain(..) {
-            outcomes[later] = Some(Err(EventError::broker_message(
-                BrokerErrorKind::NotSent,
-                "not sent: an earlier event of the same aggregate failed",
-            )));
+/// What became of a message handed to the client.
+enum Sent {
+    /// Sent; its acknowledgement is awaited.
+    Awaiting(PublishAckFuture),
+    /// Not sent: every acknowledgement slot is taken.
+    NoSlot,
+    /// Not sent, or refused at once.
+    Failed(EventError),
+}
+
+impl NatsPublisher {
+    /// Hands one message to the client.
+    async fn send(&self, message: &OutgoingMessage) -> Sent {
+        let headers = match header_map(&message.headers) {
+            Ok(headers) => headers,
+            Err(e) => return Sent::Failed(e),
+        };
+        let publish = PublishMessage::build().payload(message.body.clone()).headers(headers);
+        match self.publishing.send_publish(message.subject.clone(), publish).await {
+            Ok(ack) => Sent::Awaiting(ack),
+            Err(e) if e.kind() == PublishErrorKind::MaxAckPending => Sent::NoSlot,
+            Err(e) => Sent::Failed(publish_error(e)),
         }
+    }
+}
+
+/// The publisher contract's bookkeeping: each aggregate's messages in order, only its first
+/// ready to send; the next becomes ready when the broker acknowledged the previous. One
+/// message per aggregate in flight, so a lost or refused message can never let a later one
+/// of its aggregate into the stream first. Different aggregates are pipelined.
+struct InOrder<'m> {
+    messages: &'m [OutgoingMessage],
+    outcomes: Vec<Option<Result<PublishReceipt, EventError>>>,
+    queues: HashMap<Uuid, VecDeque<usize>>,
+    ready: VecDeque<usize>,
+}
+
+impl<'m> InOrder<'m> {
+    fn new(messages: &'m [OutgoingMessage]) -> Self {
+        let mut queues: HashMap<Uuid, VecDeque<usize>> = HashMap::new();
+        let mut ready = VecDeque::new();
+        for (i, message) in messages.iter().enumerate() {
+            let queue = queues.entry(message.aggregate_id).or_default();
+            if queue.is_empty() {
+                ready.push_back(i);
+            }
+            queue.push_back(i);
+        }
+        Self { messages, outcomes: messages.iter().map(|_| None).collect(), queues, ready }
+    }
+
+    /// The next message that may be sent now.
+    fn next_ready(&mut self) -> Option<usize> {
+        self.ready.pop_front()
+    }
+
+    /// Puts message `i` back, first in line.
+    fn retry_first(&mut self, i: usize) {
+        self.ready.push_front(i);
+    }
+
+    fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Records message `i`'s outcome: an acknowledged message readies its aggregate's
+    /// next; a failed one fails the aggregate's later messages unsent.
+    fn settle(&mut self, i: usize, outcome: Result<PublishReceipt, EventError>) {
+        let acknowledged = outcome.is_ok();
+        self.outcomes[i] = Some(outcome);
+        let Some(queue) = self.queues.get_mut(&self.messages[i].aggregate_id) else { return };
+        if queue.front() == Some(&i) {
+            queue.pop_front();
+        }
+        if acknowledged {
+            self.ready.extend(queue.front().copied());
+        } else {
+            for later in queue.drain(..) {
+                self.outcomes[later] = Some(Err(EventError::broker_message(
+                    BrokerErrorKind::NotSent,
+                    "not sent: an earlier event of the same aggregate failed",
+                )));
+            }
+        }
+    }
+
+    /// One outcome per message, in the order given.
+    fn finish(self) -> Vec<Result<PublishReceipt, EventError>> {
+        self.outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Err(EventError::broker_message(BrokerErrorKind::Other, "no outcome recorded"))
+                })
+            })
+            .collect()
     }
 }
 

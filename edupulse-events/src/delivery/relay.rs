@@ -297,6 +297,19 @@ struct RowMeta {
     sequence: i64,
 }
 
+impl RowMeta {
+    fn of(row: &StoredRow, partition: i32, previous: StreamPosition) -> Self {
+        Self {
+            partition,
+            position: position_of(row),
+            previous,
+            aggregate_id: row.aggregate_id,
+            event_id: row.event_id,
+            sequence: row.sequence,
+        }
+    }
+}
+
 /// How often a relay saves the checkpoints of partitions that had no event in a batch.
 const FULL_SAVE_EVERY: Duration = Duration::from_secs(1);
 
@@ -460,10 +473,7 @@ impl<'a> Worker<'a> {
         }
         let limit = i64::from(self.config().batch_size);
         let mut after = self.checkpoints.values().min().copied().unwrap_or_default();
-        // Aggregates stopped in this pass (an event failed), and, per partition, the
-        // checkpoint it may not pass in this pass.
-        let mut halted: HashSet<Uuid> = HashSet::new();
-        let mut stuck: HashMap<i32, StreamPosition> = HashMap::new();
+        let mut stops = Stops::default();
         loop {
             let Page { rows, cut } = self.page(after, limit).await?;
             let Some(end) = rows.last().map(|r| position_of(&r.row)) else {
@@ -472,8 +482,8 @@ impl<'a> Worker<'a> {
             };
             pass.more = cut || i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
             let before = pass;
-            let page = self.publish_page(rows, after, &mut halted, &mut stuck, &mut pass).await;
-            self.settle(end, &stuck, page).await?;
+            let page = self.publish_page(rows, after, &mut stops, &mut pass).await;
+            self.settle(end, &stops.stuck, page).await?;
             after = end;
             // Nothing went out while something failed or waits for its retry: the broker is
             // likely in trouble, so the next pages wait for the next pass.
@@ -486,32 +496,57 @@ impl<'a> Worker<'a> {
         Ok(pass)
     }
 
-    /// Publishes one page; returns the events it parked.
+    /// Publishes one page; returns the events it parked and the partitions it touched.
     async fn publish_page(
         &mut self,
         rows: Vec<LogRow>,
         start: StreamPosition,
-        halted: &mut HashSet<Uuid>,
-        stuck: &mut HashMap<i32, StreamPosition>,
+        stops: &mut Stops,
         pass: &mut RelayPass,
     ) -> PageOutcome {
+        let mut page = PageOutcome { parked: Vec::new(), touched: HashSet::new() };
+        let (sent, messages) = self.messages_of(rows, start, stops, pass, &mut page);
+        let outcomes =
+            if messages.is_empty() { Vec::new() } else { self.relay.publisher.publish(&messages).await };
+        let outcomes = sent.into_iter().zip(outcomes.into_iter().chain(std::iter::repeat_with(|| {
+            Err(EventError::broker_message(BrokerErrorKind::Other, "the publisher returned no outcome"))
+        })));
+        for (meta, outcome) in outcomes {
+            if stops.halted.contains(&meta.aggregate_id) {
+                // An earlier event of the aggregate failed: this one waits for it.
+                stops.hold(meta.partition, meta.previous);
+                continue;
+            }
+            match outcome {
+                Ok(_) => {
+                    pass.published += 1;
+                    self.failing.remove(&meta.position.global_position);
+                    self.acked_beyond.insert(meta.position.global_position, (meta.partition, meta.position));
+                }
+                Err(error) => self.settle_failure(&meta, &error, stops, &mut page.parked, pass),
+            }
+        }
+        page
+    }
+
+    /// The page's rows that are to be sent now, with their messages. The others are passed
+    /// (already published), parked behind their aggregate's parked event, or held back
+    /// behind a failed one or until their retry.
+    fn messages_of(
+        &mut self,
+        rows: Vec<LogRow>,
+        start: StreamPosition,
+        stops: &mut Stops,
+        pass: &mut RelayPass,
+        page: &mut PageOutcome,
+    ) -> (Vec<RowMeta>, Vec<OutgoingMessage>) {
         let now = Instant::now();
-        let mut parked = Vec::new();
-        let mut touched = HashSet::new();
-        let mut sent: Vec<RowMeta> = Vec::new();
-        let mut messages: Vec<OutgoingMessage> = Vec::new();
+        let (mut sent, mut messages) = (Vec::new(), Vec::new());
         let mut previous = start;
         for LogRow { partition, subject, row } in rows {
-            let meta = RowMeta {
-                partition,
-                position: position_of(&row),
-                previous,
-                aggregate_id: row.aggregate_id,
-                event_id: row.event_id,
-                sequence: row.sequence,
-            };
+            let meta = RowMeta::of(&row, partition, previous);
             previous = meta.position;
-            touched.insert(partition);
+            page.touched.insert(partition);
             let checkpoint = self.checkpoints.get(&partition).copied();
             if checkpoint.is_none_or(|c| meta.position <= c)
                 || self.acked_beyond.contains_key(&meta.position.global_position)
@@ -519,21 +554,16 @@ impl<'a> Worker<'a> {
                 continue;
             }
             if let Some(&head) = self.blocked.get(&meta.aggregate_id) {
-                parked.push(park(
-                    &meta,
-                    Some(head),
-                    0,
-                    format!("waits behind parked event at position {head}"),
-                ));
+                let reason = format!("waits behind parked event at position {head}");
+                page.parked.push(park(&meta, Some(head), 0, reason));
                 pass.parked += 1;
                 continue;
             }
             let retry_later =
                 self.failing.get(&meta.position.global_position).is_some_and(|f| f.retry_at > now);
-            if halted.contains(&meta.aggregate_id) || retry_later {
+            if stops.halted.contains(&meta.aggregate_id) || retry_later {
                 pass.waiting += u64::from(retry_later);
-                halted.insert(meta.aggregate_id);
-                hold(stuck, partition, meta.previous);
+                stops.halt(&meta);
                 continue;
             }
             match message::outgoing(row, subject) {
@@ -543,35 +573,13 @@ impl<'a> Worker<'a> {
                 }
                 Err(e) => {
                     // Settled now, so that the aggregate's later events are not sent.
-                    let error = EventError::Refused {
-                        message: format!("cannot be made a message: {e}"),
-                        source: Some(Box::new(e)),
-                    };
-                    self.settle_failure(&meta, &error, halted, stuck, &mut parked, pass);
+                    let message = format!("cannot be made a message: {e}");
+                    let error = EventError::Refused { message, source: Some(Box::new(e)) };
+                    self.settle_failure(&meta, &error, stops, &mut page.parked, pass);
                 }
             }
         }
-        let outcomes =
-            if messages.is_empty() { Vec::new() } else { self.relay.publisher.publish(&messages).await };
-        let outcomes = sent.into_iter().zip(outcomes.into_iter().chain(std::iter::repeat_with(|| {
-            Err(EventError::broker_message(BrokerErrorKind::Other, "the publisher returned no outcome"))
-        })));
-        for (meta, outcome) in outcomes {
-            if halted.contains(&meta.aggregate_id) {
-                // An earlier event of the aggregate failed: this one waits for it.
-                hold(stuck, meta.partition, meta.previous);
-                continue;
-            }
-            match outcome {
-                Ok(_) => {
-                    pass.published += 1;
-                    self.failing.remove(&meta.position.global_position);
-                    self.acked_beyond.insert(meta.position.global_position, (meta.partition, meta.position));
-                }
-                Err(error) => self.settle_failure(&meta, &error, halted, stuck, &mut parked, pass),
-            }
-        }
-        PageOutcome { parked, touched }
+        (sent, messages)
     }
 
     /// Settles an event that failed: parked once refused `max_attempts` times (its
@@ -581,8 +589,7 @@ impl<'a> Worker<'a> {
         &mut self,
         meta: &RowMeta,
         error: &EventError,
-        halted: &mut HashSet<Uuid>,
-        stuck: &mut HashMap<i32, StreamPosition>,
+        stops: &mut Stops,
         parked: &mut Vec<ParkedRow>,
         pass: &mut RelayPass,
     ) {
@@ -591,8 +598,7 @@ impl<'a> Worker<'a> {
             parked.push(row);
             pass.parked += 1;
         } else {
-            halted.insert(meta.aggregate_id);
-            hold(stuck, meta.partition, meta.previous);
+            stops.halt(meta);
             pass.failed += 1;
         }
     }
@@ -637,6 +643,38 @@ impl<'a> Worker<'a> {
         page: PageOutcome,
     ) -> Result<(), EventError> {
         let PageOutcome { parked, touched } = page;
+        let moved = self.advance(end, stuck);
+        if moved.is_empty() && parked.is_empty() {
+            return Ok(());
+        }
+        let signals = &self.relay.store.inner.signals;
+        if parked.is_empty() {
+            // Acknowledged: tell the committers before the checkpoint is written.
+            signals.advance(&moved, false);
+        }
+        self.unsaved.extend(touched);
+        // Checkpoints are saved once per batch, but not more often than every
+        // `checkpoint_interval`: a write per commit would cost the committers (measured: a
+        // third of their throughput at one event per commit). A crash re-sends what the
+        // unsaved stretch published, and the broker drops the copies. Parked events are
+        // saved at once, with the checkpoints that pass them.
+        let interval = self.relay.config.checkpoint_interval;
+        if !parked.is_empty() || self.last_save.is_none_or(|at| at.elapsed() >= interval) {
+            self.save_due(&parked).await?;
+        }
+        if !parked.is_empty() {
+            self.relay.store.inner.signals.advance(&moved, true);
+        }
+        Ok(())
+    }
+
+    /// Moves each held partition's checkpoint to `end`, or to where the pass is stuck in
+    /// it; forgets what the checkpoints passed. Returns the checkpoints that moved.
+    fn advance(
+        &mut self,
+        end: StreamPosition,
+        stuck: &HashMap<i32, StreamPosition>,
+    ) -> Vec<(i32, StreamPosition)> {
         let mut moved = Vec::new();
         for partition in &self.held {
             let target = stuck.get(partition).copied().unwrap_or(end);
@@ -653,49 +691,31 @@ impl<'a> Worker<'a> {
         };
         self.acked_beyond.retain(|_, (partition, position)| !passed(partition, position));
         self.failing.retain(|_, f| !passed(&f.partition, &f.position));
-        if moved.is_empty() && parked.is_empty() {
-            return Ok(());
+        moved
+    }
+
+    /// Saves `parked` with the checkpoints due: those of the partitions that had events
+    /// since the last save, and the others (moved only because a batch passed them by) at
+    /// most once a second, or all of them with parked events.
+    async fn save_due(&mut self, parked: &[ParkedRow]) -> Result<(), EventError> {
+        let everything =
+            !parked.is_empty() || self.last_full_save.is_none_or(|at| at.elapsed() >= FULL_SAVE_EVERY);
+        let due: Vec<(i32, StreamPosition)> = self
+            .checkpoints
+            .iter()
+            .filter(|(p, c)| {
+                (everything || self.unsaved.contains(p)) && self.saved.get(p).is_none_or(|s| s < c)
+            })
+            .map(|(p, c)| (*p, *c))
+            .collect();
+        if !due.is_empty() || !parked.is_empty() {
+            self.save(&due, parked).await?;
+            self.saved.extend(due);
         }
-        let signals = &self.relay.store.inner.signals;
-        if parked.is_empty() {
-            // Acknowledged: tell the committers before the checkpoint is written.
-            signals.advance(&moved, false);
-        }
-        // Checkpoints are saved once per batch, but not more often than every
-        // `checkpoint_interval`: a write per commit would cost the committers (measured: a
-        // third of their throughput at one event per commit). A crash re-sends what the
-        // unsaved stretch published, and the broker drops the copies. Parked events are
-        // saved at once, with the checkpoints that pass them. The partitions that had
-        // events in the batch are saved; the others (moved only because the batch passed
-        // them by) at most once a second.
-        let interval = self.relay.config.checkpoint_interval;
-        let save_now = !parked.is_empty() || self.last_save.is_none_or(|at| at.elapsed() >= interval);
-        if save_now {
-            self.unsaved.extend(touched);
-            let everything =
-                !parked.is_empty() || self.last_full_save.is_none_or(|at| at.elapsed() >= FULL_SAVE_EVERY);
-            let due: Vec<(i32, StreamPosition)> = self
-                .checkpoints
-                .iter()
-                .filter(|(p, c)| {
-                    (everything || self.unsaved.contains(p)) && self.saved.get(p).is_none_or(|s| s < c)
-                })
-                .map(|(p, c)| (*p, *c))
-                .collect();
-            if !due.is_empty() || !parked.is_empty() {
-                self.save(&due, &parked).await?;
-                self.saved.extend(due);
-            }
-            self.unsaved.clear();
-            self.last_save = Some(Instant::now());
-            if everything {
-                self.last_full_save = Some(Instant::now());
-            }
-        } else {
-            self.unsaved.extend(touched);
-        }
-        if !parked.is_empty() {
-            signals.advance(&moved, true);
+        self.unsaved.clear();
+        self.last_save = Some(Instant::now());
+        if everything {
+            self.last_full_save = Some(Instant::now());
         }
         Ok(())
     }
@@ -795,12 +815,28 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// Keeps a partition's checkpoint at or before `position` for the rest of the pass: an
-/// event after it failed or waits. The lowest such position wins, whatever the order in
-/// which they are found (an event found waiting while building the page, then an earlier
-/// one whose publish failed).
-fn hold(stuck: &mut HashMap<i32, StreamPosition>, partition: i32, position: StreamPosition) {
-    stuck.entry(partition).and_modify(|held| *held = (*held).min(position)).or_insert(position);
+/// What a pass stopped: aggregates with an event that failed or waits for its retry (their
+/// later events wait too), and per partition the checkpoint it may not pass in this pass.
+#[derive(Default)]
+struct Stops {
+    halted: HashSet<Uuid>,
+    stuck: HashMap<i32, StreamPosition>,
+}
+
+impl Stops {
+    /// Stops `meta`'s aggregate, and its partition's checkpoint before it.
+    fn halt(&mut self, meta: &RowMeta) {
+        self.halted.insert(meta.aggregate_id);
+        self.hold(meta.partition, meta.previous);
+    }
+
+    /// Keeps a partition's checkpoint at or before `position` for the rest of the pass: an
+    /// event after it failed or waits. The lowest such position wins, whatever the order in
+    /// which they are found (an event found waiting while building the page, then an
+    /// earlier one whose publish failed).
+    fn hold(&mut self, partition: i32, position: StreamPosition) {
+        self.stuck.entry(partition).and_modify(|held| *held = (*held).min(position)).or_insert(position);
+    }
 }
 
 fn no_lease() -> EventError {

@@ -11,6 +11,7 @@ mod connect;
 pub(crate) mod log;
 pub(crate) mod model;
 mod postgres;
+mod postgres_sql;
 pub(crate) mod row;
 pub(crate) mod signals;
 mod sqlite;

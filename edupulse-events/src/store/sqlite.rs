@@ -26,7 +26,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use crate::store::PARTITIONS;
-use crate::store::append::{AppendRules, Appended, Prepared, prepare_append, refusal};
+use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow};
 use crate::store::row::{PageQuery, StoredRow, stored_row};
 use crate::store::{ExpectedSequence, StoreConfig, StoredSnapshot, StreamPosition};
@@ -98,68 +98,21 @@ impl SqliteBackend {
         mut envelopes: Vec<EventEnvelope<E>>,
         rules: &AppendRules<'_>,
     ) -> Result<Appended<E>, EventError> {
-        let Some(Prepared { aggregate_id, aggregate_type, rows, count: n, partition }) =
-            prepare_append(&envelopes, expected, rules)?
-        else {
+        let Some(prepared) = prepare_append(&envelopes, expected, rules)? else {
             return Ok(Appended { envelopes, partition: 0, positions: Vec::new() });
         };
-        let sql = match expected {
-            ExpectedSequence::Exactly(e) if e > 0 => {
-                "UPDATE streams SET version = version + ?1 \
-                 WHERE aggregate_id = ?2 AND aggregate_type = ?3 AND version = ?4 RETURNING version"
-            }
-            _ => {
-                "INSERT INTO streams (aggregate_id, aggregate_type, version) VALUES (?2, ?3, ?1) \
-                 ON CONFLICT (aggregate_id) DO UPDATE SET version = streams.version + ?1 \
-                 WHERE streams.aggregate_type = ?3 AND (?4 < 0 OR streams.version = ?4) RETURNING version"
-            }
-        };
-        let version: Option<i64> = sqlx::query_scalar(sql)
-            .bind(n)
-            .bind(aggregate_id)
-            .bind(&aggregate_type)
-            .bind(expected.as_i64())
-            .fetch_optional(&mut *conn)
-            .await?;
-        let Some(version) = version else {
-            let stream: Option<(String, i64)> =
-                sqlx::query_as("SELECT aggregate_type, version FROM streams WHERE aggregate_id = ?1")
-                    .bind(aggregate_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-            return Err(refusal(aggregate_id, &aggregate_type, expected, stream));
-        };
+        let version = bump_stream(conn, &prepared, expected).await?;
         let recorded_at = Utc::now();
-        let mut sequence = version - n;
-        let mut positions = Vec::with_capacity(rows.len());
-        for (envelope, row) in envelopes.iter_mut().zip(&rows) {
-            sequence += 1;
-            let position: i64 = sqlx::query_scalar(
-                "INSERT INTO events (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
-                     payload, metadata, keys, occurred_at, recorded_at, subject, partition) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING global_position",
-            )
-            .bind(row.event_id)
-            .bind(&aggregate_type)
-            .bind(aggregate_id)
-            .bind(sequence)
-            .bind(row.event_type)
-            .bind(row.schema_version)
-            .bind(&row.payload)
-            .bind(&row.metadata)
-            .bind(&row.keys)
-            .bind(row.occurred_at)
-            .bind(recorded_at)
-            .bind(&row.subject)
-            .bind(partition)
-            .fetch_one(&mut *conn)
-            .await?;
+        let mut positions = Vec::with_capacity(prepared.rows.len());
+        for (i, (envelope, row)) in envelopes.iter_mut().zip(&prepared.rows).enumerate() {
+            let sequence = version - prepared.count + 1 + i64::try_from(i).unwrap_or(i64::MAX);
+            let position = insert_event(conn, &prepared, row, sequence, recorded_at).await?;
             envelope.sequence = sequence;
             envelope.global_position = Some(position);
             envelope.recorded_at = Some(recorded_at);
             positions.push(StreamPosition { transaction_id: position, global_position: position });
         }
-        Ok(Appended { envelopes, partition, positions })
+        Ok(Appended { envelopes, partition: prepared.partition, positions })
     }
 
     pub(crate) async fn save_checkpoint(
@@ -319,6 +272,73 @@ impl SqliteBackend {
         };
         rows.iter().map(stored_row).collect::<Result<_, sqlx::Error>>().map_err(EventError::from)
     }
+}
+
+/// Moves the aggregate's stream row on by the append's events when it is at `expected`
+/// (creating it for a new aggregate); returns the new version, or why nothing was written.
+async fn bump_stream(
+    conn: &mut SqliteConnection,
+    prepared: &Prepared,
+    expected: ExpectedSequence,
+) -> Result<i64, EventError> {
+    let sql = match expected {
+        ExpectedSequence::Exactly(e) if e > 0 => {
+            "UPDATE streams SET version = version + ?1 \
+             WHERE aggregate_id = ?2 AND aggregate_type = ?3 AND version = ?4 RETURNING version"
+        }
+        _ => {
+            "INSERT INTO streams (aggregate_id, aggregate_type, version) VALUES (?2, ?3, ?1) \
+             ON CONFLICT (aggregate_id) DO UPDATE SET version = streams.version + ?1 \
+             WHERE streams.aggregate_type = ?3 AND (?4 < 0 OR streams.version = ?4) RETURNING version"
+        }
+    };
+    let version: Option<i64> = sqlx::query_scalar(sql)
+        .bind(prepared.count)
+        .bind(prepared.aggregate_id)
+        .bind(&prepared.aggregate_type)
+        .bind(expected.as_i64())
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(version) = version {
+        return Ok(version);
+    }
+    let stream: Option<(String, i64)> =
+        sqlx::query_as("SELECT aggregate_type, version FROM streams WHERE aggregate_id = ?1")
+            .bind(prepared.aggregate_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Err(refusal(prepared.aggregate_id, &prepared.aggregate_type, expected, stream))
+}
+
+/// Writes one event row; returns its position.
+async fn insert_event(
+    conn: &mut SqliteConnection,
+    prepared: &Prepared,
+    row: &EncodedRow,
+    sequence: i64,
+    recorded_at: DateTime<Utc>,
+) -> Result<i64, EventError> {
+    let position = sqlx::query_scalar(
+        "INSERT INTO events (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
+             payload, metadata, keys, occurred_at, recorded_at, subject, partition) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING global_position",
+    )
+    .bind(row.event_id)
+    .bind(&prepared.aggregate_type)
+    .bind(prepared.aggregate_id)
+    .bind(sequence)
+    .bind(row.event_type)
+    .bind(row.schema_version)
+    .bind(&row.payload)
+    .bind(&row.metadata)
+    .bind(&row.keys)
+    .bind(row.occurred_at)
+    .bind(recorded_at)
+    .bind(&row.subject)
+    .bind(prepared.partition)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(position)
 }
 
 /// The relay's statements on SQLite: positions follow commit order, so a page is the held
