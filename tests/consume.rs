@@ -1,7 +1,8 @@
-//! Typed consumers against a real nats-server: ack after success, nak and redeliver on
-//! failure, poison messages terminated and reported, a panicking handler caught like a
-//! failure, old versions upcast, unknown types by policy, an existing durable consumer
-//! brought in line with the configuration.
+//! Typed consumers against a real nats-server: ack after success, retry on failure, poison
+//! messages terminated and reported, a panicking handler caught like a failure, old versions
+//! upcast, unknown types by policy, an existing durable consumer brought in line with the
+//! configuration; aggregates handled concurrently, each in order across failures and a
+//! restart; a slow handler over a backlog holding at most `max_in_flight`.
 
 mod common;
 
@@ -41,7 +42,7 @@ fn config(name: &str, max_deliver: i64) -> SubscriberConfig {
 /// Runs the subscriber until `done` holds (or 20 s), then stops it.
 async fn run_until<E: DomainEvent>(
     subscriber: &Subscriber<E>,
-    handler: impl AsyncFnMut(EventEnvelope<E>) -> Result<(), BoxError>,
+    handler: impl AsyncFn(EventEnvelope<E>) -> Result<(), BoxError>,
     done: impl Fn(&Subscriber<E>) -> bool,
 ) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -69,23 +70,27 @@ async fn a_handler_that_fails_twice_applies_the_event_once() {
     bus.commit(async |tx| tx.append("lesson", id, 0, [counted(7)]).await).await.unwrap();
 
     let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("twice", 5)).await.unwrap();
-    let mut attempts = 0;
-    let mut applied = Vec::new();
+    let attempts = Mutex::new(0);
+    let applied = Mutex::new(Vec::new());
     run_until(
         &subscriber,
         async |envelope: EventEnvelope<CourseEvent>| {
-            attempts += 1;
-            if attempts <= 2 {
+            let attempt = {
+                let mut attempts = attempts.lock().unwrap();
+                *attempts += 1;
+                *attempts
+            };
+            if attempt <= 2 {
                 return Err("the read model is busy".into());
             }
-            applied.push(envelope.event);
+            applied.lock().unwrap().push(envelope.event);
             Ok(())
         },
         |s| s.stats().handled.load(Ordering::Relaxed) == 1,
     )
     .await;
-    assert_eq!(attempts, 3);
-    assert_eq!(applied, [counted(7)]);
+    assert_eq!(*attempts.lock().unwrap(), 3);
+    assert_eq!(*applied.lock().unwrap(), [counted(7)]);
     assert_eq!(subscriber.stats().retried.load(Ordering::Relaxed), 2);
     assert_eq!(subscriber.stats().poisoned.load(Ordering::Relaxed), 0);
 }
@@ -103,17 +108,18 @@ async fn a_poison_event_is_terminated_reported_and_the_consumer_moves_on() {
         .await
         .unwrap()
         .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
-    let mut calls: HashMap<Uuid, u32> = HashMap::new();
+    let calls: Mutex<HashMap<Uuid, u32>> = Mutex::default();
     run_until(
         &subscriber,
         async |envelope: EventEnvelope<CourseEvent>| {
-            *calls.entry(envelope.aggregate_id).or_default() += 1;
+            *calls.lock().unwrap().entry(envelope.aggregate_id).or_default() += 1;
             if envelope.aggregate_id == poison { Err("cannot apply".into()) } else { Ok(()) }
         },
         |s| s.stats().poisoned.load(Ordering::Relaxed) == 1 && s.stats().handled.load(Ordering::Relaxed) == 1,
     )
     .await;
-    assert_eq!(calls.get(&poison), Some(&3), "delivered exactly max_deliver times, then given up");
+    let calls = calls.into_inner().unwrap();
+    assert_eq!(calls.get(&poison), Some(&3), "attempted exactly max_deliver times, then given up");
     assert_eq!(calls.get(&healthy), Some(&1));
     let reports = reports.lock().unwrap();
     assert_eq!(reports.len(), 1);
@@ -132,17 +138,17 @@ async fn an_old_version_on_the_wire_reaches_the_handler_upcast() {
 
     let subscriber =
         Subscriber::<CourseEvent>::new(publisher.jetstream(), config("upcast", 3)).await.unwrap();
-    let mut received = Vec::new();
+    let received = Mutex::new(Vec::new());
     run_until(
         &subscriber,
         async |envelope: EventEnvelope<CourseEvent>| {
-            received.push(envelope.event);
+            received.lock().unwrap().push(envelope.event);
             Ok(())
         },
         |s| s.stats().handled.load(Ordering::Relaxed) == 1,
     )
     .await;
-    match &received[..] {
+    match &received.into_inner().unwrap()[..] {
         [CourseEvent::LessonPublished(e)] => assert_eq!((e.title.as_str(), e.author_id), ("From v2", None)),
         other => panic!("{other:?}"),
     }
@@ -161,17 +167,20 @@ async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
     .unwrap();
 
     let lenient = Subscriber::<RenamesOnly>::new(publisher.jetstream(), config("lenient", 3)).await.unwrap();
-    let mut seen = Vec::new();
+    let seen = Mutex::new(Vec::new());
     run_until(
         &lenient,
         async |envelope: EventEnvelope<RenamesOnly>| {
-            seen.push(envelope.event);
+            seen.lock().unwrap().push(envelope.event);
             Ok(())
         },
         |s| s.stats().handled.load(Ordering::Relaxed) == 1 && s.stats().unknown.load(Ordering::Relaxed) == 1,
     )
     .await;
-    assert_eq!(seen, [RenamesOnly::LessonRenamed(LessonRenamed { lesson_id: id, title: "New".into() })]);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [RenamesOnly::LessonRenamed(LessonRenamed { lesson_id: id, title: "New".into() })]
+    );
     assert_eq!(lenient.stats().poisoned.load(Ordering::Relaxed), 0);
 
     let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
@@ -206,11 +215,11 @@ async fn a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_
         .await
         .unwrap()
         .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
-    let mut calls: HashMap<Uuid, u32> = HashMap::new();
+    let calls: Mutex<HashMap<Uuid, u32>> = Mutex::default();
     run_until(
         &subscriber,
         async |envelope: EventEnvelope<CourseEvent>| {
-            *calls.entry(envelope.aggregate_id).or_default() += 1;
+            *calls.lock().unwrap().entry(envelope.aggregate_id).or_default() += 1;
             if envelope.aggregate_id == poison {
                 panic!("the read model has no row for {}", envelope.aggregate_id);
             }
@@ -219,10 +228,11 @@ async fn a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_
         |s| s.stats().poisoned.load(Ordering::Relaxed) == 1 && s.stats().handled.load(Ordering::Relaxed) == 2,
     )
     .await;
-    assert_eq!(calls.get(&poison), Some(&3), "delivered exactly max_deliver times, then given up");
+    let calls = calls.into_inner().unwrap();
+    assert_eq!(calls.get(&poison), Some(&3), "attempted exactly max_deliver times, then given up");
     assert_eq!((calls.get(&before), calls.get(&after)), (Some(&1), Some(&1)), "the others are handled");
     let stats = subscriber.stats();
-    assert_eq!(stats.retried.load(Ordering::Relaxed), 2, "two naks before the last delivery");
+    assert_eq!(stats.retried.load(Ordering::Relaxed), 2, "two retries before the last attempt");
     assert_eq!(stats.poisoned.load(Ordering::Relaxed), 1);
     let reports = reports.lock().unwrap();
     assert_eq!(reports.len(), 1);
@@ -286,4 +296,144 @@ async fn an_existing_durable_consumer_takes_the_new_settings_and_keeps_its_progr
         consumer::DeliverPolicy::New,
         "the existing consumer is left alone"
     );
+}
+
+/// What the ordered-concurrency test's handler saw.
+#[derive(Default)]
+struct Observed {
+    /// Per aggregate, the sequences applied, in the order they were applied.
+    applied: HashMap<Uuid, Vec<i64>>,
+    /// Aggregates with a handler running now.
+    busy: std::collections::HashSet<Uuid>,
+    /// Two handlers of one aggregate at once, or a sequence applied out of order.
+    violations: Vec<String>,
+    running: usize,
+    most_running: usize,
+    failures_injected: u32,
+}
+
+/// A handler that takes 0–4 ms, fails the first attempt of every seventh event, and
+/// records what it applied.
+async fn observe(observed: &Mutex<Observed>, envelope: EventEnvelope<CourseEvent>) -> Result<(), BoxError> {
+    let (id, sequence) = (envelope.aggregate_id, envelope.sequence);
+    {
+        let mut o = observed.lock().unwrap();
+        if !o.busy.insert(id) {
+            o.violations.push(format!("{id}: two handlers at once (sequence {sequence})"));
+        }
+        o.running += 1;
+        o.most_running = o.most_running.max(o.running);
+    }
+    let pseudo_random = (envelope.event_id.as_u128() % 5) as u64;
+    tokio::time::sleep(Duration::from_millis(pseudo_random)).await;
+    let mut guard = observed.lock().unwrap();
+    let o = &mut *guard;
+    o.busy.remove(&id);
+    o.running -= 1;
+    let applied = o.applied.entry(id).or_default();
+    if sequence % 7 == 3 && !applied.contains(&-sequence) {
+        applied.push(-sequence); // the marker of the injected failure
+        o.failures_injected += 1;
+        return Err("injected failure".into());
+    }
+    let last = applied.iter().copied().filter(|s| *s > 0).max().unwrap_or(0);
+    if sequence != last + 1 {
+        o.violations.push(format!("{id}: sequence {sequence} applied after {last}"));
+    }
+    applied.push(sequence);
+    Ok(())
+}
+
+/// Messages of different aggregates are handled at once, an aggregate's strictly in order,
+/// across injected failures (their retries keep the aggregate's later events waiting) and
+/// across a restart of the subscriber in the middle of the stream.
+#[tokio::test]
+async fn aggregates_are_handled_concurrently_each_in_order_across_failures_and_a_restart() {
+    let (_server, publisher, bus) = setup().await;
+    let ids: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+    for n in 0..10 {
+        for id in &ids {
+            bus.commit(async |tx| tx.append("lesson", *id, n, [counted(n as u64)]).await).await.unwrap();
+        }
+    }
+    let config = config("ordered", 5).with_max_concurrency(16).with_max_in_flight(64);
+    let observed = Mutex::new(Observed::default());
+    let first = Subscriber::<CourseEvent>::new(publisher.jetstream(), config.clone()).await.unwrap();
+    // Stopped in the middle: running handlers finish, the waiting messages go back.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = first.run(async |e| observe(&observed, e).await, async move {
+        let _ = stopped.await;
+    });
+    let stop_at_150 = async {
+        while first.stats().handled.load(Ordering::Relaxed) < 150 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let _ = stop.send(());
+    };
+    let (result, ()) = tokio::join!(run, stop_at_150);
+    result.unwrap();
+    let handled_first = first.stats().handled.load(Ordering::Relaxed);
+    assert!(handled_first < 400, "the restart happens in the middle: {handled_first}");
+    let second = Subscriber::<CourseEvent>::new(publisher.jetstream(), config).await.unwrap();
+    run_until(
+        &second,
+        async |e| observe(&observed, e).await,
+        |s| s.stats().handled.load(Ordering::Relaxed) + handled_first >= 400,
+    )
+    .await;
+
+    let observed = observed.into_inner().unwrap();
+    assert_eq!(observed.violations, Vec::<String>::new());
+    for id in &ids {
+        let applied: Vec<i64> = observed.applied[id].iter().copied().filter(|s| *s > 0).collect();
+        assert_eq!(applied, (1..=10).collect::<Vec<i64>>(), "aggregate {id}");
+    }
+    assert!(observed.failures_injected >= 40, "failures were injected: {}", observed.failures_injected);
+    assert!(observed.most_running > 4, "handled concurrently: at most {} at once", observed.most_running);
+    assert!(observed.most_running <= 16, "at most max_concurrency at once: {}", observed.most_running);
+    assert_eq!(
+        first.stats().poisoned.load(Ordering::Relaxed) + second.stats().poisoned.load(Ordering::Relaxed),
+        0
+    );
+}
+
+/// A slow handler and a backlog: the subscriber holds at most `max_in_flight` messages (the
+/// server's count of unacknowledged ones never passes it) and runs at most
+/// `max_concurrency` handlers.
+#[tokio::test]
+async fn a_slow_handler_over_a_backlog_holds_at_most_max_in_flight() {
+    let (_server, publisher, bus) = setup().await;
+    for _ in 0..300 {
+        let id = Uuid::now_v7();
+        bus.commit(async |tx| tx.append("lesson", id, 0, [counted(1)]).await).await.unwrap();
+    }
+    let config = config("bounded", 3).with_max_in_flight(24).with_max_concurrency(8);
+    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config).await.unwrap();
+    let stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
+    let running = std::sync::atomic::AtomicUsize::new(0);
+    let most = std::sync::atomic::AtomicUsize::new(0);
+    let most_pending = std::sync::atomic::AtomicU64::new(0);
+    let sample = async {
+        while subscriber.stats().handled.load(Ordering::Relaxed) < 300 {
+            if let Ok(info) = stream.consumer_info("bounded").await {
+                most_pending.fetch_max(info.num_ack_pending as u64, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let consume = run_until(
+        &subscriber,
+        async |_| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        },
+        |s| s.stats().handled.load(Ordering::Relaxed) == 300,
+    );
+    tokio::join!(consume, sample);
+    let (most, most_pending) = (most.into_inner(), most_pending.into_inner());
+    assert!((2..=8).contains(&most), "handlers at once: {most}");
+    assert!((1..=24).contains(&most_pending), "unacknowledged at once: {most_pending}");
 }

@@ -3,6 +3,7 @@
 //! Builds on the event layer only; it knows nothing of the store.
 
 mod connect;
+mod lanes;
 mod memory;
 mod nats;
 mod publisher;

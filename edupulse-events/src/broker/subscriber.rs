@@ -1,12 +1,25 @@
 //! Typed consumers: a durable JetStream pull consumer that yields decoded, upcast events.
 //!
-//! Delivery rules of [`Subscriber::run`]: a message is acknowledged after the handler
-//! succeeds; a failure is negatively acknowledged with a delay and redelivered; after
-//! `max_deliver` deliveries a failing ("poison") message is terminated and reported, never
-//! retried forever and never dropped silently. A handler that panics counts as a failed
-//! delivery: the panic is caught, so one bad message never stops the subscriber. Messages
-//! of event types the consumer does not know are acknowledged and counted, or refused, by
-//! [`UnknownEventPolicy`].
+//! Delivery rules of [`Subscriber::run`]:
+//! - **Ordered concurrency.** Messages of different aggregates are handled at once (up to
+//!   [`SubscriberConfig::max_concurrency`]); an aggregate's messages one after the other,
+//!   in stream order, retries included: while one waits for its retry, the aggregate's
+//!   later messages wait too (neither handled nor acknowledged).
+//! - A message is acknowledged after the handler succeeds. A failure is retried after
+//!   `nak_delay`, in this process; after `max_deliver` attempts a failing ("poison") message
+//!   is terminated and reported, never retried forever and never dropped silently, and its
+//!   aggregate's later messages go on. A handler that panics counts as a failed attempt: the
+//!   panic is caught, so one bad message never stops the subscriber.
+//! - Messages of event types the consumer does not know are acknowledged and counted, or
+//!   refused, by [`UnknownEventPolicy`].
+//! - At most `max_in_flight` messages are held (fetched and not yet settled): a slow
+//!   handler slows the pull, and memory stays bounded. Held messages are kept from being
+//!   redelivered by "in progress" acknowledgements.
+//! - Shutdown lets the running handlers finish, then hands the waiting messages back to the
+//!   server (each aggregate's in order), which redelivers them first to the next consumer.
+//!   After a crash, the server redelivers what was not acknowledged once `ack_wait` has
+//!   passed, possibly after newer messages of the same aggregate: a handler that must never
+//!   see an aggregate's event twice or out of order keeps the last `sequence` it applied.
 
 use std::fmt;
 use std::future::Future;
@@ -16,12 +29,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, FromConsumer, PullConsumer, StreamErrorKind, pull};
+use async_nats::jetstream::consumer::pull::Batch;
+use async_nats::jetstream::consumer::{self, FromConsumer, PullConsumer, pull};
 use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use async_nats::jetstream::{self, AckKind};
+use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
+use tokio::sync::watch;
 
+use crate::broker::lanes::{Held, Lanes};
 use crate::event::subject::validate_filter;
 use crate::event::wire::{self, headers};
 use crate::{BoxError, BrokerErrorKind, DomainEvent, EventEnvelope, EventError};
@@ -53,8 +70,12 @@ pub struct SubscriberConfig {
     pub nak_delay: Duration,
     /// How long the server waits for an acknowledgement before redelivering (default 30 s).
     pub ack_wait: Duration,
-    /// Messages fetched and unacknowledged at once: the memory bound (default 64).
+    /// Messages fetched and not yet settled at once: the memory bound (default 256; the
+    /// server's `max_ack_pending` for the consumer).
     pub max_in_flight: usize,
+    /// Messages handled at once, each of another aggregate (default 64; at most
+    /// `max_in_flight` run, as only those are held).
+    pub max_concurrency: usize,
     /// Unknown event types (default [`UnknownEventPolicy::Ack`]).
     pub unknown_events: UnknownEventPolicy,
 }
@@ -69,7 +90,8 @@ impl SubscriberConfig {
             max_deliver: 5,
             nak_delay: Duration::from_secs(1),
             ack_wait: Duration::from_secs(30),
-            max_in_flight: 64,
+            max_in_flight: 256,
+            max_concurrency: 64,
             unknown_events: UnknownEventPolicy::Ack,
         }
     }
@@ -80,6 +102,7 @@ setters!(SubscriberConfig {
     with_nak_delay => nak_delay: Duration,
     with_ack_wait => ack_wait: Duration,
     with_max_in_flight => max_in_flight: usize,
+    with_max_concurrency => max_concurrency: usize,
     with_unknown_events => unknown_events: UnknownEventPolicy,
 });
 
@@ -93,9 +116,14 @@ impl SubscriberConfig {
 
     /// An invalid setting, as an error.
     fn check(&self) -> Result<(), EventError> {
-        if self.max_deliver < 1 || self.max_in_flight == 0 || self.ack_wait.is_zero() {
+        if self.max_deliver < 1
+            || self.max_in_flight == 0
+            || self.max_concurrency == 0
+            || self.ack_wait.is_zero()
+        {
             return Err(EventError::Config(
-                "subscriber configuration: max_deliver and max_in_flight must be at least 1, ack_wait above zero"
+                "subscriber configuration: max_deliver, max_in_flight and max_concurrency must be at least 1, \
+                 ack_wait above zero"
                     .into(),
             ));
         }
@@ -202,15 +230,6 @@ impl ErrorKindOf for ConsumerInfoErrorKind {
     }
 }
 
-impl ErrorKindOf for StreamErrorKind {
-    fn broker_kind(&self) -> BrokerErrorKind {
-        match self {
-            Self::TimedOut => BrokerErrorKind::TimedOut,
-            _ => BrokerErrorKind::Other,
-        }
-    }
-}
-
 impl<E: DomainEvent> Subscriber<E> {
     /// Creates the durable consumer, or binds to it and brings its settings in line with
     /// `config`.
@@ -279,99 +298,201 @@ impl<E: DomainEvent> Subscriber<E> {
         &self.stats
     }
 
-    /// Handles messages one at a time until `shutdown` completes: decodes and upcasts each,
-    /// calls `handler`, acknowledges on success, negatively acknowledges with a delay on
-    /// failure, terminates and reports after the last delivery. At most `max_in_flight`
-    /// messages are fetched ahead, so a slow handler slows the consumer and memory stays
-    /// flat.
+    /// Handles messages until `shutdown` completes, by the rules in the [module
+    /// docs](self): decodes and upcasts each, calls `handler`, acknowledges on success,
+    /// retries a failure after `nak_delay`, terminates and reports after `max_deliver`
+    /// attempts; different aggregates at once, each aggregate's messages in stream order.
     ///
-    /// A panic of `handler` (or of an upcaster) is caught and treated as a failure of that
-    /// delivery, counted in [`SubscriberStats::retried`] or, after the last delivery, in
-    /// [`SubscriberStats::poisoned`] with the panic message in the [`PoisonReport`]; `run`
-    /// goes on with the next message. `handler` is called again after its panic, so it must
-    /// not leave its own state half-updated (the panic is caught with `AssertUnwindSafe`).
-    /// This needs the default `panic = "unwind"`; with `panic = "abort"` the process ends.
+    /// `handler` is called concurrently (it is an `AsyncFn`: keep shared state behind a
+    /// lock or in the database). A panic of `handler` (or of an upcaster) is caught and
+    /// treated as a failure of that attempt, counted in [`SubscriberStats::retried`] or,
+    /// after the last attempt, in [`SubscriberStats::poisoned`] with the panic message in
+    /// the [`PoisonReport`]. `handler` is called again after its panic, so it must not
+    /// leave its own state half-updated (the panic is caught with `AssertUnwindSafe`). This
+    /// needs the default `panic = "unwind"`; with `panic = "abort"` the process ends.
     ///
     /// # Errors
     /// [`EventError::Broker`] when the message stream cannot be opened.
-    pub async fn run<H>(&self, mut handler: H, shutdown: impl Future<Output = ()>) -> Result<(), EventError>
+    pub async fn run<H>(&self, handler: H, shutdown: impl Future<Output = ()>) -> Result<(), EventError>
     where
-        H: AsyncFnMut(EventEnvelope<E>) -> Result<(), BoxError>,
+        H: AsyncFn(EventEnvelope<E>) -> Result<(), BoxError>,
     {
-        let mut messages = self
-            .consumer
-            .stream()
-            .max_messages_per_batch(self.config.max_in_flight)
-            .messages()
-            .await
-            .map_err(|e| broker("cannot pull messages", e))?;
+        let max_in_flight = self.config.max_in_flight;
+        let mut lanes = Lanes::new(self.config.max_concurrency.min(max_in_flight));
+        let mut running = FuturesUnordered::new();
+        // Pull requests of a bounded size: every message received is in the lanes, so at
+        // shutdown none is left in a client-side buffer to come back only after `ack_wait`.
+        let mut batch: Option<Batch> = None;
+        let (mut pull_failures, mut pulled_once) = (0_u32, false);
+        let (stopping, stopped) = watch::channel(false);
+        let mut progress = tokio::time::interval(self.config.ack_wait / 3);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
-            let next = tokio::select! {
-                () = &mut shutdown => return Ok(()),
-                next = messages.next() => next,
-            };
-            let message = match next {
-                None => return Ok(()),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "subscriber: pull failed; retrying");
-                    continue;
+            while let Some(delivery) = lanes.start() {
+                let (stopped, handler) = (stopped.clone(), &handler);
+                running.push(async move {
+                    self.handle(handler, &delivery, stopped).await;
+                    delivery
+                });
+            }
+            let room = max_in_flight.saturating_sub(lanes.held());
+            if batch.is_none() && room >= (max_in_flight / 4).max(1) {
+                match self.pull(room).await {
+                    Ok(pulled) => (batch, pull_failures, pulled_once) = (Some(pulled), 0, true),
+                    // The first pull fails: the consumer cannot be read at all.
+                    Err(e) if !pulled_once => return Err(e),
+                    Err(e) => tracing::warn!(error = %e, "subscriber: pull failed; retrying"),
                 }
-                Some(Ok(message)) => message,
-            };
-            self.handle(&mut handler, message).await;
+                if batch.is_none() {
+                    pull_failures += 1;
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(backoff(pull_failures)) => continue,
+                    }
+                }
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(done) = running.next(), if !running.is_empty() => lanes.finish(done.key()),
+                next = next_in(&mut batch), if batch.is_some() => match next {
+                    None => batch = None,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "subscriber: pull failed; retrying");
+                        batch = None;
+                    }
+                    // A redelivery of a message still held: the held copy settles it.
+                    Some(Ok(message)) => drop(lanes.push(Delivery::new(message))),
+                },
+                _ = progress.tick() => self.keep_held(&lanes).await,
+            }
+        }
+        let _ = stopping.send(true);
+        self.hand_back(&mut lanes, &mut running, batch).await;
+        Ok(())
+    }
+
+    /// A pull request for at most `count` messages, open for a second.
+    async fn pull(&self, count: usize) -> Result<Batch, EventError> {
+        self.consumer.batch().max_messages(count).expires(PULL_EXPIRES).messages().await.map_err(|e| {
+            EventError::broker(BrokerErrorKind::Unavailable, format!("cannot pull messages: {e}"), e)
+        })
+    }
+
+    /// Keeps the held messages from being redelivered while they wait or run.
+    async fn keep_held(&self, lanes: &Lanes<Delivery>) {
+        for delivery in lanes.all() {
+            self.ack(&delivery.message, AckKind::Progress).await;
         }
     }
 
-    async fn handle<H>(&self, handler: &mut H, message: jetstream::Message)
-    where
-        H: AsyncFnMut(EventEnvelope<E>) -> Result<(), BoxError>,
+    /// At shutdown: the running handlers finish their attempt (a failure goes back to the
+    /// server at once), then the waiting messages go back, each aggregate's in order, then
+    /// those of the open pull request as they arrive: the server redelivers them first, in
+    /// that order, to the next consumer.
+    async fn hand_back<F>(
+        &self,
+        lanes: &mut Lanes<Delivery>,
+        running: &mut FuturesUnordered<F>,
+        batch: Option<Batch>,
+    ) where
+        F: Future<Output = Arc<Delivery>>,
     {
-        let (deliveries, stream_sequence) =
+        while let Some(done) = running.next().await {
+            lanes.finish(done.key());
+        }
+        for delivery in lanes.take_waiting() {
+            self.ack(&delivery.message, AckKind::Nak(None)).await;
+        }
+        if let Some(mut batch) = batch {
+            while let Some(Ok(message)) = batch.next().await {
+                self.ack(&message, AckKind::Nak(None)).await;
+            }
+        }
+    }
+
+    /// Handles one message to the end: acknowledged, terminated, or (at shutdown) handed
+    /// back; a failed attempt is retried here after `nak_delay`, so that the aggregate's
+    /// later messages keep waiting behind it.
+    async fn handle<H>(&self, handler: &H, delivery: &Delivery, mut stopped: watch::Receiver<bool>)
+    where
+        H: AsyncFn(EventEnvelope<E>) -> Result<(), BoxError>,
+    {
+        let message = &delivery.message;
+        let (mut attempt, stream_sequence) =
             message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
         let event_type =
             message.headers.as_ref().and_then(|h| h.get(headers::EVENT_TYPE)).map(|v| v.as_str().to_owned());
         if let Some(event_type) = &event_type
             && !E::accepts(event_type)
         {
-            match self.config.unknown_events {
-                UnknownEventPolicy::Ack => {
-                    self.stats.unknown.fetch_add(1, Ordering::Relaxed);
-                    self.ack(&message, AckKind::Ack).await;
-                }
-                UnknownEventPolicy::Refuse => {
-                    let error = format!("unknown event type `{event_type}` refused by policy");
-                    self.give_up(&message, stream_sequence, deliveries, Some(event_type.clone()), error)
-                        .await;
-                }
-            }
+            self.unknown(message, stream_sequence, attempt, event_type).await;
             return;
         }
-        // A panic in the handler (or in an upcaster while decoding) is one failed delivery
-        // like an error: caught here, it neither unwinds through `run` nor stops the
-        // subscriber, and the message is redelivered and finally reported as poison.
+        loop {
+            let error = match self.attempt(handler, message).await {
+                Ok(()) => {
+                    self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                    self.ack(message, AckKind::Ack).await;
+                    return;
+                }
+                Err(error) => error,
+            };
+            if attempt >= self.config.max_deliver {
+                self.give_up(message, stream_sequence, attempt, event_type, error).await;
+                return;
+            }
+            tracing::warn!(stream_sequence, attempt, %error, "subscriber: handler failed; retrying later");
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            if *stopped.borrow() {
+                self.ack(message, AckKind::Nak(None)).await;
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.config.nak_delay) => attempt += 1,
+                _ = stopped.wait_for(|stop| *stop) => {
+                    self.ack(message, AckKind::Nak(None)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One attempt: decode, upcast and handle. A panic in the handler (or in an upcaster)
+    /// is a failed attempt like an error: caught here, it neither unwinds through `run` nor
+    /// stops the subscriber.
+    async fn attempt<H>(&self, handler: &H, message: &jetstream::Message) -> Result<(), String>
+    where
+        H: AsyncFn(EventEnvelope<E>) -> Result<(), BoxError>,
+    {
         let attempt = async {
             let envelope = wire::decode_message::<E>(&message.payload).map_err(|e| e.to_string())?;
             handler(envelope).await.map_err(|e| e.to_string())
         };
-        let outcome = match AssertUnwindSafe(attempt).catch_unwind().await {
+        match AssertUnwindSafe(attempt).catch_unwind().await {
             Ok(outcome) => outcome,
             Err(payload) => {
                 Err(format!("panicked while decoding or handling the event: {}", panic_message(&*payload)))
             }
-        };
-        match outcome {
-            Ok(()) => {
-                self.stats.handled.fetch_add(1, Ordering::Relaxed);
-                self.ack(&message, AckKind::Ack).await;
+        }
+    }
+
+    /// A message of an event type the consumer does not know, settled by the policy.
+    async fn unknown(
+        &self,
+        message: &jetstream::Message,
+        stream_sequence: u64,
+        deliveries: i64,
+        event_type: &str,
+    ) {
+        match self.config.unknown_events {
+            UnknownEventPolicy::Ack => {
+                self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+                self.ack(message, AckKind::Ack).await;
             }
-            Err(error) if deliveries >= self.config.max_deliver => {
-                self.give_up(&message, stream_sequence, deliveries, event_type, error).await;
-            }
-            Err(error) => {
-                tracing::warn!(stream_sequence, deliveries, %error, "subscriber: handler failed; redelivering later");
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                self.ack(&message, AckKind::Nak(Some(self.config.nak_delay))).await;
+            UnknownEventPolicy::Refuse => {
+                let error = format!("unknown event type `{event_type}` refused by policy");
+                self.give_up(message, stream_sequence, deliveries, Some(event_type.to_owned()), error).await;
             }
         }
     }
@@ -406,6 +527,55 @@ impl<E: DomainEvent> Subscriber<E> {
         if let Err(e) = message.ack_with(kind).await {
             tracing::warn!(error = %e, "subscriber: acknowledgement failed");
         }
+    }
+}
+
+/// How long a pull request stays open on the server (and the longest a shutdown waits for
+/// the messages it still brings).
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// The next message of the open pull request.
+async fn next_in(batch: &mut Option<Batch>) -> Option<Result<jetstream::Message, async_nats::Error>> {
+    match batch {
+        Some(batch) => batch.next().await,
+        None => None,
+    }
+}
+
+/// The wait before pull attempt number `failures` (from 1): 100 ms doubling to 5 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100)
+        .saturating_mul(1 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(5))
+}
+
+/// A message held by the subscriber, with its lane: the aggregate id header, or the subject
+/// for a message without one.
+struct Delivery {
+    message: jetstream::Message,
+    key: String,
+    sequence: u64,
+}
+
+impl Delivery {
+    fn new(message: jetstream::Message) -> Self {
+        let key = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::AGGREGATE_ID))
+            .map_or_else(|| message.subject.to_string(), |id| id.as_str().to_owned());
+        let sequence = message.info().map_or(0, |i| i.stream_sequence);
+        Self { message, key, sequence }
+    }
+}
+
+impl Held for Delivery {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn sequence(&self) -> u64 {
+        self.sequence
     }
 }
 
