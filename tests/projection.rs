@@ -373,3 +373,62 @@ async fn a_rebuild_beside_a_running_runner_applies_every_event_exactly_once() {
     assert_eq!(counts.len(), 120, "every event applied");
     assert!(counts.iter().all(|(_, applied)| *applied == 1), "{counts:?}");
 }
+
+/// Records the transaction each event was applied in.
+struct Transactions {
+    seen: std::sync::Mutex<Vec<i64>>,
+}
+
+impl Projection<CourseEvent> for Transactions {
+    fn name(&self) -> &str {
+        "transactions"
+    }
+
+    async fn apply(&self, tx: &mut Transaction, _: &EventEnvelope<CourseEvent>) -> Result<(), BoxError> {
+        let id: i64 =
+            sqlx::query_scalar("SELECT txid_current()").fetch_one(common::pg(tx.connection())).await?;
+        let mut seen = self.seen.lock().unwrap();
+        if seen.last() != Some(&id) {
+            seen.push(id);
+        }
+        Ok(())
+    }
+}
+
+/// A catch-up over a backlog grows its batches (100, 400, 1 600, then the largest), so
+/// 3 000 events take four transactions instead of thirty; live events go in small batches
+/// again; `events_after` counts the backlog.
+#[tokio::test]
+async fn catch_up_grows_its_batches_with_the_backlog_and_shrinks_them_when_live() {
+    let store = store().await;
+    for _ in 0..30 {
+        let id = Uuid::now_v7();
+        store.append("lesson", id, 0, (1..=100).map(counted)).await.unwrap();
+    }
+    assert_eq!(store.events_after(StreamPosition::START).await.unwrap(), 3_000);
+    let runner = ProjectionRunner::new(store.clone(), Transactions { seen: Default::default() });
+    assert_eq!(runner.catch_up().await.unwrap(), 3_000);
+    let batches = runner.projection().seen.lock().unwrap().len();
+    assert_eq!(batches, 4, "batches of 100, 400, 1 600 and the remaining 900");
+    let checkpoint = store.checkpoint("transactions").await.unwrap().unwrap();
+    assert_eq!(store.events_after(checkpoint).await.unwrap(), 0);
+
+    let id = Uuid::now_v7();
+    store.append("lesson", id, 0, (1..=150).map(counted)).await.unwrap();
+    // Below the horizon once the other tests' transactions of this moment have ended.
+    let mut applied = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while applied < 150 && tokio::time::Instant::now() < deadline {
+        applied += runner.catch_up().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(applied, 150);
+    assert!(
+        runner.projection().seen.lock().unwrap().len() >= 4 + 2,
+        "live again: batches of 100 at first, not one of 150"
+    );
+
+    let mut invalid = ProjectionRunner::new(store.clone(), Transactions { seen: Default::default() });
+    invalid.max_batch_size = 10;
+    assert!(matches!(invalid.catch_up().await, Err(EventError::Config(_))));
+}

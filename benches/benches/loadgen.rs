@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use edupulse_events::{
     BusConfig, DatabasePool, DomainEvent, EventBus, EventError, EventStore, LogRelay, NatsConfig,
-    NatsPublisher, Publisher, RelayConfig, StoreConfig, StreamPosition, StreamSpec, Uuid,
+    NatsPublisher, Publisher, RelayConfig, StoreConfig, StreamPosition, StreamSpec, Subscriber,
+    SubscriberConfig, Uuid,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -644,6 +645,140 @@ async fn bench_replay(env: &Env) -> Result<()> {
     drop_store(&store).await
 }
 
+/// The read paths beside their ceilings, in the same run: 50 000 events over 1 000
+/// aggregates in a stream; a raw async-nats pull consumer acknowledging each message, the
+/// `Subscriber` with a no-op handler and with a handler that awaits 2 ms (one database
+/// write), each on a durable consumer of its own; then `ProjectionRunner::catch_up` with a
+/// no-op projection beside `stream_all` read to the end.
+async fn bench_consume(env: &Env) -> Result<()> {
+    let total: u64 = if env.quick { 10_000 } else { 50_000 };
+    let publisher = nats(env, "BENCH").await?;
+    let store = fresh_store(env, 10).await?;
+    backlog(&store, Arc::new(publisher.clone()), total, 1_000).await?;
+    let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), RelayConfig::default());
+    let mut published = 0;
+    while published < total {
+        published += relay.run_once().await?.published;
+    }
+    println!("\n### Consumers and projections ({total} events, 1 000 aggregates)\n");
+    println!("| read path | events/s | ceiling | ceiling events/s | ratio |");
+    println!("| --- | ---: | --- | ---: | ---: |");
+    let raw = raw_pull(&publisher, total).await?;
+    let noop = subscribe(&publisher, total, "noop", Duration::ZERO).await?;
+    println!(
+        "| `Subscriber`, no-op handler | {noop:.0} | raw async-nats pull consumer, ack each | {raw:.0} | {:.0} % |",
+        100.0 * noop / raw
+    );
+    let slow = subscribe(&publisher, total.min(20_000), "slow", Duration::from_millis(2)).await?;
+    println!("| `Subscriber`, handler awaiting 2 ms | {slow:.0} | target | 10000 | {:.0} % |", slow / 100.0);
+    let (projection, stream_all) = catch_up(&store, total).await?;
+    println!(
+        "| `ProjectionRunner::catch_up`, no-op projection | {projection:.0} | `stream_all` to the end | {stream_all:.0} | {:.0} % |",
+        100.0 * projection / stream_all
+    );
+    drop_store(&store).await
+}
+
+/// Reads `total` messages with a raw pull consumer, acknowledging each; returns events/s.
+async fn raw_pull(publisher: &NatsPublisher, total: u64) -> Result<f64> {
+    let stream = publisher.jetstream().get_stream("BENCH").await?;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 256,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut messages = consumer.stream().max_messages_per_batch(256).messages().await?;
+    let mut read = 0;
+    while read < total {
+        let Some(message) = messages.next().await else { break };
+        message?.ack().await?;
+        read += 1;
+    }
+    Ok(rate(read, started.elapsed()))
+}
+
+/// Handles `total` messages with a `Subscriber` whose handler awaits `pause`; events/s.
+async fn subscribe(publisher: &NatsPublisher, total: u64, name: &str, pause: Duration) -> Result<f64> {
+    let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+    let mut config = SubscriberConfig::new("BENCH", name);
+    if let Some(n) = knob("SUB_IN_FLIGHT") {
+        config = config.with_max_in_flight(n);
+    }
+    if let Some(n) = knob("SUB_CONCURRENCY") {
+        config = config.with_max_concurrency(n);
+    }
+    let subscriber = Subscriber::<Tick>::new(publisher.jetstream(), config).await?;
+    let started = Instant::now();
+    // The clock stops when the last event is handled, not after the shutdown (which waits
+    // up to a second for the open pull requests to end).
+    let finished = std::sync::Mutex::new(None);
+    let watch = async {
+        while subscriber.stats().handled.load(std::sync::atomic::Ordering::Relaxed) < total {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        *finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(started.elapsed());
+    };
+    let handler = async |_: edupulse_events::EventEnvelope<Tick>| {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        Ok(())
+    };
+    subscriber.run(handler, watch).await?;
+    let elapsed = finished.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(rate(total, elapsed.unwrap_or_else(|| started.elapsed())))
+}
+
+/// A projection that does nothing: what the runner itself costs.
+struct Nothing;
+
+impl edupulse_events::Projection<Tick> for Nothing {
+    fn name(&self) -> &str {
+        "nothing"
+    }
+
+    async fn apply(
+        &self,
+        _: &mut edupulse_events::Transaction,
+        _: &edupulse_events::EventEnvelope<Tick>,
+    ) -> std::result::Result<(), edupulse_events::BoxError> {
+        Ok(())
+    }
+}
+
+/// `ProjectionRunner::catch_up` over the store, and `stream_all` read to the end; events/s.
+async fn catch_up(store: &EventStore, total: u64) -> Result<(f64, f64)> {
+    // As for the drain: vacuumed and checkpointed first, so that neither read pays for
+    // setting the fresh rows' hint bits or shares the cores with autovacuum.
+    let pool = pg_pool(store)?;
+    let schema = store.config().schema.as_str();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("VACUUM (ANALYZE) \"{schema}\".events")))
+        .execute(&pool)
+        .await?;
+    if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(&pool).await {
+        eprintln!("CHECKPOINT refused ({e})");
+    }
+    let started = Instant::now();
+    let mut stream = store.stream_all::<Tick>(StreamPosition::START);
+    let mut read = 0u64;
+    while let Some(item) = stream.next().await {
+        item?;
+        read += 1;
+    }
+    let stream_all = rate(read, started.elapsed());
+    let runner = edupulse_events::ProjectionRunner::new(store.clone(), Nothing);
+    let started = Instant::now();
+    let applied = runner.catch_up().await?;
+    if applied != total {
+        return Err(format!("the projection applied {applied} of {total} events").into());
+    }
+    Ok((rate(applied, started.elapsed()), stream_all))
+}
+
 /// How a publisher of the log can be woken after a commit, and what each way costs the
 /// committers: a bare commit (BEGIN, the event rows, COMMIT); the same
 /// with `pg_notify` inside the transaction (PostgreSQL then takes a database-wide lock on
@@ -771,6 +906,9 @@ async fn run_scenarios(env: &Env) -> Result<()> {
         }
         if wanted("wake") {
             bench_wake(env).await?;
+        }
+        if wanted("consume") {
+            bench_consume(env).await?;
         }
         Ok(())
     }

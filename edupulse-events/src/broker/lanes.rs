@@ -3,12 +3,15 @@
 //! run at once, up to a limit.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::sync::Arc;
 
 /// A message held by the lanes, known by its key (its aggregate) and its stream sequence.
 pub(crate) trait Held {
+    /// What names a lane.
+    type Key: Hash + Eq + Clone;
     /// The lane: messages with the same key are handled in order.
-    fn key(&self) -> &str;
+    fn key(&self) -> &Self::Key;
     /// The stream sequence, to recognise a redelivery of a message already held.
     fn sequence(&self) -> u64;
 }
@@ -20,10 +23,10 @@ struct Lane<M> {
 }
 
 /// The lanes of a subscriber.
-pub(crate) struct Lanes<M> {
-    lanes: HashMap<String, Lane<M>>,
+pub(crate) struct Lanes<M: Held> {
+    lanes: HashMap<M::Key, Lane<M>>,
     /// Lanes whose first waiting message may start, in the order they became ready.
-    ready: VecDeque<String>,
+    ready: VecDeque<M::Key>,
     /// Stream sequences held (current or waiting): a redelivery of one is dropped.
     sequences: HashSet<u64>,
     running: usize,
@@ -53,7 +56,7 @@ impl<M: Held> Lanes<M> {
         if !self.sequences.insert(message.sequence()) {
             return Some(message);
         }
-        let key = message.key().to_owned();
+        let key = message.key().clone();
         let lane =
             self.lanes.entry(key.clone()).or_insert_with(|| Lane { current: None, waiting: VecDeque::new() });
         if lane.current.is_none() && lane.waiting.is_empty() {
@@ -77,7 +80,7 @@ impl<M: Held> Lanes<M> {
     }
 
     /// The message of lane `key` is settled: the lane's next may start.
-    pub(crate) fn finish(&mut self, key: &str) {
+    pub(crate) fn finish(&mut self, key: &M::Key) {
         let Some(lane) = self.lanes.get_mut(key) else { return };
         if let Some(done) = lane.current.take() {
             self.sequences.remove(&done.sequence());
@@ -86,7 +89,7 @@ impl<M: Held> Lanes<M> {
         if lane.waiting.is_empty() {
             self.lanes.remove(key);
         } else {
-            self.ready.push_back(key.to_owned());
+            self.ready.push_back(key.clone());
         }
     }
 
@@ -118,8 +121,9 @@ mod tests {
     struct Msg(&'static str, u64);
 
     impl Held for Msg {
-        fn key(&self) -> &str {
-            self.0
+        type Key = &'static str;
+        fn key(&self) -> &&'static str {
+            &self.0
         }
         fn sequence(&self) -> u64 {
             self.1
@@ -139,14 +143,14 @@ mod tests {
         // a1 and b3 start; c4 waits for the limit, a2 and b5 for their lanes.
         assert_eq!(started(&mut lanes), [1, 3]);
         assert_eq!((lanes.running(), lanes.held()), (2, 5));
-        lanes.finish("a");
+        lanes.finish(&"a");
         assert_eq!(started(&mut lanes), [4]);
-        lanes.finish("c");
+        lanes.finish(&"c");
         assert_eq!(started(&mut lanes), [2]);
-        lanes.finish("b");
+        lanes.finish(&"b");
         assert_eq!(started(&mut lanes), [5]);
-        lanes.finish("a");
-        lanes.finish("b");
+        lanes.finish(&"a");
+        lanes.finish(&"b");
         assert_eq!((lanes.running(), lanes.held()), (0, 0));
         assert!(lanes.start().is_none());
     }
@@ -158,7 +162,7 @@ mod tests {
         assert_eq!(lanes.push(Msg("a", 1)), Some(Msg("a", 1)));
         assert_eq!(started(&mut lanes), [1]);
         assert_eq!(lanes.push(Msg("a", 1)), Some(Msg("a", 1)));
-        lanes.finish("a");
+        lanes.finish(&"a");
         assert!(lanes.push(Msg("a", 1)).is_none(), "settled: a new delivery is taken");
     }
 
@@ -173,7 +177,7 @@ mod tests {
         waiting.sort_by_key(|(key, _)| *key);
         assert_eq!(waiting, [("a", 2), ("a", 3), ("b", 4)]);
         assert_eq!(lanes.all().count(), 1, "the running one is still held");
-        lanes.finish("a");
+        lanes.finish(&"a");
         assert_eq!(lanes.held(), 0);
     }
 }

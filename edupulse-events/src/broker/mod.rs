@@ -7,6 +7,7 @@ mod lanes;
 mod memory;
 mod nats;
 mod publisher;
+mod pulls;
 mod subscriber;
 
 pub use self::memory::{BrokerMessage, InMemoryBroker};

@@ -37,8 +37,10 @@ use async_nats::jetstream::{self, AckKind};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
+use uuid::Uuid;
 
 use crate::broker::lanes::{Held, Lanes};
+use crate::broker::pulls::{Pulled, Pulls};
 use crate::event::subject::validate_filter;
 use crate::event::wire::{self, headers};
 use crate::{BoxError, BrokerErrorKind, DomainEvent, EventEnvelope, EventError};
@@ -320,9 +322,7 @@ impl<E: DomainEvent> Subscriber<E> {
         let max_in_flight = self.config.max_in_flight;
         let mut lanes = Lanes::new(self.config.max_concurrency.min(max_in_flight));
         let mut running = FuturesUnordered::new();
-        // Pull requests of a bounded size: every message received is in the lanes, so at
-        // shutdown none is left in a client-side buffer to come back only after `ack_wait`.
-        let mut batch: Option<Batch> = None;
+        let mut pulls = Pulls::default();
         let (mut pull_failures, mut pulled_once) = (0_u32, false);
         let (stopping, stopped) = watch::channel(false);
         let mut progress = tokio::time::interval(self.config.ack_wait / 3);
@@ -336,39 +336,54 @@ impl<E: DomainEvent> Subscriber<E> {
                     delivery
                 });
             }
-            let room = max_in_flight.saturating_sub(lanes.held());
-            if batch.is_none() && room >= (max_in_flight / 4).max(1) {
+            let room = max_in_flight.saturating_sub(lanes.held() + pulls.outstanding());
+            if pulls.has_room() && room >= (max_in_flight / 4).max(1) {
                 match self.pull(room).await {
-                    Ok(pulled) => (batch, pull_failures, pulled_once) = (Some(pulled), 0, true),
+                    Ok(batch) => {
+                        pulls.add(batch, room);
+                        (pull_failures, pulled_once) = (0, true);
+                    }
                     // The first pull fails: the consumer cannot be read at all.
                     Err(e) if !pulled_once => return Err(e),
-                    Err(e) => tracing::warn!(error = %e, "subscriber: pull failed; retrying"),
-                }
-                if batch.is_none() {
-                    pull_failures += 1;
-                    tokio::select! {
-                        () = &mut shutdown => break,
-                        () = tokio::time::sleep(backoff(pull_failures)) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "subscriber: pull failed; retrying");
+                        pull_failures += 1;
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(backoff(pull_failures)) => continue,
+                        }
                     }
                 }
             }
             tokio::select! {
                 () = &mut shutdown => break,
-                Some(done) = running.next(), if !running.is_empty() => lanes.finish(done.key()),
-                next = next_in(&mut batch), if batch.is_some() => match next {
-                    None => batch = None,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "subscriber: pull failed; retrying");
-                        batch = None;
+                Some(done) = running.next(), if !running.is_empty() => {
+                    lanes.finish(done.key());
+                    // Those that finished meanwhile too: one turn of the loop for all.
+                    while let Some(Some(done)) = running.next().now_or_never() {
+                        lanes.finish(done.key());
                     }
-                    // A redelivery of a message still held: the held copy settles it.
-                    Some(Ok(message)) => drop(lanes.push(Delivery::new(message))),
-                },
+                }
+                pulled = pulls.next(), if pulls.is_open() => {
+                    let mut pulled = Some(pulled);
+                    // The messages already received too: one turn of the loop for all.
+                    while let Some(next) = pulled.take() {
+                        match next {
+                            Pulled::Ended => {}
+                            Pulled::Failed(e) => tracing::warn!(error = %e, "subscriber: pull failed; retrying"),
+                            // A redelivery of a message still held: the held copy settles it.
+                            Pulled::Message(message) => {
+                                drop(lanes.push(Delivery::new(message)));
+                                pulled = pulls.next().now_or_never();
+                            }
+                        }
+                    }
+                }
                 _ = progress.tick() => self.keep_held(&lanes).await,
             }
         }
         let _ = stopping.send(true);
-        self.hand_back(&mut lanes, &mut running, batch).await;
+        self.hand_back(&mut lanes, &mut running, pulls).await;
         Ok(())
     }
 
@@ -390,12 +405,8 @@ impl<E: DomainEvent> Subscriber<E> {
     /// server at once), then the waiting messages go back, each aggregate's in order, then
     /// those of the open pull request as they arrive: the server redelivers them first, in
     /// that order, to the next consumer.
-    async fn hand_back<F>(
-        &self,
-        lanes: &mut Lanes<Delivery>,
-        running: &mut FuturesUnordered<F>,
-        batch: Option<Batch>,
-    ) where
+    async fn hand_back<F>(&self, lanes: &mut Lanes<Delivery>, running: &mut FuturesUnordered<F>, pulls: Pulls)
+    where
         F: Future<Output = Arc<Delivery>>,
     {
         while let Some(done) = running.next().await {
@@ -404,10 +415,8 @@ impl<E: DomainEvent> Subscriber<E> {
         for delivery in lanes.take_waiting() {
             self.ack(&delivery.message, AckKind::Nak(None)).await;
         }
-        if let Some(mut batch) = batch {
-            while let Some(Ok(message)) = batch.next().await {
-                self.ack(&message, AckKind::Nak(None)).await;
-            }
+        for message in pulls.drain().await {
+            self.ack(&message, AckKind::Nak(None)).await;
         }
     }
 
@@ -419,8 +428,7 @@ impl<E: DomainEvent> Subscriber<E> {
         H: AsyncFn(EventEnvelope<E>) -> Result<(), BoxError>,
     {
         let message = &delivery.message;
-        let (mut attempt, stream_sequence) =
-            message.info().map(|i| (i.delivered, i.stream_sequence)).unwrap_or((1, 0));
+        let (mut attempt, stream_sequence) = (delivery.delivered, delivery.sequence);
         let event_type =
             message.headers.as_ref().and_then(|h| h.get(headers::EVENT_TYPE)).map(|v| v.as_str().to_owned());
         if let Some(event_type) = &event_type
@@ -534,14 +542,6 @@ impl<E: DomainEvent> Subscriber<E> {
 /// the messages it still brings).
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
-/// The next message of the open pull request.
-async fn next_in(batch: &mut Option<Batch>) -> Option<Result<jetstream::Message, async_nats::Error>> {
-    match batch {
-        Some(batch) => batch.next().await,
-        None => None,
-    }
-}
-
 /// The wait before pull attempt number `failures` (from 1): 100 ms doubling to 5 s.
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(100)
@@ -553,24 +553,35 @@ fn backoff(failures: u32) -> Duration {
 /// for a message without one.
 struct Delivery {
     message: jetstream::Message,
-    key: String,
+    key: Lane,
     sequence: u64,
+    /// Deliveries so far, this one included (the server's count).
+    delivered: i64,
+}
+
+/// What orders a message: its aggregate, or its subject when it names none.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Lane {
+    Aggregate(Uuid),
+    Subject(String),
 }
 
 impl Delivery {
     fn new(message: jetstream::Message) -> Self {
-        let key = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::AGGREGATE_ID))
-            .map_or_else(|| message.subject.to_string(), |id| id.as_str().to_owned());
-        let sequence = message.info().map_or(0, |i| i.stream_sequence);
-        Self { message, key, sequence }
+        let aggregate = message.headers.as_ref().and_then(|h| h.get(headers::AGGREGATE_ID));
+        let key = match aggregate.and_then(|id| Uuid::parse_str(id.as_str()).ok()) {
+            Some(id) => Lane::Aggregate(id),
+            None => Lane::Subject(message.subject.to_string()),
+        };
+        let (delivered, sequence) = message.info().map_or((1, 0), |i| (i.delivered, i.stream_sequence));
+        Self { message, key, sequence, delivered }
     }
 }
 
 impl Held for Delivery {
-    fn key(&self) -> &str {
+    type Key = Lane;
+
+    fn key(&self) -> &Lane {
         &self.key
     }
 

@@ -57,8 +57,13 @@ pub enum UndecodablePolicy {
 pub struct ProjectionRunner<E, P> {
     store: EventStore,
     projection: P,
-    /// Events applied per transaction (default 100).
+    /// Events applied per transaction when following live events (default 100), and the
+    /// first batch of a catch-up.
     pub batch_size: usize,
+    /// The largest batch (default 10 000): while a catch-up finds full batches it
+    /// quadruples the batch up to this, so a backlog costs few commits; the first batch that
+    /// is not full brings it back to `batch_size`.
+    pub max_batch_size: usize,
     /// How often to look for new events when following (default 200 ms).
     pub poll_interval: Duration,
     /// Undecodable events of `E`'s own types (default [`UndecodablePolicy::Stop`]).
@@ -75,6 +80,7 @@ impl<E, P> std::fmt::Debug for ProjectionRunner<E, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProjectionRunner")
             .field("batch_size", &self.batch_size)
+            .field("max_batch_size", &self.max_batch_size)
             .field("poll_interval", &self.poll_interval)
             .field("on_undecodable", &self.on_undecodable)
             .field("all_event_types", &self.all_event_types)
@@ -89,6 +95,7 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
             store,
             projection,
             batch_size: 100,
+            max_batch_size: 10_000,
             poll_interval: Duration::from_millis(200),
             on_undecodable: UndecodablePolicy::Stop,
             all_event_types: false,
@@ -111,12 +118,28 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
     /// [`UndecodablePolicy::Stop`] (a typed decode error naming the row's global position;
     /// the checkpoint stays before it). Nothing of the failed batch is applied.
     pub async fn catch_up(&self) -> Result<u64, EventError> {
+        self.catch_up_reporting(&mut |_| {}).await
+    }
+
+    /// Catches up as [`catch_up`](Self::catch_up) does, calling `report` after each batch.
+    async fn catch_up_reporting(&self, report: &mut (dyn FnMut(u64) + Send)) -> Result<u64, EventError> {
+        if self.batch_size == 0 || self.max_batch_size < self.batch_size {
+            return Err(EventError::Config(
+                "projection runner: batch_size must be at least 1 and at most max_batch_size".into(),
+            ));
+        }
         let mut applied = 0;
+        let mut size = self.batch_size;
         loop {
-            match self.apply_batch().await? {
+            match self.apply_batch(size).await? {
                 Batch::CaughtUp => return Ok(applied),
-                Batch::Applied(n) => applied += n,
-                Batch::Raced => {}
+                Batch::Applied { applied: n, full } => {
+                    applied += n;
+                    report(applied);
+                    size =
+                        if full { size.saturating_mul(4).min(self.max_batch_size) } else { self.batch_size };
+                }
+                Batch::Raced => size = self.batch_size,
             }
         }
     }
@@ -141,7 +164,8 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         }
     }
 
-    /// Empties the read model, resets the checkpoint and rebuilds from the first event.
+    /// Empties the read model, resets the checkpoint and rebuilds from the first event,
+    /// logging its progress (events applied, rate, events left) every few seconds.
     ///
     /// Safe beside runners of the same projection: the checkpoint row is locked before the
     /// read model is emptied, so a runner in the middle of a batch commits first and
@@ -159,11 +183,13 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         self.projection.reset(&mut tx).await.map_err(|e| self.handler_error(None, e))?;
         tx.save_checkpoint(self.projection.name(), StreamPosition::START).await?;
         tx.commit().await?;
-        self.catch_up().await
+        let total = self.store.events_after(StreamPosition::START).await?;
+        let mut progress = RebuildProgress::new(self.projection.name(), total);
+        let applied = self.catch_up_reporting(&mut |applied| progress.report(applied)).await?;
+        progress.done(applied);
+        Ok(applied)
     }
 
-    /// Reads one batch after the checkpoint and applies it with the new checkpoint in one
-    /// transaction.
     /// The projection's own error as it is when it is an [`EventError`] (a database error
     /// keeps its variant), else wrapped with the projection's name and the position.
     fn handler_error(&self, position: Option<i64>, error: BoxError) -> EventError {
@@ -173,17 +199,19 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         }
     }
 
-    async fn apply_batch(&self) -> Result<Batch, EventError> {
+    /// Reads at most `size` events after the checkpoint and applies them with the new
+    /// checkpoint in one transaction.
+    async fn apply_batch(&self, size: usize) -> Result<Batch, EventError> {
         let name = self.projection.name();
         let from = self.store.checkpoint(name).await?.unwrap_or(StreamPosition::START);
-        let limit = u32::try_from(self.batch_size.max(1)).unwrap_or(u32::MAX);
+        let limit = u32::try_from(size).unwrap_or(u32::MAX);
         let mut stream = self.store.stream_all::<E>(from).page_size(limit);
         if !self.all_event_types {
             stream = stream.only_known_types();
         }
         let mut batch = Vec::new();
         let mut last = from;
-        while batch.len() < self.batch_size.max(1) {
+        while batch.len() < size {
             let Some(item) = stream.next().await else {
                 // The end: the stream's position is now past the other types' events too.
                 last = stream.position();
@@ -217,7 +245,7 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         tx.save_checkpoint(name, last).await?;
         tx.commit().await?;
         let applied = batch.iter().filter(|e| e.is_some()).count();
-        Ok(Batch::Applied(applied as u64))
+        Ok(Batch::Applied { applied: applied as u64, full: batch.len() >= size })
     }
 }
 
@@ -225,8 +253,55 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
 enum Batch {
     /// Nothing after the checkpoint.
     CaughtUp,
-    /// This many events applied (skipped undecodable ones and other types not counted).
-    Applied(u64),
+    /// This many events applied (skipped undecodable ones and other types not counted);
+    /// `full`: the batch was as large as asked, more may follow.
+    Applied { applied: u64, full: bool },
     /// Another runner moved the checkpoint first; read again.
     Raced,
+}
+
+/// A rebuild's progress, logged every few seconds.
+struct RebuildProgress<'a> {
+    name: &'a str,
+    total: u64,
+    started: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl<'a> RebuildProgress<'a> {
+    /// How often a rebuild logs its progress.
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn new(name: &'a str, total: u64) -> Self {
+        let now = std::time::Instant::now();
+        tracing::info!(projection = name, events = total, "projection: rebuilding");
+        Self { name, total, started: now, last: now }
+    }
+
+    fn report(&mut self, applied: u64) {
+        if self.last.elapsed() < Self::EVERY {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        let rate = applied as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
+        let remaining = self.total.saturating_sub(applied);
+        tracing::info!(
+            projection = self.name,
+            applied,
+            remaining,
+            rate = format!("{rate:.0} events/s"),
+            eta = format!("{:.0} s", remaining as f64 / rate.max(1.0)),
+            "projection: rebuilding"
+        );
+    }
+
+    fn done(&self, applied: u64) {
+        let elapsed = self.started.elapsed();
+        tracing::info!(
+            projection = self.name,
+            applied,
+            seconds = elapsed.as_secs_f64(),
+            "projection: rebuilt"
+        );
+    }
 }

@@ -207,6 +207,13 @@ impl Backend {
         }
     }
 
+    pub(crate) async fn count_after(&self, after: StreamPosition) -> Result<u64, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.count_after(after).await,
+            Self::Sqlite(sq) => sq.count_after(after).await,
+        }
+    }
+
     pub(crate) async fn fetch_page(
         &self,
         query: &PageQuery,

@@ -204,6 +204,16 @@ impl EventStore {
         self.inner.backend.load_checkpoint(name).await
     }
 
+    /// The number of events in the global stream after `position`, of any type: a
+    /// projection's backlog when `position` is its checkpoint (counted, so it takes a moment
+    /// on a large store).
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn events_after(&self, position: StreamPosition) -> Result<u64, EventError> {
+        self.inner.backend.count_after(position).await
+    }
+
     /// One aggregate's events with a sequence of at least `from_sequence` (1 for all),
     /// decoded and upcast, in order, read page by page as the stream is polled.
     ///

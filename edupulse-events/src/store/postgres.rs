@@ -282,6 +282,16 @@ impl PgBackend {
         Ok(row.map(|(transaction_id, global_position)| StreamPosition { transaction_id, global_position }))
     }
 
+    /// The events of the global stream after `after`, of any type.
+    pub(crate) async fn count_after(&self, after: StreamPosition) -> Result<u64, EventError> {
+        let n: i64 = sqlx::query_scalar(self.sql.read.count_after.clone())
+            .bind(after.transaction_id)
+            .bind(after.global_position)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     pub(crate) async fn fetch_page(
         &self,
         query: &PageQuery,

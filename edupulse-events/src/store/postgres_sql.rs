@@ -119,6 +119,7 @@ pub(crate) struct ReadSql {
     pub(crate) all_page_typed: SqlStr,
     pub(crate) key_page: SqlStr,
     pub(crate) stream_head: SqlStr,
+    pub(crate) count_after: SqlStr,
 }
 
 impl ReadSql {
@@ -148,6 +149,9 @@ impl ReadSql {
             )),
             // A backward scan of the stream-order index that stops at the newest row whose
             // transaction is older than every running one.
+            count_after: sql(format!(
+                "SELECT count(*) FROM {s}.events WHERE (transaction_id, global_position) > ($1, $2)"
+            )),
             stream_head: sql(format!(
                 "SELECT transaction_id, global_position FROM {s}.events \
                  WHERE transaction_id < {HORIZON} \

@@ -214,6 +214,15 @@ impl SqliteBackend {
         Ok(row.map(|(position,)| StreamPosition { transaction_id: position, global_position: position }))
     }
 
+    /// The events of the global stream after `after`, of any type.
+    pub(crate) async fn count_after(&self, after: StreamPosition) -> Result<u64, EventError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE global_position > ?1")
+            .bind(after.global_position)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     pub(crate) async fn fetch_page(
         &self,
         query: &PageQuery,
