@@ -1,25 +1,6 @@
-//! Typed consumers: a durable JetStream pull consumer that yields decoded, upcast events.
-//!
-//! Delivery rules of [`Subscriber::run`]:
-//! - **Ordered concurrency.** Messages of different aggregates are handled at once (up to
-//!   [`SubscriberConfig::max_concurrency`]); an aggregate's messages one after the other,
-//!   in stream order, retries included: while one waits for its retry, the aggregate's
-//!   later messages wait too (neither handled nor acknowledged).
-//! - A message is acknowledged after the handler succeeds. A failure is retried after
-//!   `nak_delay`, in this process; after `max_deliver` attempts a failing ("poison") message
-//!   is terminated and reported, never retried forever and never dropped silently, and its
-//!   aggregate's later messages go on. A handler that panics counts as a failed attempt: the
-//!   panic is caught, so one bad message never stops the subscriber.
-//! - Messages of event types the consumer does not know are acknowledged and counted, or
-//!   refused, by [`UnknownEventPolicy`].
-//! - At most `max_in_flight` messages are held (fetched and not yet settled): a slow
-//!   handler slows the pull, and memory stays bounded. Held messages are kept from being
-//!   redelivered by "in progress" acknowledgements.
-//! - Shutdown lets the running handlers finish, then hands the waiting messages back to the
-//!   server (each aggregate's in order), which redelivers them first to the next consumer.
-//!   After a crash, the server redelivers what was not acknowledged once `ack_wait` has
-//!   passed, possibly after newer messages of the same aggregate: a handler that must never
-//!   see an aggregate's event twice or out of order keeps the last `sequence` it applied.
+//! Typed consumers: a durable JetStream pull consumer that yields decoded, upcast events,
+//! different aggregates at once and each aggregate in order (the rules are on
+//! [`Subscriber`]).
 
 use std::fmt;
 use std::future::Future;
@@ -167,6 +148,27 @@ pub struct SubscriberStats {
 type PoisonHook = Arc<dyn Fn(&PoisonReport) + Send + Sync>;
 
 /// A durable JetStream pull consumer of events of `E` (a struct or a derived enum).
+///
+/// Delivery rules of [`Subscriber::run`]:
+/// - **Ordered concurrency.** Messages of different aggregates are handled at once (up to
+///   [`SubscriberConfig::max_concurrency`]); an aggregate's messages one after the other,
+///   in stream order, retries included: while one waits for its retry, the aggregate's
+///   later messages wait too (neither handled nor acknowledged).
+/// - A message is acknowledged after the handler succeeds. A failure is retried after
+///   `nak_delay`, in this process; after `max_deliver` attempts a failing ("poison") message
+///   is terminated and reported, never retried forever and never dropped silently, and its
+///   aggregate's later messages go on. A handler that panics counts as a failed attempt: the
+///   panic is caught, so one bad message never stops the subscriber.
+/// - Messages of event types the consumer does not know are acknowledged and counted, or
+///   refused, by [`UnknownEventPolicy`].
+/// - At most `max_in_flight` messages are held (fetched and not yet settled): a slow
+///   handler slows the pull, and memory stays bounded. Held messages are kept from being
+///   redelivered by "in progress" acknowledgements.
+/// - Shutdown lets the running handlers finish, then hands the waiting messages back to the
+///   server (each aggregate's in order), which redelivers them first to the next consumer.
+///   After a crash, the server redelivers what was not acknowledged once `ack_wait` has
+///   passed, possibly after newer messages of the same aggregate: a handler that must never
+///   see an aggregate's event twice or out of order keeps the last `sequence` it applied.
 pub struct Subscriber<E> {
     consumer: PullConsumer,
     config: SubscriberConfig,
@@ -300,8 +302,8 @@ impl<E: DomainEvent> Subscriber<E> {
         &self.stats
     }
 
-    /// Handles messages until `shutdown` completes, by the rules in the [module
-    /// docs](self): decodes and upcasts each, calls `handler`, acknowledges on success,
+    /// Handles messages until `shutdown` completes: decodes and upcasts each, calls
+    /// `handler`, acknowledges on success,
     /// retries a failure after `nak_delay`, terminates and reports after `max_deliver`
     /// attempts; different aggregates at once, each aggregate's messages in stream order.
     ///
