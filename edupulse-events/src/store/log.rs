@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use crate::EventError;
@@ -104,6 +105,34 @@ pub struct ParkedEvent {
     pub requeued: bool,
     /// How long ago it was parked.
     pub age: Duration,
+}
+
+impl ParkedEvent {
+    /// Reads a parked event from a query result of either backend (the same column names);
+    /// `age` is computed by the driver.
+    pub(crate) fn from_row<'r, R: Row>(row: &'r R, age: Duration) -> Result<Self, sqlx::Error>
+    where
+        &'static str: ColumnIndex<R>,
+        i64: Decode<'r, R::Database> + Type<R::Database>,
+        i32: Decode<'r, R::Database> + Type<R::Database>,
+        bool: Decode<'r, R::Database> + Type<R::Database>,
+        String: Decode<'r, R::Database> + Type<R::Database>,
+        Uuid: Decode<'r, R::Database> + Type<R::Database>,
+        Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+    {
+        Ok(Self {
+            global_position: row.try_get("global_position")?,
+            event_id: row.try_get("event_id")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            partition: row.try_get("partition")?,
+            blocked_by: row.try_get("blocked_by")?,
+            attempts: row.try_get("attempts")?,
+            reason: row.try_get("reason")?,
+            requeued: row.try_get("requeued")?,
+            age,
+        })
+    }
 }
 
 /// A write transaction still running: what holds the transaction horizon back.

@@ -525,26 +525,13 @@ impl PgBackend {
 }
 
 fn parked_events(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<ParkedEvent>, EventError> {
-    {
-        rows.iter()
-            .map(|r| {
-                let age: Option<f64> = r.try_get("age")?;
-                Ok(ParkedEvent {
-                    global_position: r.try_get("global_position")?,
-                    event_id: r.try_get("event_id")?,
-                    aggregate_id: r.try_get("aggregate_id")?,
-                    sequence: r.try_get("sequence")?,
-                    partition: r.try_get("partition")?,
-                    blocked_by: r.try_get("blocked_by")?,
-                    attempts: r.try_get("attempts")?,
-                    reason: r.try_get("reason")?,
-                    requeued: r.try_get("requeued")?,
-                    age: Duration::try_from_secs_f64(age.unwrap_or(0.0)).unwrap_or_default(),
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(EventError::from)
-    }
+    rows.iter()
+        .map(|r| {
+            let age: Option<f64> = r.try_get("age")?;
+            ParkedEvent::from_row(r, Duration::try_from_secs_f64(age.unwrap_or(0.0)).unwrap_or_default())
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(EventError::from)
 }
 
 impl PgBackend {

@@ -559,26 +559,13 @@ impl SqliteBackend {
 }
 
 fn parked_events(rows: &[sqlx::sqlite::SqliteRow]) -> Result<Vec<ParkedEvent>, EventError> {
-    {
-        rows.iter()
-            .map(|r| {
-                let parked_at: DateTime<Utc> = r.try_get("parked_at")?;
-                Ok(ParkedEvent {
-                    global_position: r.try_get("global_position")?,
-                    event_id: r.try_get("event_id")?,
-                    aggregate_id: r.try_get("aggregate_id")?,
-                    sequence: r.try_get("sequence")?,
-                    partition: r.try_get("partition")?,
-                    blocked_by: r.try_get("blocked_by")?,
-                    attempts: r.try_get("attempts")?,
-                    reason: r.try_get("reason")?,
-                    requeued: r.try_get("requeued")?,
-                    age: (Utc::now() - parked_at).to_std().unwrap_or_default(),
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(EventError::from)
-    }
+    rows.iter()
+        .map(|r| {
+            let parked_at: DateTime<Utc> = r.try_get("parked_at")?;
+            ParkedEvent::from_row(r, (Utc::now() - parked_at).to_std().unwrap_or_default())
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(EventError::from)
 }
 
 impl SqliteBackend {
