@@ -322,6 +322,15 @@ impl EventError {
         Self::Broker { kind, message: message.into(), source: None }
     }
 
+    /// A message a publisher did not send because an earlier one of its aggregate failed
+    /// (the [`Publisher`](crate::Publisher) contract).
+    pub(crate) fn not_sent() -> Self {
+        Self::broker_message(
+            BrokerErrorKind::NotSent,
+            "not sent: an earlier event of the same aggregate failed",
+        )
+    }
+
     /// A refusal of one message that no client error explains.
     pub(crate) fn refused(message: impl Into<String>) -> Self {
         Self::Refused { message: message.into(), source: None }

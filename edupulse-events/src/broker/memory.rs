@@ -184,10 +184,7 @@ impl Publisher for InMemoryBroker {
                 .iter()
                 .map(|message| {
                     if failed.contains(&message.aggregate_id) {
-                        return Err(EventError::broker_message(
-                            BrokerErrorKind::NotSent,
-                            "not sent: an earlier event of the same aggregate failed",
-                        ));
+                        return Err(EventError::not_sent());
                     }
                     let outcome = self.store(message);
                     if outcome.is_err() {

@@ -446,10 +446,7 @@ impl<'m> InOrder<'m> {
             self.ready.extend(queue.front().copied());
         } else {
             for later in queue.drain(..) {
-                self.outcomes[later] = Some(Err(EventError::broker_message(
-                    BrokerErrorKind::NotSent,
-                    "not sent: an earlier event of the same aggregate failed",
-                )));
+                self.outcomes[later] = Some(Err(EventError::not_sent()));
             }
         }
     }
