@@ -1,8 +1,8 @@
 //! Typed consumers against a real nats-server: ack after success, retry on failure, poison
 //! messages terminated and reported, a panicking handler caught like a failure, old versions
 //! upcast, unknown types by policy, an existing durable consumer brought in line with the
-//! configuration; aggregates handled concurrently, each in order across failures and a
-//! restart; a slow handler over a backlog holding at most `max_in_flight`.
+//! configuration; aggregates handled concurrently, each in order across failures, a
+//! restart and a crash; a slow handler over a backlog holding at most `max_in_flight`.
 
 mod common;
 
@@ -395,6 +395,72 @@ async fn aggregates_are_handled_concurrently_each_in_order_across_failures_and_a
         first.stats().poisoned.load(Ordering::Relaxed) + second.stats().poisoned.load(Ordering::Relaxed),
         0
     );
+}
+
+/// A crash: the subscriber's run is dropped with messages held (some handlers hanging,
+/// others waiting behind them), newer events of the same aggregates are committed, and a new
+/// subscriber on the durable consumer starts at once. The crashed run's messages come back
+/// only once `ack_wait` has passed, after the newer ones are available: the new subscriber
+/// waits for them, so every aggregate's events are applied exactly once, in order.
+#[tokio::test]
+async fn after_a_crash_the_unacknowledged_messages_are_handled_before_newer_ones_of_their_aggregates() {
+    let (_server, publisher, bus) = setup().await;
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    let commit_round = async |n: i64| {
+        for id in &ids {
+            bus.commit(async |tx| tx.append("lesson", *id, n, [counted(n as u64)]).await).await.unwrap();
+        }
+    };
+    for n in 0..6 {
+        commit_round(n).await;
+    }
+    let config = config("crash", 5)
+        .with_ack_wait(Duration::from_secs(2))
+        .with_max_concurrency(8)
+        .with_max_in_flight(64);
+    let observed = Mutex::new(Observed::default());
+    let started = std::sync::atomic::AtomicUsize::new(0);
+    let first = Subscriber::<CourseEvent>::new(publisher.jetstream(), config.clone()).await.unwrap();
+    // After 30 handler calls, every call hangs: the run is then dropped (no hand-back).
+    let run = first.run(
+        async |e| {
+            if started.fetch_add(1, Ordering::SeqCst) >= 30 {
+                std::future::pending::<()>().await;
+            }
+            observe(&observed, e).await
+        },
+        std::future::pending(),
+    );
+    let hang = async {
+        while started.load(Ordering::SeqCst) < 38 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        result = run => panic!("the run ended: {result:?}"),
+        () = hang => {}
+    }
+    let applied_first = first.stats().handled.load(Ordering::Relaxed);
+    assert!(applied_first < 60, "the crash happens with most events unapplied: {applied_first}");
+    // Newer events of every aggregate, available before the crashed run's come back.
+    for n in 6..9 {
+        commit_round(n).await;
+    }
+    let second = Subscriber::<CourseEvent>::new(publisher.jetstream(), config).await.unwrap();
+    run_until(
+        &second,
+        async |e| observe(&observed, e).await,
+        |s| s.stats().handled.load(Ordering::Relaxed) + applied_first >= 180,
+    )
+    .await;
+
+    let observed = observed.into_inner().unwrap();
+    assert_eq!(observed.violations, Vec::<String>::new());
+    for id in &ids {
+        let applied: Vec<i64> = observed.applied[id].iter().copied().filter(|s| *s > 0).collect();
+        assert_eq!(applied, (1..=9).collect::<Vec<i64>>(), "aggregate {id}");
+    }
+    assert_eq!(second.stats().poisoned.load(Ordering::Relaxed), 0);
 }
 
 /// A slow handler and a backlog: the subscriber holds at most `max_in_flight` messages (the

@@ -1,6 +1,6 @@
 //! Ordered concurrency for a subscriber: one lane per aggregate. A lane's messages are
-//! handled one after the other in the order they arrived (stream order); different lanes
-//! run at once, up to a limit.
+//! handled one after the other in stream order (a redelivery that arrives after a later
+//! message of its lane goes before it); different lanes run at once, up to a limit.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
@@ -50,8 +50,9 @@ impl<M: Held> Lanes<M> {
         self.running
     }
 
-    /// Takes a message in, behind its lane's earlier ones. A message already held (the
-    /// server redelivered it meanwhile) is returned: the held copy settles it.
+    /// Takes a message in, behind its lane's earlier ones and before its later ones that
+    /// are waiting (a redelivery may arrive after them). A message already held (the server
+    /// redelivered it meanwhile) is returned: the held copy settles it.
     pub(crate) fn push(&mut self, message: M) -> Option<M> {
         if !self.sequences.insert(message.sequence()) {
             return Some(message);
@@ -62,7 +63,9 @@ impl<M: Held> Lanes<M> {
         if lane.current.is_none() && lane.waiting.is_empty() {
             self.ready.push_back(key);
         }
-        lane.waiting.push_back(Arc::new(message));
+        let sequence = message.sequence();
+        let at = lane.waiting.iter().rposition(|held| held.sequence() < sequence).map_or(0, |i| i + 1);
+        lane.waiting.insert(at, Arc::new(message));
         None
     }
 
@@ -164,6 +167,20 @@ mod tests {
         assert_eq!(lanes.push(Msg("a", 1)), Some(Msg("a", 1)));
         lanes.finish(&"a");
         assert!(lanes.push(Msg("a", 1)).is_none(), "settled: a new delivery is taken");
+    }
+
+    #[test]
+    fn a_late_redelivery_goes_before_the_later_messages_of_its_lane() {
+        let mut lanes = Lanes::new(4);
+        for (key, seq) in [("a", 5), ("a", 7), ("b", 6), ("a", 3), ("a", 4)] {
+            assert!(lanes.push(Msg(key, seq)).is_none());
+        }
+        let mut order = Vec::new();
+        while let Some(message) = lanes.start() {
+            order.push((message.0, message.1));
+            lanes.finish(&message.0);
+        }
+        assert_eq!(order, [("a", 3), ("b", 6), ("a", 4), ("a", 5), ("a", 7)]);
     }
 
     #[test]

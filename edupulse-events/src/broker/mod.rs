@@ -8,6 +8,7 @@ mod memory;
 mod nats;
 mod publisher;
 mod pulls;
+mod recovery;
 mod subscriber;
 
 pub use self::memory::{BrokerMessage, InMemoryBroker};

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use crate::broker::lanes::{Held, Lanes};
 use crate::broker::pulls::{Pulled, Pulls};
+use crate::broker::recovery::Recovery;
 use crate::event::subject::validate_filter;
 use crate::event::wire::{self, headers};
 use crate::{BoxError, BrokerErrorKind, DomainEvent, EventEnvelope, EventError};
@@ -166,9 +167,18 @@ type PoisonHook = Arc<dyn Fn(&PoisonReport) + Send + Sync>;
 ///   redelivered by "in progress" acknowledgements.
 /// - Shutdown lets the running handlers finish, then hands the waiting messages back to the
 ///   server (each aggregate's in order), which redelivers them first to the next consumer.
-///   After a crash, the server redelivers what was not acknowledged once `ack_wait` has
-///   passed, possibly after newer messages of the same aggregate: a handler that must never
-///   see an aggregate's event twice or out of order keeps the last `sequence` it applied.
+/// - After a crash, the server redelivers what was not acknowledged only once `ack_wait`
+///   has passed, when newer messages of the same aggregates may be there already. So a run
+///   that starts while the consumer has unacknowledged messages handles nothing until they
+///   are back: it holds what it pulls, each aggregate's in stream order, until every message
+///   delivered before its start is acknowledged or held by it (at most `ack_wait` and two
+///   seconds; then it warns and goes on). Order across a crash therefore holds when the
+///   crashed instance is restarted, or when all instances of the consumer start again. An
+///   instance that keeps running while another one crashes cannot know what the crashed one
+///   held: it may handle a newer message of an aggregate before the crashed one's comes back.
+///   And a message whose handler finished but whose acknowledgement was lost is handled
+///   again. A handler that must never see an aggregate's event twice or out of order keeps
+///   the last `sequence` it applied (as projections do, in the same transaction).
 pub struct Subscriber<E> {
     consumer: PullConsumer,
     config: SubscriberConfig,
@@ -325,36 +335,32 @@ impl<E: DomainEvent> Subscriber<E> {
         let mut lanes = Lanes::new(self.config.max_concurrency.min(max_in_flight));
         let mut running = FuturesUnordered::new();
         let mut pulls = Pulls::default();
-        let (mut pull_failures, mut pulled_once) = (0_u32, false);
+        let mut pulling = Pulling::default();
         let (stopping, stopped) = watch::channel(false);
         let mut progress = tokio::time::interval(self.config.ack_wait / 3);
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recovery = Recovery::begin(&self.consumer, self.config.ack_wait).await;
+        let mut recovery_check = tokio::time::interval(RECOVERY_CHECK);
         tokio::pin!(shutdown);
         loop {
-            while let Some(delivery) = lanes.start() {
+            while recovery.is_none()
+                && let Some(delivery) = lanes.start()
+            {
                 let (stopped, handler) = (stopped.clone(), &handler);
                 running.push(async move {
                     self.handle(handler, &delivery, stopped).await;
                     delivery
                 });
             }
-            let room = max_in_flight.saturating_sub(lanes.held() + pulls.outstanding());
-            if pulls.has_room() && room >= (max_in_flight / 4).max(1) {
-                match self.pull(room).await {
-                    Ok(batch) => {
-                        pulls.add(batch, room);
-                        (pull_failures, pulled_once) = (0, true);
-                    }
-                    // The first pull fails: the consumer cannot be read at all.
-                    Err(e) if !pulled_once => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "subscriber: pull failed; retrying");
-                        pull_failures += 1;
-                        tokio::select! {
-                            () = &mut shutdown => break,
-                            () = tokio::time::sleep(backoff(pull_failures)) => continue,
-                        }
-                    }
+            let capacity = max_in_flight + recovery.as_ref().map_or(0, Recovery::extra_room);
+            let room = capacity.saturating_sub(lanes.held() + pulls.outstanding());
+            if pulls.has_room()
+                && room >= (max_in_flight / 4).max(1)
+                && let Some(wait) = self.refill(&mut pulls, room, &mut pulling).await?
+            {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(wait) => continue,
                 }
             }
             tokio::select! {
@@ -366,27 +372,42 @@ impl<E: DomainEvent> Subscriber<E> {
                         lanes.finish(done.key());
                     }
                 }
-                pulled = pulls.next(), if pulls.is_open() => {
-                    let mut pulled = Some(pulled);
-                    // The messages already received too: one turn of the loop for all.
-                    while let Some(next) = pulled.take() {
-                        match next {
-                            Pulled::Ended => {}
-                            Pulled::Failed(e) => tracing::warn!(error = %e, "subscriber: pull failed; retrying"),
-                            // A redelivery of a message still held: the held copy settles it.
-                            Pulled::Message(message) => {
-                                drop(lanes.push(Delivery::new(message)));
-                                pulled = pulls.next().now_or_never();
-                            }
-                        }
+                pulled = pulls.next(), if pulls.is_open() => receive(pulled, &mut pulls, &mut lanes),
+                _ = progress.tick() => self.keep_held(&lanes).await,
+                _ = recovery_check.tick(), if recovery.is_some() => {
+                    if let Some(wait) = &recovery && wait.is_over(&self.consumer, lanes.held()).await {
+                        recovery = None;
                     }
                 }
-                _ = progress.tick() => self.keep_held(&lanes).await,
             }
         }
         let _ = stopping.send(true);
         self.hand_back(&mut lanes, &mut running, pulls).await;
         Ok(())
+    }
+
+    /// Opens a pull request for `room` messages. After a failure, `Some` wait before the
+    /// next attempt; a failure of the first pull is the caller's error (the consumer cannot
+    /// be read at all).
+    async fn refill(
+        &self,
+        pulls: &mut Pulls,
+        room: usize,
+        state: &mut Pulling,
+    ) -> Result<Option<Duration>, EventError> {
+        match self.pull(room).await {
+            Ok(batch) => {
+                pulls.add(batch, room);
+                *state = Pulling { failures: 0, pulled_once: true };
+                Ok(None)
+            }
+            Err(e) if !state.pulled_once => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "subscriber: pull failed; retrying");
+                state.failures += 1;
+                Ok(Some(backoff(state.failures)))
+            }
+        }
     }
 
     /// A pull request for at most `count` messages, open for a second.
@@ -543,6 +564,34 @@ impl<E: DomainEvent> Subscriber<E> {
 /// How long a pull request stays open on the server (and the longest a shutdown waits for
 /// the messages it still brings).
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// How often a subscriber that waits for a previous run's messages looks whether they are
+/// back.
+const RECOVERY_CHECK: Duration = Duration::from_millis(200);
+
+/// Whether pulling has worked yet, and how often it failed in a row since.
+#[derive(Default)]
+struct Pulling {
+    failures: u32,
+    pulled_once: bool,
+}
+
+/// Takes in `first` and the messages the pull requests already received: one turn of the
+/// run loop for all of them.
+fn receive(first: Pulled, pulls: &mut Pulls, lanes: &mut Lanes<Delivery>) {
+    let mut pulled = Some(first);
+    while let Some(next) = pulled.take() {
+        match next {
+            Pulled::Ended => {}
+            Pulled::Failed(e) => tracing::warn!(error = %e, "subscriber: pull failed; retrying"),
+            // A redelivery of a message still held: the held copy settles it.
+            Pulled::Message(message) => {
+                drop(lanes.push(Delivery::new(message)));
+                pulled = pulls.next().now_or_never();
+            }
+        }
+    }
+}
 
 /// The wait before pull attempt number `failures` (from 1): 100 ms doubling to 5 s.
 fn backoff(failures: u32) -> Duration {
