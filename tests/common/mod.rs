@@ -6,7 +6,8 @@ pub mod nats;
 
 use edupulse_events::sqlx::{PgConnection, PgPool, SqliteConnection};
 use edupulse_events::upcast::{self, JsonValue, UpcastError};
-use edupulse_events::{Connection, DatabasePool, DomainEvent, EventStore, StoreConfig, Uuid};
+use edupulse_events::{Connection, DatabasePool, DomainEvent, EventStore, StoreConfig, StreamPosition, Uuid};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 /// The PostgreSQL URL of the test server. Tests that need it fail, loudly, without it.
@@ -109,6 +110,26 @@ pub enum CourseEvent {
     LessonPublished(LessonPublished),
     LessonRenamed(LessonRenamed),
     Counted(Counted),
+}
+
+/// Waits (at most 10 s) until the global stream reads `count` events: until they are below
+/// the horizon, which is the whole database's, so that a transaction another test keeps open
+/// at this moment may hold them back.
+pub async fn until_readable(store: &EventStore, count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut all = store.stream_all::<CourseEvent>(StreamPosition::START);
+        let mut read = 0;
+        while let Some(envelope) = all.next().await {
+            envelope.unwrap();
+            read += 1;
+        }
+        if read >= count {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {read} of {count} events readable after 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 pub fn counted(n: u64) -> CourseEvent {
