@@ -39,10 +39,14 @@ enum Everything {
     Billing(InvoicePaid),
 }
 
-fn main() {
+#[test]
+fn enums_dispatch_nest_convert_and_decode_by_type() {
     assert_eq!(CourseEvent::EVENT_TYPES, ["LessonPublished", "QuizSubmitted"]);
     assert_eq!(CourseEvent::ACCEPTED_TYPES, ["LessonPublished", "QuizSubmitted", "QuizSent"]);
-    assert_eq!(Everything::SUBJECTS, ["courses.LessonPublished", "courses.quiz.submitted", "billing.v1.InvoicePaid"]);
+    assert_eq!(
+        Everything::SUBJECTS,
+        ["courses.LessonPublished", "courses.quiz.submitted", "billing.v1.InvoicePaid"]
+    );
 
     let id = Uuid::now_v7();
     let quiz = CourseEvent::from(QuizSubmitted { quiz_id: id, score: 7 });
@@ -53,10 +57,12 @@ fn main() {
 
     let everything = Everything::from(quiz.clone());
     let encoded = everything.encode().unwrap();
-    let back = Everything::decode("QuizSent", encoded.schema_version, encoded.payload.get().as_bytes()).unwrap();
+    let back =
+        Everything::decode("QuizSent", encoded.schema_version, encoded.payload.get().as_bytes()).unwrap();
     assert_eq!(back, everything);
 
-    let paid = Everything::decode("InvoicePaid", 1, format!(r#"{{"invoice_id":"{id}"}}"#).as_bytes()).unwrap();
+    let paid =
+        Everything::decode("InvoicePaid", 1, format!(r#"{{"invoice_id":"{id}"}}"#).as_bytes()).unwrap();
     assert_eq!(paid, Everything::Billing(InvoicePaid { invoice_id: id }));
     assert!(matches!(CourseEvent::decode("InvoicePaid", 1, b"{}"), Err(EventError::UnknownEventType { .. })));
 }

@@ -80,7 +80,8 @@ impl From<LessonPublishedV2> for Published {
 #[derive(Debug, Serialize, Deserialize, DomainEvent)]
 struct Heartbeat;
 
-fn main() {
+#[test]
+fn every_attribute_at_once_produces_its_values() {
     assert_eq!(Published::EVENT_TYPE, "LessonPublished");
     assert_eq!(Published::ALIASES, ["LessonReleased", "LessonWentLive"]);
     assert_eq!(Published::ACCEPTED_TYPES, ["LessonPublished", "LessonReleased", "LessonWentLive"]);
