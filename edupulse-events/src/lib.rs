@@ -204,7 +204,7 @@ pub use crate::broker::{
     Publisher, StreamSpec, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy,
 };
 pub use crate::delivery::{
-    BusConfig, BusTransaction, Committed, EventBus, LogRelay, Receipt, RelayConfig, RelayPass,
+    BusConfig, BusTransaction, Committed, EventBus, LogRelay, Receipt, RelayConfig, RelayPass, Republished,
 };
 pub use crate::error::{BoxError, BrokerErrorKind, ConnectCause, EventError, EventProblem};
 pub use crate::event::envelope::{EventEnvelope, Metadata};
@@ -216,8 +216,9 @@ pub use crate::event::{
 pub use crate::read::{Projection, ProjectionRunner, UndecodablePolicy};
 pub use crate::setup::{Backends, EMBEDDED_DATABASE_URL};
 pub use crate::store::{
-    Connection, DatabasePool, EventStore, EventStream, ExpectedSequence, PARTITIONS, ParkedEvent, RelayLag,
-    Requeue, RunningTransaction, SchemaName, StoreConfig, StoredSnapshot, StreamPosition, Transaction,
+    Connection, DatabasePool, EventStore, EventStream, ExpectedSequence, Migrations, PARTITIONS, ParkedEvent,
+    PartitionStatus, ProjectionStatus, RecordStream, RelayLag, Requeue, RunningTransaction, SchemaName,
+    StoreConfig, StoreStatus, StoredRecord, StoredSnapshot, StreamPosition, Transaction,
 };
 pub use crate::write::{Aggregate, CommandError, Loaded, Repository};
 pub use async_nats;

@@ -1,50 +1,30 @@
 //! A row of the log made a message: the relay publishes rows without decoding them.
 
-use serde_json::value::RawValue;
-
 use crate::EventError;
 use crate::event::wire::{HeaderFields, HeaderMetadata, OutgoingMessage, WireEnvelope};
 use crate::store::row::StoredRow;
 
 /// The message for a stored row (the relay publishes rows it does not decode).
 pub(crate) fn outgoing(row: StoredRow, subject: String) -> Result<OutgoingMessage, EventError> {
-    let (event_type, version, position) =
-        (row.event_type.clone(), u32::try_from(row.schema_version).unwrap_or(0), row.global_position);
-    let bad = |what: &str, e: serde_json::Error| EventError::Decode {
-        event_type: event_type.clone(),
-        version,
-        position: Some(position),
-        source: format!("stored {what} is not valid JSON: {e}").into(),
-    };
-    // The strings move into the raw values: no copy of the payload per message.
-    let metadata = RawValue::from_string(row.metadata).map_err(|e| bad("metadata", e))?;
-    let payload = RawValue::from_string(row.payload).map_err(|e| bad("payload", e))?;
-    let repeated: HeaderMetadata<'_> = serde_json::from_str(metadata.get()).unwrap_or_default();
+    message(row.into_wire()?, subject)
+}
+
+/// The message carrying `wire` on `subject`, its headers repeating the envelope's fields
+/// and the three metadata fields consumers filter on.
+pub(crate) fn message(wire: WireEnvelope, subject: String) -> Result<OutgoingMessage, EventError> {
+    let repeated: HeaderMetadata<'_> = serde_json::from_str(wire.metadata.get()).unwrap_or_default();
     let headers = HeaderFields {
-        event_id: row.event_id,
-        event_type: &row.event_type,
-        schema_version: row.schema_version,
-        aggregate_type: &row.aggregate_type,
-        aggregate_id: row.aggregate_id,
-        sequence: row.sequence,
+        event_id: wire.event_id,
+        event_type: &wire.event_type,
+        schema_version: i32::try_from(wire.schema_version).unwrap_or(i32::MAX),
+        aggregate_type: &wire.aggregate_type,
+        aggregate_id: wire.aggregate_id,
+        sequence: wire.sequence,
         correlation_id: repeated.correlation_id,
         causation_id: repeated.causation_id,
         traceparent: repeated.traceparent.as_deref(),
     }
     .headers();
-    let wire = WireEnvelope {
-        event_id: row.event_id,
-        event_type: row.event_type,
-        schema_version: u32::try_from(row.schema_version).unwrap_or(0),
-        aggregate_type: row.aggregate_type,
-        aggregate_id: row.aggregate_id,
-        sequence: row.sequence,
-        global_position: row.global_position,
-        occurred_at: row.occurred_at,
-        recorded_at: row.recorded_at,
-        metadata,
-        payload,
-    };
     let body = serde_json::to_vec(&wire)
         .map_err(|source| EventError::Serialization { event_type: "WireEnvelope", source })?
         .into();
@@ -107,6 +87,7 @@ mod tests {
             metadata: metadata_json.clone(),
             occurred_at,
             recorded_at: DateTime::<Utc>::from_timestamp(1_800_000_000, 999_999_999).unwrap(),
+            subject: Some("courses.x".into()),
         };
         let message = outgoing(row, "courses.x".into()).unwrap();
         let real = header_block_len(&message.headers) + message.body.len();

@@ -5,6 +5,8 @@
 mod bus;
 mod message;
 mod relay;
+mod republish;
 
 pub use self::bus::{BusConfig, BusTransaction, Committed, EventBus, Receipt};
 pub use self::relay::{LogRelay, RelayConfig, RelayPass};
+pub use self::republish::Republished;

@@ -39,6 +39,7 @@ use uuid::Uuid;
 
 use crate::broker::Publisher;
 use crate::delivery::message;
+use crate::delivery::republish::{self, Republished};
 use crate::event::wire::OutgoingMessage;
 use crate::store::PARTITIONS;
 use crate::store::backend::Lease;
@@ -183,6 +184,24 @@ impl LogRelay {
     /// [`EventError::Database`].
     pub async fn lag(&self) -> Result<RelayLag, EventError> {
         self.store.relay_lag().await
+    }
+
+    /// Sends the events from global position `from` to `to` (both included; without `to`, to
+    /// the end of the readable stream) to the broker again, in stream order, `batch_size` at
+    /// a time: for a stream that lost messages (deleted, or restored from an older backup).
+    /// No checkpoint moves. Events the stream still holds inside its duplicate window are
+    /// dropped by the broker and counted as [`Republished::duplicates`]; outside it they are
+    /// stored a second time. Run it while no relay publishes newer events of the same
+    /// aggregates, or the stream holds them before the republished ones.
+    ///
+    /// # Errors
+    /// [`EventError::Config`] when `from` or `to` names no event; [`EventError::Database`];
+    /// [`EventError::Broker`] at the first event the broker does not take, naming its position
+    /// (the ones before it were sent).
+    pub async fn republish(&self, from: i64, to: Option<i64>) -> Result<Republished, EventError> {
+        self.config.check()?;
+        let batch = usize::try_from(self.config.batch_size).unwrap_or(usize::MAX);
+        republish::republish(&self.store, &*self.publisher, from, to, batch).await
     }
 
     /// Takes the free partitions, publishes everything below the horizon, and lets the

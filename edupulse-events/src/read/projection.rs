@@ -140,6 +140,14 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
                         if full { size.saturating_mul(4).min(self.max_batch_size) } else { self.batch_size };
                 }
                 Batch::Raced => size = self.batch_size,
+                Batch::Rebuild => {
+                    tracing::info!(
+                        projection = self.projection.name(),
+                        "projection: rebuilding, as requested"
+                    );
+                    self.reset_read_model().await?;
+                    size = self.batch_size;
+                }
             }
         }
     }
@@ -175,6 +183,16 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
     /// # Errors
     /// As [`catch_up`](ProjectionRunner::catch_up).
     pub async fn rebuild(&self) -> Result<u64, EventError> {
+        self.reset_read_model().await?;
+        let total = self.store.events_after(StreamPosition::START).await?;
+        let mut progress = RebuildProgress::new(self.projection.name(), total);
+        let applied = self.catch_up_reporting(&mut |applied| progress.report(applied)).await?;
+        progress.done(applied);
+        Ok(applied)
+    }
+
+    /// Empties the read model and moves the checkpoint to the start, together.
+    async fn reset_read_model(&self) -> Result<(), EventError> {
         let mut tx = self.store.begin().await?;
         // Without the lock first, `reset` would not see the rows of a batch a runner has
         // written but not yet committed; they would survive it and be applied again from
@@ -182,12 +200,7 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         tx.checkpoint_for_update(self.projection.name()).await?;
         self.projection.reset(&mut tx).await.map_err(|e| self.handler_error(None, e))?;
         tx.save_checkpoint(self.projection.name(), StreamPosition::START).await?;
-        tx.commit().await?;
-        let total = self.store.events_after(StreamPosition::START).await?;
-        let mut progress = RebuildProgress::new(self.projection.name(), total);
-        let applied = self.catch_up_reporting(&mut |applied| progress.report(applied)).await?;
-        progress.done(applied);
-        Ok(applied)
+        tx.commit().await
     }
 
     /// The projection's own error as it is when it is an [`EventError`] (a database error
@@ -204,6 +217,9 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
     async fn apply_batch(&self, size: usize) -> Result<Batch, EventError> {
         let name = self.projection.name();
         let from = self.store.checkpoint(name).await?.unwrap_or(StreamPosition::START);
+        if from == StreamPosition::REBUILD {
+            return Ok(Batch::Rebuild);
+        }
         let limit = u32::try_from(size).unwrap_or(u32::MAX);
         let mut stream = self.store.stream_all::<E>(from).page_size(limit);
         if !self.all_event_types {
@@ -258,6 +274,8 @@ enum Batch {
     Applied { applied: u64, full: bool },
     /// Another runner moved the checkpoint first; read again.
     Raced,
+    /// A rebuild was requested (the checkpoint is [`StreamPosition::REBUILD`]).
+    Rebuild,
 }
 
 /// A rebuild's progress, logged every few seconds.

@@ -18,6 +18,7 @@ use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLag, RunningT
 use crate::store::postgres::{self, PgBackend, PgTransaction};
 use crate::store::row::{PageQuery, StoredRow};
 use crate::store::sqlite::{SqliteBackend, SqliteTransaction};
+use crate::store::status::{Migrations, StoreStatus};
 use crate::store::{ExpectedSequence, SchemaName, StoreConfig, StoredSnapshot, StreamPosition};
 use crate::{DomainEvent, EventEnvelope, EventError};
 
@@ -211,6 +212,60 @@ impl Backend {
         match self {
             Self::Postgres(pg) => pg.count_after(after).await,
             Self::Sqlite(sq) => sq.count_after(after).await,
+        }
+    }
+
+    pub(crate) async fn migrations(&self, schema: &SchemaName) -> Result<Migrations, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.migrations(schema).await,
+            Self::Sqlite(sq) => sq.migrations().await,
+        }
+    }
+
+    /// The store's status; the PostgreSQL schema is named, SQLite has none.
+    pub(crate) async fn status(&self, schema: &SchemaName) -> Result<StoreStatus, EventError> {
+        let migrations = self.migrations(schema).await?;
+        let (schema, (events, aggregates, last_position), partitions, projections) = match self {
+            Self::Postgres(pg) if !migrations.applied.is_empty() => (
+                Some(schema.as_str().to_owned()),
+                pg.counts().await?,
+                pg.partitions().await?,
+                pg.projections().await?,
+            ),
+            Self::Sqlite(sq) if !migrations.applied.is_empty() => {
+                (None, sq.counts().await?, sq.partitions().await?, sq.projections().await?)
+            }
+            Self::Postgres(_) => (Some(schema.as_str().to_owned()), (0, 0, 0), Vec::new(), Vec::new()),
+            Self::Sqlite(_) => (None, (0, 0, 0), Vec::new(), Vec::new()),
+        };
+        let lag = if migrations.applied.is_empty() { RelayLag::default() } else { self.relay_lag().await? };
+        Ok(StoreStatus {
+            backend: self.name(),
+            schema,
+            migrations,
+            events,
+            aggregates,
+            last_position,
+            partitions,
+            projections,
+            lag,
+        })
+    }
+
+    pub(crate) async fn request_rebuild(&self, name: &str) -> Result<bool, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.request_rebuild(name).await,
+            Self::Sqlite(sq) => sq.request_rebuild(name).await,
+        }
+    }
+
+    pub(crate) async fn position_of(
+        &self,
+        global_position: i64,
+    ) -> Result<Option<StreamPosition>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.position_of(global_position).await,
+            Self::Sqlite(sq) => sq.position_of(global_position).await,
         }
     }
 

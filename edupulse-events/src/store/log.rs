@@ -149,7 +149,7 @@ pub struct RunningTransaction {
 }
 
 /// How far publication is behind the log.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RelayLag {
     /// Committed events not yet acknowledged by the broker (nor parked).
     pub pending: i64,

@@ -15,6 +15,7 @@ mod postgres_sql;
 pub(crate) mod row;
 pub(crate) mod signals;
 mod sqlite;
+mod status;
 mod stream;
 mod transaction;
 
@@ -33,7 +34,8 @@ pub use self::model::{
 };
 use self::row::PageQuery;
 use self::signals::Signals;
-pub use self::stream::EventStream;
+pub use self::status::{Migrations, PartitionStatus, ProjectionStatus, StoreStatus};
+pub use self::stream::{EventStream, RecordStream, StoredRecord};
 pub use self::transaction::Transaction;
 use crate::{DomainEvent, EventEnvelope, EventError, IntoKeyValue};
 
@@ -259,6 +261,73 @@ impl EventStore {
         let event_types = E::ACCEPTED_TYPES.iter().map(|t| (*t).to_owned()).collect();
         let query = PageQuery::Key { name: key.to_owned(), value: value.key_value(), event_types };
         self.stream(query, StreamPosition::START)
+    }
+
+    /// The global stream as recorded, not decoded: every event after `from` as a
+    /// [`WireEnvelope`](crate::wire::WireEnvelope), in the order of
+    /// [`stream_all`](Self::stream_all). For tools that do not know the event types.
+    pub fn records(&self, from: StreamPosition) -> RecordStream {
+        RecordStream::new(
+            self.inner.backend.clone(),
+            self.inner.config.page_size,
+            PageQuery::All { event_types: None },
+            from,
+        )
+    }
+
+    /// One aggregate's events as recorded, from `from_sequence` (1 for all), in order.
+    pub fn aggregate_records(&self, aggregate_id: Uuid, from_sequence: i64) -> RecordStream {
+        let after = StreamPosition { transaction_id: 0, global_position: from_sequence.saturating_sub(1) };
+        RecordStream::new(
+            self.inner.backend.clone(),
+            self.inner.config.page_size,
+            PageQuery::Aggregate(aggregate_id),
+            after,
+        )
+    }
+
+    /// The stream position of the event at `global_position` (`None` when there is no such
+    /// event): [`stream_all`](Self::stream_all) or [`records`](Self::records) from it read
+    /// what follows that event in stream order; with `global_position` one less, from the
+    /// event itself.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn position_of(&self, global_position: i64) -> Result<Option<StreamPosition>, EventError> {
+        self.inner.backend.position_of(global_position).await
+    }
+
+    /// Asks the runner of projection `name` to rebuild it: the checkpoint becomes
+    /// [`StreamPosition::REBUILD`], and the runner's next batch (of
+    /// [`catch_up`](crate::ProjectionRunner::catch_up) or `run`) empties the read model with
+    /// [`Projection::reset`](crate::Projection::reset) and applies every event again, as
+    /// [`rebuild`](crate::ProjectionRunner::rebuild) does. A batch in flight finds its
+    /// checkpoint moved and applies nothing. For tools that do not have the projection's
+    /// code (`edupulse projection reset`). Returns `false` when no projection of that name has
+    /// a checkpoint.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn request_rebuild(&self, name: &str) -> Result<bool, EventError> {
+        self.inner.backend.request_rebuild(name).await
+    }
+
+    /// The applied and pending migrations.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn migrations(&self) -> Result<Migrations, EventError> {
+        self.inner.backend.migrations(&self.inner.config.schema).await
+    }
+
+    /// The store at a glance, for operators: migrations, counts, each relay partition's
+    /// and each projection's checkpoint and backlog, publication's lag and what holds it
+    /// back. Counts are exact (`count(*)`), so this takes a moment on a large store.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn status(&self) -> Result<StoreStatus, EventError> {
+        self.inner.backend.status(&self.inner.config.schema).await
     }
 
     fn stream<E: DomainEvent>(&self, query: PageQuery, from: StreamPosition) -> EventStream<E> {

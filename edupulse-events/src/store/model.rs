@@ -48,6 +48,12 @@ pub struct StreamPosition {
 impl StreamPosition {
     /// The start of the stream.
     pub const START: Self = Self { transaction_id: 0, global_position: 0 };
+
+    /// A projection checkpoint that asks for a rebuild, below [`START`](Self::START):
+    /// [`EventStore::request_rebuild`](crate::EventStore::request_rebuild) saves it and the
+    /// projection's runner, on its next batch, empties the read model and reads from the
+    /// start.
+    pub const REBUILD: Self = Self { transaction_id: -1, global_position: -1 };
 }
 
 /// An aggregate's state after `sequence` events, as stored: a cache that spares replaying

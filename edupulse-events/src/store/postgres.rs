@@ -18,6 +18,7 @@ use crate::store::connect;
 use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction};
 use crate::store::postgres_sql::Queries;
 use crate::store::row::{PageQuery, StoredRow, stored_row};
+use crate::store::status::{Migrations, PartitionStatus, ProjectionStatus};
 use crate::store::{ExpectedSequence, SchemaName, StoreConfig, StoredSnapshot, StreamPosition};
 use crate::{DomainEvent, EventEnvelope, EventError};
 
@@ -521,6 +522,57 @@ impl PgBackend {
         partitions: &[i32],
     ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
         self.relay_checkpoints(&mut *self.pool.acquire().await?, partitions).await
+    }
+}
+
+impl PgBackend {
+    /// The migrations recorded in the schema (none before the first `migrate`).
+    pub(crate) async fn migrations(&self, schema: &SchemaName) -> Result<Migrations, EventError> {
+        let table = format!("\"{}\"._sqlx_migrations", schema.as_str());
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(table)
+            .fetch_one(&self.pool)
+            .await?;
+        let applied = if exists {
+            sqlx::query_scalar(self.sql.status.migrations.clone()).fetch_all(&self.pool).await?
+        } else {
+            Vec::new()
+        };
+        Ok(Migrations::of(MIGRATOR.iter().map(|m| m.version), applied))
+    }
+
+    /// Events, aggregates and the highest global position.
+    pub(crate) async fn counts(&self) -> Result<(i64, i64, i64), EventError> {
+        Ok(sqlx::query_as(self.sql.status.counts.clone()).fetch_one(&self.pool).await?)
+    }
+
+    pub(crate) async fn partitions(&self) -> Result<Vec<PartitionStatus>, EventError> {
+        let rows: Vec<(i32, i64, i64, Option<f64>, i64)> =
+            sqlx::query_as(self.sql.status.partitions.clone()).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(PartitionStatus::from_row).collect())
+    }
+
+    pub(crate) async fn projections(&self) -> Result<Vec<ProjectionStatus>, EventError> {
+        let rows: Vec<(String, i64, i64, Option<f64>, i64)> =
+            sqlx::query_as(self.sql.status.projections.clone()).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(ProjectionStatus::from_row).collect())
+    }
+
+    pub(crate) async fn request_rebuild(&self, name: &str) -> Result<bool, EventError> {
+        let done =
+            sqlx::query(self.sql.status.request_rebuild.clone()).bind(name).execute(&self.pool).await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub(crate) async fn position_of(
+        &self,
+        global_position: i64,
+    ) -> Result<Option<StreamPosition>, EventError> {
+        let tx: Option<i64> = sqlx::query_scalar(self.sql.status.position_of.clone())
+            .bind(global_position)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(tx.map(|transaction_id| StreamPosition { transaction_id, global_position }))
     }
 }
 

@@ -9,10 +9,11 @@ use crate::store::SchemaName;
 
 const EVENT_COLUMNS: &str = "e.global_position, e.transaction_id, e.event_id, e.aggregate_type, e.aggregate_id, \
      e.sequence, e.event_type, e.schema_version, e.payload::text AS payload, e.metadata::text AS metadata, \
-     e.occurred_at, e.recorded_at";
+     e.occurred_at, e.recorded_at, e.subject";
 
 const COLUMNS: &str = "global_position, transaction_id, event_id, aggregate_type, aggregate_id, sequence, \
-     event_type, schema_version, payload::text AS payload, metadata::text AS metadata, occurred_at, recorded_at";
+     event_type, schema_version, payload::text AS payload, metadata::text AS metadata, occurred_at, recorded_at, \
+     subject";
 
 /// The writing transaction's id, as the `bigint` the tables store.
 const XACT_ID: &str = "pg_current_xact_id()::text::bigint";
@@ -38,6 +39,7 @@ pub(crate) struct Queries {
     pub(crate) state: StateSql,
     pub(crate) relay: RelaySql,
     pub(crate) parked: ParkedSql,
+    pub(crate) status: StatusSql,
 }
 
 impl Queries {
@@ -49,6 +51,7 @@ impl Queries {
             state: StateSql::new(&s),
             relay: RelaySql::new(&s),
             parked: ParkedSql::new(&s),
+            status: StatusSql::new(&s),
         }
     }
 }
@@ -221,7 +224,7 @@ impl RelaySql {
             // checkpoints, below the horizon, in stream order (the stream-order index, the
             // partitions as a filter: one scan whatever the number held).
             page: sql(format!(
-                "SELECT e.partition, e.subject, {EVENT_COLUMNS} FROM {s}.events e \
+                "SELECT e.partition, {EVENT_COLUMNS} FROM {s}.events e \
                  WHERE (e.transaction_id, e.global_position) > ($1, $2) \
                    AND e.transaction_id < {HORIZON} \
                    AND e.subject IS NOT NULL AND e.partition = ANY($4) \
@@ -292,7 +295,7 @@ impl ParkedSql {
                  WHERE partition = ANY($1) AND blocked_by IS NULL"
             )),
             requeued: sql(format!(
-                "SELECT p.partition, e.subject, p.attempts, {EVENT_COLUMNS} FROM {s}.parked_events p \
+                "SELECT p.partition, p.attempts, {EVENT_COLUMNS} FROM {s}.parked_events p \
                  JOIN {s}.events e ON e.global_position = p.global_position \
                  WHERE p.partition = ANY($1) AND p.aggregate_id IN ( \
                      SELECT aggregate_id FROM {s}.parked_events WHERE partition = ANY($1) AND requeued) \
@@ -323,6 +326,49 @@ impl ParkedSql {
                      attempts = attempts + 1, reason = $3 WHERE global_position = $2 RETURNING global_position) \
                  UPDATE {s}.parked_events SET blocked_by = $2, requeued = false \
                  WHERE aggregate_id = $1 AND global_position <> $2"
+            )),
+        }
+    }
+}
+
+/// What operators ask: migrations, counts, where relays and projections stand.
+pub(crate) struct StatusSql {
+    pub(crate) migrations: SqlStr,
+    pub(crate) counts: SqlStr,
+    pub(crate) partitions: SqlStr,
+    pub(crate) projections: SqlStr,
+    pub(crate) position_of: SqlStr,
+    pub(crate) request_rebuild: SqlStr,
+}
+
+impl StatusSql {
+    fn new(s: &str) -> Self {
+        let after = "(e.transaction_id, e.global_position) > (c.transaction_id, c.global_position)";
+        Self {
+            migrations: sql(format!(
+                "SELECT version FROM {s}._sqlx_migrations WHERE success ORDER BY version"
+            )),
+            counts: sql(format!(
+                "SELECT (SELECT count(*) FROM {s}.events), (SELECT count(*) FROM {s}.streams), \
+                     (SELECT coalesce(max(global_position), 0) FROM {s}.events)"
+            )),
+            partitions: sql(format!(
+                "SELECT c.partition, c.transaction_id, c.global_position, \
+                     extract(epoch FROM now() - c.updated_at)::float8, \
+                     (SELECT count(*) FROM {s}.events e WHERE e.partition = c.partition \
+                         AND e.subject IS NOT NULL AND {after}) \
+                 FROM {s}.relay_checkpoints c ORDER BY c.partition"
+            )),
+            projections: sql(format!(
+                "SELECT c.name, c.transaction_id, c.global_position, \
+                     extract(epoch FROM now() - c.updated_at)::float8, \
+                     (SELECT count(*) FROM {s}.events e WHERE {after}) \
+                 FROM {s}.checkpoints c ORDER BY c.name"
+            )),
+            position_of: sql(format!("SELECT transaction_id FROM {s}.events WHERE global_position = $1")),
+            request_rebuild: sql(format!(
+                "UPDATE {s}.checkpoints SET transaction_id = -1, global_position = -1, updated_at = now() \
+                 WHERE name = $1"
             )),
         }
     }

@@ -5,7 +5,10 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
+use serde_json::value::RawValue;
+
 use crate::event::envelope::Recorded;
+use crate::event::wire::WireEnvelope;
 use crate::store::StreamPosition;
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
 
@@ -23,6 +26,8 @@ pub(crate) struct StoredRow {
     pub(crate) metadata: String,
     pub(crate) occurred_at: DateTime<Utc>,
     pub(crate) recorded_at: DateTime<Utc>,
+    /// The subject it is published on (`None`: an event the relay does not publish).
+    pub(crate) subject: Option<String>,
 }
 
 /// Reads a stored row from a query result of either backend (the same column names).
@@ -32,6 +37,7 @@ where
     i64: Decode<'r, R::Database> + Type<R::Database>,
     i32: Decode<'r, R::Database> + Type<R::Database>,
     String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
     Uuid: Decode<'r, R::Database> + Type<R::Database>,
     DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
 {
@@ -48,6 +54,7 @@ where
         metadata: row.try_get("metadata")?,
         occurred_at: row.try_get("occurred_at")?,
         recorded_at: row.try_get("recorded_at")?,
+        subject: row.try_get("subject")?,
     })
 }
 
@@ -69,6 +76,36 @@ impl StoredRow {
             metadata: &self.metadata,
         }
         .decode()
+    }
+}
+
+impl StoredRow {
+    /// The row as the message body carries it, payload and metadata moved into raw JSON
+    /// values (no copy); stored text that is not JSON is a decode error naming the position.
+    pub(crate) fn into_wire(self) -> Result<WireEnvelope, EventError> {
+        let version = u32::try_from(self.schema_version).unwrap_or(0);
+        let (event_type, position) = (&self.event_type, self.global_position);
+        let bad = |what: &str, e: serde_json::Error| EventError::Decode {
+            event_type: event_type.clone(),
+            version,
+            position: Some(position),
+            source: format!("stored {what} is not valid JSON: {e}").into(),
+        };
+        let metadata = RawValue::from_string(self.metadata).map_err(|e| bad("metadata", e))?;
+        let payload = RawValue::from_string(self.payload).map_err(|e| bad("payload", e))?;
+        Ok(WireEnvelope {
+            event_id: self.event_id,
+            event_type: self.event_type,
+            schema_version: version,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            global_position: self.global_position,
+            occurred_at: self.occurred_at,
+            recorded_at: self.recorded_at,
+            metadata,
+            payload,
+        })
     }
 }
 

@@ -29,6 +29,7 @@ use crate::store::PARTITIONS;
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow};
 use crate::store::row::{PageQuery, StoredRow, stored_row};
+use crate::store::status::{Migrations, PartitionStatus, ProjectionStatus};
 use crate::store::{ExpectedSequence, StoreConfig, StoredSnapshot, StreamPosition};
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
 
@@ -41,7 +42,7 @@ pub(crate) type SqliteTransaction = sqlx::Transaction<'static, Sqlite>;
 macro_rules! columns {
     () => {
         "e.global_position, e.global_position AS transaction_id, e.event_id, e.aggregate_type, e.aggregate_id, \
-         e.sequence, e.event_type, e.schema_version, e.payload, e.metadata, e.occurred_at, e.recorded_at"
+         e.sequence, e.event_type, e.schema_version, e.payload, e.metadata, e.occurred_at, e.recorded_at, e.subject"
     };
 }
 
@@ -391,7 +392,7 @@ impl SqliteBackend {
     ) -> Result<Page, EventError> {
         let partitions = json_list(partitions);
         let rows = sqlx::query(concat!(
-            "SELECT e.partition, e.subject, ",
+            "SELECT e.partition, ",
             columns!(),
             " FROM events e WHERE e.global_position > ?1 AND e.subject IS NOT NULL \
              AND e.partition IN (SELECT value FROM json_each(?3)) ORDER BY e.global_position LIMIT ?2"
@@ -464,7 +465,7 @@ impl SqliteBackend {
 
     pub(crate) async fn parked_requeued(&self, partitions: &[i32]) -> Result<Vec<LogRow>, EventError> {
         let rows = sqlx::query(concat!(
-            "SELECT p.partition, e.subject, ",
+            "SELECT p.partition, ",
             columns!(),
             " FROM parked_events p JOIN events e ON e.global_position = p.global_position \
              WHERE p.partition IN (SELECT value FROM json_each(?1)) AND p.aggregate_id IN ( \
@@ -555,6 +556,84 @@ impl SqliteBackend {
         .fetch_all(&self.pool)
         .await?;
         parked_events(&rows)
+    }
+}
+
+impl SqliteBackend {
+    /// The migrations recorded in the database (none before the first `migrate`).
+    pub(crate) async fn migrations(&self) -> Result<Migrations, EventError> {
+        let exists: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let applied = if exists > 0 {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(Migrations::of(MIGRATOR.iter().map(|m| m.version), applied))
+    }
+
+    /// Events, aggregates and the highest global position.
+    pub(crate) async fn counts(&self) -> Result<(i64, i64, i64), EventError> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM streams), \
+                 (SELECT coalesce(max(global_position), 0) FROM events)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub(crate) async fn partitions(&self) -> Result<Vec<PartitionStatus>, EventError> {
+        let rows: Vec<(i32, i64, i64, Option<f64>, i64)> = sqlx::query_as(
+            "SELECT c.partition, c.transaction_id, c.global_position, \
+                 (julianday('now') - julianday(c.updated_at)) * 86400.0, \
+                 (SELECT count(*) FROM events e WHERE e.partition = c.partition AND e.subject IS NOT NULL \
+                     AND e.global_position > c.global_position) \
+             FROM relay_checkpoints c ORDER BY c.partition",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(PartitionStatus::from_row).collect())
+    }
+
+    pub(crate) async fn projections(&self) -> Result<Vec<ProjectionStatus>, EventError> {
+        let rows: Vec<(String, i64, i64, Option<f64>, i64)> = sqlx::query_as(
+            "SELECT c.name, c.transaction_id, c.global_position, \
+                 (julianday('now') - julianday(c.updated_at)) * 86400.0, \
+                 (SELECT count(*) FROM events e WHERE e.global_position > c.global_position) \
+             FROM checkpoints c ORDER BY c.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(ProjectionStatus::from_row).collect())
+    }
+
+    pub(crate) async fn request_rebuild(&self, name: &str) -> Result<bool, EventError> {
+        let done = sqlx::query(
+            "UPDATE checkpoints SET transaction_id = -1, global_position = -1, updated_at = ?2 WHERE name = ?1",
+        )
+        .bind(name)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    pub(crate) async fn position_of(
+        &self,
+        global_position: i64,
+    ) -> Result<Option<StreamPosition>, EventError> {
+        // The position doubles as the stream's transaction id.
+        let tx: Option<i64> =
+            sqlx::query_scalar("SELECT global_position FROM events WHERE global_position = ?1")
+                .bind(global_position)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(tx.map(|transaction_id| StreamPosition { transaction_id, global_position }))
     }
 }
 
