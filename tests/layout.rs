@@ -19,13 +19,15 @@ use std::{fs, path::Path};
 const LAYERS: &[(&str, &[&str])] = &[
     // The `setters!` macro: imports nothing, used by the settings structs of every layer.
     ("setters", &[]),
+    // Metric names and the functions that record them: used by every layer.
+    ("telemetry", &["error", "connect"]),
     ("error", &["connect"]),
     ("connect", &["error"]),
     ("event", &["error", "connect"]),
-    ("store", &["event", "error", "connect"]),
-    ("broker", &["event", "error", "connect"]),
-    ("delivery", &["store", "broker", "event", "error", "connect"]),
-    ("read", &["store", "event", "error", "connect"]),
+    ("store", &["event", "error", "connect", "telemetry"]),
+    ("broker", &["event", "error", "connect", "telemetry"]),
+    ("delivery", &["store", "broker", "event", "error", "connect", "telemetry"]),
+    ("read", &["store", "event", "error", "connect", "telemetry"]),
     ("write", &["delivery", "store", "broker", "event", "setup", "error", "connect"]),
     ("setup", &["store", "broker", "event", "error", "connect"]),
     ("__private", &["event", "error"]),

@@ -165,15 +165,16 @@
 //!   [`EventError::Connect`] naming `host:port`, a [`ConnectCause`] and the next step. Once
 //!   connected, NATS reconnects in the background and the pool reopens connections.
 
-// The layers, each importing only those listed before it (`error` and `connect` below
-// them all): events; then the store and the broker, which never import each other;
-// delivery, which joins them; the read and write sides on top.
+// The layers, each importing only those listed before it (`error`, `connect` and the
+// metrics of `telemetry` below them all): events; then the store and the broker, which never
+// import each other; delivery, which joins them; the read and write sides on top.
 #[macro_use]
 mod setters;
 
 mod connect;
 mod error;
 mod event;
+pub mod telemetry;
 
 mod broker;
 mod store;

@@ -25,6 +25,7 @@ use crate::broker::pulls::{Pulled, Pulls};
 use crate::broker::recovery::Recovery;
 use crate::event::subject::validate_filter;
 use crate::event::wire::{self, headers};
+use crate::telemetry::SubscriberMetrics;
 use crate::{BoxError, BrokerErrorKind, DomainEvent, EventEnvelope, EventError};
 
 /// What to do with a message whose event type the consumer does not know.
@@ -183,6 +184,7 @@ pub struct Subscriber<E> {
     consumer: PullConsumer,
     config: SubscriberConfig,
     stats: Arc<SubscriberStats>,
+    metrics: SubscriberMetrics,
     on_poison: Option<PoisonHook>,
     _event: PhantomData<fn() -> E>,
 }
@@ -297,7 +299,8 @@ impl<E: DomainEvent> Subscriber<E> {
             }
             Err(e) => return Err(broker("cannot read the consumer", e)),
         };
-        Ok(Self { consumer, config, stats: Arc::default(), on_poison: None, _event: PhantomData })
+        let metrics = SubscriberMetrics::new(&config.durable_name);
+        Ok(Self { consumer, config, stats: Arc::default(), metrics, on_poison: None, _event: PhantomData })
     }
 
     /// Calls `hook` for every message given up on (in addition to a `tracing` error).
@@ -464,6 +467,7 @@ impl<E: DomainEvent> Subscriber<E> {
             let error = match self.attempt(handler, message).await {
                 Ok(()) => {
                     self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.handled.increment(1);
                     self.ack(message, AckKind::Ack).await;
                     return;
                 }
@@ -475,6 +479,7 @@ impl<E: DomainEvent> Subscriber<E> {
             }
             tracing::warn!(stream_sequence, attempt, %error, "subscriber: handler failed; retrying later");
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            self.metrics.retried.increment(1);
             if *stopped.borrow() {
                 self.ack(message, AckKind::Nak(None)).await;
                 return;
@@ -545,6 +550,7 @@ impl<E: DomainEvent> Subscriber<E> {
         };
         tracing::error!(?report, "subscriber: message terminated");
         self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
+        self.metrics.poisoned.increment(1);
         self.ack(message, AckKind::Term).await;
         if let Some(hook) = &self.on_poison
             && std::panic::catch_unwind(AssertUnwindSafe(|| hook(&report))).is_err()

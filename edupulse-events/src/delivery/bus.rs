@@ -22,7 +22,7 @@ use crate::broker::Publisher;
 use crate::delivery::relay::{LogRelay, RelayConfig};
 use crate::store::signals::Written;
 use crate::store::{Connection, EventStore, ExpectedSequence, RelayLag, StreamPosition, Transaction};
-use crate::{DomainEvent, EventEnvelope, EventError, validate_subject_token};
+use crate::{DomainEvent, EventEnvelope, EventError, telemetry, validate_subject_token};
 
 /// Settings of an [`EventBus`]: `BusConfig::default()`, then the `with_*` setters.
 #[derive(Debug, Clone)]
@@ -155,6 +155,7 @@ impl EventBus {
             }
         };
         let written = bus_tx.tx.commit_written().await?;
+        telemetry::committed();
         if !written.is_empty() {
             self.start_relay();
         }

@@ -35,6 +35,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::broker::Publisher;
@@ -46,7 +47,7 @@ use crate::store::backend::Lease;
 use crate::store::log::{LogRow, Page, ParkedRow};
 use crate::store::row::StoredRow;
 use crate::store::{EventStore, RelayLag, StreamPosition};
-use crate::{BrokerErrorKind, EventError};
+use crate::{BrokerErrorKind, EventError, telemetry};
 
 /// Settings of a [`LogRelay`]: `RelayConfig::default()`, then the `with_*` setters.
 #[derive(Debug, Clone)]
@@ -314,6 +315,7 @@ struct RowMeta {
     aggregate_id: Uuid,
     event_id: Uuid,
     sequence: i64,
+    recorded_at: DateTime<Utc>,
 }
 
 impl RowMeta {
@@ -325,12 +327,16 @@ impl RowMeta {
             aggregate_id: row.aggregate_id,
             event_id: row.event_id,
             sequence: row.sequence,
+            recorded_at: row.recorded_at,
         }
     }
 }
 
 /// How often a relay saves the checkpoints of partitions that had no event in a batch.
 const FULL_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a relay sets the publisher lag gauges (a count of the pending events).
+const LAG_EVERY: Duration = Duration::from_secs(10);
 
 /// What publishing a page left to save.
 struct PageOutcome {
@@ -360,6 +366,8 @@ struct Worker<'a> {
     /// it back): not sent again.
     acked_beyond: HashMap<i64, (i32, StreamPosition)>,
     last_takeover: Option<Instant>,
+    /// When the lag gauges were last set.
+    last_lag: Option<Instant>,
 }
 
 impl<'a> Worker<'a> {
@@ -377,6 +385,7 @@ impl<'a> Worker<'a> {
             failing: std::mem::take(&mut *relay.failing.lock().unwrap_or_else(PoisonError::into_inner)),
             acked_beyond: HashMap::new(),
             last_takeover: None,
+            last_lag: None,
         }
     }
 
@@ -399,6 +408,13 @@ impl<'a> Worker<'a> {
         let pass = self.drain().await?;
         if self.until_save().is_some_and(|t| t.is_zero()) {
             self.flush().await?;
+        }
+        if self.last_lag.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
+            self.last_lag = Some(Instant::now());
+            // Sets the lag gauges; a failure here is the next round's to report.
+            if let Err(e) = self.relay.store.relay_lag().await {
+                tracing::debug!(error = %e, "relay: cannot read the lag");
+            }
         }
         Ok(pass)
     }
@@ -502,6 +518,11 @@ impl<'a> Worker<'a> {
             pass.more = cut || i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
             let before = pass;
             let page = self.publish_page(rows, after, &mut stops, &mut pass).await;
+            telemetry::relayed(
+                pass.published - before.published,
+                pass.failed - before.failed,
+                pass.parked - before.parked,
+            );
             self.settle(end, &stops.stuck, page).await?;
             after = end;
             // Nothing went out while something failed or waits for its retry: the broker is
@@ -539,6 +560,7 @@ impl<'a> Worker<'a> {
             match outcome {
                 Ok(_) => {
                     pass.published += 1;
+                    telemetry::publish_latency((Utc::now() - meta.recorded_at).as_seconds_f64());
                     self.failing.remove(&meta.position.global_position);
                     self.acked_beyond.insert(meta.position.global_position, (meta.partition, meta.position));
                 }

@@ -13,12 +13,15 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
 use crate::store::{EventStore, StreamPosition, Transaction};
-use crate::{BoxError, DomainEvent, EventEnvelope, EventError};
+use crate::{BoxError, DomainEvent, EventEnvelope, EventError, telemetry};
+
+/// How often a catch-up behind counts its backlog for the lag gauge.
+const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// A read model fed by events of `E`.
 pub trait Projection<E: DomainEvent>: Send + Sync {
@@ -130,12 +133,23 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         }
         let mut applied = 0;
         let mut size = self.batch_size;
+        let mut lag_set: Option<Instant> = None;
         loop {
             match self.apply_batch(size).await? {
-                Batch::CaughtUp => return Ok(applied),
-                Batch::Applied { applied: n, full } => {
+                Batch::CaughtUp => {
+                    telemetry::projection_lag(self.projection.name(), 0);
+                    return Ok(applied);
+                }
+                Batch::Applied { applied: n, full, checkpoint } => {
                     applied += n;
                     report(applied);
+                    if full && lag_set.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
+                        lag_set = Some(Instant::now());
+                        telemetry::projection_lag(
+                            self.projection.name(),
+                            self.store.events_after(checkpoint).await?,
+                        );
+                    }
                     size =
                         if full { size.saturating_mul(4).min(self.max_batch_size) } else { self.batch_size };
                 }
@@ -261,7 +275,7 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         tx.save_checkpoint(name, last).await?;
         tx.commit().await?;
         let applied = batch.iter().filter(|e| e.is_some()).count();
-        Ok(Batch::Applied { applied: applied as u64, full: batch.len() >= size })
+        Ok(Batch::Applied { applied: applied as u64, full: batch.len() >= size, checkpoint: last })
     }
 }
 
@@ -270,8 +284,8 @@ enum Batch {
     /// Nothing after the checkpoint.
     CaughtUp,
     /// This many events applied (skipped undecodable ones and other types not counted);
-    /// `full`: the batch was as large as asked, more may follow.
-    Applied { applied: u64, full: bool },
+    /// `full`: the batch was as large as asked, more may follow; `checkpoint`: where it ended.
+    Applied { applied: u64, full: bool, checkpoint: StreamPosition },
     /// Another runner moved the checkpoint first; read again.
     Raced,
     /// A rebuild was requested (the checkpoint is [`StreamPosition::REBUILD`]).
@@ -282,8 +296,8 @@ enum Batch {
 struct RebuildProgress<'a> {
     name: &'a str,
     total: u64,
-    started: std::time::Instant,
-    last: std::time::Instant,
+    started: Instant,
+    last: Instant,
 }
 
 impl<'a> RebuildProgress<'a> {
@@ -291,7 +305,7 @@ impl<'a> RebuildProgress<'a> {
     const EVERY: Duration = Duration::from_secs(5);
 
     fn new(name: &'a str, total: u64) -> Self {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         tracing::info!(projection = name, events = total, "projection: rebuilding");
         Self { name, total, started: now, last: now }
     }
@@ -300,7 +314,7 @@ impl<'a> RebuildProgress<'a> {
         if self.last.elapsed() < Self::EVERY {
             return;
         }
-        self.last = std::time::Instant::now();
+        self.last = Instant::now();
         let rate = applied as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
         let remaining = self.total.saturating_sub(applied);
         tracing::info!(

@@ -37,7 +37,7 @@ use self::signals::Signals;
 pub use self::status::{Migrations, PartitionStatus, ProjectionStatus, StoreStatus};
 pub use self::stream::{EventStream, RecordStream, StoredRecord};
 pub use self::transaction::Transaction;
-use crate::{DomainEvent, EventEnvelope, EventError, IntoKeyValue};
+use crate::{DomainEvent, EventEnvelope, EventError, IntoKeyValue, telemetry};
 
 pub(crate) struct Inner {
     pub(crate) backend: Backend,
@@ -152,7 +152,9 @@ impl EventStore {
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         let envelopes = EventEnvelope::wrap_all(aggregate_type, aggregate_id, events);
         let rules = AppendRules::new(self.max_message_bytes());
-        let appended = self.inner.backend.append_alone(expected.into(), envelopes, &rules).await?;
+        let appended = self.inner.backend.append_alone(expected.into(), envelopes, &rules).await;
+        let appended = telemetry::conflicts(appended)?;
+        telemetry::appended(appended.envelopes.len());
         self.inner.signals.wake();
         Ok(appended.envelopes)
     }
@@ -171,7 +173,11 @@ impl EventStore {
         envelopes: Vec<EventEnvelope<E>>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
         let rules = AppendRules::new(self.max_message_bytes());
-        Ok(self.inner.backend.append_in(conn, expected.into(), envelopes, &rules).await?.envelopes)
+        let appended = telemetry::conflicts(
+            self.inner.backend.append_in(conn, expected.into(), envelopes, &rules).await,
+        )?;
+        telemetry::appended(appended.envelopes.len());
+        Ok(appended.envelopes)
     }
 
     /// The current sequence of an aggregate: the number of its events, 0 when it has none.
@@ -342,7 +348,9 @@ impl EventStore {
     /// # Errors
     /// [`EventError::Database`].
     pub async fn relay_lag(&self) -> Result<RelayLag, EventError> {
-        self.inner.backend.relay_lag().await
+        let lag = self.inner.backend.relay_lag().await?;
+        telemetry::publisher_lag(lag.pending, lag.oldest_pending_age);
+        Ok(lag)
     }
 
     /// The parked events, oldest first, at most `limit`.

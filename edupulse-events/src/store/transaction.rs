@@ -9,7 +9,7 @@ use crate::store::append::{AppendRules, SubjectRule};
 use crate::store::backend::{Connection, Tx};
 use crate::store::signals::Signals;
 use crate::store::{ExpectedSequence, StreamPosition};
-use crate::{DomainEvent, EventEnvelope, EventError};
+use crate::{DomainEvent, EventEnvelope, EventError, telemetry};
 
 /// A database transaction of the store: appends and the caller's own writes commit or roll
 /// back together. Dropping it without [`commit`](Transaction::commit) rolls it back.
@@ -94,6 +94,7 @@ impl Transaction {
 
     /// Remembers that a statement of this transaction failed.
     fn note<T>(&mut self, result: Result<T, EventError>) -> Result<T, EventError> {
+        let result = telemetry::conflicts(result);
         if result.is_err() {
             self.may_be_aborted = true;
         }
@@ -163,6 +164,7 @@ impl Transaction {
         let appended = !self.written.is_empty();
         self.tx.commit(self.may_be_aborted, appended).await?;
         if appended {
+            telemetry::appended(self.written.len());
             self.signals.wake();
         }
         Ok(self.written)
