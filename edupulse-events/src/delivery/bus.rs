@@ -18,6 +18,9 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use tracing::Instrument;
+use tracing::field::Empty;
+
 use crate::broker::Publisher;
 use crate::delivery::relay::{LogRelay, RelayConfig};
 use crate::store::signals::Written;
@@ -131,7 +134,21 @@ impl EventBus {
     /// # Errors
     /// The error of `work`; [`EventError::TransactionAborted`] when PostgreSQL had aborted
     /// the transaction; [`EventError::Database`] (converted) when BEGIN or COMMIT fails.
+    ///
+    /// Runs in a `tracing` span `edupulse.commit` with the number of `events` committed and
+    /// the `traceparent` of the first event that carries one.
     pub async fn commit<T, Err>(
+        &self,
+        work: impl AsyncFnOnce(&mut BusTransaction) -> Result<T, Err>,
+    ) -> Result<Committed<T>, Err>
+    where
+        Err: From<EventError>,
+    {
+        let span = tracing::info_span!("edupulse.commit", events = Empty, traceparent = Empty);
+        self.commit_traced(work).instrument(span).await
+    }
+
+    async fn commit_traced<T, Err>(
         &self,
         work: impl AsyncFnOnce(&mut BusTransaction) -> Result<T, Err>,
     ) -> Result<Committed<T>, Err>
@@ -156,6 +173,7 @@ impl EventBus {
         };
         let written = bus_tx.tx.commit_written().await?;
         telemetry::committed();
+        tracing::Span::current().record("events", written.len());
         if !written.is_empty() {
             self.start_relay();
         }

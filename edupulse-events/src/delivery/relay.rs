@@ -36,12 +36,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::broker::Publisher;
 use crate::delivery::message;
 use crate::delivery::republish::{self, Republished};
-use crate::event::wire::OutgoingMessage;
+use crate::event::wire::{OutgoingMessage, headers};
 use crate::store::PARTITIONS;
 use crate::store::backend::Lease;
 use crate::store::log::{LogRow, Page, ParkedRow};
@@ -292,6 +293,21 @@ impl LogRelay {
         worker.release().await;
         Ok(())
     }
+}
+
+/// The span of one batch sent to the broker: `edupulse.publish_batch`, its size, positions
+/// and the `traceparent` of its first event that carries one.
+fn batch_span(messages: &[OutgoingMessage]) -> tracing::Span {
+    let traceparent = messages.iter().find_map(|m| {
+        m.headers.iter().find(|(name, _)| *name == headers::TRACEPARENT).map(|(_, v)| v.as_str())
+    });
+    tracing::info_span!(
+        "edupulse.publish_batch",
+        events = messages.len(),
+        first_position = messages.first().map(|m| m.global_position),
+        last_position = messages.last().map(|m| m.global_position),
+        traceparent,
+    )
 }
 
 /// An event that failed and waits for its next attempt.
@@ -546,8 +562,11 @@ impl<'a> Worker<'a> {
     ) -> PageOutcome {
         let mut page = PageOutcome { parked: Vec::new(), touched: HashSet::new() };
         let (sent, messages) = self.messages_of(rows, start, stops, pass, &mut page);
-        let outcomes =
-            if messages.is_empty() { Vec::new() } else { self.relay.publisher.publish(&messages).await };
+        let outcomes = if messages.is_empty() {
+            Vec::new()
+        } else {
+            self.relay.publisher.publish(&messages).instrument(batch_span(&messages)).await
+        };
         let outcomes = sent.into_iter().zip(outcomes.into_iter().chain(std::iter::repeat_with(|| {
             Err(EventError::broker_message(BrokerErrorKind::Other, "the publisher returned no outcome"))
         })));

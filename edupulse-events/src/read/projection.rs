@@ -16,6 +16,7 @@ use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use tracing::Instrument;
 
 use crate::store::{EventStore, StreamPosition, Transaction};
 use crate::{BoxError, DomainEvent, EventEnvelope, EventError, telemetry};
@@ -260,11 +261,35 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         if last == from {
             return Ok(Batch::CaughtUp);
         }
+        let traceparent = batch.iter().flatten().find_map(|e| e.metadata.traceparent.as_deref());
+        let span = tracing::info_span!(
+            "edupulse.projection_batch",
+            projection = name,
+            events = batch.len(),
+            last_position = last.global_position,
+            traceparent,
+        );
+        if !self.apply_and_save(&batch, from, last).instrument(span).await? {
+            return Ok(Batch::Raced);
+        }
+        let applied = batch.iter().filter(|e| e.is_some()).count();
+        Ok(Batch::Applied { applied: applied as u64, full: batch.len() >= size, checkpoint: last })
+    }
+
+    /// Applies `batch` and moves the checkpoint from `from` to `last`, in one transaction;
+    /// `false` when another runner moved the checkpoint first (nothing applied).
+    async fn apply_and_save(
+        &self,
+        batch: &[Option<EventEnvelope<E>>],
+        from: StreamPosition,
+        last: StreamPosition,
+    ) -> Result<bool, EventError> {
+        let name = self.projection.name();
         let mut tx = self.store.begin().await?;
         // Lock the checkpoint and make sure nobody moved it since the batch was read.
         if tx.checkpoint_for_update(name).await? != from {
             tx.rollback().await?;
-            return Ok(Batch::Raced);
+            return Ok(false);
         }
         for envelope in batch.iter().flatten() {
             self.projection
@@ -274,8 +299,7 @@ impl<E: DomainEvent, P: Projection<E>> ProjectionRunner<E, P> {
         }
         tx.save_checkpoint(name, last).await?;
         tx.commit().await?;
-        let applied = batch.iter().filter(|e| e.is_some()).count();
-        Ok(Batch::Applied { applied: applied as u64, full: batch.len() >= size, checkpoint: last })
+        Ok(true)
     }
 }
 

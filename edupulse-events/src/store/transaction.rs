@@ -85,6 +85,11 @@ impl Transaction {
         expected: impl Into<ExpectedSequence>,
         envelopes: Vec<EventEnvelope<E>>,
     ) -> Result<Vec<EventEnvelope<E>>, EventError> {
+        // For the span of the commit (`edupulse.commit` of the bus): a no-op in a span without
+        // the field.
+        if let Some(traceparent) = envelopes.iter().find_map(|e| e.metadata.traceparent.as_deref()) {
+            tracing::Span::current().record("traceparent", traceparent);
+        }
         let rules = AppendRules { max_message_bytes: self.max_message_bytes, subjects: &self.subjects };
         let appended = self.tx.append(expected.into(), envelopes, &rules).await;
         let appended = self.note(appended)?;
