@@ -4,12 +4,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edupulse_events::{
-    BoxError, DomainEvent, EventEnvelope, EventStore, NatsConfig, NatsPublisher, Projection,
-    ProjectionRunner, StoreConfig, StreamSpec, Transaction, Uuid,
+    BoxError, DomainEvent, EventEnvelope, EventStore, LogRelay, NatsConfig, NatsPublisher, Projection,
+    ProjectionRunner, RelayConfig, StoreConfig, StreamSpec, Transaction, Uuid,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -330,6 +331,66 @@ async fn publish_sends_the_log_and_republish_sends_a_range_again() {
     assert_eq!(info.state.messages, 3);
     let missing = edupulse(&schema, &["republish", "--from", "42"]);
     assert_eq!(missing.status.code(), Some(2));
+}
+
+/// A quiz was submitted: published on a stream of its own, which the parked test limits.
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(context = "cliparked")]
+struct QuizSubmitted {
+    #[event(aggregate_id)]
+    quiz_id: Uuid,
+    answers: String,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_events_are_listed_and_requeued_once_the_cause_is_fixed() {
+    use edupulse_events::async_nats::jetstream::stream;
+    let schema = schema();
+    let store = store(&schema).await;
+    let nats = NatsPublisher::connect(&nats_url(), NatsConfig::default()).await.unwrap();
+    let _ = nats.jetstream().delete_stream("EDUPULSE_CLI_PARKED").await;
+    let mut config = stream::Config {
+        name: "EDUPULSE_CLI_PARKED".into(),
+        subjects: vec!["cliparked.>".into()],
+        max_message_size: 64,
+        ..Default::default()
+    };
+    nats.jetstream().create_stream(config.clone()).await.unwrap();
+    let quiz = Uuid::now_v7();
+    let submitted = |answers: &str| QuizSubmitted { quiz_id: quiz, answers: answers.into() };
+    store.append("quiz", quiz, 0, [submitted("a"), submitted("b")]).await.unwrap();
+    // Refused at once (the stream takes 64 bytes at most): the first parked, the second behind it.
+    let relay =
+        LogRelay::new(store.clone(), Arc::new(nats.clone()), RelayConfig::default().with_max_attempts(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.relay_lag().await.unwrap().parked < 2 {
+        assert!(std::time::Instant::now() < deadline, "not parked: {:?}", store.relay_lag().await);
+        relay.run_once().await.unwrap();
+    }
+    let list = edupulse(&schema, &["parked", "list", "--json"]);
+    assert_eq!(list.status.code(), Some(0), "{}", stderr(&list));
+    let parked: Value = serde_json::from_str(&stdout(&list)).unwrap();
+    let parked = parked.as_array().unwrap();
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert_eq!((parked[0]["global_position"].as_i64(), parked[0]["blocked_by"].as_i64()), (Some(1), None));
+    assert_eq!(parked[1]["blocked_by"].as_i64(), Some(1), "the second waits behind the first");
+    let text = stdout(&edupulse(&schema, &["parked", "list"]));
+    assert!(text.contains("refused after 1 attempts") && text.contains("waits behind 1"), "{text}");
+
+    // The cause fixed, the aggregate re-queued: both published, in order, nothing parked.
+    config.max_message_size = -1;
+    nats.jetstream().update_stream(config).await.unwrap();
+    let requeue = edupulse(&schema, &["parked", "requeue", "1"]);
+    assert_eq!(requeue.status.code(), Some(0), "{}", stderr(&requeue));
+    assert!(stdout(&requeue).contains("re-queued 1 aggregate(s)"), "{}", stdout(&requeue));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.relay_lag().await.unwrap().parked > 0 {
+        assert!(std::time::Instant::now() < deadline, "still parked: {:?}", store.relay_lag().await);
+        relay.run_once().await.unwrap();
+    }
+    let stream = nats.jetstream().get_stream("EDUPULSE_CLI_PARKED").await.unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 2);
+    assert!(stdout(&edupulse(&schema, &["parked", "list"])).contains("no parked events"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
