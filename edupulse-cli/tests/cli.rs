@@ -224,6 +224,28 @@ async fn projection_reset_has_the_runner_rebuild_on_its_next_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn status_names_the_write_transaction_that_holds_the_horizon() {
+    use edupulse_events::sqlx::{self, postgres::PgPoolOptions};
+    let schema = schema();
+    let store = store(&schema).await;
+    // A write transaction left open in another session: it holds the horizon back.
+    let pool = PgPoolOptions::new().max_connections(1).connect(&database_url()).await.unwrap();
+    let mut open = pool.begin().await.unwrap();
+    let _: (i64,) =
+        sqlx::query_as("SELECT txid_current()::text::bigint").fetch_one(&mut *open).await.unwrap();
+    three_events(&store).await;
+    let out = edupulse(&schema, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["publication"]["held_back"].as_i64(), Some(3), "{status}");
+    let holder = &status["publication"]["oldest_write_transaction"];
+    assert!(holder["pid"].as_i64().is_some_and(|pid| pid > 0), "{status}");
+    let text = stdout(&edupulse(&schema, &["status"]));
+    assert!(text.contains("3 held back") && text.contains("the horizon is held by pid"), "{text}");
+    open.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tail_prints_the_stream_as_json_lines_by_position_type_and_aggregate() {
     let schema = schema();
     let store = store(&schema).await;
