@@ -567,6 +567,8 @@ impl<'a> Worker<'a> {
         } else {
             self.relay.publisher.publish(&messages).instrument(batch_span(&messages)).await
         };
+        // One clock reading for the batch: its acknowledgements came back together.
+        let acked_at = Utc::now();
         let outcomes = sent.into_iter().zip(outcomes.into_iter().chain(std::iter::repeat_with(|| {
             Err(EventError::broker_message(BrokerErrorKind::Other, "the publisher returned no outcome"))
         })));
@@ -579,7 +581,7 @@ impl<'a> Worker<'a> {
             match outcome {
                 Ok(_) => {
                     pass.published += 1;
-                    telemetry::publish_latency((Utc::now() - meta.recorded_at).as_seconds_f64());
+                    telemetry::publish_latency((acked_at - meta.recorded_at).as_seconds_f64());
                     self.failing.remove(&meta.position.global_position);
                     self.acked_beyond.insert(meta.position.global_position, (meta.partition, meta.position));
                 }

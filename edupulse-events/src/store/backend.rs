@@ -222,34 +222,29 @@ impl Backend {
         }
     }
 
-    /// The store's status; the PostgreSQL schema is named, SQLite has none.
+    /// The store's status; the PostgreSQL schema is named, SQLite has none. Before the
+    /// first migration, only the migrations (the tables are not there).
     pub(crate) async fn status(&self, schema: &SchemaName) -> Result<StoreStatus, EventError> {
-        let migrations = self.migrations(schema).await?;
-        let (schema, (events, aggregates, last_position), partitions, projections) = match self {
-            Self::Postgres(pg) if !migrations.applied.is_empty() => (
-                Some(schema.as_str().to_owned()),
-                pg.counts().await?,
-                pg.partitions().await?,
-                pg.projections().await?,
-            ),
-            Self::Sqlite(sq) if !migrations.applied.is_empty() => {
-                (None, sq.counts().await?, sq.partitions().await?, sq.projections().await?)
-            }
-            Self::Postgres(_) => (Some(schema.as_str().to_owned()), (0, 0, 0), Vec::new(), Vec::new()),
-            Self::Sqlite(_) => (None, (0, 0, 0), Vec::new(), Vec::new()),
-        };
-        let lag = if migrations.applied.is_empty() { RelayLag::default() } else { self.relay_lag().await? };
-        Ok(StoreStatus {
+        let status = StoreStatus {
             backend: self.name(),
-            schema,
-            migrations,
-            events,
-            aggregates,
-            last_position,
-            partitions,
-            projections,
-            lag,
-        })
+            schema: matches!(self, Self::Postgres(_)).then(|| schema.as_str().to_owned()),
+            migrations: self.migrations(schema).await?,
+            events: 0,
+            aggregates: 0,
+            last_position: 0,
+            partitions: Vec::new(),
+            projections: Vec::new(),
+            lag: RelayLag::default(),
+        };
+        if status.migrations.applied.is_empty() {
+            return Ok(status);
+        }
+        let ((events, aggregates, last_position), partitions, projections) = match self {
+            Self::Postgres(pg) => (pg.counts().await?, pg.partitions().await?, pg.projections().await?),
+            Self::Sqlite(sq) => (sq.counts().await?, sq.partitions().await?, sq.projections().await?),
+        };
+        let lag = self.relay_lag().await?;
+        Ok(StoreStatus { events, aggregates, last_position, partitions, projections, lag, ..status })
     }
 
     pub(crate) async fn request_rebuild(&self, name: &str) -> Result<bool, EventError> {
