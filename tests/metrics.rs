@@ -1,9 +1,11 @@
-//! The metrics of `edupulse_events::telemetry`, recorded through the `metrics` facade and
-//! rendered in Prometheus' text format by `metrics-exporter-prometheus`, against a real
-//! PostgreSQL and nats-server: every counter, gauge and histogram with the value the work
-//! done implies.
+//! The metrics of `edupulse_events::telemetry`, recorded through the `metrics` facade,
+//! rendered in Prometheus' text format by `metrics-exporter-prometheus` and scraped over HTTP
+//! from the `metrics` example's endpoint, against a real PostgreSQL and nats-server: every
+//! counter, gauge and histogram with the value the work done implies.
 
 mod common;
+#[path = "../examples/metrics/serve.rs"]
+mod serve;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,7 +92,10 @@ async fn every_metric_is_recorded_with_the_value_the_work_implies() {
     let (result, ()) = tokio::join!(run, watch);
     result.unwrap();
 
-    let text = handle.render();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(serve::serve(listener, handle));
+    let text = serve::scrape(&address).await.unwrap();
     assert_eq!(sample(&text, "edupulse_commits_total"), Some(5.0), "{text}");
     assert_eq!(sample(&text, "edupulse_events_appended_total"), Some(5.0), "{text}");
     assert_eq!(sample(&text, "edupulse_append_conflicts_total"), Some(1.0), "{text}");

@@ -162,13 +162,13 @@ fn parked() -> Command {
             Command::new("requeue")
                 .about("Publish parked aggregates again once the cause is fixed")
                 .arg(
-                    Arg::new("positions")
-                        .value_name("POSITION")
+                    Arg::new("events")
+                        .value_name("POSITION|EVENT_ID")
                         .num_args(1..)
-                        .value_parser(value_parser!(i64))
+                        .value_parser(parse_parked)
                         .required_unless_present("all")
                         .conflicts_with("all")
-                        .help("Global positions of parked events: their aggregates are re-queued whole"),
+                        .help("Parked events, by global position or event id: their aggregates are re-queued whole"),
                 )
                 .arg(flag("all", "Every parked aggregate")),
         )
@@ -188,6 +188,22 @@ fn json() -> Arg {
 
 fn flag(name: &'static str, help: &'static str) -> Arg {
     Arg::new(name).long(name).action(ArgAction::SetTrue).help(help)
+}
+
+/// A parked event named on the command line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Parked {
+    Position(i64),
+    EventId(Uuid),
+}
+
+fn parse_parked(text: &str) -> Result<Parked, String> {
+    match text.parse::<i64>() {
+        Ok(position) => Ok(Parked::Position(position)),
+        Err(_) => {
+            parse_uuid(text).map(Parked::EventId).map_err(|_| "a global position or an event id".into())
+        }
+    }
 }
 
 fn parse_uuid(text: &str) -> Result<Uuid, String> {

@@ -1,11 +1,13 @@
-//! `edupulse parked list [--limit N] [--json]`, `edupulse parked requeue (POSITION…|--all)`.
+//! `edupulse parked list [--limit N] [--json]`,
+//! `edupulse parked requeue (POSITION|EVENT_ID…|--all)`.
 
 use std::process::ExitCode;
 
 use clap::ArgMatches;
-use edupulse_events::{ParkedEvent, Requeue};
+use edupulse_events::{EventStore, ParkedEvent, Requeue};
 use serde_json::{Value, json};
 
+use crate::args::Parked;
 use crate::connect;
 use crate::failure::Failure;
 use crate::status::seconds;
@@ -50,13 +52,35 @@ async fn list(matches: &ArgMatches) -> Result<ExitCode, Failure> {
 
 async fn requeue(matches: &ArgMatches) -> Result<ExitCode, Failure> {
     let store = connect::store(matches).await?;
-    let which = match matches.get_many::<i64>("positions") {
-        Some(positions) if !matches.get_flag("all") => Requeue::Positions(positions.copied().collect()),
+    let which = match matches.get_many::<Parked>("events") {
+        Some(named) if !matches.get_flag("all") => {
+            Requeue::Positions(positions(&store, named.copied()).await?)
+        }
         _ => Requeue::All,
     };
     let requeued = store.requeue_parked(which).await?;
     println!("re-queued {requeued} aggregate(s): the relay holding their partition publishes them again");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The global positions of the parked events named by position or by event id.
+async fn positions(store: &EventStore, named: impl Iterator<Item = Parked>) -> Result<Vec<i64>, Failure> {
+    let mut by_id = None;
+    let mut positions = Vec::new();
+    for parked in named {
+        match parked {
+            Parked::Position(position) => positions.push(position),
+            Parked::EventId(id) => {
+                if by_id.is_none() {
+                    by_id = Some(store.parked_events(u32::MAX).await?);
+                }
+                let found = by_id.iter().flatten().find(|p| p.event_id == id);
+                let found = found.ok_or_else(|| Failure::Usage(format!("no parked event with id {id}")))?;
+                positions.push(found.global_position);
+            }
+        }
+    }
+    Ok(positions)
 }
 
 fn to_json(p: &ParkedEvent) -> Value {

@@ -27,6 +27,7 @@ fn to_json(status: &StoreStatus) -> Value {
     json!({
         "backend": status.backend,
         "schema": status.schema,
+        "schema_version": status.migrations.applied.last(),
         "migrations": { "applied": status.migrations.applied, "pending": status.migrations.pending },
         "events": status.events,
         "aggregates": status.aggregates,
@@ -61,7 +62,12 @@ fn print_text(status: &StoreStatus) {
     let schema = status.schema.as_deref().map(|s| format!(" (schema {s})")).unwrap_or_default();
     println!("backend      {}{schema}", status.backend);
     let m = &status.migrations;
-    println!("migrations   {} applied, {} pending", m.applied.len(), m.pending.len());
+    let version = m.applied.last().map_or_else(|| "none".to_owned(), i64::to_string);
+    println!(
+        "migrations   schema version {version}: {} applied, {} pending",
+        m.applied.len(),
+        m.pending.len()
+    );
     println!(
         "events       {} in {} aggregates, last global position {}",
         status.events, status.aggregates, status.last_position

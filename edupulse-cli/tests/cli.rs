@@ -171,6 +171,7 @@ async fn status_reports_counts_publication_per_partition_and_projections() {
     assert_eq!(status["backend"], "postgres");
     assert_eq!(status["schema"], schema.as_str());
     assert_eq!(status["migrations"]["pending"], serde_json::json!([]));
+    assert_eq!(status["schema_version"].as_i64(), Some(4));
     assert_eq!((status["events"].as_i64(), status["aggregates"].as_i64()), (Some(6), Some(4)));
     assert_eq!(status["last_position"].as_i64(), Some(6));
     // No relay ran: every event is pending, in the partitions of their aggregates.
@@ -186,6 +187,7 @@ async fn status_reports_counts_publication_per_partition_and_projections() {
     assert_eq!(text.status.code(), Some(0));
     let text = stdout(&text);
     assert!(text.contains("6 in 4 aggregates"), "{text}");
+    assert!(text.contains("schema version 4: 4 applied, 0 pending"), "{text}");
     assert!(text.contains("6 pending"), "{text}");
     assert!(text.contains("seen") && text.contains("3 events behind"), "{text}");
 
@@ -402,7 +404,10 @@ async fn parked_events_are_listed_and_requeued_once_the_cause_is_fixed() {
     // The cause fixed, the aggregate re-queued: both published, in order, nothing parked.
     config.max_message_size = -1;
     nats.jetstream().update_stream(config).await.unwrap();
-    let requeue = edupulse(&schema, &["parked", "requeue", "1"]);
+    let unknown = edupulse(&schema, &["parked", "requeue", &Uuid::now_v7().to_string()]);
+    assert_eq!(unknown.status.code(), Some(2), "an event id that names no parked event");
+    let first_id = parked[0]["event_id"].as_str().unwrap().to_owned();
+    let requeue = edupulse(&schema, &["parked", "requeue", &first_id]);
     assert_eq!(requeue.status.code(), Some(0), "{}", stderr(&requeue));
     assert!(stdout(&requeue).contains("re-queued 1 aggregate(s)"), "{}", stdout(&requeue));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
