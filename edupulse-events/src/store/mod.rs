@@ -9,6 +9,7 @@ pub(crate) mod append;
 pub(crate) mod backend;
 mod connect;
 pub(crate) mod log;
+mod migrations;
 pub(crate) mod model;
 mod postgres;
 mod postgres_sql;

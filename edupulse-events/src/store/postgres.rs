@@ -4,6 +4,7 @@
 //! Every statement binds its values as parameters. The only text put into SQL is the schema
 //! name, validated by [`SchemaName`] and quoted as an identifier.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,6 +17,7 @@ use uuid::Uuid;
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::connect;
 use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction};
+use crate::store::migrations::{MigrationFile, migrator};
 use crate::store::postgres_sql::Queries;
 use crate::store::row::{PageQuery, StoredRow, stored_row};
 use crate::store::status::{Migrations, PartitionStatus, ProjectionStatus};
@@ -25,7 +27,19 @@ use crate::{DomainEvent, EventEnvelope, EventError};
 /// Pooled connections idle at least this long are pinged before use.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
-static MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
+/// `migrations/postgres`, file by file (`store::migrations` tests that the list is the folder).
+pub(crate) const MIGRATION_FILES: &[MigrationFile] = &[
+    (1, "event store", include_str!("../../../migrations/postgres/0001_event_store.sql")),
+    (2, "snapshots", include_str!("../../../migrations/postgres/0002_snapshots.sql")),
+    (
+        3,
+        "stream transaction order",
+        include_str!("../../../migrations/postgres/0003_stream_transaction_order.sql"),
+    ),
+    (4, "delivery from log", include_str!("../../../migrations/postgres/0004_delivery_from_log.sql")),
+];
+
+static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATION_FILES));
 
 /// A transaction on the store's pool.
 pub(crate) type PgTransaction = sqlx::Transaction<'static, Postgres>;

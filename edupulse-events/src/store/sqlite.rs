@@ -12,7 +12,7 @@
 //!   owns the database file.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -28,12 +28,20 @@ use uuid::Uuid;
 use crate::store::PARTITIONS;
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow};
+use crate::store::migrations::{MigrationFile, migrator};
 use crate::store::row::{PageQuery, StoredRow, stored_row};
 use crate::store::status::{Migrations, PartitionStatus, ProjectionStatus};
 use crate::store::{ExpectedSequence, StoreConfig, StoredSnapshot, StreamPosition};
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
 
-static MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
+/// `migrations/sqlite`, file by file (`store::migrations` tests that the list is the folder).
+pub(crate) const MIGRATION_FILES: &[MigrationFile] = &[
+    (1, "event store", include_str!("../../../migrations/sqlite/0001_event_store.sql")),
+    (2, "snapshots", include_str!("../../../migrations/sqlite/0002_snapshots.sql")),
+    (3, "delivery from log", include_str!("../../../migrations/sqlite/0003_delivery_from_log.sql")),
+];
+
+static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATION_FILES));
 
 /// A transaction on the embedded store.
 pub(crate) type SqliteTransaction = sqlx::Transaction<'static, Sqlite>;
