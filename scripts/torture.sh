@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs the fault harness (tests/fault_harness.rs) for longer than the test suite does:
 #
-#   scripts/torture.sh --minutes N [--seed S] [--runs R] [--skip LIST] [--debug]
+#   scripts/torture.sh --minutes N [--seed S] [--runs R] [--skip LIST] [--broker B] [--debug]
 #
 #   --minutes N   minutes of load per run (default 5); faults all along
 #   --seed S      the first run's seed (default: random, printed); run i uses S + i - 1
 #   --runs R      runs one after the other (default 1)
 #   --skip LIST   what to leave out, to isolate a finding (TORTURE_SKIP, see the test's docs)
+#   --broker B    single (one nats-server, R1 stream), cluster (three servers, R3 stream),
+#                 or both, one after the other (default)
 #   --debug       the dev profile instead of --release (no release build to wait for)
 #
 # The harness starts its own PostgreSQL and nats-server (it kills and restarts them), so
@@ -21,6 +23,7 @@ minutes=5
 seed=""
 runs=1
 skip=""
+broker=both
 profile=(--release)
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,13 +31,20 @@ while [ $# -gt 0 ]; do
     --seed) seed="$2"; shift 2 ;;
     --runs) runs="$2"; shift 2 ;;
     --skip) skip="$2"; shift 2 ;;
+    --broker) broker="$2"; shift 2 ;;
     --debug) profile=(); shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "torture: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$minutes$runs" in
   *[!0-9]*) echo "torture: --minutes and --runs take whole numbers" >&2; exit 2 ;;
+esac
+case "$broker" in
+  single) filter=under_faults ;;
+  cluster) filter=when_cluster_members_fail ;;
+  both) filter=every_committed ;;
+  *) echo "torture: --broker takes single, cluster or both" >&2; exit 2 ;;
 esac
 if [ -z "$seed" ]; then
   seed=$(od -An -N6 -tu8 /dev/urandom | tr -d ' ')
@@ -58,9 +68,10 @@ for i in $(seq 1 "$runs"); do
   echo "[torture] run $i of $runs: seed $run_seed, $minutes min of load; output in $log" >&2
   status=0
   TORTURE_SEED=$run_seed TORTURE_SECONDS=$(( minutes * 60 )) TORTURE_SKIP=$skip \
-    cargo test "${profile[@]}" --test fault_harness every_committed -- --nocapture >"$log" 2>&1 || status=$?
-  # The figures: the first summary block (a failing run prints it twice).
-  awk '/^fault harness: seed .* in all/ { on = 1 } on { print } /^replay with/ && on { exit }' "$log"
+    cargo test "${profile[@]}" --test fault_harness "$filter" -- --nocapture --test-threads 1 >"$log" 2>&1 \
+    || status=$?
+  # The figures: each test's summary block (a failing test prints it twice: once).
+  awk '/^fault harness: seed .* in all/ && !seen[$0]++ { on = 1 } on { print } /^replay with/ { on = 0 }' "$log"
   if [ "$status" -ne 0 ]; then
     failed=$(( failed + 1 ))
     if ! grep -q '^replay with' "$log"; then

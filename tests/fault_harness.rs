@@ -12,20 +12,27 @@
 //! starts it first) and two standalone `LogRelay`s that may hold any partition: one holds
 //! 32..64, the other stands by. The report says how many acknowledgements each kind of relay
 //! got. A seeded schedule kills the standalone relays mid-batch,
-//! SIGKILLs nats-server and restarts PostgreSQL. Then the relays drain the log (until
+//! SIGKILLs nats-server while a relay waits on it and restarts PostgreSQL. A second test runs
+//! the same against a JetStream cluster of three servers and a stream of three replicas:
+//! the stream's leader SIGKILLed mid-batch, one member lost for good (killed, its store
+//! deleted) after which the stream must go on taking messages, and the whole cluster
+//! SIGKILLed and restarted. Then the relays drain the log (until
 //! `relay_lag` shows nothing pending) and an independent checker
 //! (`fault_harness/checker.rs`) reads the whole stream and the whole store and counts every
 //! kind of violation; the test asserts that all of them are zero, and that events were
 //! committed and published at all.
 //!
-//! Environment: `TORTURE_SEED` (default fixed), `TORTURE_SECONDS` of load (default 40),
+//! Environment: `TORTURE_SEED` (default fixed), `TORTURE_SECONDS` of load (default 40, and
+//! 30 against the cluster),
 //! `TORTURE_WRITERS` (6), `TORTURE_AGGREGATES` (40), `TORTURE_SKIP` (what to leave out, to
 //! isolate a finding: kinds of commit `plain,any,caller-writes-first,closure-fails,
 //! swallow-before,swallow-after,bad-input`, `any-parts` (the `Any` appends inside plain and
-//! caller-first commits), faults `relay-kill,nats-kill,pg-restart`). `scripts/torture.sh`
-//! runs long ones.
+//! caller-first commits), faults `relay-kill,nats-kill,pg-restart,member-loss,
+//! cluster-restart`). `scripts/torture.sh` runs long ones.
 //! See RELIABILITY.md.
 
+#[path = "fault_harness/broker.rs"]
+mod broker;
 #[path = "fault_harness/checker.rs"]
 mod checker;
 mod common;
@@ -42,7 +49,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::nats::NatsServer;
+use broker::{Broker, Topology};
 use edupulse_events::{
     BusConfig, EventBus, EventStore, NatsConfig, NatsPublisher, Publisher, RelayConfig, StoreConfig,
     StreamSpec, Uuid,
@@ -63,6 +70,7 @@ const DEFAULT_SEED: u64 = 0x5eed_0012_0008;
 
 #[derive(Debug, Clone)]
 struct Settings {
+    topology: Topology,
     seed: u64,
     load: Duration,
     writers: u32,
@@ -87,10 +95,15 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 impl Settings {
-    fn from_env() -> Self {
+    fn from_env(topology: Topology) -> Self {
+        let default_load = match topology {
+            Topology::Single => 40,
+            Topology::Cluster => 30,
+        };
         Self {
+            topology,
             seed: env_u64("TORTURE_SEED").unwrap_or(DEFAULT_SEED),
-            load: Duration::from_secs(env_u64("TORTURE_SECONDS").unwrap_or(40)),
+            load: Duration::from_secs(env_u64("TORTURE_SECONDS").unwrap_or(default_load)),
             writers: env_u64("TORTURE_WRITERS").map_or(6, |n| n.clamp(1, 64) as u32),
             aggregates: env_u64("TORTURE_AGGREGATES").map_or(40, |n| n.clamp(1, 100_000) as usize),
             skip: std::env::var("TORTURE_SKIP")
@@ -114,6 +127,8 @@ struct Report {
     acked_by_standalone_relays: u64,
     drained_in: Duration,
     elapsed: Duration,
+    /// Acknowledgements after a cluster member was lost for good.
+    acked_after_loss: Option<u64>,
 }
 
 impl Report {
@@ -121,13 +136,31 @@ impl Report {
         let f = &self.faults;
         format!(
             "fault harness: seed {seed} (0x{seed:x}), {load} s of load, {writers} writers, {aggregates} aggregates, \
-             {elapsed:.0} s in all{skip}\n\
-             faults injected: {rk} relay kills, {nk} nats-server SIGKILLs ({nd:.1} s down), {pr} PostgreSQL fast \
-             restarts ({pd:.1} s down); final drain {drain:.1} s\n\
+             {broker}, {elapsed:.0} s in all{skip}\n\
+             faults injected: {rk} relay kills, {nk} nats-server SIGKILLs{leader} ({mid} of them mid-batch), \
+             {cluster}{pr} PostgreSQL fast restarts ({pd:.1} s down), broker down {nd:.1} s in all; \
+             final drain {drain:.1} s\n\
              acknowledgements (re-sends included): {bus} to the bus's background relay, {standalone} to the \
              standalone relays\n{relay}\n{table}\
              replay with TORTURE_SEED={seed} TORTURE_SECONDS={load}{skip_env}",
             seed = settings.seed,
+            broker = match settings.topology {
+                Topology::Single => "one nats-server (stream R1)",
+                Topology::Cluster => "a 3-server JetStream cluster (stream R3)",
+            },
+            leader = if settings.topology == Topology::Cluster { " of the stream leader" } else { "" },
+            mid = f.nats_kills_mid_batch,
+            cluster = if settings.topology == Topology::Cluster {
+                format!(
+                    "{} member(s) lost for good ({} acknowledgements after the loss), {} whole-cluster \
+                     SIGKILLs and restarts, ",
+                    f.members_lost,
+                    self.acked_after_loss.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                    f.cluster_restarts
+                )
+            } else {
+                String::new()
+            },
             load = settings.load.as_secs(),
             writers = settings.writers,
             aggregates = settings.aggregates,
@@ -156,9 +189,32 @@ impl Report {
     }
 }
 
+/// The two runs share the machine one after the other, not at once.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_committed_event_is_published_once_in_order_under_faults() {
-    let settings = Settings::from_env();
+    let _turn = ONE_AT_A_TIME.lock().await;
+    check(Settings::from_env(Topology::Single)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_committed_event_is_published_once_in_order_when_cluster_members_fail() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let settings = Settings::from_env(Topology::Cluster);
+    let report = check(settings.clone()).await;
+    if settings.skip.iter().all(|s| s != "member-loss") {
+        assert_eq!(report.faults.members_lost, 1, "a member was lost for good");
+        assert!(
+            report.acked_after_loss.is_some_and(|n| n > 0),
+            "the R3 stream took messages after losing a member for good:\n{}",
+            report.summary(&settings)
+        );
+    }
+}
+
+/// Runs the harness and asserts that it found no violation.
+async fn check(settings: Settings) -> Report {
     println!(
         "fault harness: seed {} (0x{:x}), {} s of load (TORTURE_SEED / TORTURE_SECONDS to change)",
         settings.seed,
@@ -201,6 +257,7 @@ async fn every_committed_event_is_published_once_in_order_under_faults() {
         settings.seed
     );
     assert_eq!(c.events_published, c.events_committed, "every committed event is in the stream:\n{summary}");
+    report
 }
 
 /// Commits one event through the bus and waits for its publication: the bus's background
@@ -231,7 +288,7 @@ static PANICS_SEEN: AtomicU64 = AtomicU64::new(0);
 async fn run(settings: &Settings) -> Report {
     let started = Instant::now();
     let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("PostgreSQL started");
-    let mut nats = NatsServer::start().await;
+    let mut broker = Broker::start(settings.topology).await;
     let pg_url = pg.url();
     let mut pg = Some(pg);
 
@@ -250,10 +307,11 @@ async fn run(settings: &Settings) -> Report {
         sqlx::query(statement).execute(&pool).await.unwrap();
     }
     let publisher =
-        NatsPublisher::connect(&nats.url(), NatsConfig::default().with_ack_timeout(Duration::from_secs(1)))
+        NatsPublisher::connect(&broker.url(), NatsConfig::default().with_ack_timeout(Duration::from_secs(1)))
             .await
             .unwrap();
-    publisher.ensure_stream(&StreamSpec::new(STREAM, ["harness.>"])).await.unwrap();
+    let spec = StreamSpec::new(STREAM, ["harness.>"]).with_replicas(broker.replicas());
+    publisher.ensure_stream(&spec).await.unwrap();
     let publisher: Arc<dyn Publisher> = Arc::new(publisher);
     // One broker, seen through two counters: which kind of relay published is reported.
     let (bus_publisher, standalone_publisher) = (Counting::new(publisher.clone()), Counting::new(publisher));
@@ -285,12 +343,13 @@ async fn run(settings: &Settings) -> Report {
 
     // The faults, on schedule; between them, relays that died on their own are replaced.
     let mut fault_counts = FaultCounts::default();
-    for (at, fault) in faults::schedule(settings.seed, settings.load, 2, &settings.skip) {
+    let counters = [&*bus_publisher, &*standalone_publisher];
+    for (at, fault) in faults::schedule(settings.seed, settings.load, 2, &settings.skip, settings.topology) {
         while Instant::now() < load_start + at {
             relays.reap().await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        faults::inject(fault, &mut nats, &mut pg, &mut relays, &mut fault_counts).await;
+        faults::inject(fault, &mut broker, &mut pg, &mut relays, &counters, &mut fault_counts).await;
     }
     while Instant::now() < writers.deadline {
         relays.reap().await;
@@ -334,7 +393,7 @@ async fn run(settings: &Settings) -> Report {
 
     // The independent check.
     let (store_rows, backlog) = checker::read_store(&pg_url, SCHEMA).await;
-    let (stream, stream_unreadable) = checker::read_stream(&nats.url(), STREAM).await;
+    let (stream, stream_unreadable) = checker::read_stream(&broker.url(), STREAM).await;
     let (stream_all, stream_all_errors) = checker::read_stream_all(&store).await;
     let observed =
         Observed { store: store_rows, stream, stream_unreadable, stream_all, stream_all_errors, backlog };
@@ -344,7 +403,9 @@ async fn run(settings: &Settings) -> Report {
     // bus's background relay) only did.
     counts.panics = counts.panics.max(PANICS_SEEN.load(Ordering::Relaxed));
     counts.relays_not_stopped = relays.stuck + u64::from(bus_relay_stuck);
+    let acked = bus_publisher.acked() + standalone_publisher.acked();
     Report {
+        acked_after_loss: fault_counts.acked_at_loss.map(|at| acked.saturating_sub(at)),
         counts,
         faults: fault_counts,
         relay_panic: relays.last_panic.clone(),

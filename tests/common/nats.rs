@@ -65,7 +65,7 @@ impl NatsServer {
             .arg(&self.dir)
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
@@ -76,6 +76,27 @@ impl NatsServer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("nats-server did not start on port {}", self.port);
+    }
+
+    /// The server's log, beside its store: kept while the test runs.
+    fn log(&self) -> Stdio {
+        let path = self.dir.with_extension("log");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_or_else(|_| Stdio::null(), Stdio::from)
+    }
+
+    /// Kills the process (SIGKILL) and deletes its store: a server lost for good (its
+    /// machine and disk gone). It is not restarted.
+    pub async fn lose(&mut self) {
+        self.kill().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills the process (SIGKILL): an outage, not a clean shutdown.
@@ -100,6 +121,85 @@ impl Drop for NatsServer {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.dir.with_extension("log"));
+    }
+}
+
+/// A JetStream cluster of three servers on loopback (`edupulse`, servers `n0`..`n2`), each
+/// with a store of its own, so that a test can kill, lose and restart its members.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three servers routed to each other and waits until JetStream's meta group
+    /// has a leader (streams can be made).
+    pub async fn start() -> Self {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free()).collect();
+        let routes =
+            cluster_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::new();
+        for (i, port) in cluster_ports.iter().enumerate() {
+            let name = format!("n{i}");
+            let cluster = format!("nats://127.0.0.1:{port}");
+            let args = ["--server_name", &name, "--cluster_name", "edupulse", "--cluster", &cluster];
+            let mut args: Vec<&str> = args.to_vec();
+            args.extend(["--routes", &routes]);
+            nodes.push(NatsServer::start_with_args(&args).await);
+        }
+        let cluster = Self { nodes };
+        cluster.until_ready().await;
+        cluster
+    }
+
+    /// Every member's client URL, comma-separated (what `NATS_URL` holds for a cluster).
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Every member's client URL.
+    pub fn servers(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// Waits until JetStream answers stream requests (a meta leader is elected): a stream
+    /// that does not exist is reported as such.
+    pub async fn until_ready(&self) {
+        let client = async_nats::connect(self.servers().as_slice()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut last = String::new();
+        for _ in 0..300 {
+            match js.get_stream("EDUPULSE_NO_SUCH_STREAM").await {
+                Err(e)
+                    if matches!(e.kind(), async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    return;
+                }
+                Ok(_) => return,
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the JetStream cluster elected no meta leader within 30 s: {last}");
+    }
+
+    /// The index of the member leading `stream`'s replica group, once it has one.
+    pub async fn leader_of(&self, stream: &str) -> Option<usize> {
+        let client = async_nats::connect(self.servers().as_slice()).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        for _ in 0..100 {
+            if let Ok(mut s) = js.get_stream(stream).await
+                && let Ok(info) = s.info().await
+                && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+                && let Some(i) = leader.strip_prefix('n').and_then(|n| n.parse::<usize>().ok())
+            {
+                return Some(i);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
     }
 }
 

@@ -135,12 +135,29 @@ pub(crate) async fn read_store(url: &str, schema: &str) -> (Vec<StoreRow>, Backl
 pub(crate) async fn read_stream(url: &str, stream_name: &str) -> (Vec<StreamMsg>, u64) {
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(10))
-        .connect(url)
+        .connect(url.split(',').collect::<Vec<_>>().as_slice())
         .await
         .expect("the checker connects to NATS");
     let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream(stream_name).await.expect("the stream exists");
-    let state = stream.info().await.expect("stream info").state.clone();
+    // A cluster may still be electing the stream's leader after its last restart.
+    let mut tries = 0;
+    let (stream, state) = loop {
+        tries += 1;
+        let found = match js.get_stream(stream_name).await {
+            Ok(mut stream) => stream
+                .info()
+                .await
+                .map(|info| info.state.clone())
+                .map(|state| (stream, state))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match found {
+            Ok(found) => break found,
+            Err(e) if tries >= 30 => panic!("the checker cannot read the stream for 60 s: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    };
     if state.messages == 0 {
         return (Vec::new(), 0);
     }

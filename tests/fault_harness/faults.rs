@@ -1,6 +1,7 @@
-//! The faults: relays aborted mid-batch and respawned, nats-server killed with SIGKILL and
-//! restarted, PostgreSQL restarted (fast shutdown). Which fault comes when is drawn from the
-//! seed before the run starts.
+//! The faults: relays aborted mid-batch and respawned, nats-server (a cluster: the stream's
+//! leader) killed with SIGKILL while a relay is mid-batch and restarted, PostgreSQL
+//! restarted (fast shutdown); against a cluster, also one member lost for good and the whole
+//! cluster restarted. Which fault comes when is drawn from the seed before the run starts.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use edupulse_events::{BoxFuture, EventError, EventStore, LogRelay, PublishReceip
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::common::nats::NatsServer;
+use crate::broker::{Broker, Topology};
 use crate::postgres::PgServer;
 use crate::prng::Rng;
 
@@ -20,21 +21,43 @@ pub(crate) enum Fault {
     /// Abort relay `slot` (wherever it is: mid-batch, waiting on an ack, idle) and start a
     /// new one after `pause`.
     KillRelay { slot: usize, pause: Duration },
-    /// SIGKILL nats-server, restart it after `pause`.
+    /// SIGKILL nats-server (a cluster: the stream's leader) while a relay waits on the
+    /// broker, restart it after `pause`.
     KillNats { pause: Duration },
     /// `pg_ctl restart -m fast`.
     RestartPostgres,
+    /// A cluster only: SIGKILL the stream's leader and delete its store, never to come back.
+    LoseMember,
+    /// A cluster only: SIGKILL every member, start them again after `pause`.
+    RestartCluster { pause: Duration },
+}
+
+impl Fault {
+    /// The fault's name in `TORTURE_SKIP`.
+    fn name(self) -> &'static str {
+        match self {
+            Self::KillRelay { .. } => "relay-kill",
+            Self::KillNats { .. } => "nats-kill",
+            Self::RestartPostgres => "pg-restart",
+            Self::LoseMember => "member-loss",
+            Self::RestartCluster { .. } => "cluster-restart",
+        }
+    }
 }
 
 /// The faults of a run of `duration`, at offsets from its start: drawn in rounds of five
 /// (two relay kills, two broker kills, one database restart, shuffled), 1.5 to 4 s apart,
-/// so that even a short run has every kind. Kinds named in `skip` (`relay-kill`,
-/// `nats-kill`, `pg-restart`) are left out, their slots left empty.
+/// so that even a short run has every kind. Against a cluster, a round has one relay kill,
+/// two leader kills, one database restart and one restart of the whole cluster, and the
+/// first fault after a third of the run loses a member for good. Kinds named in `skip`
+/// (`relay-kill`, `nats-kill`, `pg-restart`, `member-loss`, `cluster-restart`) are left out,
+/// their slots left empty.
 pub(crate) fn schedule(
     seed: u64,
     duration: Duration,
     relays: usize,
     skip: &[String],
+    topology: Topology,
 ) -> Vec<(Duration, Fault)> {
     let skipped = |name: &str| skip.iter().any(|s| s == name);
     let mut rng = Rng::derive(seed, 1);
@@ -42,8 +65,12 @@ pub(crate) fn schedule(
     let mut at = Duration::from_millis(rng.between(1000, 3000));
     // Leave the last two seconds without a new fault: the run ends with servers that are up.
     let last = duration.saturating_sub(Duration::from_secs(2));
+    let mut member_lost = false;
     'rounds: loop {
-        let mut round = [0u8, 0, 1, 1, 2];
+        let mut round = match topology {
+            Topology::Single => [0u8, 0, 1, 1, 2],
+            Topology::Cluster => [0u8, 1, 1, 2, 3],
+        };
         for i in (1..round.len()).rev() {
             round.swap(i, rng.below(i as u64 + 1) as usize);
         }
@@ -57,14 +84,18 @@ pub(crate) fn schedule(
                     pause: Duration::from_millis(rng.between(0, 800)),
                 },
                 1 => Fault::KillNats { pause: Duration::from_millis(rng.between(200, 2500)) },
-                _ => Fault::RestartPostgres,
+                2 => Fault::RestartPostgres,
+                _ => Fault::RestartCluster { pause: Duration::from_millis(rng.between(200, 2500)) },
             };
-            let name = match fault {
-                Fault::KillRelay { .. } => "relay-kill",
-                Fault::KillNats { .. } => "nats-kill",
-                Fault::RestartPostgres => "pg-restart",
-            };
-            if !skipped(name) {
+            if topology == Topology::Cluster && !member_lost && at >= duration / 3 {
+                member_lost = true;
+                if !skipped(Fault::LoseMember.name()) {
+                    out.push((at, Fault::LoseMember));
+                    at += Duration::from_millis(rng.between(1500, 4000));
+                    continue;
+                }
+            }
+            if !skipped(fault.name()) {
                 out.push((at, fault));
             }
             at += Duration::from_millis(rng.between(1500, 4000));
@@ -78,16 +109,23 @@ pub(crate) fn schedule(
 pub(crate) struct Counting {
     inner: Arc<dyn Publisher>,
     acked: AtomicU64,
+    /// Batches handed to the broker whose acknowledgements are not all back.
+    in_flight: AtomicU64,
 }
 
 impl Counting {
     pub(crate) fn new(inner: Arc<dyn Publisher>) -> Arc<Self> {
-        Arc::new(Self { inner, acked: AtomicU64::new(0) })
+        Arc::new(Self { inner, acked: AtomicU64::new(0), in_flight: AtomicU64::new(0) })
     }
 
     /// Acknowledgements so far, duplicates included.
     pub(crate) fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
+    }
+
+    /// A relay publishing through this one waits on the broker now.
+    pub(crate) fn mid_batch(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -97,7 +135,9 @@ impl Publisher for Counting {
         messages: &'a [OutgoingMessage],
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
         Box::pin(async move {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
             let outcomes = self.inner.publish(messages).await;
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.acked.fetch_add(outcomes.iter().filter(|o| o.is_ok()).count() as u64, Ordering::Relaxed);
             outcomes
         })
@@ -112,7 +152,14 @@ impl Publisher for Counting {
 pub(crate) struct FaultCounts {
     pub(crate) relay_kills: u64,
     pub(crate) nats_kills: u64,
+    /// Broker kills that found a relay waiting on the broker.
+    pub(crate) nats_kills_mid_batch: u64,
     pub(crate) nats_down: Duration,
+    pub(crate) members_lost: u64,
+    pub(crate) cluster_restarts: u64,
+    /// Acknowledgements counted when the member was lost (the stream must go on taking
+    /// messages after).
+    pub(crate) acked_at_loss: Option<u64>,
     pub(crate) pg_restarts: u64,
     pub(crate) pg_down: Duration,
 }
@@ -228,25 +275,45 @@ impl Relays {
     }
 }
 
-/// Injects one fault and waits until the servers it touched are back.
+/// Injects one fault and waits until the servers it touched are back (a cluster's
+/// members are started; its elections may still run). `publishers` tell whether a relay is
+/// mid-batch and how many acknowledgements came back.
 pub(crate) async fn inject(
     fault: Fault,
-    nats: &mut NatsServer,
+    broker: &mut Broker,
     pg: &mut Option<PgServer>,
     relays: &mut Relays,
+    publishers: &[&Counting],
     counts: &mut FaultCounts,
 ) {
+    let acked = || publishers.iter().map(|p| p.acked()).sum::<u64>();
     match fault {
         Fault::KillRelay { slot, pause } => {
             relays.kill(slot, pause).await;
             counts.relay_kills += 1;
         }
         Fault::KillNats { pause } => {
+            // Mid-batch: wait (up to 2 s) until some relay waits on the broker.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while !publishers.iter().any(|p| p.mid_batch()) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            counts.nats_kills_mid_batch += u64::from(publishers.iter().any(|p| p.mid_batch()));
             let down = tokio::time::Instant::now();
-            nats.kill().await;
+            broker.kill_leader(crate::STREAM, pause).await;
             counts.nats_kills += 1;
-            tokio::time::sleep(pause).await;
-            nats.restart().await;
+            counts.nats_down += down.elapsed();
+        }
+        Fault::LoseMember => {
+            if broker.lose_member(crate::STREAM).await.is_some() {
+                counts.members_lost += 1;
+                counts.acked_at_loss = Some(acked());
+            }
+        }
+        Fault::RestartCluster { pause } => {
+            let down = tokio::time::Instant::now();
+            broker.restart_all(pause).await;
+            counts.cluster_restarts += 1;
             counts.nats_down += down.elapsed();
         }
         Fault::RestartPostgres => {
@@ -276,14 +343,27 @@ mod tests {
 
     #[test]
     fn a_schedule_is_a_function_of_the_seed_and_has_every_kind() {
-        let a = schedule(42, Duration::from_secs(40), 2, &[]);
-        assert_eq!(a, schedule(42, Duration::from_secs(40), 2, &[]));
-        assert_ne!(a, schedule(43, Duration::from_secs(40), 2, &[]));
-        let without = schedule(42, Duration::from_secs(40), 2, &["nats-kill".to_owned()]);
+        let single = Topology::Single;
+        let a = schedule(42, Duration::from_secs(40), 2, &[], single);
+        assert_eq!(a, schedule(42, Duration::from_secs(40), 2, &[], single));
+        assert_ne!(a, schedule(43, Duration::from_secs(40), 2, &[], single));
+        let without = schedule(42, Duration::from_secs(40), 2, &["nats-kill".to_owned()], single);
         assert!(without.iter().all(|(_, f)| !matches!(f, Fault::KillNats { .. })));
         assert!(a.iter().any(|(_, f)| matches!(f, Fault::KillRelay { .. })));
         assert!(a.iter().any(|(_, f)| matches!(f, Fault::KillNats { .. })));
         assert!(a.iter().any(|(_, f)| matches!(f, Fault::RestartPostgres)));
         assert!(a.iter().all(|(at, _)| *at <= Duration::from_secs(38)));
+        assert!(a.iter().all(|(_, f)| !matches!(f, Fault::LoseMember | Fault::RestartCluster { .. })));
+
+        let c = schedule(42, Duration::from_secs(30), 2, &[], Topology::Cluster);
+        assert_eq!(c.iter().filter(|(_, f)| matches!(f, Fault::LoseMember)).count(), 1);
+        for kind in [
+            |f: &Fault| matches!(f, Fault::KillRelay { .. }),
+            |f: &Fault| matches!(f, Fault::KillNats { .. }),
+            |f: &Fault| matches!(f, Fault::RestartPostgres),
+            |f: &Fault| matches!(f, Fault::RestartCluster { .. }),
+        ] {
+            assert!(c.iter().any(|(_, f)| kind(f)), "{c:?}");
+        }
     }
 }

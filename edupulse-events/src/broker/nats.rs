@@ -71,6 +71,7 @@ impl NatsConfig {
 setters!(StreamSpec {
     with_duplicate_window => duplicate_window: Duration,
     with_max_age => max_age: Duration,
+    with_replicas => replicas: usize,
 });
 
 impl fmt::Debug for NatsConfig {
@@ -99,7 +100,16 @@ pub struct StreamSpec {
     /// existing stream, zero leaves the stream's own max age as it is (see
     /// [`NatsPublisher::ensure_stream`]).
     pub max_age: Duration,
+    /// Copies of the stream kept on different servers of a JetStream cluster: 1, 3 or 5
+    /// (at most 5; 0, the default, means JetStream's default of 1 for a new stream and the
+    /// stream's own setting for an existing one). With 3, JetStream acknowledges a message
+    /// once two of the three servers stored it, and the stream survives the loss of one
+    /// server; see the README's durability guide.
+    pub replicas: usize,
 }
+
+/// JetStream's largest replica count.
+const MAX_REPLICAS: usize = 5;
 
 impl StreamSpec {
     /// A file-backed stream with a two-minute duplicate window.
@@ -109,6 +119,7 @@ impl StreamSpec {
             subjects: subjects.into_iter().map(Into::into).collect(),
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::ZERO,
+            replicas: 0,
         }
     }
 }
@@ -210,19 +221,26 @@ impl NatsPublisher {
 
     /// Creates the stream, or brings an existing one to `spec`.
     ///
-    /// A missing stream is created file-backed with `spec`'s subjects, duplicate window and
-    /// max age, everything else at JetStream's defaults. On an existing stream only what
-    /// `spec` asks for changes: the subjects, the duplicate window, and the max age when it
-    /// is not zero (zero leaves the stream's own). Replicas, limits (`max_msgs`,
+    /// A missing stream is created file-backed with `spec`'s subjects, duplicate window, max
+    /// age and replicas, everything else at JetStream's defaults. On an existing stream only
+    /// what `spec` asks for changes: the subjects, the duplicate window, and the max age and
+    /// replicas when they are not zero (zero leaves the stream's own). Limits (`max_msgs`,
     /// `max_bytes`, …), retention, discard policy, storage, description and the rest are
     /// kept, so settings an operator made survive a restart of the service. Nothing is sent
     /// when the stream already matches.
     ///
     /// # Errors
-    /// [`EventError::Config`] for an invalid name or subject filter; [`EventError::Broker`]
-    /// when JetStream refuses or does not answer.
+    /// [`EventError::Config`] for an invalid name, subject filter or replica count (above
+    /// 5); [`EventError::Broker`] when JetStream refuses or does not answer (more replicas
+    /// than the cluster has servers, for one).
     pub async fn ensure_stream(&self, spec: &StreamSpec) -> Result<(), EventError> {
         validate_stream_name(&spec.name)?;
+        if spec.replicas > MAX_REPLICAS {
+            return Err(EventError::Config(format!(
+                "stream {}: {} replicas asked for, JetStream keeps at most {MAX_REPLICAS}",
+                spec.name, spec.replicas
+            )));
+        }
         for filter in &spec.subjects {
             validate_filter(filter)?;
         }
@@ -234,6 +252,7 @@ impl NatsPublisher {
                     subjects: spec.subjects.clone(),
                     duplicate_window: spec.duplicate_window,
                     max_age: spec.max_age,
+                    num_replicas: spec.replicas.max(1),
                     storage: jetstream::stream::StorageType::File,
                     ..Default::default()
                 };
@@ -261,6 +280,9 @@ impl NatsPublisher {
         config.duplicate_window = spec.duplicate_window;
         if !spec.max_age.is_zero() {
             config.max_age = spec.max_age;
+        }
+        if spec.replicas > 0 {
+            config.num_replicas = spec.replicas;
         }
         if config != current {
             self.jetstream

@@ -1,0 +1,112 @@
+//! The broker under test: one nats-server (R1 stream), or a JetStream cluster of three
+//! (R3 stream) whose stream leader is killed, one of whose members is lost for good, and
+//! which is restarted as a whole.
+
+use std::time::Duration;
+
+use crate::common::nats::{NatsCluster, NatsServer};
+
+/// Which broker a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Topology {
+    /// One server; the stream has one replica.
+    Single,
+    /// Three servers; the stream has three replicas.
+    Cluster,
+}
+
+pub(crate) enum Broker {
+    Single(NatsServer),
+    Cluster {
+        cluster: NatsCluster,
+        /// The member lost for good, once one is.
+        lost: Option<usize>,
+    },
+}
+
+impl Broker {
+    pub(crate) async fn start(topology: Topology) -> Self {
+        match topology {
+            Topology::Single => Self::Single(NatsServer::start().await),
+            Topology::Cluster => Self::Cluster { cluster: NatsCluster::start().await, lost: None },
+        }
+    }
+
+    /// The client URL: every member of a cluster.
+    pub(crate) fn url(&self) -> String {
+        match self {
+            Self::Single(server) => server.url(),
+            Self::Cluster { cluster, .. } => cluster.url(),
+        }
+    }
+
+    /// The stream's replicas.
+    pub(crate) fn replicas(&self) -> usize {
+        match self {
+            Self::Single(_) => 1,
+            Self::Cluster { .. } => 3,
+        }
+    }
+
+    /// SIGKILLs the server holding `stream` (a cluster: its current leader), and restarts it
+    /// after `pause`. Returns the member killed.
+    pub(crate) async fn kill_leader(&mut self, stream: &str, pause: Duration) -> usize {
+        match self {
+            Self::Single(server) => {
+                server.kill().await;
+                tokio::time::sleep(pause).await;
+                server.restart().await;
+                0
+            }
+            Self::Cluster { cluster, lost } => {
+                let leader = cluster.leader_of(stream).await.filter(|i| Some(*i) != *lost);
+                // No leader (an election under way): kill any member that runs.
+                let victim = leader
+                    .or_else(|| (0..cluster.nodes.len()).find(|i| cluster.nodes[*i].is_running()))
+                    .unwrap_or(0);
+                cluster.nodes[victim].kill().await;
+                tokio::time::sleep(pause).await;
+                cluster.nodes[victim].restart().await;
+                victim
+            }
+        }
+    }
+
+    /// Loses the stream's leader for good (SIGKILL, store deleted, never restarted); the
+    /// other two keep a quorum. Once per run; `None` on a single server or after the first.
+    pub(crate) async fn lose_member(&mut self, stream: &str) -> Option<usize> {
+        let Self::Cluster { cluster, lost } = self else { return None };
+        if lost.is_some() {
+            return None;
+        }
+        let victim = cluster.leader_of(stream).await.unwrap_or(0);
+        cluster.nodes[victim].lose().await;
+        *lost = Some(victim);
+        Some(victim)
+    }
+
+    /// SIGKILLs every running member, waits `pause`, and starts them again (the lost one
+    /// stays lost). A single server is killed and restarted.
+    pub(crate) async fn restart_all(&mut self, pause: Duration) {
+        match self {
+            Self::Single(server) => {
+                server.kill().await;
+                tokio::time::sleep(pause).await;
+                server.restart().await;
+            }
+            Self::Cluster { cluster, lost } => {
+                let running: Vec<usize> =
+                    (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].is_running()).collect();
+                for &i in &running {
+                    cluster.nodes[i].kill().await;
+                }
+                tokio::time::sleep(pause).await;
+                for i in (0..cluster.nodes.len()).filter(|i| Some(*i) != *lost) {
+                    if !cluster.nodes[i].is_running() {
+                        cluster.nodes[i].restart().await;
+                    }
+                }
+            }
+        }
+    }
+}
