@@ -117,20 +117,42 @@ fn publish() -> Command {
 
 fn republish() -> Command {
     Command::new("republish")
-        .about("Send a range of the log to JetStream again (a stream lost, or restored from an older backup)")
+        .about("Send what a stream lost to JetStream again (--lost), or a range of the log (--from)")
         .long_about(
-            "Send the events from --from to --to (both included; to the end without --to) to JetStream again, \
-             in stream order. Each message carries its event id as Nats-Msg-Id: an event the stream still \
-             holds inside its duplicate window (2 minutes by default) is dropped by the server and counted as \
-             a duplicate; outside the window it is stored a second time. Stop the publishers first, or newer \
-             events of the same aggregates may land before the republished ones.",
+            "With --lost: ask the relays to send again what their streams lost. A relay that finds a stream \
+             holding less than it acknowledged (deleted, restored from an older copy, a server that lost \
+             power before syncing) holds the partitions concerned and reports them (`edupulse status`); \
+             asked, the relay holding each reads which of its events the stream still holds and sends the \
+             others again, in order, then publishes the partition again. This waits until every relay is \
+             done (exit 0), or --wait seconds (exit 1). A relay must be running.\n\n\
+             With --from: send the events from --from to --to (both included; to the end without --to) to \
+             JetStream again, in stream order. Each message carries its event id as Nats-Msg-Id: an event the \
+             stream still holds inside its duplicate window (2 minutes by default) is dropped by the server \
+             and counted as a duplicate; outside the window it is stored a second time. Stop the publishers \
+             first, or newer events of the same aggregates may land before the republished ones.",
         )
         .arg(nats_url())
+        .arg(
+            Arg::new("lost")
+                .long("lost")
+                .action(ArgAction::SetTrue)
+                .conflicts_with_all(["from", "to"])
+                .required_unless_present("from")
+                .help("Ask the relays to send again what their streams lost"),
+        )
+        .arg(
+            Arg::new("wait")
+                .long("wait")
+                .value_name("SECONDS")
+                .requires("lost")
+                .default_value("120")
+                .value_parser(value_parser!(u64).range(1..))
+                .help("With --lost: how long to wait for the relays"),
+        )
         .arg(
             Arg::new("from")
                 .long("from")
                 .value_name("POSITION")
-                .required(true)
                 .value_parser(value_parser!(i64).range(1..))
                 .help("The global position of the first event to send"),
         )
@@ -138,6 +160,7 @@ fn republish() -> Command {
             Arg::new("to")
                 .long("to")
                 .value_name("POSITION")
+                .requires("from")
                 .value_parser(value_parser!(i64).range(1..))
                 .help("The global position of the last event to send"),
         )

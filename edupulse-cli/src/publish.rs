@@ -123,6 +123,9 @@ async fn progress(relay: &LogRelay, counting: &Counting, started: Instant) {
 }
 
 pub(crate) async fn republish(matches: &ArgMatches) -> Result<ExitCode, Failure> {
+    if matches.get_flag("lost") {
+        return republish_lost(matches).await;
+    }
     let store = connect::store(matches).await?;
     let nats = connect::nats(matches).await?;
     let from = matches.get_one::<i64>("from").copied().unwrap_or(1);
@@ -143,4 +146,40 @@ pub(crate) async fn republish(matches: &ArgMatches) -> Result<ExitCode, Failure>
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `republish --lost`: asks the relays holding partitions whose stream lost messages to send
+/// them again, and waits until none is reported.
+async fn republish_lost(matches: &ArgMatches) -> Result<ExitCode, Failure> {
+    let store = connect::store(matches).await?;
+    let wait = Duration::from_secs(matches.get_one::<u64>("wait").copied().unwrap_or(120));
+    let asked = store.request_republish_lost().await?;
+    if asked == 0 {
+        println!("no stream lost messages: nothing to send again");
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "asked the relays to send again what {asked} partition stream(s) lost; waiting up to {}",
+        seconds(wait)
+    );
+    let started = Instant::now();
+    loop {
+        let lost = store.relay_lag().await?.lost;
+        if lost.is_empty() {
+            println!(
+                "every stream holds what it acknowledged again ({} after asking)",
+                seconds(started.elapsed())
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if started.elapsed() >= wait {
+            println!(
+                "{} partition stream(s) still lost after {}: is a relay running (the bus, or `edupulse publish`)?",
+                lost.len(),
+                seconds(wait)
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

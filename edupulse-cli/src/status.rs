@@ -43,6 +43,14 @@ fn to_json(status: &StoreStatus) -> Value {
                 "state": t.state,
                 "age_seconds": t.age.as_secs_f64(),
             })),
+            "lost": lag.lost.iter().map(|m| json!({
+                "partition": m.partition,
+                "stream": m.stream,
+                "acknowledged": m.acknowledged,
+                "held_sequence": m.held_sequence,
+                "behind_since": m.behind_since,
+                "repair_requested": m.repair_requested,
+            })).collect::<Vec<_>>(),
         },
         "partitions": status.partitions.iter().map(partition_json).collect::<Vec<_>>(),
         "projections": status.projections.iter().map(projection::to_json).collect::<Vec<_>>(),
@@ -86,6 +94,20 @@ fn print_text(status: &StoreStatus) {
             if t.application_name.is_empty() { "no application name" } else { &t.application_name },
             t.state,
             seconds(t.age)
+        );
+    }
+    for m in &lag.lost {
+        println!(
+            "  LOST: stream {} holds up to sequence {} but acknowledged {} to partition {}{}",
+            m.stream,
+            m.held_sequence.map_or_else(|| "?".to_owned(), |h| h.to_string()),
+            m.acknowledged,
+            m.partition,
+            if m.repair_requested {
+                ": being sent again"
+            } else {
+                ": held; `edupulse republish --lost` sends it again"
+            }
         );
     }
     let behind: Vec<&PartitionStatus> = status.partitions.iter().filter(|p| p.pending > 0).collect();

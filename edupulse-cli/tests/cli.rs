@@ -485,3 +485,76 @@ fn no_secret_is_printed_in_help_or_in_errors() {
         .unwrap();
     assert_eq!(none.status.code(), Some(2));
 }
+
+/// A certificate was issued: published on a stream of its own, which the lost-messages test
+/// deletes.
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[event(context = "clilost")]
+struct CertificateIssued {
+    #[event(aggregate_id)]
+    learner_id: Uuid,
+    course: String,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn republish_lost_has_the_relay_send_again_what_a_deleted_stream_lost() {
+    let schema = schema();
+    let store = store(&schema).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let issued = |id, course: &str| CertificateIssued { learner_id: id, course: course.into() };
+    store.append("learner", a, 0, [issued(a, "rust"), issued(a, "sql")]).await.unwrap();
+    store.append("learner", b, 0, [issued(b, "nats")]).await.unwrap();
+    let stream_name = "EDUPULSE_CLI_LOST";
+    let nats = NatsPublisher::connect(&nats_url(), NatsConfig::default()).await.unwrap();
+    let _ = nats.jetstream().delete_stream(stream_name).await;
+    let publish = ["publish", "--seconds", "2", "--stream", stream_name, "--subject", "clilost.>"];
+    let first = edupulse(&schema, &publish);
+    assert!(stderr(&first).contains("3 published"), "{}", stderr(&first));
+    let nothing = edupulse(&schema, &["republish", "--lost"]);
+    assert_eq!(nothing.status.code(), Some(0), "{}", stderr(&nothing));
+    assert!(stdout(&nothing).contains("no stream lost messages"), "{}", stdout(&nothing));
+
+    // The stream is deleted and made again, empty: the next relay finds it behind, holds
+    // the partitions and reports them.
+    nats.jetstream().delete_stream(stream_name).await.unwrap();
+    let second = edupulse(&schema, &publish);
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    let status = edupulse(&schema, &["status"]);
+    assert!(
+        stdout(&status).contains(&format!("LOST: stream {stream_name} holds up to sequence 0")),
+        "{}",
+        stdout(&status)
+    );
+    let json: Value = serde_json::from_str(&stdout(&edupulse(&schema, &["status", "--json"]))).unwrap();
+    let lost = json["publication"]["lost"].as_array().unwrap();
+    assert!(!lost.is_empty() && lost.iter().all(|m| m["stream"] == stream_name), "{json}");
+    let stream = nats.jetstream().get_stream(stream_name).await.unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 0, "nothing is sent past a loss");
+
+    // Asked, the running relay sends the lost events again, in order.
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_edupulse"))
+        .args([
+            "publish",
+            "--seconds",
+            "25",
+            "--stream",
+            stream_name,
+            "--subject",
+            "clilost.>",
+            "--schema",
+            &schema,
+        ])
+        .env("DATABASE_URL", database_url())
+        .env("NATS_URL", nats_url())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let repaired = edupulse(&schema, &["republish", "--lost", "--wait", "20"]);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    assert_eq!(repaired.status.code(), Some(0), "{}{}", stdout(&repaired), stderr(&repaired));
+    assert!(stdout(&repaired).contains("holds what it acknowledged again"), "{}", stdout(&repaired));
+    let info = stream.get_info().await.unwrap();
+    assert_eq!(info.state.messages, 3);
+    assert!(store.relay_lag().await.unwrap().lost.is_empty());
+}

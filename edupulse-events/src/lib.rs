@@ -201,8 +201,9 @@ pub use serde_json;
 pub use uuid::{self, Uuid};
 
 pub use crate::broker::{
-    BoxFuture, BrokerMessage, InMemoryBroker, NatsConfig, NatsPublisher, PoisonReport, PublishReceipt,
-    Publisher, StreamSpec, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy,
+    AggregateFilter, BoxFuture, BrokerMessage, InMemoryBroker, NatsConfig, NatsPublisher, PoisonReport,
+    PublishReceipt, Publisher, StreamSpec, StreamState, Subscriber, SubscriberConfig, SubscriberStats,
+    UnknownEventPolicy,
 };
 pub use crate::delivery::{
     BusConfig, BusTransaction, Committed, EventBus, LogRelay, Receipt, RelayConfig, RelayPass, Republished,
@@ -219,7 +220,7 @@ pub use crate::setup::{Backends, EMBEDDED_DATABASE_URL};
 pub use crate::store::{
     Connection, DatabasePool, EventStore, EventStream, ExpectedSequence, Migrations, PARTITIONS, ParkedEvent,
     PartitionStatus, ProjectionStatus, RecordStream, RelayLag, Requeue, RunningTransaction, SchemaName,
-    StoreConfig, StoreStatus, StoredRecord, StoredSnapshot, StreamPosition, Transaction,
+    StoreConfig, StoreStatus, StoredRecord, StoredSnapshot, StreamMark, StreamPosition, Transaction,
 };
 pub use crate::write::{Aggregate, CommandError, Loaded, Repository};
 pub use async_nats;

@@ -95,6 +95,11 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
+    /// The store directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -228,14 +233,39 @@ pub struct Stored {
 
 /// Every message in the test stream, in stream order.
 pub async fn stream_messages(publisher: &NatsPublisher) -> Vec<Stored> {
-    let mut stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
+    // A cluster's stream may be electing its leader: ask again for up to 20 s.
+    let mut tries = 0;
+    let (stream, state) = loop {
+        tries += 1;
+        let found = match publisher.jetstream().get_stream(STREAM).await {
+            Ok(mut stream) => stream
+                .info()
+                .await
+                .map(|i| i.state.clone())
+                .map(|state| (stream, state))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match found {
+            Ok(found) => break found,
+            Err(e) if tries >= 40 => panic!("cannot read the test stream: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    };
     let mut out = Vec::new();
     if state.messages == 0 {
         return out;
     }
     for seq in state.first_sequence..=state.last_sequence {
-        let message = stream.get_raw_message(seq).await.unwrap();
+        let mut tries = 0;
+        let message = loop {
+            tries += 1;
+            match stream.get_raw_message(seq).await {
+                Ok(message) => break message,
+                Err(e) if tries >= 40 => panic!("cannot read message {seq}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        };
         let event_id =
             message.headers.get(headers::MSG_ID).map(|v| v.as_str().to_owned()).unwrap_or_default();
         let wire: WireEnvelope = serde_json::from_slice(&message.payload).unwrap();

@@ -151,7 +151,7 @@ impl InMemoryBroker {
             .find(|(name, _)| *name == headers::MSG_ID)
             .map_or_else(|| message.event_id.to_string(), |(_, v)| v.clone());
         if let Some((sequence, _)) = state.seen.get(&id) {
-            return Ok(PublishReceipt { stream_sequence: *sequence, duplicate: true });
+            return Ok(PublishReceipt { stream_sequence: *sequence, duplicate: true, stream: None });
         }
         let sequence = state.messages.len() as u64 + 1;
         let stored = BrokerMessage {
@@ -165,7 +165,7 @@ impl InMemoryBroker {
         });
         state.messages.push(stored);
         state.seen.insert(id, (sequence, now));
-        Ok(PublishReceipt { stream_sequence: sequence, duplicate: false })
+        Ok(PublishReceipt { stream_sequence: sequence, duplicate: false, stream: None })
     }
 }
 
@@ -248,8 +248,14 @@ mod tests {
         let mut rx = broker.subscribe("courses.*").unwrap();
         let first = broker.publish(&[message("a", "courses.X")]).await;
         let again = broker.publish(&[message("a", "courses.X")]).await;
-        assert_eq!(first[0].as_ref().unwrap(), &PublishReceipt { stream_sequence: 1, duplicate: false });
-        assert_eq!(again[0].as_ref().unwrap(), &PublishReceipt { stream_sequence: 1, duplicate: true });
+        assert_eq!(
+            first[0].as_ref().unwrap(),
+            &PublishReceipt { stream_sequence: 1, duplicate: false, stream: None }
+        );
+        assert_eq!(
+            again[0].as_ref().unwrap(),
+            &PublishReceipt { stream_sequence: 1, duplicate: true, stream: None }
+        );
         assert_eq!(rx.recv().await.unwrap().subject, "courses.X");
         broker.set_available(false);
         let down = broker.publish(&[message("b", "courses.Y"), message("c", "courses.Y")]).await;

@@ -3,6 +3,7 @@
 //! Builds on the event layer only; it knows nothing of the store.
 
 mod connect;
+mod held;
 mod lanes;
 mod memory;
 mod nats;
@@ -13,5 +14,5 @@ mod subscriber;
 
 pub use self::memory::{BrokerMessage, InMemoryBroker};
 pub use self::nats::{NatsConfig, NatsPublisher, StreamSpec};
-pub use self::publisher::{BoxFuture, PublishReceipt, Publisher};
+pub use self::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
 pub use self::subscriber::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};

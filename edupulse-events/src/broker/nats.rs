@@ -19,7 +19,8 @@ use futures_util::stream::FuturesUnordered;
 use uuid::Uuid;
 
 use crate::broker::connect::{self, NatsCredentials};
-use crate::broker::publisher::{BoxFuture, PublishReceipt, Publisher};
+use crate::broker::held;
+use crate::broker::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
 use crate::event::subject::validate_filter;
 use crate::event::wire::OutgoingMessage;
 use crate::{BrokerErrorKind, EventError};
@@ -356,6 +357,41 @@ impl Publisher for NatsPublisher {
         Some(told).filter(|&n| n > 0)
     }
 
+    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
+        Box::pin(async move {
+            validate_stream_name(stream)?;
+            match self.jetstream.get_stream(stream).await {
+                Ok(found) => {
+                    let state = &found.cached_info().state;
+                    Ok(Some(StreamState {
+                        first_sequence: state.first_sequence,
+                        last_sequence: state.last_sequence,
+                    }))
+                }
+                Err(e) if jetstream_code(e.kind()) == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
+                Err(e) => {
+                    Err(stream_error("cannot read the stream's state", BrokerErrorKind::Unavailable, e))
+                }
+            }
+        })
+    }
+
+    fn held_events<'a>(
+        &'a self,
+        stream: &'a str,
+        last: u64,
+        wanted: AggregateFilter<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
+        Box::pin(async move {
+            validate_stream_name(stream)?;
+            held::scan(&self.jetstream, stream, last, wanted).await
+        })
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        self.publishing.client().statistics().connects.load(Ordering::Relaxed)
+    }
+
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
@@ -504,8 +540,12 @@ fn header_map(pairs: &[(&'static str, String)]) -> Result<HeaderMap, EventError>
 }
 
 fn receipt(ack: Result<jetstream::publish::PublishAck, PublishError>) -> Result<PublishReceipt, EventError> {
-    ack.map(|ack| PublishReceipt { stream_sequence: ack.sequence, duplicate: ack.duplicate })
-        .map_err(publish_error)
+    ack.map(|ack| PublishReceipt {
+        stream_sequence: ack.sequence,
+        duplicate: ack.duplicate,
+        stream: Some(Arc::from(ack.stream.as_str())),
+    })
+    .map_err(publish_error)
 }
 
 /// A failed publish: [`EventError::Refused`] when the server answered with an error about

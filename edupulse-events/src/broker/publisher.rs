@@ -1,5 +1,9 @@
 //! What the relay publishes to: the [`Publisher`] trait and what a broker answers.
 
+use std::sync::Arc;
+
+use uuid::Uuid;
+
 use crate::EventError;
 use crate::event::wire::OutgoingMessage;
 
@@ -7,13 +11,28 @@ use crate::event::wire::OutgoingMessage;
 pub use futures_util::future::BoxFuture;
 
 /// What the broker said about one message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishReceipt {
     /// The message's sequence in the broker's stream (0 for brokers without one).
     pub stream_sequence: u64,
     /// The broker had the message already (a re-send inside the duplicate window).
     pub duplicate: bool,
+    /// The stream that stored it, for brokers that name one (JetStream): the relay checks
+    /// that this stream keeps what it acknowledged.
+    pub stream: Option<Arc<str>>,
 }
+
+/// Where a broker's stream stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamState {
+    /// The sequence of the oldest message it holds (0 when empty).
+    pub first_sequence: u64,
+    /// The sequence of the newest message it stored (0 for a stream that never held one).
+    pub last_sequence: u64,
+}
+
+/// Chooses messages by their aggregate: what [`Publisher::held_events`] keeps.
+pub type AggregateFilter<'a> = &'a (dyn Fn(Uuid) -> bool + Send + Sync);
 
 /// A broker the relay publishes to.
 ///
@@ -36,5 +55,41 @@ pub trait Publisher: Send + Sync + 'static {
     /// them.
     fn max_payload(&self) -> Option<usize> {
         None
+    }
+
+    /// Where stream `stream` stands; `None` when it does not exist, or for a broker without
+    /// streams. The relay compares it with the sequences it was acknowledged: a stream whose
+    /// last sequence is below one of them lost acknowledged messages (deleted, restored
+    /// from an older copy, a single server that lost power before syncing).
+    ///
+    /// # Errors
+    /// [`EventError::Broker`] when the broker does not answer.
+    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
+        let _ = stream;
+        Box::pin(async { Ok(None) })
+    }
+
+    /// The event ids (`Nats-Msg-Id`) of the messages stream `stream` holds up to sequence
+    /// `last`, of the aggregates `wanted` chooses, in stream order: what a relay repairing
+    /// a stream that lost messages compares with the log. Empty for a broker without
+    /// streams.
+    ///
+    /// # Errors
+    /// [`EventError::Broker`] when the broker does not answer or the stream is gone.
+    fn held_events<'a>(
+        &'a self,
+        stream: &'a str,
+        last: u64,
+        wanted: AggregateFilter<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
+        let _ = (stream, last, wanted);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// A number that changes each time the connection to the broker is made again (0 for
+    /// brokers without connections): after a reconnection the relay checks its streams
+    /// before it publishes more, since a server that restarted may have lost messages.
+    fn connection_epoch(&self) -> u64 {
+        0
     }
 }

@@ -3,6 +3,7 @@
 //! broker.
 
 mod bus;
+mod lost;
 mod message;
 mod relay;
 mod republish;

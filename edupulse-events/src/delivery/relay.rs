@@ -28,6 +28,12 @@
 //! waits and the aggregate is never published out of order. Re-queue parked aggregates
 //! with [`EventStore::requeue_parked`] once the cause is fixed. Failures that are not the
 //! message's (a timeout, a lost connection, no stream) are retried without limit.
+//!
+//! **Lost messages.** A relay checks that the broker's streams still hold what they
+//! acknowledged; a partition whose stream lost acknowledged messages (deleted, restored
+//! from an older copy, a server that lost power before syncing) is held and reported until
+//! what was lost is sent again, on request or on its own
+//! ([`RelayConfig::republish_lost`]). See `delivery/lost.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -40,6 +46,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::broker::Publisher;
+use crate::delivery::lost::{self, StreamWatch};
 use crate::delivery::message;
 use crate::delivery::republish::{self, Republished};
 use crate::event::wire::{OutgoingMessage, headers};
@@ -81,6 +88,14 @@ pub struct RelayConfig {
     pub min_backoff: Duration,
     /// Longest delay between retries (default 30 s).
     pub max_backoff: Duration,
+    /// How often the relay checks that the broker's streams still hold what they
+    /// acknowledged (default 10 s); also when it takes partitions and after each
+    /// reconnection to the broker.
+    pub stream_check_interval: Duration,
+    /// Send again, without being asked, what a stream lost (default off: the partition is
+    /// held and reported until an operator runs `edupulse republish --lost`, or calls
+    /// [`EventStore::request_republish_lost`], having looked at why it was lost).
+    pub republish_lost: bool,
 }
 
 impl Default for RelayConfig {
@@ -95,6 +110,8 @@ impl Default for RelayConfig {
             max_attempts: 5,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
+            stream_check_interval: Duration::from_secs(10),
+            republish_lost: false,
         }
     }
 }
@@ -109,6 +126,8 @@ setters!(RelayConfig {
     with_max_attempts => max_attempts: u32,
     with_min_backoff => min_backoff: Duration,
     with_max_backoff => max_backoff: Duration,
+    with_stream_check_interval => stream_check_interval: Duration,
+    with_republish_lost => republish_lost: bool,
 });
 
 impl RelayConfig {
@@ -121,8 +140,11 @@ impl RelayConfig {
             Some(format!("partitions {:?} must be a non-empty range within 0..{PARTITIONS}", self.partitions))
         } else if self.max_attempts == 0 {
             Some("max_attempts must be at least 1".to_owned())
-        } else if self.poll_interval.is_zero() || self.takeover_interval.is_zero() {
-            Some("poll_interval and takeover_interval must be above zero".to_owned())
+        } else if self.poll_interval.is_zero()
+            || self.takeover_interval.is_zero()
+            || self.stream_check_interval.is_zero()
+        {
+            Some("poll_interval, takeover_interval and stream_check_interval must be above zero".to_owned())
         } else if self.min_backoff.is_zero() || self.max_backoff < self.min_backoff {
             Some("min_backoff must be above zero and at most max_backoff".to_owned())
         } else {
@@ -384,6 +406,8 @@ struct Worker<'a> {
     last_takeover: Option<Instant>,
     /// When the lag gauges were last set.
     last_lag: Option<Instant>,
+    /// What the broker's streams acknowledged to the held partitions.
+    streams: StreamWatch,
 }
 
 impl<'a> Worker<'a> {
@@ -402,6 +426,7 @@ impl<'a> Worker<'a> {
             acked_beyond: HashMap::new(),
             last_takeover: None,
             last_lag: None,
+            streams: StreamWatch::default(),
         }
     }
 
@@ -484,6 +509,7 @@ impl<'a> Worker<'a> {
         }
         let checkpoints = lease.checkpoints(&taken).await?;
         self.blocked.extend(lease.parked_heads(&taken).await?);
+        self.streams.load(lease.marks(&taken).await?);
         self.relay.store.inner.signals.advance(&checkpoints, false);
         self.saved.extend(checkpoints.iter().copied());
         self.checkpoints.extend(checkpoints);
@@ -510,6 +536,7 @@ impl<'a> Worker<'a> {
         self.blocked.clear();
         self.acked_beyond.clear();
         self.last_takeover = None;
+        self.streams.clear();
     }
 
     /// Publishes the held partitions' events below the horizon, page by page.
@@ -526,6 +553,12 @@ impl<'a> Worker<'a> {
         let mut after = self.checkpoints.values().min().copied().unwrap_or_default();
         let mut stops = Stops::default();
         loop {
+            // Before each page: after a reconnection (the broker may have restarted without
+            // what it acknowledged), when taking partitions, and every so often.
+            if self.streams.due(self.relay.publisher.connection_epoch(), self.config().stream_check_interval)
+            {
+                self.check_streams().await?;
+            }
             let Page { rows, cut } = self.page(after, limit).await?;
             let Some(end) = rows.last().map(|r| position_of(&r.row)) else {
                 pass.more = false;
@@ -579,7 +612,8 @@ impl<'a> Worker<'a> {
                 continue;
             }
             match outcome {
-                Ok(_) => {
+                Ok(receipt) => {
+                    self.streams.acknowledged(meta.partition, &receipt);
                     pass.published += 1;
                     telemetry::publish_latency((acked_at - meta.recorded_at).as_seconds_f64());
                     self.failing.remove(&meta.position.global_position);
@@ -603,12 +637,19 @@ impl<'a> Worker<'a> {
         page: &mut PageOutcome,
     ) -> (Vec<RowMeta>, Vec<OutgoingMessage>) {
         let now = Instant::now();
+        let behind = self.streams.behind();
         let (mut sent, mut messages) = (Vec::new(), Vec::new());
         let mut previous = start;
         for LogRow { partition, subject, row } in rows {
             let meta = RowMeta::of(&row, partition, previous);
             previous = meta.position;
             page.touched.insert(partition);
+            if behind.contains(&partition) {
+                // Its stream lost messages: nothing newer goes out before they are resent.
+                stops.hold(partition, meta.previous);
+                pass.waiting += 1;
+                continue;
+            }
             let checkpoint = self.checkpoints.get(&partition).copied();
             if checkpoint.is_none_or(|c| meta.position <= c)
                 || self.acked_beyond.contains_key(&meta.position.global_position)
@@ -873,7 +914,66 @@ impl<'a> Worker<'a> {
         checkpoints: &[(i32, StreamPosition)],
         parked: &[ParkedRow],
     ) -> Result<(), EventError> {
-        self.lease.as_mut().ok_or_else(no_lease)?.save(checkpoints, parked).await
+        let lease = self.lease.as_mut().ok_or_else(no_lease)?;
+        lease.save(checkpoints, parked).await?;
+        let marks = self.streams.unsaved();
+        let rows: Vec<(i32, &str, i64)> = marks.iter().map(|(p, s, q)| (*p, &**s, *q)).collect();
+        lease.save_marks(&rows).await?;
+        self.streams.saved(&marks);
+        Ok(())
+    }
+
+    /// Checks the held partitions' streams; repairs those asked for (or all, with
+    /// `republish_lost`).
+    async fn check_streams(&mut self) -> Result<(), EventError> {
+        let publisher = &*self.relay.publisher;
+        let lease = self.lease.as_mut().ok_or_else(no_lease)?;
+        self.streams.check(publisher, lease, &self.held).await?;
+        for (partition, stream) in self.streams.to_repair(self.relay.config.republish_lost) {
+            self.repair(partition, &stream).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends again what `stream` lost of `partition`'s events (see `delivery/lost.rs`).
+    async fn repair(&mut self, partition: i32, stream: &Arc<str>) -> Result<(), EventError> {
+        let Some(&checkpoint) = self.checkpoints.get(&partition) else { return Ok(()) };
+        let publisher = &*self.relay.publisher;
+        let last = match publisher.stream_state(stream).await {
+            Ok(state) => state.map_or(0, |s| s.last_sequence),
+            Err(e) => {
+                tracing::warn!(partition, stream = &**stream, error = %e, "relay: repair postponed");
+                return Ok(());
+            }
+        };
+        let wanted = move |aggregate_id: Uuid| crate::store::model::partition_of(aggregate_id) == partition;
+        let held = match publisher.held_events(stream, last, &wanted).await {
+            Ok(held) => held.into_iter().collect::<HashSet<Uuid>>(),
+            Err(e) => {
+                tracing::warn!(partition, stream = &**stream, error = %e, "relay: repair postponed");
+                return Ok(());
+            }
+        };
+        let batch = (i64::from(self.relay.config.batch_size), self.relay.config.max_batch_bytes);
+        let lease = self.lease.as_mut().ok_or_else(no_lease)?;
+        let loss = lost::Loss { partition, checkpoint, held: &held, held_up_to: last, parked: &self.blocked };
+        match lost::resend(lease, publisher, loss, batch).await {
+            Ok(resent) => {
+                tracing::warn!(
+                    partition,
+                    stream = &**stream,
+                    resent = resent.events,
+                    still_held = held.len(),
+                    "relay: sent again what the stream lost; the partition is published again"
+                );
+                self.streams.repaired(lease, partition, stream, resent.acknowledged).await
+            }
+            Err(EventError::Database(e)) => Err(EventError::Database(e)),
+            Err(e) => {
+                tracing::warn!(partition, stream = &**stream, error = %e, "relay: repair failed; retried at the next check");
+                Ok(())
+            }
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
 use crate::store::append::{AppendRules, Appended};
-use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLag, RunningTransaction};
+use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLag, RunningTransaction, StreamMark};
 use crate::store::postgres::{self, PgBackend, PgTransaction};
 use crate::store::row::{PageQuery, StoredRow};
 use crate::store::sqlite::{SqliteBackend, SqliteTransaction};
@@ -288,7 +288,24 @@ impl Backend {
             }
             Self::Sqlite(sq) => (sq.relay_lag().await?, None),
         };
-        Ok(row.with_oldest_write(oldest))
+        let lost = self.lost_marks().await?;
+        Ok(RelayLag { lost, ..row.with_oldest_write(oldest) })
+    }
+
+    /// The marks of streams found holding less than they acknowledged.
+    pub(crate) async fn lost_marks(&self) -> Result<Vec<StreamMark>, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.marks_lost().await,
+            Self::Sqlite(sq) => sq.marks_lost().await,
+        }
+    }
+
+    /// Asks the relays holding partitions whose stream lost messages to send them again.
+    pub(crate) async fn request_repair(&self) -> Result<u64, EventError> {
+        match self {
+            Self::Postgres(pg) => pg.marks_request().await,
+            Self::Sqlite(sq) => sq.marks_request().await,
+        }
     }
 
     pub(crate) async fn parked_list(&self, limit: i64) -> Result<Vec<ParkedEvent>, EventError> {
@@ -486,6 +503,39 @@ impl Lease {
         match self {
             Self::Postgres(pg, conn) => pg.parked_refused_again(conn, aggregate_id, position, reason).await,
             Self::Sqlite(sq, _) => sq.parked_refused_again(aggregate_id, position, reason).await,
+        }
+    }
+
+    /// The stream marks of `partitions`.
+    pub(crate) async fn marks(&mut self, partitions: &[i32]) -> Result<Vec<StreamMark>, EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.marks_load(conn, partitions).await,
+            Self::Sqlite(sq, _) => sq.marks_load(partitions).await,
+        }
+    }
+
+    /// Saves acknowledged stream sequences, `(partition, stream, sequence)`.
+    pub(crate) async fn save_marks(&mut self, marks: &[(i32, &str, i64)]) -> Result<(), EventError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Self::Postgres(pg, conn) => pg.marks_save(conn, marks).await,
+            Self::Sqlite(sq, _) => sq.marks_save(marks).await,
+        }
+    }
+
+    /// Records that `stream` holds only up to `held` of what it acknowledged to `partition`,
+    /// or (`None`) that it holds everything again.
+    pub(crate) async fn mark_behind(
+        &mut self,
+        partition: i32,
+        stream: &str,
+        held: Option<i64>,
+    ) -> Result<(), EventError> {
+        match self {
+            Self::Postgres(pg, conn) => pg.marks_behind(conn, partition, stream, held).await,
+            Self::Sqlite(sq, _) => sq.marks_behind(partition, stream, held).await,
         }
     }
 

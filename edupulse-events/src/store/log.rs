@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
@@ -77,6 +78,7 @@ impl RelayLagRow {
             held_back: self.held_back,
             parked: self.parked,
             oldest_write_transaction: oldest,
+            lost: Vec::new(),
         }
     }
 }
@@ -163,6 +165,52 @@ pub struct RelayLag {
     /// When events are held back: the oldest running write transaction, which holds the
     /// horizon (PostgreSQL; reading other roles' sessions needs `pg_read_all_stats`).
     pub oldest_write_transaction: Option<RunningTransaction>,
+    /// Streams found holding less than they acknowledged (lost messages), per partition:
+    /// those partitions are not published until what was lost is sent again (see
+    /// [`LogRelay`](crate::LogRelay), "Lost messages").
+    pub lost: Vec<StreamMark>,
+}
+
+/// What the broker acknowledged to a relay partition on one stream, and whether the stream
+/// still holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamMark {
+    /// The relay partition.
+    pub partition: i32,
+    /// The broker's stream.
+    pub stream: String,
+    /// The highest stream sequence acknowledged for an event of the partition.
+    pub acknowledged: i64,
+    /// When the relay found the stream holding less (its last sequence below
+    /// `acknowledged`); `None` while it holds everything.
+    pub behind_since: Option<DateTime<Utc>>,
+    /// The stream's last sequence when found behind.
+    pub held_sequence: Option<i64>,
+    /// An operator asked the partition's relay to send what the stream lost again.
+    pub repair_requested: bool,
+}
+
+impl StreamMark {
+    /// A mark read from the store's columns, in `MARK_COLUMNS` order.
+    pub(crate) fn from_row<'r, R: Row>(row: &'r R) -> Result<Self, sqlx::Error>
+    where
+        usize: ColumnIndex<R>,
+        i32: Decode<'r, R::Database> + Type<R::Database>,
+        i64: Decode<'r, R::Database> + Type<R::Database>,
+        bool: Decode<'r, R::Database> + Type<R::Database>,
+        String: Decode<'r, R::Database> + Type<R::Database>,
+        DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
+    {
+        Ok(Self {
+            partition: row.try_get(0)?,
+            stream: row.try_get(1)?,
+            acknowledged: row.try_get(2)?,
+            behind_since: row.try_get(3)?,
+            held_sequence: row.try_get(4)?,
+            repair_requested: row.try_get(5)?,
+        })
+    }
 }
 
 /// Which parked aggregates [`EventStore::requeue_parked`](crate::EventStore::requeue_parked) re-queues.

@@ -29,7 +29,7 @@ use uuid::Uuid;
 use self::append::AppendRules;
 use self::backend::Backend;
 pub use self::backend::{Connection, DatabasePool};
-pub use self::log::{ParkedEvent, RelayLag, Requeue, RunningTransaction};
+pub use self::log::{ParkedEvent, RelayLag, Requeue, RunningTransaction, StreamMark};
 pub use self::model::{
     ExpectedSequence, PARTITIONS, SchemaName, StoreConfig, StoredSnapshot, StreamPosition,
 };
@@ -352,6 +352,18 @@ impl EventStore {
         let lag = self.inner.backend.relay_lag().await?;
         telemetry::publisher_lag(lag.pending, lag.oldest_pending_age);
         Ok(lag)
+    }
+
+    /// Asks the relays to send again what their streams lost: every partition found with a
+    /// stream holding less than it acknowledged ([`RelayLag::lost`]) is repaired by the relay
+    /// holding it, at its next check (within [`RelayConfig::stream_check_interval`](crate::RelayConfig::stream_check_interval)),
+    /// which then publishes the partition again. Returns how many (partition, stream) pairs
+    /// were asked; 0 when no stream lost anything.
+    ///
+    /// # Errors
+    /// [`EventError::Database`].
+    pub async fn request_republish_lost(&self) -> Result<u64, EventError> {
+        self.inner.backend.request_repair().await
     }
 
     /// The parked events, oldest first, at most `limit`.

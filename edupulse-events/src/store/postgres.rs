@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::connect;
-use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction};
+use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction, StreamMark};
 use crate::store::migrations::{MigrationFile, migrator};
 use crate::store::postgres_sql::Queries;
 use crate::store::row::{PageQuery, StoredRow, stored_row};
@@ -37,6 +37,7 @@ pub(crate) const MIGRATION_FILES: &[MigrationFile] = &[
         include_str!("../../../migrations/postgres/0003_stream_transaction_order.sql"),
     ),
     (4, "delivery from log", include_str!("../../../migrations/postgres/0004_delivery_from_log.sql")),
+    (5, "relay stream marks", include_str!("../../../migrations/postgres/0005_relay_stream_marks.sql")),
 ];
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATION_FILES));
@@ -507,6 +508,59 @@ impl PgBackend {
             held_back: row.try_get(2)?,
             parked: row.try_get(3)?,
         })
+    }
+
+    /// The stream marks of `partitions`.
+    pub(crate) async fn marks_load(
+        &self,
+        conn: &mut PgConnection,
+        partitions: &[i32],
+    ) -> Result<Vec<StreamMark>, EventError> {
+        let rows = sqlx::query(self.sql.marks.load.clone()).bind(partitions).fetch_all(conn).await?;
+        Ok(rows.iter().map(StreamMark::from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Sets the acknowledged sequences of `(partition, stream)`s.
+    pub(crate) async fn marks_save(
+        &self,
+        conn: &mut PgConnection,
+        marks: &[(i32, &str, i64)],
+    ) -> Result<(), EventError> {
+        sqlx::query(self.sql.marks.save.clone())
+            .bind(marks.iter().map(|m| m.0).collect::<Vec<i32>>())
+            .bind(marks.iter().map(|m| m.1).collect::<Vec<&str>>())
+            .bind(marks.iter().map(|m| m.2).collect::<Vec<i64>>())
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a partition's stream behind (holding up to `held`), or clears it (`None`).
+    pub(crate) async fn marks_behind(
+        &self,
+        conn: &mut PgConnection,
+        partition: i32,
+        stream: &str,
+        held: Option<i64>,
+    ) -> Result<(), EventError> {
+        sqlx::query(self.sql.marks.behind.clone())
+            .bind(partition)
+            .bind(stream)
+            .bind(held)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The marks of streams found behind.
+    pub(crate) async fn marks_lost(&self) -> Result<Vec<StreamMark>, EventError> {
+        let rows = sqlx::query(self.sql.marks.lost.clone()).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(StreamMark::from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Asks the relays to send what their streams lost again; returns the marks asked.
+    pub(crate) async fn marks_request(&self) -> Result<u64, EventError> {
+        Ok(sqlx::query(self.sql.marks.request.clone()).execute(&self.pool).await?.rows_affected())
     }
 
     pub(crate) async fn oldest_write(&self) -> Result<Option<RunningTransaction>, EventError> {

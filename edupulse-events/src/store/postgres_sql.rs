@@ -39,6 +39,7 @@ pub(crate) struct Queries {
     pub(crate) state: StateSql,
     pub(crate) relay: RelaySql,
     pub(crate) parked: ParkedSql,
+    pub(crate) marks: MarksSql,
     pub(crate) status: StatusSql,
 }
 
@@ -51,6 +52,7 @@ impl Queries {
             state: StateSql::new(&s),
             relay: RelaySql::new(&s),
             parked: ParkedSql::new(&s),
+            marks: MarksSql::new(&s),
             status: StatusSql::new(&s),
         }
     }
@@ -332,6 +334,49 @@ impl ParkedSql {
 }
 
 /// What operators ask: migrations, counts, where relays and projections stand.
+/// What the broker's streams acknowledged, per partition (see `StreamMark`).
+pub(crate) struct MarksSql {
+    pub(crate) load: SqlStr,
+    pub(crate) save: SqlStr,
+    pub(crate) behind: SqlStr,
+    pub(crate) lost: SqlStr,
+    pub(crate) request: SqlStr,
+}
+
+const MARK_COLUMNS: &str = "partition, stream, sequence, behind_since, held_sequence, repair_requested";
+
+impl MarksSql {
+    fn new(s: &str) -> Self {
+        Self {
+            load: sql(format!(
+                "SELECT {MARK_COLUMNS} FROM {s}.relay_stream_marks WHERE partition = ANY($1) \
+                 ORDER BY partition, stream"
+            )),
+            save: sql(format!(
+                "INSERT INTO {s}.relay_stream_marks (partition, stream, sequence) \
+                 SELECT * FROM unnest($1::int4[], $2::text[], $3::int8[]) \
+                 ON CONFLICT (partition, stream) DO UPDATE SET sequence = excluded.sequence, updated_at = now()"
+            )),
+            // A held sequence marks the stream behind (since the first time); none clears it.
+            behind: sql(format!(
+                "UPDATE {s}.relay_stream_marks SET \
+                     behind_since = CASE WHEN $3::int8 IS NULL THEN NULL ELSE coalesce(behind_since, now()) END, \
+                     held_sequence = $3, repair_requested = repair_requested AND $3::int8 IS NOT NULL, \
+                     updated_at = now() \
+                 WHERE partition = $1 AND stream = $2"
+            )),
+            lost: sql(format!(
+                "SELECT {MARK_COLUMNS} FROM {s}.relay_stream_marks WHERE behind_since IS NOT NULL \
+                 ORDER BY stream, partition"
+            )),
+            request: sql(format!(
+                "UPDATE {s}.relay_stream_marks SET repair_requested = true, updated_at = now() \
+                 WHERE behind_since IS NOT NULL"
+            )),
+        }
+    }
+}
+
 pub(crate) struct StatusSql {
     pub(crate) migrations: SqlStr,
     pub(crate) counts: SqlStr,

@@ -21,13 +21,13 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
 };
-use sqlx::{Row, Sqlite};
+use sqlx::{AssertSqlSafe, Row, Sqlite};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use crate::store::PARTITIONS;
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
-use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow};
+use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow, StreamMark};
 use crate::store::migrations::{MigrationFile, migrator};
 use crate::store::row::{PageQuery, StoredRow, stored_row};
 use crate::store::status::{Migrations, PartitionStatus, ProjectionStatus};
@@ -39,7 +39,10 @@ pub(crate) const MIGRATION_FILES: &[MigrationFile] = &[
     (1, "event store", include_str!("../../../migrations/sqlite/0001_event_store.sql")),
     (2, "snapshots", include_str!("../../../migrations/sqlite/0002_snapshots.sql")),
     (3, "delivery from log", include_str!("../../../migrations/sqlite/0003_delivery_from_log.sql")),
+    (4, "relay stream marks", include_str!("../../../migrations/sqlite/0004_relay_stream_marks.sql")),
 ];
+
+const MARK_COLUMNS: &str = "partition, stream, sequence, behind_since, held_sequence, repair_requested";
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATION_FILES));
 
@@ -528,6 +531,78 @@ impl SqliteBackend {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The stream marks of `partitions`.
+    pub(crate) async fn marks_load(&self, partitions: &[i32]) -> Result<Vec<StreamMark>, EventError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {MARK_COLUMNS} FROM relay_stream_marks WHERE partition IN (SELECT value FROM json_each(?1)) \
+             ORDER BY partition, stream"
+        )))
+        .bind(json_list(partitions))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(StreamMark::from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Sets the acknowledged sequences of `(partition, stream)`s.
+    pub(crate) async fn marks_save(&self, marks: &[(i32, &str, i64)]) -> Result<(), EventError> {
+        let mut tx = self.begin().await?;
+        for (partition, stream, sequence) in marks {
+            sqlx::query(
+                "INSERT INTO relay_stream_marks (partition, stream, sequence) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (partition, stream) DO UPDATE SET sequence = excluded.sequence, \
+                     updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            )
+            .bind(partition)
+            .bind(stream)
+            .bind(sequence)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks a partition's stream behind (holding up to `held`), or clears it (`None`).
+    pub(crate) async fn marks_behind(
+        &self,
+        partition: i32,
+        stream: &str,
+        held: Option<i64>,
+    ) -> Result<(), EventError> {
+        sqlx::query(
+            "UPDATE relay_stream_marks SET \
+                 behind_since = CASE WHEN ?3 IS NULL THEN NULL ELSE coalesce(behind_since, ?4) END, \
+                 held_sequence = ?3, repair_requested = repair_requested AND ?3 IS NOT NULL, updated_at = ?4 \
+             WHERE partition = ?1 AND stream = ?2",
+        )
+        .bind(partition)
+        .bind(stream)
+        .bind(held)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The marks of streams found behind.
+    pub(crate) async fn marks_lost(&self) -> Result<Vec<StreamMark>, EventError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {MARK_COLUMNS} FROM relay_stream_marks WHERE behind_since IS NOT NULL ORDER BY stream, partition"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(StreamMark::from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Asks the relays to send what their streams lost again; returns the marks asked.
+    pub(crate) async fn marks_request(&self) -> Result<u64, EventError> {
+        let done =
+            sqlx::query("UPDATE relay_stream_marks SET repair_requested = 1 WHERE behind_since IS NOT NULL")
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
     }
 
     pub(crate) async fn relay_lag(&self) -> Result<RelayLagRow, EventError> {

@@ -1,0 +1,70 @@
+//! What a JetStream stream still holds: its messages' event ids, read with an ordered
+//! consumer that carries headers only, for a relay repairing a stream that lost messages.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
+use futures_util::StreamExt;
+use uuid::Uuid;
+
+use crate::broker::publisher::AggregateFilter;
+use crate::event::wire::headers;
+use crate::{BrokerErrorKind, EventError};
+
+/// How long the scan waits for the next message before it gives up.
+const STALL: Duration = Duration::from_secs(10);
+
+/// The event ids of the messages of `stream` up to sequence `last` whose aggregate `wanted`
+/// chooses, in stream order. Messages without the `Edupulse-*` headers (not the relay's)
+/// are passed over.
+pub(crate) async fn scan(
+    js: &jetstream::Context,
+    stream: &str,
+    last: u64,
+    wanted: AggregateFilter<'_>,
+) -> Result<Vec<Uuid>, EventError> {
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        EventError::broker_message(
+            BrokerErrorKind::Unavailable,
+            format!("cannot read stream {stream}: {what}: {e}"),
+        )
+    };
+    let found = js.get_stream(stream).await.map_err(|e| unavailable("no stream", &e))?;
+    let first = found.cached_info().state.first_sequence;
+    let mut held = Vec::new();
+    if last == 0 || first == 0 || first > last {
+        return Ok(held);
+    }
+    let config = OrderedConfig {
+        headers_only: true,
+        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: first },
+        ..OrderedConfig::default()
+    };
+    let consumer = found.create_consumer(config).await.map_err(|e| unavailable("no consumer", &e))?;
+    let mut messages = consumer.messages().await.map_err(|e| unavailable("no messages", &e))?;
+    loop {
+        let next = tokio::time::timeout(STALL, messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(unavailable("read failed", &e)),
+            Ok(None) => break,
+            Err(_) => return Err(unavailable("stalled", &format!("no message for {STALL:?}"))),
+        };
+        let sequence = message.info().map_err(|e| unavailable("no sequence", &e))?.stream_sequence;
+        if sequence > last {
+            break;
+        }
+        let header = |name: &str| {
+            message.headers.as_ref().and_then(|h| h.get(name)).and_then(|v| Uuid::parse_str(v.as_str()).ok())
+        };
+        if let (Some(event_id), Some(aggregate_id)) = (header(headers::MSG_ID), header(headers::AGGREGATE_ID))
+            && wanted(aggregate_id)
+        {
+            held.push(event_id);
+        }
+        if sequence >= last {
+            break;
+        }
+    }
+    Ok(held)
+}

@@ -1,0 +1,315 @@
+//! Lost messages: a relay checks that the broker's streams still hold what they
+//! acknowledged, and sends again what one lost.
+//!
+//! Per partition and stream, the relay keeps the highest stream sequence acknowledged for an
+//! event of the partition (a *mark*, saved with the checkpoints). A stream whose last
+//! sequence is below a mark lost acknowledged messages: it was deleted, restored from an
+//! older copy, or it is a single server's stream that lost power before syncing (see the
+//! README's durability guide). A new acknowledgement at or below a mark says the same. The
+//! relay checks when it takes partitions, after each reconnection to the broker, and every
+//! [`RelayConfig::stream_check_interval`](crate::RelayConfig::stream_check_interval).
+//!
+//! A partition found behind is not published any more (its later events would land before
+//! the lost ones), and the store records it ([`RelayLag::lost`](crate::RelayLag::lost),
+//! `edupulse status`). When asked (`edupulse republish --lost`,
+//! [`EventStore::request_republish_lost`](crate::EventStore::request_republish_lost)) or on
+//! its own ([`RelayConfig::republish_lost`](crate::RelayConfig::republish_lost)), the relay
+//! reads which of the partition's events the stream still holds (an ordered consumer,
+//! headers only), and resends, in log order, every event of the partition up to its
+//! checkpoint that comes after the oldest one the stream holds and is not held: what the
+//! stream lost, and nothing it expired by its own limits. Then the partition flows again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::broker::{PublishReceipt, Publisher};
+use crate::delivery::message;
+use crate::event::wire::OutgoingMessage;
+use crate::store::backend::Lease;
+use crate::store::log::{LogRow, Page};
+use crate::store::{StreamMark, StreamPosition};
+use crate::{BrokerErrorKind, EventError};
+
+/// What one (partition, stream) was acknowledged, and whether the stream lost some of it.
+#[derive(Debug, Clone, Default)]
+struct Mark {
+    acknowledged: u64,
+    saved: u64,
+    /// The stream's last sequence when it was found behind.
+    behind: Option<u64>,
+    /// Behind as last recorded in the store.
+    recorded_behind: Option<u64>,
+    repair_requested: bool,
+}
+
+/// The marks of the partitions a relay holds.
+#[derive(Debug, Default)]
+pub(crate) struct StreamWatch {
+    marks: HashMap<(i32, Arc<str>), Mark>,
+    last_check: Option<Instant>,
+    /// The broker connection's epoch at the last check.
+    epoch: Option<u64>,
+    /// The last check that the broker did not answer: the next waits a second.
+    last_failure: Option<Instant>,
+}
+
+/// How long after a check the broker did not answer the next is tried.
+const RETRY_CHECK: Duration = Duration::from_secs(1);
+
+impl StreamWatch {
+    /// Adds the marks of partitions just taken, and asks for a check.
+    pub(crate) fn load(&mut self, marks: Vec<StreamMark>) {
+        for m in marks {
+            let acknowledged = u64::try_from(m.acknowledged).unwrap_or(0);
+            let behind =
+                m.behind_since.map(|_| m.held_sequence.and_then(|h| u64::try_from(h).ok()).unwrap_or(0));
+            let mark = Mark {
+                acknowledged,
+                saved: acknowledged,
+                behind,
+                recorded_behind: behind,
+                repair_requested: m.repair_requested,
+            };
+            self.marks.insert((m.partition, Arc::from(m.stream.as_str())), mark);
+        }
+        self.last_check = None;
+    }
+
+    /// Forgets every mark (the partitions were let go).
+    pub(crate) fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Whether a check is due: never checked, a new connection, or the interval passed.
+    pub(crate) fn due(&self, epoch: u64, interval: Duration) -> bool {
+        let wanted = self.epoch != Some(epoch) || self.last_check.is_none_or(|at| at.elapsed() >= interval);
+        wanted && self.last_failure.is_none_or(|at| at.elapsed() >= RETRY_CHECK)
+    }
+
+    /// Partitions not to publish: a stream of theirs lost messages.
+    pub(crate) fn behind(&self) -> HashSet<i32> {
+        self.marks.iter().filter(|(_, m)| m.behind.is_some()).map(|((p, _), _)| *p).collect()
+    }
+
+    /// Records an acknowledgement for an event of `partition`. A new message stored at or
+    /// below the mark means the stream went back: the partition is behind.
+    pub(crate) fn acknowledged(&mut self, partition: i32, receipt: &PublishReceipt) {
+        let Some(stream) = &receipt.stream else { return };
+        let key = (partition, stream.clone());
+        let mark = self.marks.entry(key).or_default();
+        if !receipt.duplicate && receipt.stream_sequence <= mark.acknowledged && mark.behind.is_none() {
+            tracing::error!(
+                partition,
+                stream = &**stream,
+                acknowledged = mark.acknowledged,
+                stored_at = receipt.stream_sequence,
+                "relay: the stream went back: it stored a new message at or below a sequence it had \
+                 acknowledged; the partition is held until what it lost is sent again \
+                 (`edupulse republish --lost`)"
+            );
+            mark.behind = Some(receipt.stream_sequence.saturating_sub(1));
+        }
+        mark.acknowledged = mark.acknowledged.max(receipt.stream_sequence);
+    }
+
+    /// The marks whose acknowledged sequence moved since they were saved.
+    pub(crate) fn unsaved(&self) -> Vec<(i32, Arc<str>, i64)> {
+        self.marks
+            .iter()
+            .filter(|(_, m)| m.acknowledged != m.saved)
+            .map(|((p, s), m)| (*p, s.clone(), i64::try_from(m.acknowledged).unwrap_or(i64::MAX)))
+            .collect()
+    }
+
+    /// Records that `unsaved` marks were saved.
+    pub(crate) fn saved(&mut self, saved: &[(i32, Arc<str>, i64)]) {
+        for (p, s, sequence) in saved {
+            if let Some(mark) = self.marks.get_mut(&(*p, s.clone())) {
+                mark.saved = u64::try_from(*sequence).unwrap_or(0);
+            }
+        }
+    }
+
+    /// The streams the marks name.
+    fn streams(&self) -> Vec<Arc<str>> {
+        let mut streams: Vec<Arc<str>> = self.marks.keys().map(|(_, s)| s.clone()).collect();
+        streams.sort();
+        streams.dedup();
+        streams
+    }
+
+    /// Compares each stream's last sequence with the marks; records partitions found
+    /// behind in the store. Broker failures leave the check due.
+    pub(crate) async fn check(
+        &mut self,
+        publisher: &dyn Publisher,
+        lease: &mut Lease,
+        partitions: &[i32],
+    ) -> Result<(), EventError> {
+        let epoch = publisher.connection_epoch();
+        for stream in self.streams() {
+            let last = match publisher.stream_state(&stream).await {
+                Ok(state) => state.map_or(0, |s| s.last_sequence),
+                Err(e) => {
+                    tracing::debug!(stream = &*stream, error = %e, "relay: cannot check the stream; later");
+                    self.last_failure = Some(Instant::now());
+                    return Ok(());
+                }
+            };
+            for ((partition, s), mark) in &mut self.marks {
+                if *s == stream && mark.behind.is_none() && mark.acknowledged > last {
+                    tracing::error!(
+                        partition,
+                        stream = &*stream,
+                        acknowledged = mark.acknowledged,
+                        held = last,
+                        "relay: the stream lost messages it acknowledged (deleted, restored from an older \
+                         copy, or a server that lost power before syncing); the partition is held until \
+                         they are sent again (`edupulse republish --lost`)"
+                    );
+                    mark.behind = Some(last);
+                }
+            }
+        }
+        // Record what changed, and read back whether an operator asked for a repair.
+        for ((partition, stream), mark) in &mut self.marks {
+            if mark.behind != mark.recorded_behind {
+                let held = mark.behind.map(|h| i64::try_from(h).unwrap_or(i64::MAX));
+                lease.mark_behind(*partition, stream, held).await?;
+                mark.recorded_behind = mark.behind;
+            }
+        }
+        if self.marks.values().any(|m| m.behind.is_some()) {
+            for m in lease.marks(partitions).await? {
+                if let Some(mark) = self.marks.get_mut(&(m.partition, Arc::from(m.stream.as_str()))) {
+                    mark.repair_requested = m.repair_requested;
+                }
+            }
+        }
+        self.epoch = Some(epoch);
+        self.last_check = Some(Instant::now());
+        self.last_failure = None;
+        Ok(())
+    }
+
+    /// The (partition, stream) pairs to repair now: behind, and asked to (or `always`).
+    pub(crate) fn to_repair(&self, always: bool) -> Vec<(i32, Arc<str>)> {
+        let mut pairs: Vec<(i32, Arc<str>)> = self
+            .marks
+            .iter()
+            .filter(|(_, m)| m.behind.is_some() && (always || m.repair_requested))
+            .map(|((p, s), _)| (*p, s.clone()))
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    /// After a repair of `partition` on `stream`: the stream holds everything again, up to
+    /// `acknowledged`.
+    pub(crate) async fn repaired(
+        &mut self,
+        lease: &mut Lease,
+        partition: i32,
+        stream: &Arc<str>,
+        acknowledged: u64,
+    ) -> Result<(), EventError> {
+        let sequence = i64::try_from(acknowledged).unwrap_or(i64::MAX);
+        lease.save_marks(&[(partition, stream, sequence)]).await?;
+        lease.mark_behind(partition, stream, None).await?;
+        if let Some(mark) = self.marks.get_mut(&(partition, stream.clone())) {
+            *mark = Mark { acknowledged, saved: acknowledged, ..Mark::default() };
+        }
+        Ok(())
+    }
+}
+
+/// What a repair sent.
+pub(crate) struct Resent {
+    /// Events sent again (acknowledged).
+    pub(crate) events: u64,
+    /// The highest stream sequence acknowledged for them (or the stream's last sequence).
+    pub(crate) acknowledged: u64,
+}
+
+/// A partition whose stream lost messages, as a repair reads it.
+pub(crate) struct Loss<'a> {
+    pub(crate) partition: i32,
+    /// The partition's checkpoint: what was acknowledged.
+    pub(crate) checkpoint: StreamPosition,
+    /// The event ids the stream holds, of the partition's aggregates.
+    pub(crate) held: &'a HashSet<Uuid>,
+    /// The stream's last sequence.
+    pub(crate) held_up_to: u64,
+    /// Parked aggregates, and the position of their first parked event.
+    pub(crate) parked: &'a HashMap<Uuid, i64>,
+}
+
+/// Sends again the events of the partition, up to its checkpoint, that come after the
+/// oldest one the stream holds and are not held; all of them when it holds none. Parked
+/// events were never in the stream and stay parked. In log order, `batch` (rows, bytes) at
+/// a time; an aggregate's events one acknowledgement apart (the [`Publisher`] contract).
+///
+/// # Errors
+/// [`EventError::Database`]; [`EventError::Broker`] when an event is not acknowledged (the
+/// repair is tried again at the next check; what was sent is dropped as duplicates).
+pub(crate) async fn resend(
+    lease: &mut Lease,
+    publisher: &dyn Publisher,
+    loss: Loss<'_>,
+    batch: (i64, usize),
+) -> Result<Resent, EventError> {
+    let Loss { partition, checkpoint, held, held_up_to, parked } = loss;
+    let mut after = StreamPosition::default();
+    // Until the oldest held event is met, events are older than what the stream keeps (or
+    // the stream holds none of the partition's: then everything is sent).
+    let mut started = held.is_empty();
+    let mut resent = Resent { events: 0, acknowledged: held_up_to };
+    loop {
+        let Page { rows, .. } = lease.page(after, batch.0, batch.1, &[partition]).await?;
+        let Some(last) = rows.last().map(position) else { break };
+        after = last;
+        let mut messages: Vec<OutgoingMessage> = Vec::new();
+        let mut done = false;
+        for LogRow { subject, row, .. } in rows {
+            if position_row(&row) > checkpoint {
+                done = true;
+                break;
+            }
+            if held.contains(&row.event_id) {
+                started = true;
+                continue;
+            }
+            let is_parked = parked.get(&row.aggregate_id).is_some_and(|head| *head <= row.global_position);
+            if started && !is_parked {
+                messages.push(message::outgoing(row, subject)?);
+            }
+        }
+        if !messages.is_empty() {
+            for outcome in publisher.publish(&messages).await {
+                let receipt = outcome.map_err(|e| {
+                    EventError::broker_message(
+                        BrokerErrorKind::Other,
+                        format!("resending what the stream lost stopped: {e}"),
+                    )
+                })?;
+                resent.events += 1;
+                resent.acknowledged = resent.acknowledged.max(receipt.stream_sequence);
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    Ok(resent)
+}
+
+fn position(row: &LogRow) -> StreamPosition {
+    position_row(&row.row)
+}
+
+fn position_row(row: &crate::store::row::StoredRow) -> StreamPosition {
+    StreamPosition { transaction_id: row.transaction_id, global_position: row.global_position }
+}

@@ -1,0 +1,199 @@
+//! The broker's durability (issue 16): what nats-server keeps after a SIGKILL right after it
+//! acknowledged, alone and as a cluster's stream leader; and what the relay does when a
+//! stream lost messages it had acknowledged (restored from an older copy, deleted): it finds
+//! it, holds the partitions, reports them, and sends what was lost again (on request, or on
+//! its own), in order, without duplicates. Against real PostgreSQL and nats-server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::nats::{self, NatsCluster, NatsServer, STREAM, stream_messages};
+use common::{counted, store};
+use edupulse_events::{
+    EventStore, ExpectedSequence, LogRelay, NatsConfig, NatsPublisher, RelayConfig, StreamSpec, Uuid,
+};
+
+/// Appends `per` events to each of `aggregates`, numbered from `from`.
+async fn commit(store: &EventStore, aggregates: &[Uuid], from: u64, per: u64) {
+    for id in aggregates {
+        let events: Vec<_> = (from..from + per).map(counted).collect();
+        store.append("course", *id, ExpectedSequence::Any, events).await.unwrap();
+    }
+}
+
+/// Every message of the test stream: `(aggregate id, sequence)` in stream order, and the
+/// count of each event id.
+async fn stream_of(publisher: &NatsPublisher) -> (Vec<(String, i64)>, HashMap<String, usize>) {
+    let mut order = Vec::new();
+    let mut ids = HashMap::new();
+    for m in stream_messages(publisher).await {
+        order.push((m.wire.aggregate_id.to_string(), m.wire.sequence));
+        *ids.entry(m.event_id).or_default() += 1;
+    }
+    (order, ids)
+}
+
+/// Asserts each aggregate's events are in the stream exactly once, as 1..=n in order.
+fn assert_complete(order: &[(String, i64)], ids: &HashMap<String, usize>, aggregates: &[Uuid], n: i64) {
+    assert!(ids.values().all(|c| *c == 1), "duplicates in the stream: {ids:?}");
+    for id in aggregates {
+        let seen: Vec<i64> = order.iter().filter(|(a, _)| *a == id.to_string()).map(|(_, s)| *s).collect();
+        assert_eq!(seen, (1..=n).collect::<Vec<_>>(), "aggregate {id}: its events in the stream");
+    }
+}
+
+/// Runs relay passes until `expected` events are in the stream (the horizon may hold some
+/// back for a moment: other tests share the database).
+async fn publish_until(relay: &LogRelay, publisher: &NatsPublisher, expected: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        relay.run_once().await.unwrap();
+        let held = stream_messages(publisher).await.len();
+        if held >= expected {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{held} of {expected} events published after 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn aggregates(n: usize) -> Vec<Uuid> {
+    (0..n).map(|_| Uuid::now_v7()).collect()
+}
+
+fn relay(store: &EventStore, publisher: &NatsPublisher, config: RelayConfig) -> LogRelay {
+    LogRelay::new(store.clone(), Arc::new(publisher.clone()), config)
+}
+
+#[tokio::test]
+async fn a_server_killed_right_after_acknowledging_keeps_every_acknowledged_message() {
+    let store = store().await;
+    let mut server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let ids = aggregates(20);
+    commit(&store, &ids, 0, 10).await;
+    common::until_readable(&store, 200).await;
+    let pass = relay(&store, &publisher, RelayConfig::default()).run_once().await.unwrap();
+    assert_eq!(pass.published, 200);
+    // The acknowledgements are back: SIGKILL at once, before any sync of the store.
+    server.kill().await;
+    server.restart().await;
+    let publisher = nats::publisher(&server).await;
+    let (order, seen) = stream_of(&publisher).await;
+    assert_complete(&order, &seen, &ids, 10);
+    // Nothing was lost, so nothing is reported.
+    relay(&store, &publisher, RelayConfig::default()).run_once().await.unwrap();
+    assert!(store.relay_lag().await.unwrap().lost.is_empty());
+}
+
+#[tokio::test]
+async fn a_cluster_stream_leader_killed_right_after_acknowledging_loses_nothing() {
+    let store = store().await;
+    let mut cluster = NatsCluster::start().await;
+    let config = NatsConfig::default().with_ack_timeout(Duration::from_secs(2));
+    let publisher = NatsPublisher::connect(&cluster.url(), config).await.unwrap();
+    let spec = StreamSpec::new(STREAM, ["courses.>"]).with_replicas(3);
+    publisher.ensure_stream(&spec).await.unwrap();
+    let ids = aggregates(20);
+    commit(&store, &ids, 0, 10).await;
+    common::until_readable(&store, 200).await;
+    let relay = relay(&store, &publisher, RelayConfig::default());
+    let pass = relay.run_once().await.unwrap();
+    assert_eq!(pass.published, 200);
+    let leader = cluster.leader_of(STREAM).await.expect("the stream has a leader");
+    cluster.nodes[leader].kill().await;
+    // The two others elect a leader that has every acknowledged message, and take more.
+    commit(&store, &ids, 10, 5).await;
+    common::until_readable(&store, 300).await;
+    publish_until(&relay, &publisher, 300).await;
+    cluster.nodes[leader].restart().await;
+    let (order, seen) = stream_of(&publisher).await;
+    assert_complete(&order, &seen, &ids, 15);
+    assert!(store.relay_lag().await.unwrap().lost.is_empty());
+}
+
+/// Copies a stopped server's store directory.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+#[tokio::test]
+async fn a_stream_restored_from_an_older_copy_is_found_held_and_repaired_on_request() {
+    let store = store().await;
+    let mut server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let config = RelayConfig::default().with_stream_check_interval(Duration::from_millis(100));
+    let ids = aggregates(8);
+    // A: published, then the server's store is copied (a backup).
+    commit(&store, &ids, 0, 5).await;
+    common::until_readable(&store, 40).await;
+    publish_until(&relay(&store, &publisher, config.clone()), &publisher, 40).await;
+    server.kill().await;
+    let backup = server.dir().with_extension("backup");
+    copy_dir(server.dir(), &backup);
+    server.restart().await;
+    // B: published and acknowledged, then the older copy is restored: B is lost.
+    let publisher = nats::publisher(&server).await;
+    commit(&store, &ids, 5, 5).await;
+    common::until_readable(&store, 80).await;
+    publish_until(&relay(&store, &publisher, config.clone()), &publisher, 80).await;
+    server.kill().await;
+    std::fs::remove_dir_all(server.dir()).unwrap();
+    std::fs::rename(&backup, server.dir()).unwrap();
+    server.restart().await;
+    let publisher = nats::publisher(&server).await;
+    assert_eq!(stream_messages(&publisher).await.len(), 40, "the restored stream holds A only");
+
+    // C: committed after the loss. The relay finds the stream behind, holds the partitions
+    // (C would land before the lost B) and reports them.
+    commit(&store, &ids, 10, 2).await;
+    common::until_readable(&store, 96).await;
+    let relay = relay(&store, &publisher, config);
+    relay.run_once().await.unwrap();
+    let lag = store.relay_lag().await.unwrap();
+    let partitions: std::collections::HashSet<i32> =
+        ids.iter().map(|id| (id.as_u128() % 64) as i32).collect();
+    let reported: std::collections::HashSet<i32> = lag.lost.iter().map(|m| m.partition).collect();
+    assert_eq!(reported, partitions, "every partition of the lost events is reported: {:?}", lag.lost);
+    assert!(
+        lag.lost.iter().all(|m| m.stream == STREAM && m.held_sequence == Some(40) && m.acknowledged > 40)
+    );
+    assert_eq!(lag.pending, 16, "C waits (B is past the checkpoints: lost, not pending): {lag:?}");
+    assert_eq!(stream_messages(&publisher).await.len(), 40, "nothing newer went out");
+
+    // Asked to, the relay sends B again, then C: every event once, each aggregate in order.
+    assert_eq!(store.request_republish_lost().await.unwrap(), lag.lost.len() as u64);
+    publish_until(&relay, &publisher, 96).await;
+    let (order, seen) = stream_of(&publisher).await;
+    assert_eq!(order.len(), 96);
+    assert_complete(&order, &seen, &ids, 12);
+    let lag = store.relay_lag().await.unwrap();
+    assert!(lag.lost.is_empty() && lag.pending == 0, "{lag:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_stream_is_refilled_by_a_relay_that_republishes_lost_messages_itself() {
+    let store = store().await;
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let config = RelayConfig::default().with_republish_lost(true);
+    let ids = aggregates(6);
+    commit(&store, &ids, 0, 4).await;
+    common::until_readable(&store, 24).await;
+    let relay = relay(&store, &publisher, config);
+    publish_until(&relay, &publisher, 24).await;
+    // The stream is deleted and made again, empty.
+    publisher.jetstream().delete_stream(STREAM).await.unwrap();
+    let publisher = nats::publisher(&server).await;
+    commit(&store, &ids, 4, 3).await;
+    common::until_readable(&store, 42).await;
+    publish_until(&relay, &publisher, 42).await;
+    let (order, seen) = stream_of(&publisher).await;
+    assert_eq!(order.len(), 42);
+    assert_complete(&order, &seen, &ids, 7);
+    assert!(store.relay_lag().await.unwrap().lost.is_empty());
+}
