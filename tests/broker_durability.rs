@@ -153,8 +153,16 @@ async fn a_stream_restored_from_an_older_copy_is_found_held_and_repaired_on_requ
     commit(&store, &ids, 10, 2).await;
     common::until_readable(&store, 96).await;
     let relay = relay(&store, &publisher, config);
-    relay.run_once().await.unwrap();
-    let lag = store.relay_lag().await.unwrap();
+    // Two looks a second apart find it behind.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let lag = loop {
+        relay.run_once().await.unwrap();
+        let lag = store.relay_lag().await.unwrap();
+        if !lag.lost.is_empty() || tokio::time::Instant::now() > deadline {
+            break lag;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let partitions: std::collections::HashSet<i32> =
         ids.iter().map(|id| (id.as_u128() % 64) as i32).collect();
     let reported: std::collections::HashSet<i32> = lag.lost.iter().map(|m| m.partition).collect();

@@ -11,8 +11,8 @@ use common::nats::{self, NatsServer, stream_messages};
 use common::{CourseEvent, LessonPublished, counted, store};
 use edupulse_events::wire::{OutgoingMessage, decode_message, headers};
 use edupulse_events::{
-    BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, LogRelay, Metadata, NatsConfig,
-    NatsPublisher, PublishReceipt, Publisher, RelayConfig, Requeue, Uuid,
+    AggregateFilter, BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, LogRelay,
+    Metadata, NatsConfig, NatsPublisher, PublishReceipt, Publisher, RelayConfig, Requeue, StreamState, Uuid,
 };
 use futures_util::StreamExt;
 
@@ -280,6 +280,23 @@ struct DiesMidBatch {
 }
 
 impl Publisher for DiesMidBatch {
+    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
+        self.inner.stream_state(stream)
+    }
+
+    fn held_events<'a>(
+        &'a self,
+        stream: &'a str,
+        last: u64,
+        wanted: AggregateFilter<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
+        self.inner.held_events(stream, last, wanted)
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        self.inner.connection_epoch()
+    }
+
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],

@@ -8,8 +8,9 @@ use std::time::Duration;
 use common::{CourseEvent, LessonPublished, counted};
 use edupulse_events::wire::{OutgoingMessage, decode_message};
 use edupulse_events::{
-    Backends, BoxFuture, BusConfig, EventBus, EventError, EventStore, InMemoryBroker, LogRelay,
-    PublishReceipt, Publisher, RelayConfig, Requeue, StoreConfig, StreamPosition, StreamSpec, Uuid,
+    AggregateFilter, Backends, BoxFuture, BusConfig, EventBus, EventError, EventStore, InMemoryBroker,
+    LogRelay, PublishReceipt, Publisher, RelayConfig, Requeue, StoreConfig, StreamPosition, StreamSpec,
+    StreamState, Uuid,
 };
 use futures_util::StreamExt;
 use tokio::sync::Barrier;
@@ -492,6 +493,23 @@ struct Batches {
 }
 
 impl Publisher for Batches {
+    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
+        self.inner.stream_state(stream)
+    }
+
+    fn held_events<'a>(
+        &'a self,
+        stream: &'a str,
+        last: u64,
+        wanted: AggregateFilter<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
+        self.inner.held_events(stream, last, wanted)
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        self.inner.connection_epoch()
+    }
+
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],

@@ -6,7 +6,8 @@
 //! `cargo bench -p edupulse-events-bench --bench loadgen -- [--quick] [--fresh] [--only NAME]`. Each table's
 //! title says whether the server syncs its WAL (`scripts/bench.sh --fsync off` starts one that
 //! does not).
-//! Scenarios: `append`, `publish`, `relay`, `replay`, `wake`.
+//! Scenarios: `append`, `publish`, `relay`, `replay`, `wake`, `consume`, and `durability`
+//! (run once per broker setting: see `bench_durability`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -580,6 +581,97 @@ async fn bench_relay(env: &Env) -> Result<()> {
     drop_store(&store).await
 }
 
+/// One row of the durability guide's table, for the broker `NATS_URL` points at (one
+/// server, one with `sync_interval: always`, or a cluster with `BENCH_REPLICAS=3`; named by
+/// `BENCH_BROKER`): raw JetStream publishing pipelined and one message at a time, the relay
+/// draining a backlog, beside PostgreSQL's bare commit (a multi-row INSERT per commit) at 8
+/// committers × 1 event and 64 × 10, in the same run.
+async fn bench_durability(env: &Env) -> Result<()> {
+    let replicas: usize = std::env::var("BENCH_REPLICAS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let label = std::env::var("BENCH_BROKER").unwrap_or_else(|_| format!("R{replicas}"));
+    let total: u64 = if env.quick { 10_000 } else { 30_000 };
+    let publisher = NatsPublisher::connect(&env.nats_url, NatsConfig::default()).await?;
+    for old in ["BENCH", "BENCH_DUR"] {
+        let _ = publisher.jetstream().delete_stream(old).await;
+    }
+    publisher.ensure_stream(&StreamSpec::new("BENCH_DUR", ["bench.>"]).with_replicas(replicas)).await?;
+    let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
+    let body = serde_json::to_vec(&envelope)?;
+    let js = publisher.jetstream().clone();
+
+    // Raw JetStream, pipelined (5 000 acknowledgements outstanding).
+    let started = Instant::now();
+    let mut acks = std::collections::VecDeque::new();
+    for _ in 0..total {
+        acks.push_back(js.send_publish("bench.Raw", raw_message(&body)).await?);
+        if acks.len() >= 5_000
+            && let Some(ack) = acks.pop_front()
+        {
+            ack.await?;
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    let pipelined = rate(total, started.elapsed());
+    // Raw JetStream, one message at a time: the acknowledgement's latency.
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    for _ in 0..1_000 {
+        let t = Instant::now();
+        js.send_publish("bench.Raw", raw_message(&body)).await?.await?;
+        latencies.push(t.elapsed());
+    }
+    let one_at_a_time = rate(1_000, started.elapsed());
+    latencies.sort();
+
+    // The relay draining a backlog of `total` events over 1 000 aggregates.
+    let store = fresh_store(env, 10).await?;
+    backlog(&store, Arc::new(publisher.clone()), total, 1_000).await?;
+    let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), RelayConfig::default());
+    let started = Instant::now();
+    let mut published = 0;
+    while published < total {
+        published += relay.run_once().await?.published;
+    }
+    let drain = rate(total, started.elapsed());
+
+    // PostgreSQL's bare commit, the rate a service commits events at.
+    let pool = pg_pool(&store)?;
+    let table = raw_table(&pool, store.config().schema.as_str()).await?;
+    let mut bare = Vec::new();
+    for (committers, per_commit) in [(8usize, 1usize), (64, 10)] {
+        let rounds = (6_000 / (committers * per_commit)).max(1);
+        let (pool, table) = (pool.clone(), table.clone());
+        let (rate, _) = run_committers(committers, rounds, per_commit, move |task, round| {
+            let (pool, table) = (pool.clone(), table.clone());
+            async move {
+                let id = Uuid::now_v7();
+                let events: Vec<_> = (0..per_commit as u64).map(|n| tick(id, n)).collect();
+                let _ = (task, round);
+                raw_insert(&pool, &table, id, 0, &events).await
+            }
+        })
+        .await?;
+        bare.push(rate);
+    }
+    println!("\n### Broker durability: {label} ({})\n", fsync_label(env).await?);
+    println!(
+        "| broker | raw publish, pipelined, events/s | raw publish, one at a time, events/s | ack p50 | ack p99 | \
+         relay drain events/s | bare commit 8 × 1 events/s | bare commit 64 × 10 events/s |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {label} | {pipelined:.0} | {one_at_a_time:.0} | {:.2} ms | {:.2} ms | {drain:.0} | {:.0} | {:.0} |",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        bare[0],
+        bare[1]
+    );
+    let _ = publisher.jetstream().delete_stream("BENCH_DUR").await;
+    drop_store(&store).await
+}
+
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -909,6 +1001,10 @@ async fn run_scenarios(env: &Env) -> Result<()> {
         }
         if wanted("consume") {
             bench_consume(env).await?;
+        }
+        // Only when asked: its figure is the broker setting's, not the framework's.
+        if env.only.as_deref() == Some("durability") {
+            bench_durability(env).await?;
         }
         Ok(())
     }

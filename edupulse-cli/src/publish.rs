@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use clap::ArgMatches;
 use edupulse_events::wire::OutgoingMessage;
 use edupulse_events::{
-    BoxFuture, EventError, LogRelay, NatsPublisher, PublishReceipt, Publisher, RelayConfig, StreamSpec,
+    AggregateFilter, BoxFuture, EventError, LogRelay, NatsPublisher, PublishReceipt, Publisher, RelayConfig,
+    StreamSpec, StreamState, Uuid,
 };
 
 use crate::connect;
@@ -27,6 +28,23 @@ struct Counting {
 }
 
 impl Publisher for Counting {
+    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
+        self.inner.stream_state(stream)
+    }
+
+    fn held_events<'a>(
+        &'a self,
+        stream: &'a str,
+        last: u64,
+        wanted: AggregateFilter<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
+        self.inner.held_events(stream, last, wanted)
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        self.inner.connection_epoch()
+    }
+
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],

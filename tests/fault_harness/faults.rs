@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edupulse_events::wire::OutgoingMessage;
-use edupulse_events::{BoxFuture, EventError, EventStore, LogRelay, PublishReceipt, Publisher, RelayConfig};
+use edupulse_events::{
+    AggregateFilter, BoxFuture, EventError, EventStore, LogRelay, PublishReceipt, Publisher, RelayConfig,
+    StreamState, Uuid,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -130,6 +133,23 @@ impl Counting {
 }
 
 impl Publisher for Counting {
+    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
+        self.inner.stream_state(stream)
+    }
+
+    fn held_events<'a>(
+        &'a self,
+        stream: &'a str,
+        last: u64,
+        wanted: AggregateFilter<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
+        self.inner.held_events(stream, last, wanted)
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        self.inner.connection_epoch()
+    }
+
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],

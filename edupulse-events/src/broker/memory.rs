@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
-use crate::broker::publisher::{BoxFuture, PublishReceipt, Publisher};
+use crate::broker::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
 use crate::event::subject::validate_filter;
 use crate::event::wire::{DEFAULT_MAX_MESSAGE_BYTES, OutgoingMessage, header_block_len, headers};
 use crate::{BrokerErrorKind, EventError};
@@ -174,6 +175,27 @@ impl Publisher for InMemoryBroker {
         Some(DEFAULT_MAX_MESSAGE_BYTES)
     }
 
+    /// None: the in-process broker's one stream lives and dies with the process.
+    fn stream_state<'a>(
+        &'a self,
+        _stream: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn held_events<'a>(
+        &'a self,
+        _stream: &'a str,
+        _last: u64,
+        _wanted: AggregateFilter<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        0
+    }
+
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
@@ -233,8 +255,8 @@ mod tests {
 
     fn message(id: &str, subject: &str) -> OutgoingMessage {
         OutgoingMessage {
-            event_id: uuid::Uuid::nil(),
-            aggregate_id: uuid::Uuid::nil(),
+            event_id: Uuid::nil(),
+            aggregate_id: Uuid::nil(),
             global_position: 1,
             subject: subject.into(),
             headers: vec![(headers::MSG_ID, id.into())],

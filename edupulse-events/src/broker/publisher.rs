@@ -62,17 +62,19 @@ pub trait Publisher: Send + Sync + 'static {
     /// last sequence is below one of them lost acknowledged messages (deleted, restored
     /// from an older copy, a single server that lost power before syncing).
     ///
+    /// No default: a wrapper around another publisher must forward it, or the relay cannot
+    /// see a stream that lost messages (a broker without streams returns `Ok(None)`).
+    ///
     /// # Errors
     /// [`EventError::Broker`] when the broker does not answer.
-    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
-        let _ = stream;
-        Box::pin(async { Ok(None) })
-    }
+    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>>;
 
     /// The event ids (`Nats-Msg-Id`) of the messages stream `stream` holds up to sequence
     /// `last`, of the aggregates `wanted` chooses, in stream order: what a relay repairing
     /// a stream that lost messages compares with the log. Empty for a broker without
     /// streams.
+    ///
+    /// No default, for the same reason (a broker without streams returns an empty list).
     ///
     /// # Errors
     /// [`EventError::Broker`] when the broker does not answer or the stream is gone.
@@ -81,15 +83,11 @@ pub trait Publisher: Send + Sync + 'static {
         stream: &'a str,
         last: u64,
         wanted: AggregateFilter<'a>,
-    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
-        let _ = (stream, last, wanted);
-        Box::pin(async { Ok(Vec::new()) })
-    }
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>>;
 
     /// A number that changes each time the connection to the broker is made again (0 for
     /// brokers without connections): after a reconnection the relay checks its streams
     /// before it publishes more, since a server that restarted may have lost messages.
-    fn connection_epoch(&self) -> u64 {
-        0
-    }
+    /// No default: a wrapper forwards it.
+    fn connection_epoch(&self) -> u64;
 }

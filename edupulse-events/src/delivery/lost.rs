@@ -9,6 +9,8 @@
 //! relay checks when it takes partitions, after each reconnection to the broker, and every
 //! [`RelayConfig::stream_check_interval`](crate::RelayConfig::stream_check_interval).
 //!
+//! A stream is found behind only by two looks a second apart (a server that has just
+//! restarted may answer before it has loaded its streams).
 //! A partition found behind is not published any more (its later events would land before
 //! the lost ones), and the store records it ([`RelayLag::lost`](crate::RelayLag::lost),
 //! `edupulse status`). When asked (`edupulse republish --lost`,
@@ -37,9 +39,14 @@ use crate::{BrokerErrorKind, EventError};
 #[derive(Debug, Clone, Default)]
 struct Mark {
     acknowledged: u64,
+    /// `acknowledged` when the batch in flight started: a new message of the batch is
+    /// stored above it unless the stream went back (within a batch, an aggregate's next
+    /// message goes after the others' first ones, so sequences do not follow the log).
+    floor: u64,
     saved: u64,
     /// The stream's last sequence when it was found behind.
     behind: Option<u64>,
+
     /// Behind as last recorded in the store.
     recorded_behind: Option<u64>,
     repair_requested: bool,
@@ -59,6 +66,9 @@ pub(crate) struct StreamWatch {
 /// How long after a check the broker did not answer the next is tried.
 const RETRY_CHECK: Duration = Duration::from_secs(1);
 
+/// How long after a stream looked behind it is looked at again.
+const SECOND_LOOK: Duration = Duration::from_secs(1);
+
 impl StreamWatch {
     /// Adds the marks of partitions just taken, and asks for a check.
     pub(crate) fn load(&mut self, marks: Vec<StreamMark>) {
@@ -68,6 +78,7 @@ impl StreamWatch {
                 m.behind_since.map(|_| m.held_sequence.and_then(|h| u64::try_from(h).ok()).unwrap_or(0));
             let mark = Mark {
                 acknowledged,
+                floor: acknowledged,
                 saved: acknowledged,
                 behind,
                 recorded_behind: behind,
@@ -94,17 +105,25 @@ impl StreamWatch {
         self.marks.iter().filter(|(_, m)| m.behind.is_some()).map(|((p, _), _)| *p).collect()
     }
 
+    /// A batch is about to be sent: its new messages must be stored above the marks.
+    pub(crate) fn batch_starts(&mut self) {
+        for mark in self.marks.values_mut() {
+            mark.floor = mark.acknowledged;
+        }
+    }
+
     /// Records an acknowledgement for an event of `partition`. A new message stored at or
-    /// below the mark means the stream went back: the partition is behind.
+    /// below the mark the batch started from means the stream went back: the partition is
+    /// behind.
     pub(crate) fn acknowledged(&mut self, partition: i32, receipt: &PublishReceipt) {
         let Some(stream) = &receipt.stream else { return };
         let key = (partition, stream.clone());
         let mark = self.marks.entry(key).or_default();
-        if !receipt.duplicate && receipt.stream_sequence <= mark.acknowledged && mark.behind.is_none() {
+        if !receipt.duplicate && receipt.stream_sequence <= mark.floor && mark.behind.is_none() {
             tracing::error!(
                 partition,
                 stream = &**stream,
-                acknowledged = mark.acknowledged,
+                acknowledged = mark.floor,
                 stored_at = receipt.stream_sequence,
                 "relay: the stream went back: it stored a new message at or below a sequence it had \
                  acknowledged; the partition is held until what it lost is sent again \
@@ -151,13 +170,36 @@ impl StreamWatch {
     ) -> Result<(), EventError> {
         let epoch = publisher.connection_epoch();
         for stream in self.streams() {
-            let last = match publisher.stream_state(&stream).await {
-                Ok(state) => state.map_or(0, |s| s.last_sequence),
-                Err(e) => {
-                    tracing::debug!(stream = &*stream, error = %e, "relay: cannot check the stream; later");
-                    self.last_failure = Some(Instant::now());
-                    return Ok(());
+            // Two looks a second apart: a server that has just restarted may answer before
+            // it has loaded its streams.
+            let mut last = None;
+            for look in 0..2 {
+                if look > 0 {
+                    tokio::time::sleep(SECOND_LOOK).await;
                 }
+                last = match publisher.stream_state(&stream).await {
+                    Ok(Some(state)) => Some(state.last_sequence),
+                    // No such stream: deleted (nothing can be published until it is made
+                    // again, and then it is found empty), or a server that restarted and has
+                    // not loaded its streams yet. Either way, ask again later.
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::debug!(stream = &*stream, error = %e, "relay: cannot check the stream; later");
+                        None
+                    }
+                };
+                let Some(held) = last else { break };
+                let behind = self
+                    .marks
+                    .iter()
+                    .any(|((_, s), m)| *s == stream && m.behind.is_none() && m.acknowledged > held);
+                if !behind {
+                    break;
+                }
+            }
+            let Some(last) = last else {
+                self.last_failure = Some(Instant::now());
+                return Ok(());
             };
             for ((partition, s), mark) in &mut self.marks {
                 if *s == stream && mark.behind.is_none() && mark.acknowledged > last {
@@ -220,7 +262,7 @@ impl StreamWatch {
         lease.save_marks(&[(partition, stream, sequence)]).await?;
         lease.mark_behind(partition, stream, None).await?;
         if let Some(mark) = self.marks.get_mut(&(partition, stream.clone())) {
-            *mark = Mark { acknowledged, saved: acknowledged, ..Mark::default() };
+            *mark = Mark { acknowledged, floor: acknowledged, saved: acknowledged, ..Mark::default() };
         }
         Ok(())
     }

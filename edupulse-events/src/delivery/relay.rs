@@ -595,6 +595,7 @@ impl<'a> Worker<'a> {
     ) -> PageOutcome {
         let mut page = PageOutcome { parked: Vec::new(), touched: HashSet::new() };
         let (sent, messages) = self.messages_of(rows, start, stops, pass, &mut page);
+        self.streams.batch_starts();
         let outcomes = if messages.is_empty() {
             Vec::new()
         } else {
@@ -940,7 +941,8 @@ impl<'a> Worker<'a> {
         let Some(&checkpoint) = self.checkpoints.get(&partition) else { return Ok(()) };
         let publisher = &*self.relay.publisher;
         let last = match publisher.stream_state(stream).await {
-            Ok(state) => state.map_or(0, |s| s.last_sequence),
+            Ok(Some(state)) => state.last_sequence,
+            Ok(None) => return Ok(()),
             Err(e) => {
                 tracing::warn!(partition, stream = &**stream, error = %e, "relay: repair postponed");
                 return Ok(());
