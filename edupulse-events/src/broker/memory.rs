@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::broker::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
-use crate::event::subject::validate_filter;
+use crate::event::subject::{filter_matches, validate_filter};
 use crate::event::wire::{DEFAULT_MAX_MESSAGE_BYTES, OutgoingMessage, header_block_len, headers};
 use crate::{BrokerErrorKind, EventError};
 
@@ -137,7 +137,7 @@ impl InMemoryBroker {
             )));
         }
         let mut state = self.lock();
-        if state.refusing.as_ref().is_some_and(|filter| matches(filter, &message.subject)) {
+        if state.refusing.as_ref().is_some_and(|filter| filter_matches(filter, &message.subject)) {
             return Err(EventError::refused(format!(
                 "subject {} refused by the in-process broker",
                 message.subject
@@ -162,7 +162,7 @@ impl InMemoryBroker {
             body: message.body.to_vec(),
         };
         state.subscribers.retain(|(filter, sender)| {
-            !matches(filter, &stored.subject) || sender.send(stored.clone()).is_ok()
+            !filter_matches(filter, &stored.subject) || sender.send(stored.clone()).is_ok()
         });
         state.messages.push(stored);
         state.seen.insert(id, (sequence, now));
@@ -220,20 +220,6 @@ impl Publisher for InMemoryBroker {
 }
 
 /// Whether `subject` matches the filter tokens.
-fn matches(filter: &[String], subject: &str) -> bool {
-    let mut tokens = subject.split('.');
-    for (i, f) in filter.iter().enumerate() {
-        if f == ">" {
-            return i + 1 == filter.len() && tokens.next().is_some();
-        }
-        match tokens.next() {
-            Some(t) if f == "*" || f == t => {}
-            _ => return false,
-        }
-    }
-    tokens.next().is_none()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,13 +230,13 @@ mod tests {
 
     #[test]
     fn subject_matching() {
-        assert!(matches(&filter("courses.>"), "courses.LessonPublished"));
-        assert!(matches(&filter("courses.>"), "courses.a.b"));
-        assert!(!matches(&filter("courses.>"), "courses"));
-        assert!(matches(&filter("*.courses.*"), "t1.courses.X"));
-        assert!(!matches(&filter("*.courses.*"), "t1.courses.X.y"));
-        assert!(matches(&filter("a.b"), "a.b"));
-        assert!(!matches(&filter("a.b"), "a.bc"));
+        assert!(filter_matches(&filter("courses.>"), "courses.LessonPublished"));
+        assert!(filter_matches(&filter("courses.>"), "courses.a.b"));
+        assert!(!filter_matches(&filter("courses.>"), "courses"));
+        assert!(filter_matches(&filter("*.courses.*"), "t1.courses.X"));
+        assert!(!filter_matches(&filter("*.courses.*"), "t1.courses.X.y"));
+        assert!(filter_matches(&filter("a.b"), "a.b"));
+        assert!(!filter_matches(&filter("a.b"), "a.bc"));
     }
 
     fn message(id: &str, subject: &str) -> OutgoingMessage {

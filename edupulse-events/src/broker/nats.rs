@@ -362,10 +362,11 @@ impl Publisher for NatsPublisher {
             validate_stream_name(stream)?;
             match self.jetstream.get_stream(stream).await {
                 Ok(found) => {
-                    let state = &found.cached_info().state;
+                    let info = found.cached_info();
                     Ok(Some(StreamState {
-                        first_sequence: state.first_sequence,
-                        last_sequence: state.last_sequence,
+                        first_sequence: info.state.first_sequence,
+                        last_sequence: info.state.last_sequence,
+                        subjects: info.config.subjects.clone(),
                     }))
                 }
                 Err(e) if jetstream_code(e.kind()) == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),

@@ -23,12 +23,14 @@ pub struct PublishReceipt {
 }
 
 /// Where a broker's stream stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamState {
     /// The sequence of the oldest message it holds (0 when empty).
     pub first_sequence: u64,
     /// The sequence of the newest message it stored (0 for a stream that never held one).
     pub last_sequence: u64,
+    /// The subject filters it captures: a repair resends only what this stream would store.
+    pub subjects: Vec<String>,
 }
 
 /// Chooses messages by their aggregate: what [`Publisher::held_events`] keeps.

@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::broker::{PublishReceipt, Publisher};
 use crate::delivery::message;
+use crate::event::subject::filter_matches;
 use crate::event::wire::OutgoingMessage;
 use crate::store::backend::Lease;
 use crate::store::log::{LogRow, Page};
@@ -285,13 +286,15 @@ pub(crate) struct Loss<'a> {
     pub(crate) held: &'a HashSet<Uuid>,
     /// The stream's last sequence.
     pub(crate) held_up_to: u64,
+    /// The stream's subject filters: events on other subjects go to other streams.
+    pub(crate) subjects: Vec<String>,
     /// Parked aggregates, and the position of their first parked event.
     pub(crate) parked: &'a HashMap<Uuid, i64>,
 }
 
-/// Sends again the events of the partition, up to its checkpoint, that come after the
-/// oldest one the stream holds and are not held; all of them when it holds none. Parked
-/// events were never in the stream and stay parked. In log order, `batch` (rows, bytes) at
+/// Sends again the events of the partition, up to its checkpoint, on a subject the stream
+/// captures, that come after the oldest one the stream holds and are not held; all of them
+/// when it holds none. Parked events were never in the stream and stay parked. In log order, `batch` (rows, bytes) at
 /// a time; an aggregate's events one acknowledgement apart (the [`Publisher`] contract).
 ///
 /// # Errors
@@ -303,7 +306,9 @@ pub(crate) async fn resend(
     loss: Loss<'_>,
     batch: (i64, usize),
 ) -> Result<Resent, EventError> {
-    let Loss { partition, checkpoint, held, held_up_to, parked } = loss;
+    let Loss { partition, checkpoint, held, held_up_to, subjects, parked } = loss;
+    let filters: Vec<Vec<&str>> = subjects.iter().map(|f| f.split('.').collect()).collect();
+    let captured = |subject: &str| filters.iter().any(|f| filter_matches(f, subject));
     let mut after = StreamPosition::default();
     // Until the oldest held event is met, events are older than what the stream keeps (or
     // the stream holds none of the partition's: then everything is sent).
@@ -325,7 +330,7 @@ pub(crate) async fn resend(
                 continue;
             }
             let is_parked = parked.get(&row.aggregate_id).is_some_and(|head| *head <= row.global_position);
-            if started && !is_parked {
+            if started && !is_parked && captured(&subject) {
                 messages.push(message::outgoing(row, subject)?);
             }
         }
@@ -354,4 +359,36 @@ fn position(row: &LogRow) -> StreamPosition {
 
 fn position_row(row: &crate::store::row::StoredRow) -> StreamPosition {
     StreamPosition { transaction_id: row.transaction_id, global_position: row.global_position }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receipt(sequence: u64, duplicate: bool) -> PublishReceipt {
+        PublishReceipt { stream_sequence: sequence, duplicate, stream: Some(Arc::from("S")) }
+    }
+
+    #[test]
+    fn a_batch_acknowledged_out_of_log_order_is_not_a_stream_that_went_back() {
+        let mut watch = StreamWatch::default();
+        watch.batch_starts();
+        // Within a batch, an aggregate's second message is stored after others' first ones.
+        for sequence in [1, 3, 2] {
+            watch.acknowledged(7, &receipt(sequence, false));
+        }
+        assert!(watch.behind().is_empty());
+        watch.batch_starts();
+        // A re-send the stream still had keeps its old sequence: not a step back.
+        watch.acknowledged(7, &receipt(2, true));
+        watch.acknowledged(7, &receipt(4, false));
+        assert!(watch.behind().is_empty());
+        assert_eq!(watch.unsaved(), vec![(7, Arc::from("S"), 4)]);
+        // A new message stored at or below what the last batch ended at: the stream went back.
+        watch.batch_starts();
+        watch.acknowledged(7, &receipt(3, false));
+        assert_eq!(watch.behind(), HashSet::from([7]));
+        assert_eq!(watch.to_repair(true), vec![(7, Arc::from("S"))]);
+        assert!(watch.to_repair(false).is_empty(), "only when asked, by default");
+    }
 }

@@ -940,8 +940,8 @@ impl<'a> Worker<'a> {
     async fn repair(&mut self, partition: i32, stream: &Arc<str>) -> Result<(), EventError> {
         let Some(&checkpoint) = self.checkpoints.get(&partition) else { return Ok(()) };
         let publisher = &*self.relay.publisher;
-        let last = match publisher.stream_state(stream).await {
-            Ok(Some(state)) => state.last_sequence,
+        let (last, subjects) = match publisher.stream_state(stream).await {
+            Ok(Some(state)) => (state.last_sequence, state.subjects),
             Ok(None) => return Ok(()),
             Err(e) => {
                 tracing::warn!(partition, stream = &**stream, error = %e, "relay: repair postponed");
@@ -958,7 +958,14 @@ impl<'a> Worker<'a> {
         };
         let batch = (i64::from(self.relay.config.batch_size), self.relay.config.max_batch_bytes);
         let lease = self.lease.as_mut().ok_or_else(no_lease)?;
-        let loss = lost::Loss { partition, checkpoint, held: &held, held_up_to: last, parked: &self.blocked };
+        let loss = lost::Loss {
+            partition,
+            checkpoint,
+            held: &held,
+            held_up_to: last,
+            subjects,
+            parked: &self.blocked,
+        };
         match lost::resend(lease, publisher, loss, batch).await {
             Ok(resent) => {
                 tracing::warn!(

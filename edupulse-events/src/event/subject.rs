@@ -107,6 +107,22 @@ pub const fn all_in_context(subjects: &[&str], context: &str) -> bool {
 }
 
 /// A subscription filter: tokens are non-empty; `*` stands alone; `>` stands alone, last.
+/// Whether NATS subject filter `filter`, split into its tokens, captures `subject`: `*`
+/// matches one token, a last `>` one or more.
+pub(crate) fn filter_matches(filter: &[impl AsRef<str>], subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for (i, f) in filter.iter().map(AsRef::as_ref).enumerate() {
+        if f == ">" {
+            return i + 1 == filter.len() && tokens.next().is_some();
+        }
+        match tokens.next() {
+            Some(t) if f == "*" || f == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
 pub(crate) fn validate_filter(filter: &str) -> Result<(), EventError> {
     let tokens: Vec<&str> = filter.split('.').collect();
     for (i, token) in tokens.iter().enumerate() {
