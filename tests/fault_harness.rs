@@ -137,7 +137,8 @@ impl Report {
         format!(
             "fault harness: seed {seed} (0x{seed:x}), {load} s of load, {writers} writers, {aggregates} aggregates, \
              {broker}, {elapsed:.0} s in all{skip}\n\
-             faults injected: {rk} relay kills, {nk} nats-server SIGKILLs{leader} ({mid} of them mid-batch), \
+             faults injected: {rk} relay kills, {nk} nats-server SIGKILLs{leader} ({mid} mid-batch, {after} right \
+             after an acknowledgement), \
              {cluster}{pr} PostgreSQL fast restarts ({pd:.1} s down), broker down {nd:.1} s in all; \
              final drain {drain:.1} s\n\
              acknowledgements (re-sends included): {bus} to the bus's background relay, {standalone} to the \
@@ -150,6 +151,7 @@ impl Report {
             },
             leader = if settings.topology == Topology::Cluster { " of the stream leader" } else { "" },
             mid = f.nats_kills_mid_batch,
+            after = f.nats_kills_after_ack,
             cluster = if settings.topology == Topology::Cluster {
                 format!(
                     "{} member(s) lost for good ({} acknowledgements after the loss), {} whole-cluster \

@@ -25,8 +25,9 @@ pub(crate) enum Fault {
     /// new one after `pause`.
     KillRelay { slot: usize, pause: Duration },
     /// SIGKILL nats-server (a cluster: the stream's leader) while a relay waits on the
-    /// broker, restart it after `pause`.
-    KillNats { pause: Duration },
+    /// broker, or (`after_ack`) the moment a relay got a batch's acknowledgements back;
+    /// restart it after `pause`.
+    KillNats { pause: Duration, after_ack: bool },
     /// `pg_ctl restart -m fast`.
     RestartPostgres,
     /// A cluster only: SIGKILL the stream's leader and delete its store, never to come back.
@@ -86,7 +87,10 @@ pub(crate) fn schedule(
                     slot: rng.below(relays as u64) as usize,
                     pause: Duration::from_millis(rng.between(0, 800)),
                 },
-                1 => Fault::KillNats { pause: Duration::from_millis(rng.between(200, 2500)) },
+                1 => Fault::KillNats {
+                    pause: Duration::from_millis(rng.between(200, 2500)),
+                    after_ack: rng.below(2) == 1,
+                },
                 2 => Fault::RestartPostgres,
                 _ => Fault::RestartCluster { pause: Duration::from_millis(rng.between(200, 2500)) },
             };
@@ -114,11 +118,18 @@ pub(crate) struct Counting {
     acked: AtomicU64,
     /// Batches handed to the broker whose acknowledgements are not all back.
     in_flight: AtomicU64,
+    /// Batches that got at least one acknowledgement back.
+    acked_batches: AtomicU64,
 }
 
 impl Counting {
     pub(crate) fn new(inner: Arc<dyn Publisher>) -> Arc<Self> {
-        Arc::new(Self { inner, acked: AtomicU64::new(0), in_flight: AtomicU64::new(0) })
+        Arc::new(Self {
+            inner,
+            acked: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            acked_batches: AtomicU64::new(0),
+        })
     }
 
     /// Acknowledgements so far, duplicates included.
@@ -129,6 +140,11 @@ impl Counting {
     /// A relay publishing through this one waits on the broker now.
     pub(crate) fn mid_batch(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Batches acknowledged so far.
+    pub(crate) fn acked_batches(&self) -> u64 {
+        self.acked_batches.load(Ordering::Relaxed)
     }
 }
 
@@ -157,6 +173,9 @@ impl Publisher for Counting {
         Box::pin(async move {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
             let outcomes = self.inner.publish(messages).await;
+            if outcomes.iter().any(Result::is_ok) {
+                self.acked_batches.fetch_add(1, Ordering::Relaxed);
+            }
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.acked.fetch_add(outcomes.iter().filter(|o| o.is_ok()).count() as u64, Ordering::Relaxed);
             outcomes
@@ -174,6 +193,8 @@ pub(crate) struct FaultCounts {
     pub(crate) nats_kills: u64,
     /// Broker kills that found a relay waiting on the broker.
     pub(crate) nats_kills_mid_batch: u64,
+    /// Broker kills the moment a batch's acknowledgements came back.
+    pub(crate) nats_kills_after_ack: u64,
     pub(crate) nats_down: Duration,
     pub(crate) members_lost: u64,
     pub(crate) cluster_restarts: u64,
@@ -312,13 +333,23 @@ pub(crate) async fn inject(
             relays.kill(slot, pause).await;
             counts.relay_kills += 1;
         }
-        Fault::KillNats { pause } => {
-            // Mid-batch: wait (up to 2 s) until some relay waits on the broker.
+        Fault::KillNats { pause, after_ack } => {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            while !publishers.iter().any(|p| p.mid_batch()) && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            if after_ack {
+                // Right after an acknowledgement: what the broker acknowledged must survive.
+                let batches = || publishers.iter().map(|p| p.acked_batches()).sum::<u64>();
+                let seen = batches();
+                while batches() == seen && tokio::time::Instant::now() < deadline {
+                    tokio::task::yield_now().await;
+                }
+                counts.nats_kills_after_ack += u64::from(batches() != seen);
+            } else {
+                // Mid-batch: wait (up to 2 s) until some relay waits on the broker.
+                while !publishers.iter().any(|p| p.mid_batch()) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                counts.nats_kills_mid_batch += u64::from(publishers.iter().any(|p| p.mid_batch()));
             }
-            counts.nats_kills_mid_batch += u64::from(publishers.iter().any(|p| p.mid_batch()));
             let down = tokio::time::Instant::now();
             broker.kill_leader(crate::STREAM, pause).await;
             counts.nats_kills += 1;

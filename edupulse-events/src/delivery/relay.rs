@@ -550,8 +550,9 @@ impl<'a> Worker<'a> {
             self.republish_requeued(&mut pass).await?;
         }
         let limit = i64::from(self.config().batch_size);
-        let mut after = self.checkpoints.values().min().copied().unwrap_or_default();
+        let mut after: Option<StreamPosition> = None;
         let mut stops = Stops::default();
+        let mut excluded = HashSet::new();
         loop {
             // Before each page: after a reconnection (the broker may have restarted without
             // what it acknowledged), when taking partitions, and every so often.
@@ -559,21 +560,37 @@ impl<'a> Worker<'a> {
             {
                 self.check_streams().await?;
             }
-            let Page { rows, cut } = self.page(after, limit).await?;
+            // Partitions whose stream lost messages are not read: nothing newer goes out
+            // before the lost ones are sent again, and their checkpoints stay. One left out
+            // stays out for the rest of the pass (pages already read passed its rows by).
+            for partition in self.streams.behind() {
+                if excluded.insert(partition)
+                    && let Some(&checkpoint) = self.checkpoints.get(&partition)
+                {
+                    stops.hold(partition, checkpoint);
+                }
+            }
+            let active: Vec<i32> = self.held.iter().copied().filter(|p| !excluded.contains(p)).collect();
+            let from = after.or_else(|| active.iter().filter_map(|p| self.checkpoints.get(p)).min().copied());
+            let Some(from) = from else {
+                pass.more = false;
+                break;
+            };
+            let Page { rows, cut } = self.page(from, limit, &active).await?;
             let Some(end) = rows.last().map(|r| position_of(&r.row)) else {
                 pass.more = false;
                 break;
             };
             pass.more = cut || i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
             let before = pass;
-            let page = self.publish_page(rows, after, &mut stops, &mut pass).await;
+            let page = self.publish_page(rows, from, &mut stops, &mut pass).await;
             telemetry::relayed(
                 pass.published - before.published,
                 pass.failed - before.failed,
                 pass.parked - before.parked,
             );
             self.settle(end, &stops.stuck, page).await?;
-            after = end;
+            after = Some(end);
             // Nothing went out while something failed or waits for its retry: the broker is
             // likely in trouble, so the next pages wait for the next pass.
             let nothing_acked = pass.published == before.published
@@ -638,19 +655,12 @@ impl<'a> Worker<'a> {
         page: &mut PageOutcome,
     ) -> (Vec<RowMeta>, Vec<OutgoingMessage>) {
         let now = Instant::now();
-        let behind = self.streams.behind();
         let (mut sent, mut messages) = (Vec::new(), Vec::new());
         let mut previous = start;
         for LogRow { partition, subject, row } in rows {
             let meta = RowMeta::of(&row, partition, previous);
             previous = meta.position;
             page.touched.insert(partition);
-            if behind.contains(&partition) {
-                // Its stream lost messages: nothing newer goes out before they are resent.
-                stops.hold(partition, meta.previous);
-                pass.waiting += 1;
-                continue;
-            }
             let checkpoint = self.checkpoints.get(&partition).copied();
             if checkpoint.is_none_or(|c| meta.position <= c)
                 || self.acked_beyond.contains_key(&meta.position.global_position)
@@ -899,10 +909,15 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    async fn page(&mut self, after: StreamPosition, limit: i64) -> Result<Page, EventError> {
+    async fn page(
+        &mut self,
+        after: StreamPosition,
+        limit: i64,
+        partitions: &[i32],
+    ) -> Result<Page, EventError> {
         let max_bytes = self.config().max_batch_bytes;
         let lease = self.lease.as_mut().ok_or_else(no_lease)?;
-        lease.page(after, limit, max_bytes, &self.held).await
+        lease.page(after, limit, max_bytes, partitions).await
     }
 
     async fn requeued(&mut self) -> Result<Vec<LogRow>, EventError> {
