@@ -106,6 +106,7 @@ async fn every_metric_is_recorded_with_the_value_the_work_implies() {
     let p99 = sample(&text, "edupulse_publish_latency_seconds{quantile=\"0.99\"}").unwrap();
     assert!((0.0..5.0).contains(&p99), "publication took {p99} s");
     assert_eq!(sample(&text, "edupulse_publisher_lag_events"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "edupulse_stream_lost_partitions"), Some(0.0), "{text}");
     assert_eq!(
         sample(&text, "edupulse_projection_lag_events{projection=\"metrics_noop\"}"),
         Some(0.0),

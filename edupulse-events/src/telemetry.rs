@@ -45,6 +45,9 @@ pub const PUBLISH_LATENCY: &str = "edupulse_publish_latency_seconds";
 pub const PUBLISHER_LAG_EVENTS: &str = "edupulse_publisher_lag_events";
 /// The oldest unpublished event's wait, in seconds.
 pub const PUBLISHER_LAG_SECONDS: &str = "edupulse_publisher_lag_seconds";
+/// Relay partitions held because their stream lost messages it had acknowledged (see
+/// `edupulse republish --lost`): alert on anything above zero.
+pub const STREAM_LOST_PARTITIONS: &str = "edupulse_stream_lost_partitions";
 /// Events after a projection's checkpoint (label `projection`).
 pub const PROJECTION_LAG_EVENTS: &str = "edupulse_projection_lag_events";
 /// Messages a subscriber handled (label `consumer`).
@@ -81,9 +84,10 @@ pub(crate) fn publish_latency(seconds: f64) {
     metrics::histogram!(PUBLISH_LATENCY).record(seconds);
 }
 
-pub(crate) fn publisher_lag(pending: i64, oldest: Option<Duration>) {
+pub(crate) fn publisher_lag(pending: i64, oldest: Option<Duration>, lost_partitions: usize) {
     metrics::gauge!(PUBLISHER_LAG_EVENTS).set(pending as f64);
     metrics::gauge!(PUBLISHER_LAG_SECONDS).set(oldest.map_or(0.0, |d| d.as_secs_f64()));
+    metrics::gauge!(STREAM_LOST_PARTITIONS).set(lost_partitions as f64);
 }
 
 pub(crate) fn projection_lag(projection: &str, behind: u64) {

@@ -350,7 +350,7 @@ impl EventStore {
     /// [`EventError::Database`].
     pub async fn relay_lag(&self) -> Result<RelayLag, EventError> {
         let lag = self.inner.backend.relay_lag().await?;
-        telemetry::publisher_lag(lag.pending, lag.oldest_pending_age);
+        telemetry::publisher_lag(lag.pending, lag.oldest_pending_age, lag.lost.len());
         Ok(lag)
     }
 
