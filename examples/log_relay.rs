@@ -57,6 +57,14 @@ impl Publisher for Counting {
         self.inner.held_events(stream, last, wanted)
     }
 
+    fn event_at<'a>(
+        &'a self,
+        stream: &'a str,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>> {
+        self.inner.event_at(stream, sequence)
+    }
+
     fn connection_epoch(&self) -> u64 {
         self.inner.connection_epoch()
     }

@@ -122,7 +122,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 }
 
 #[tokio::test]
-async fn a_stream_restored_from_an_older_copy_is_found_held_and_repaired_on_request() {
+async fn a_stream_restored_from_an_older_copy_is_found_held_and_repaired_on_request_even_past_its_marks() {
     let store = store().await;
     let mut server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
@@ -147,6 +147,13 @@ async fn a_stream_restored_from_an_older_copy_is_found_held_and_repaired_on_requ
     server.restart().await;
     let publisher = nats::publisher(&server).await;
     assert_eq!(stream_messages(&publisher).await.len(), 40, "the restored stream holds A only");
+    // Another service publishes 60 events into the same stream first: its last sequence (100)
+    // passes every mark of ours (at most 80), so only the message at each mark tells.
+    let other = common::store().await;
+    let others = aggregates(6);
+    commit(&other, &others, 0, 10).await;
+    common::until_readable(&other, 60).await;
+    publish_until(&relay(&other, &publisher, RelayConfig::default()), &publisher, 100).await;
 
     // C: committed after the loss. The relay finds the stream behind, holds the partitions
     // (C would land before the lost B) and reports them.
@@ -168,17 +175,20 @@ async fn a_stream_restored_from_an_older_copy_is_found_held_and_repaired_on_requ
     let reported: std::collections::HashSet<i32> = lag.lost.iter().map(|m| m.partition).collect();
     assert_eq!(reported, partitions, "every partition of the lost events is reported: {:?}", lag.lost);
     assert!(
-        lag.lost.iter().all(|m| m.stream == STREAM && m.held_sequence == Some(40) && m.acknowledged > 40)
+        lag.lost.iter().all(|m| m.stream == STREAM && m.held_sequence == Some(100) && m.acknowledged > 40),
+        "{:?}",
+        lag.lost
     );
     assert_eq!(lag.pending, 16, "C waits (B is past the checkpoints: lost, not pending): {lag:?}");
-    assert_eq!(stream_messages(&publisher).await.len(), 40, "nothing newer went out");
+    assert_eq!(stream_messages(&publisher).await.len(), 100, "nothing newer of ours went out");
 
     // Asked to, the relay sends B again, then C: every event once, each aggregate in order.
     assert_eq!(store.request_republish_lost().await.unwrap(), lag.lost.len() as u64);
-    publish_until(&relay, &publisher, 96).await;
+    publish_until(&relay, &publisher, 156).await;
     let (order, seen) = stream_of(&publisher).await;
-    assert_eq!(order.len(), 96);
+    assert_eq!(order.len(), 156);
     assert_complete(&order, &seen, &ids, 12);
+    assert_complete(&order, &seen, &others, 10);
     let lag = store.relay_lag().await.unwrap();
     assert!(lag.lost.is_empty() && lag.pending == 0, "{lag:?}");
 }

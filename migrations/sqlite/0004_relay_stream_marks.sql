@@ -4,6 +4,7 @@ CREATE TABLE relay_stream_marks (
     partition        INTEGER NOT NULL CHECK (partition >= 0 AND partition < 64),
     stream           TEXT    NOT NULL,
     sequence         INTEGER NOT NULL,
+    event_id         BLOB,
     behind_since     TEXT,
     held_sequence    INTEGER,
     repair_requested INTEGER NOT NULL DEFAULT 0,

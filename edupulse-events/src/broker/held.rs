@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::jetstream::{self, ErrorCode, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use futures_util::StreamExt;
 use uuid::Uuid;
 
@@ -67,4 +68,35 @@ pub(crate) async fn scan(
         }
     }
     Ok(held)
+}
+
+/// The event id of the message `stream` holds at `sequence`; `None` when there is none (or
+/// the stream is gone, or the message carries no event id).
+pub(crate) async fn event_at(
+    js: &jetstream::Context,
+    stream: &str,
+    sequence: u64,
+) -> Result<Option<Uuid>, EventError> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        EventError::broker_message(BrokerErrorKind::Unavailable, format!("cannot read stream {stream}: {e}"))
+    };
+    let found = match js.get_stream_no_info(stream).await {
+        Ok(found) => found,
+        Err(e) => return Err(unavailable(&e)),
+    };
+    match found.get_raw_message(sequence).await {
+        Ok(message) => {
+            Ok(message.headers.get(headers::MSG_ID).and_then(|v| Uuid::parse_str(v.as_str()).ok()))
+        }
+        Err(e) => match e.kind() {
+            LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            LastRawMessageErrorKind::JetStream(j)
+                if j.error_code() == ErrorCode::NO_MESSAGE_FOUND
+                    || j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(unavailable(&e)),
+        },
+    }
 }

@@ -192,6 +192,14 @@ impl Publisher for InMemoryBroker {
         Box::pin(async { Ok(Vec::new()) })
     }
 
+    fn event_at<'a>(
+        &'a self,
+        _stream: &'a str,
+        _sequence: u64,
+    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>> {
+        Box::pin(async { Ok(None) })
+    }
+
     fn connection_epoch(&self) -> u64 {
         0
     }

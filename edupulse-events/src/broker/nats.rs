@@ -389,6 +389,17 @@ impl Publisher for NatsPublisher {
         })
     }
 
+    fn event_at<'a>(
+        &'a self,
+        stream: &'a str,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>> {
+        Box::pin(async move {
+            validate_stream_name(stream)?;
+            held::event_at(&self.jetstream, stream, sequence).await
+        })
+    }
+
     fn connection_epoch(&self) -> u64 {
         self.publishing.client().statistics().connects.load(Ordering::Relaxed)
     }

@@ -87,6 +87,21 @@ pub trait Publisher: Send + Sync + 'static {
         wanted: AggregateFilter<'a>,
     ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>>;
 
+    /// The event id (`Nats-Msg-Id`) of the message stream `stream` holds at `sequence`;
+    /// `None` when it holds none there (or one without an event id). The relay compares it
+    /// with the event it was acknowledged at that sequence: a stream restored from an older
+    /// copy or made again holds another message there, or none, even once newer messages
+    /// took its last sequence past the mark. No default (a broker without streams returns
+    /// `Ok(None)`).
+    ///
+    /// # Errors
+    /// [`EventError::Broker`] when the broker does not answer.
+    fn event_at<'a>(
+        &'a self,
+        stream: &'a str,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>>;
+
     /// A number that changes each time the connection to the broker is made again (0 for
     /// brokers without connections): after a reconnection the relay checks its streams
     /// before it publishes more, since a server that restarted may have lost messages.

@@ -2,10 +2,13 @@
 //! acknowledged, and sends again what one lost.
 //!
 //! Per partition and stream, the relay keeps the highest stream sequence acknowledged for an
-//! event of the partition (a *mark*, saved with the checkpoints). A stream whose last
-//! sequence is below a mark lost acknowledged messages: it was deleted, restored from an
-//! older copy, or it is a single server's stream that lost power before syncing (see the
-//! README's durability guide). A new acknowledgement at or below a mark says the same. The
+//! event of the partition and that event's id (a *mark*, saved with the checkpoints). A
+//! stream lost acknowledged messages (it was deleted, restored from an older copy, or it is a
+//! single server's stream that lost power before syncing: see the README's durability guide)
+//! when its last sequence is below a mark, or when it holds another message, or none, at a
+//! mark's sequence (newer messages of other publishers may have taken its last sequence past
+//! the mark). A new acknowledgement at or below the marks a batch started from says the
+//! same. The
 //! relay checks when it takes partitions, after each reconnection to the broker, and every
 //! [`RelayConfig::stream_check_interval`](crate::RelayConfig::stream_check_interval).
 //!
@@ -32,7 +35,7 @@ use crate::delivery::message;
 use crate::event::subject::filter_matches;
 use crate::event::wire::OutgoingMessage;
 use crate::store::backend::Lease;
-use crate::store::log::{LogRow, Page};
+use crate::store::log::{LogRow, MarkRow, Page};
 use crate::store::{StreamMark, StreamPosition};
 use crate::{BrokerErrorKind, EventError};
 
@@ -40,6 +43,8 @@ use crate::{BrokerErrorKind, EventError};
 #[derive(Debug, Clone, Default)]
 struct Mark {
     acknowledged: u64,
+    /// The event stored at `acknowledged`.
+    event_id: Option<Uuid>,
     /// `acknowledged` when the batch in flight started: a new message of the batch is
     /// stored above it unless the stream went back (within a batch, an aggregate's next
     /// message goes after the others' first ones, so sequences do not follow the log).
@@ -79,6 +84,7 @@ impl StreamWatch {
                 m.behind_since.map(|_| m.held_sequence.and_then(|h| u64::try_from(h).ok()).unwrap_or(0));
             let mark = Mark {
                 acknowledged,
+                event_id: m.event_id,
                 floor: acknowledged,
                 saved: acknowledged,
                 behind,
@@ -116,7 +122,7 @@ impl StreamWatch {
     /// Records an acknowledgement for an event of `partition`. A new message stored at or
     /// below the mark the batch started from means the stream went back: the partition is
     /// behind.
-    pub(crate) fn acknowledged(&mut self, partition: i32, receipt: &PublishReceipt) {
+    pub(crate) fn acknowledged(&mut self, partition: i32, event_id: Uuid, receipt: &PublishReceipt) {
         let Some(stream) = &receipt.stream else { return };
         let key = (partition, stream.clone());
         let mark = self.marks.entry(key).or_default();
@@ -132,21 +138,25 @@ impl StreamWatch {
             );
             mark.behind = Some(receipt.stream_sequence.saturating_sub(1));
         }
-        mark.acknowledged = mark.acknowledged.max(receipt.stream_sequence);
+        if receipt.stream_sequence > mark.acknowledged {
+            mark.acknowledged = receipt.stream_sequence;
+            mark.event_id = Some(event_id);
+        }
     }
 
-    /// The marks whose acknowledged sequence moved since they were saved.
-    pub(crate) fn unsaved(&self) -> Vec<(i32, Arc<str>, i64)> {
+    /// The marks whose acknowledged sequence moved since they were saved:
+    /// `(partition, stream, sequence, event id)`.
+    pub(crate) fn unsaved(&self) -> Vec<(i32, Arc<str>, i64, Option<Uuid>)> {
         self.marks
             .iter()
             .filter(|(_, m)| m.acknowledged != m.saved)
-            .map(|((p, s), m)| (*p, s.clone(), i64::try_from(m.acknowledged).unwrap_or(i64::MAX)))
+            .map(|((p, s), m)| (*p, s.clone(), i64::try_from(m.acknowledged).unwrap_or(i64::MAX), m.event_id))
             .collect()
     }
 
     /// Records that `unsaved` marks were saved.
-    pub(crate) fn saved(&mut self, saved: &[(i32, Arc<str>, i64)]) {
-        for (p, s, sequence) in saved {
+    pub(crate) fn saved(&mut self, saved: &[(i32, Arc<str>, i64, Option<Uuid>)]) {
+        for (p, s, sequence, _) in saved {
             if let Some(mark) = self.marks.get_mut(&(*p, s.clone())) {
                 mark.saved = u64::try_from(*sequence).unwrap_or(0);
             }
@@ -161,6 +171,51 @@ impl StreamWatch {
         streams
     }
 
+    /// The marks `stream` no longer holds, with its last sequence; `None` when the broker
+    /// did not answer or does not know the stream (deleted, or a server that restarted and
+    /// has not loaded it yet: asked again later). A mark is lost when the stream's last
+    /// sequence is below it, or when the stream, still holding that sequence, holds another
+    /// message there or none (restored from an older copy, or made again, and newer messages
+    /// took it past the mark).
+    async fn lost_on(
+        &self,
+        publisher: &dyn Publisher,
+        stream: &Arc<str>,
+    ) -> Option<(u64, Vec<(i32, Arc<str>)>)> {
+        let state = match publisher.stream_state(stream).await {
+            Ok(Some(state)) => state,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::debug!(stream = &**stream, error = %e, "relay: cannot check the stream; later");
+                return None;
+            }
+        };
+        let mut lost = Vec::new();
+        for (key, mark) in &self.marks {
+            if key.1 != *stream || mark.behind.is_some() || mark.acknowledged == 0 {
+                continue;
+            }
+            if mark.acknowledged > state.last_sequence {
+                lost.push(key.clone());
+                continue;
+            }
+            // Below the stream's first sequence, the message may have expired by the
+            // stream's own limits: nothing to compare.
+            let (Some(event_id), true) = (mark.event_id, mark.acknowledged >= state.first_sequence) else {
+                continue;
+            };
+            match publisher.event_at(stream, mark.acknowledged).await {
+                Ok(at) if at == Some(event_id) => {}
+                Ok(_) => lost.push(key.clone()),
+                Err(e) => {
+                    tracing::debug!(stream = &**stream, error = %e, "relay: cannot check the stream; later");
+                    return None;
+                }
+            }
+        }
+        Some((state.last_sequence, lost))
+    }
+
     /// Compares each stream's last sequence with the marks; records partitions found
     /// behind in the store. Broker failures leave the check due.
     pub(crate) async fn check(
@@ -173,48 +228,27 @@ impl StreamWatch {
         for stream in self.streams() {
             // Two looks a second apart: a server that has just restarted may answer before
             // it has loaded its streams.
-            let mut last = None;
-            for look in 0..2 {
-                if look > 0 {
-                    tokio::time::sleep(SECOND_LOOK).await;
-                }
-                last = match publisher.stream_state(&stream).await {
-                    Ok(Some(state)) => Some(state.last_sequence),
-                    // No such stream: deleted (nothing can be published until it is made
-                    // again, and then it is found empty), or a server that restarted and has
-                    // not loaded its streams yet. Either way, ask again later.
-                    Ok(None) => None,
-                    Err(e) => {
-                        tracing::debug!(stream = &*stream, error = %e, "relay: cannot check the stream; later");
-                        None
-                    }
-                };
-                let Some(held) = last else { break };
-                let behind = self
-                    .marks
-                    .iter()
-                    .any(|((_, s), m)| *s == stream && m.behind.is_none() && m.acknowledged > held);
-                if !behind {
-                    break;
-                }
+            let mut found = self.lost_on(publisher, &stream).await;
+            if found.as_ref().is_some_and(|(_, lost)| !lost.is_empty()) {
+                tokio::time::sleep(SECOND_LOOK).await;
+                found = self.lost_on(publisher, &stream).await;
             }
-            let Some(last) = last else {
+            let Some((last, lost)) = found else {
                 self.last_failure = Some(Instant::now());
                 return Ok(());
             };
-            for ((partition, s), mark) in &mut self.marks {
-                if *s == stream && mark.behind.is_none() && mark.acknowledged > last {
-                    tracing::error!(
-                        partition,
-                        stream = &*stream,
-                        acknowledged = mark.acknowledged,
-                        held = last,
-                        "relay: the stream lost messages it acknowledged (deleted, restored from an older \
-                         copy, or a server that lost power before syncing); the partition is held until \
-                         they are sent again (`edupulse republish --lost`)"
-                    );
-                    mark.behind = Some(last);
-                }
+            for key in lost {
+                let Some(mark) = self.marks.get_mut(&key) else { continue };
+                tracing::error!(
+                    partition = key.0,
+                    stream = &*stream,
+                    acknowledged = mark.acknowledged,
+                    held = last,
+                    "relay: the stream lost messages it acknowledged (deleted, restored from an older copy, \
+                     or a server that lost power before syncing); the partition is held until they are \
+                     sent again (`edupulse republish --lost`)"
+                );
+                mark.behind = Some(last);
             }
         }
         // Record what changed, and read back whether an operator asked for a repair.
@@ -257,13 +291,21 @@ impl StreamWatch {
         lease: &mut Lease,
         partition: i32,
         stream: &Arc<str>,
-        acknowledged: u64,
+        resent: &Resent,
     ) -> Result<(), EventError> {
-        let sequence = i64::try_from(acknowledged).unwrap_or(i64::MAX);
-        lease.save_marks(&[(partition, stream, sequence)]).await?;
+        let sequence = i64::try_from(resent.acknowledged).unwrap_or(i64::MAX);
+        let row = MarkRow { partition, stream, sequence, event_id: resent.event_id };
+        lease.save_marks(&[row]).await?;
         lease.mark_behind(partition, stream, None).await?;
         if let Some(mark) = self.marks.get_mut(&(partition, stream.clone())) {
-            *mark = Mark { acknowledged, floor: acknowledged, saved: acknowledged, ..Mark::default() };
+            let acknowledged = resent.acknowledged;
+            *mark = Mark {
+                acknowledged,
+                event_id: resent.event_id,
+                floor: acknowledged,
+                saved: acknowledged,
+                ..Mark::default()
+            };
         }
         Ok(())
     }
@@ -275,6 +317,8 @@ pub(crate) struct Resent {
     pub(crate) events: u64,
     /// The highest stream sequence acknowledged for them (or the stream's last sequence).
     pub(crate) acknowledged: u64,
+    /// The event stored there (`None` when nothing was resent).
+    pub(crate) event_id: Option<Uuid>,
 }
 
 /// A partition whose stream lost messages, as a repair reads it.
@@ -313,7 +357,7 @@ pub(crate) async fn resend(
     // Until the oldest held event is met, events are older than what the stream keeps (or
     // the stream holds none of the partition's: then everything is sent).
     let mut started = held.is_empty();
-    let mut resent = Resent { events: 0, acknowledged: held_up_to };
+    let mut resent = Resent { events: 0, acknowledged: held_up_to, event_id: None };
     loop {
         let Page { rows, .. } = lease.page(after, batch.0, batch.1, &[partition]).await?;
         let Some(last) = rows.last().map(position) else { break };
@@ -335,7 +379,7 @@ pub(crate) async fn resend(
             }
         }
         if !messages.is_empty() {
-            for outcome in publisher.publish(&messages).await {
+            for (message, outcome) in messages.iter().zip(publisher.publish(&messages).await) {
                 let receipt = outcome.map_err(|e| {
                     EventError::broker_message(
                         BrokerErrorKind::Other,
@@ -343,7 +387,10 @@ pub(crate) async fn resend(
                     )
                 })?;
                 resent.events += 1;
-                resent.acknowledged = resent.acknowledged.max(receipt.stream_sequence);
+                if receipt.stream_sequence > resent.acknowledged || resent.event_id.is_none() {
+                    resent.acknowledged = resent.acknowledged.max(receipt.stream_sequence);
+                    resent.event_id = Some(message.event_id);
+                }
             }
         }
         if done {
@@ -375,18 +422,18 @@ mod tests {
         watch.batch_starts();
         // Within a batch, an aggregate's second message is stored after others' first ones.
         for sequence in [1, 3, 2] {
-            watch.acknowledged(7, &receipt(sequence, false));
+            watch.acknowledged(7, Uuid::nil(), &receipt(sequence, false));
         }
         assert!(watch.behind().is_empty());
         watch.batch_starts();
         // A re-send the stream still had keeps its old sequence: not a step back.
-        watch.acknowledged(7, &receipt(2, true));
-        watch.acknowledged(7, &receipt(4, false));
+        watch.acknowledged(7, Uuid::nil(), &receipt(2, true));
+        watch.acknowledged(7, Uuid::nil(), &receipt(4, false));
         assert!(watch.behind().is_empty());
-        assert_eq!(watch.unsaved(), vec![(7, Arc::from("S"), 4)]);
+        assert_eq!(watch.unsaved(), vec![(7, Arc::from("S"), 4, Some(Uuid::nil()))]);
         // A new message stored at or below what the last batch ended at: the stream went back.
         watch.batch_starts();
-        watch.acknowledged(7, &receipt(3, false));
+        watch.acknowledged(7, Uuid::nil(), &receipt(3, false));
         assert_eq!(watch.behind(), HashSet::from([7]));
         assert_eq!(watch.to_repair(true), vec![(7, Arc::from("S"))]);
         assert!(watch.to_repair(false).is_empty(), "only when asked, by default");

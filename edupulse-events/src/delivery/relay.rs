@@ -52,7 +52,7 @@ use crate::delivery::republish::{self, Republished};
 use crate::event::wire::{OutgoingMessage, headers};
 use crate::store::PARTITIONS;
 use crate::store::backend::Lease;
-use crate::store::log::{LogRow, Page, ParkedRow};
+use crate::store::log::{LogRow, MarkRow, Page, ParkedRow};
 use crate::store::row::StoredRow;
 use crate::store::{EventStore, RelayLag, StreamPosition};
 use crate::{BrokerErrorKind, EventError, telemetry};
@@ -631,7 +631,7 @@ impl<'a> Worker<'a> {
             }
             match outcome {
                 Ok(receipt) => {
-                    self.streams.acknowledged(meta.partition, &receipt);
+                    self.streams.acknowledged(meta.partition, meta.event_id, &receipt);
                     pass.published += 1;
                     telemetry::publish_latency((acked_at - meta.recorded_at).as_seconds_f64());
                     self.failing.remove(&meta.position.global_position);
@@ -933,7 +933,15 @@ impl<'a> Worker<'a> {
         let lease = self.lease.as_mut().ok_or_else(no_lease)?;
         lease.save(checkpoints, parked).await?;
         let marks = self.streams.unsaved();
-        let rows: Vec<(i32, &str, i64)> = marks.iter().map(|(p, s, q)| (*p, &**s, *q)).collect();
+        let rows: Vec<MarkRow<'_>> = marks
+            .iter()
+            .map(|(partition, stream, sequence, event_id)| MarkRow {
+                partition: *partition,
+                stream,
+                sequence: *sequence,
+                event_id: *event_id,
+            })
+            .collect();
         lease.save_marks(&rows).await?;
         self.streams.saved(&marks);
         Ok(())
@@ -990,7 +998,7 @@ impl<'a> Worker<'a> {
                     still_held = held.len(),
                     "relay: sent again what the stream lost; the partition is published again"
                 );
-                self.streams.repaired(lease, partition, stream, resent.acknowledged).await
+                self.streams.repaired(lease, partition, stream, &resent).await
             }
             Err(EventError::Database(e)) => Err(EventError::Database(e)),
             Err(e) => {

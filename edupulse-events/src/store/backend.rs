@@ -14,7 +14,9 @@ use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
 use crate::store::append::{AppendRules, Appended};
-use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLag, RunningTransaction, StreamMark};
+use crate::store::log::{
+    LogRow, MarkRow, Page, ParkedEvent, ParkedRow, RelayLag, RunningTransaction, StreamMark,
+};
 use crate::store::postgres::{self, PgBackend, PgTransaction};
 use crate::store::row::{PageQuery, StoredRow};
 use crate::store::sqlite::{SqliteBackend, SqliteTransaction};
@@ -514,8 +516,8 @@ impl Lease {
         }
     }
 
-    /// Saves acknowledged stream sequences, `(partition, stream, sequence)`.
-    pub(crate) async fn save_marks(&mut self, marks: &[(i32, &str, i64)]) -> Result<(), EventError> {
+    /// Saves acknowledged stream sequences.
+    pub(crate) async fn save_marks(&mut self, marks: &[MarkRow<'_>]) -> Result<(), EventError> {
         if marks.is_empty() {
             return Ok(());
         }

@@ -189,6 +189,17 @@ pub struct StreamMark {
     pub held_sequence: Option<i64>,
     /// An operator asked the partition's relay to send what the stream lost again.
     pub repair_requested: bool,
+    /// The event whose message was stored at `acknowledged`: the stream still holds what it
+    /// acknowledged only if that message is still there.
+    pub event_id: Option<Uuid>,
+}
+
+/// A mark as a relay saves it.
+pub(crate) struct MarkRow<'a> {
+    pub(crate) partition: i32,
+    pub(crate) stream: &'a str,
+    pub(crate) sequence: i64,
+    pub(crate) event_id: Option<Uuid>,
 }
 
 impl StreamMark {
@@ -201,6 +212,7 @@ impl StreamMark {
         bool: Decode<'r, R::Database> + Type<R::Database>,
         String: Decode<'r, R::Database> + Type<R::Database>,
         DateTime<Utc>: Decode<'r, R::Database> + Type<R::Database>,
+        Uuid: Decode<'r, R::Database> + Type<R::Database>,
     {
         Ok(Self {
             partition: row.try_get(0)?,
@@ -209,6 +221,7 @@ impl StreamMark {
             behind_since: row.try_get(3)?,
             held_sequence: row.try_get(4)?,
             repair_requested: row.try_get(5)?,
+            event_id: row.try_get(6)?,
         })
     }
 }

@@ -16,7 +16,9 @@ use uuid::Uuid;
 
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::connect;
-use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction, StreamMark};
+use crate::store::log::{
+    LogRow, MarkRow, Page, ParkedEvent, ParkedRow, RelayLagRow, RunningTransaction, StreamMark,
+};
 use crate::store::migrations::{MigrationFile, migrator};
 use crate::store::postgres_sql::Queries;
 use crate::store::row::{PageQuery, StoredRow, stored_row};
@@ -524,12 +526,13 @@ impl PgBackend {
     pub(crate) async fn marks_save(
         &self,
         conn: &mut PgConnection,
-        marks: &[(i32, &str, i64)],
+        marks: &[MarkRow<'_>],
     ) -> Result<(), EventError> {
         sqlx::query(self.sql.marks.save.clone())
-            .bind(marks.iter().map(|m| m.0).collect::<Vec<i32>>())
-            .bind(marks.iter().map(|m| m.1).collect::<Vec<&str>>())
-            .bind(marks.iter().map(|m| m.2).collect::<Vec<i64>>())
+            .bind(marks.iter().map(|m| m.partition).collect::<Vec<i32>>())
+            .bind(marks.iter().map(|m| m.stream).collect::<Vec<&str>>())
+            .bind(marks.iter().map(|m| m.sequence).collect::<Vec<i64>>())
+            .bind(marks.iter().map(|m| m.event_id).collect::<Vec<Option<Uuid>>>())
             .execute(conn)
             .await?;
         Ok(())

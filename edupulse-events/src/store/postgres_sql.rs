@@ -343,7 +343,8 @@ pub(crate) struct MarksSql {
     pub(crate) request: SqlStr,
 }
 
-const MARK_COLUMNS: &str = "partition, stream, sequence, behind_since, held_sequence, repair_requested";
+const MARK_COLUMNS: &str =
+    "partition, stream, sequence, behind_since, held_sequence, repair_requested, event_id";
 
 impl MarksSql {
     fn new(s: &str) -> Self {
@@ -353,9 +354,10 @@ impl MarksSql {
                  ORDER BY partition, stream"
             )),
             save: sql(format!(
-                "INSERT INTO {s}.relay_stream_marks (partition, stream, sequence) \
-                 SELECT * FROM unnest($1::int4[], $2::text[], $3::int8[]) \
-                 ON CONFLICT (partition, stream) DO UPDATE SET sequence = excluded.sequence, updated_at = now()"
+                "INSERT INTO {s}.relay_stream_marks (partition, stream, sequence, event_id) \
+                 SELECT * FROM unnest($1::int4[], $2::text[], $3::int8[], $4::uuid[]) \
+                 ON CONFLICT (partition, stream) DO UPDATE SET sequence = excluded.sequence, \
+                     event_id = excluded.event_id, updated_at = now()"
             )),
             // A held sequence marks the stream behind (since the first time); none clears it.
             behind: sql(format!(

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::store::PARTITIONS;
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
-use crate::store::log::{LogRow, Page, ParkedEvent, ParkedRow, RelayLagRow, StreamMark};
+use crate::store::log::{LogRow, MarkRow, Page, ParkedEvent, ParkedRow, RelayLagRow, StreamMark};
 use crate::store::migrations::{MigrationFile, migrator};
 use crate::store::row::{PageQuery, StoredRow, stored_row};
 use crate::store::status::{Migrations, PartitionStatus, ProjectionStatus};
@@ -42,7 +42,8 @@ pub(crate) const MIGRATION_FILES: &[MigrationFile] = &[
     (4, "relay stream marks", include_str!("../../../migrations/sqlite/0004_relay_stream_marks.sql")),
 ];
 
-const MARK_COLUMNS: &str = "partition, stream, sequence, behind_since, held_sequence, repair_requested";
+const MARK_COLUMNS: &str =
+    "partition, stream, sequence, behind_since, held_sequence, repair_requested, event_id";
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATION_FILES));
 
@@ -546,17 +547,18 @@ impl SqliteBackend {
     }
 
     /// Sets the acknowledged sequences of `(partition, stream)`s.
-    pub(crate) async fn marks_save(&self, marks: &[(i32, &str, i64)]) -> Result<(), EventError> {
+    pub(crate) async fn marks_save(&self, marks: &[MarkRow<'_>]) -> Result<(), EventError> {
         let mut tx = self.begin().await?;
-        for (partition, stream, sequence) in marks {
+        for mark in marks {
             sqlx::query(
-                "INSERT INTO relay_stream_marks (partition, stream, sequence) VALUES (?1, ?2, ?3) \
+                "INSERT INTO relay_stream_marks (partition, stream, sequence, event_id) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (partition, stream) DO UPDATE SET sequence = excluded.sequence, \
-                     updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                     event_id = excluded.event_id, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
             )
-            .bind(partition)
-            .bind(stream)
-            .bind(sequence)
+            .bind(mark.partition)
+            .bind(mark.stream)
+            .bind(mark.sequence)
+            .bind(mark.event_id)
             .execute(&mut *tx)
             .await?;
         }
