@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use edupulse_events::wire::OutgoingMessage;
 use edupulse_events::{
-    AggregateFilter, Backends, BoxFuture, BusConfig, DomainEvent, EventBus, EventError, LogRelay,
-    PublishReceipt, Publisher, RelayConfig, RelayLag, StreamSpec, StreamState, Uuid,
+    Backends, BoxFuture, BusConfig, DomainEvent, EventBus, EventError, LogRelay, PublishReceipt, Publisher,
+    RelayConfig, RelayLag, StreamSpec, Uuid,
 };
 use serde::{Deserialize, Serialize};
 
@@ -44,31 +44,6 @@ struct Counting {
 }
 
 impl Publisher for Counting {
-    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
-        self.inner.stream_state(stream)
-    }
-
-    fn held_events<'a>(
-        &'a self,
-        stream: &'a str,
-        last: u64,
-        wanted: AggregateFilter<'a>,
-    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
-        self.inner.held_events(stream, last, wanted)
-    }
-
-    fn event_at<'a>(
-        &'a self,
-        stream: &'a str,
-        sequence: u64,
-    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>> {
-        self.inner.event_at(stream, sequence)
-    }
-
-    fn connection_epoch(&self) -> u64 {
-        self.inner.connection_epoch()
-    }
-
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
@@ -83,9 +58,7 @@ impl Publisher for Counting {
         })
     }
 
-    fn max_payload(&self) -> Option<usize> {
-        self.inner.max_payload()
-    }
+    edupulse_events::forward_publisher!(inner);
 }
 
 struct Args {

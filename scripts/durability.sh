@@ -24,13 +24,9 @@ chmod 755 "$SERVICES_DIR"
 trap services_stop EXIT
 start_postgres
 
+# The next setting starts from empty stores.
 stop_broker() {
-  local pid
-  for pid in "${SERVICES_NATS_PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  SERVICES_NATS_PIDS=()
+  stop_nats
   rm -rf "$SERVICES_DIR"/nats-*
 }
 

@@ -203,13 +203,18 @@ services_start() {
   fi
 }
 
-services_stop() {
+# Stops the nats-servers start_nats started (their stores stay until services_stop).
+stop_nats() {
   local pid
   for pid in "${SERVICES_NATS_PIDS[@]}"; do
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   SERVICES_NATS_PIDS=()
+}
+
+services_stop() {
+  stop_nats
   if [ -n "$SERVICES_PG_STARTED" ]; then
     run_as_pg "$SERVICES_PG_STARTED/pg_ctl" -D "$SERVICES_DIR/pg" -m immediate -w stop >/dev/null 2>&1 || true
     SERVICES_PG_STARTED=""

@@ -11,8 +11,8 @@ use common::nats::{self, NatsServer, stream_messages};
 use common::{CourseEvent, LessonPublished, counted, store};
 use edupulse_events::wire::{OutgoingMessage, decode_message, headers};
 use edupulse_events::{
-    AggregateFilter, BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, LogRelay,
-    Metadata, NatsConfig, NatsPublisher, PublishReceipt, Publisher, RelayConfig, Requeue, StreamState, Uuid,
+    BoxFuture, BusConfig, EventBus, EventEnvelope, EventError, EventStore, LogRelay, Metadata, NatsConfig,
+    NatsPublisher, PublishReceipt, Publisher, RelayConfig, Requeue, Uuid,
 };
 use futures_util::StreamExt;
 
@@ -280,31 +280,6 @@ struct DiesMidBatch {
 }
 
 impl Publisher for DiesMidBatch {
-    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
-        self.inner.stream_state(stream)
-    }
-
-    fn held_events<'a>(
-        &'a self,
-        stream: &'a str,
-        last: u64,
-        wanted: AggregateFilter<'a>,
-    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
-        self.inner.held_events(stream, last, wanted)
-    }
-
-    fn event_at<'a>(
-        &'a self,
-        stream: &'a str,
-        sequence: u64,
-    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>> {
-        self.inner.event_at(stream, sequence)
-    }
-
-    fn connection_epoch(&self) -> u64 {
-        self.inner.connection_epoch()
-    }
-
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
@@ -315,6 +290,8 @@ impl Publisher for DiesMidBatch {
             std::future::pending().await
         })
     }
+
+    edupulse_events::forward_publisher!(inner);
 }
 
 #[tokio::test]

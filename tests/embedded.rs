@@ -8,9 +8,8 @@ use std::time::Duration;
 use common::{CourseEvent, LessonPublished, counted};
 use edupulse_events::wire::{OutgoingMessage, decode_message};
 use edupulse_events::{
-    AggregateFilter, Backends, BoxFuture, BusConfig, EventBus, EventError, EventStore, InMemoryBroker,
-    LogRelay, PublishReceipt, Publisher, RelayConfig, Requeue, StoreConfig, StreamPosition, StreamSpec,
-    StreamState, Uuid,
+    Backends, BoxFuture, BusConfig, EventBus, EventError, EventStore, InMemoryBroker, LogRelay,
+    PublishReceipt, Publisher, RelayConfig, Requeue, StoreConfig, StreamPosition, StreamSpec, Uuid,
 };
 use futures_util::StreamExt;
 use tokio::sync::Barrier;
@@ -493,31 +492,6 @@ struct Batches {
 }
 
 impl Publisher for Batches {
-    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
-        self.inner.stream_state(stream)
-    }
-
-    fn held_events<'a>(
-        &'a self,
-        stream: &'a str,
-        last: u64,
-        wanted: AggregateFilter<'a>,
-    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
-        self.inner.held_events(stream, last, wanted)
-    }
-
-    fn event_at<'a>(
-        &'a self,
-        stream: &'a str,
-        sequence: u64,
-    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>> {
-        self.inner.event_at(stream, sequence)
-    }
-
-    fn connection_epoch(&self) -> u64 {
-        self.inner.connection_epoch()
-    }
-
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
@@ -525,6 +499,8 @@ impl Publisher for Batches {
         self.sizes.lock().unwrap().push(messages.len());
         self.inner.publish(messages)
     }
+
+    edupulse_events::forward_publisher!(inner);
 }
 
 #[tokio::test]

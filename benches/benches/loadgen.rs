@@ -512,6 +512,31 @@ async fn backlog(
     Ok(())
 }
 
+/// The body of a message as the bus sends one: an envelope of the benchmark's event.
+fn bench_body() -> Result<Vec<u8>> {
+    let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
+    Ok(serde_json::to_vec(&envelope)?)
+}
+
+/// Raw async-nats: `total` messages of `body` on `bench.Raw`, pipelined with 5 000
+/// acknowledgements outstanding; the time until the last is acknowledged.
+async fn raw_pipelined(js: &async_nats::jetstream::Context, body: &[u8], total: u64) -> Result<Duration> {
+    let started = Instant::now();
+    let mut acks = std::collections::VecDeque::new();
+    for _ in 0..total {
+        acks.push_back(js.send_publish("bench.Raw", raw_message(body)).await?);
+        if acks.len() >= 5_000
+            && let Some(ack) = acks.pop_front()
+        {
+            ack.await?;
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(started.elapsed())
+}
+
 /// A backlog published by one relay from its checkpoints, beside raw async-nats publishing
 /// the same number of messages pipelined.
 async fn bench_relay(env: &Env) -> Result<()> {
@@ -548,23 +573,8 @@ async fn bench_relay(env: &Env) -> Result<()> {
     let stored = stream.info().await?.state.messages;
 
     // The ceiling: the same number of messages of the same size, pipelined by async-nats.
-    let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
-    let body = serde_json::to_vec(&envelope)?;
-    let js = publisher.jetstream().clone();
-    let started = Instant::now();
-    let mut acks = std::collections::VecDeque::new();
-    for _ in 0..total {
-        acks.push_back(js.send_publish("bench.Raw", raw_message(&body)).await?);
-        if acks.len() >= 5_000
-            && let Some(ack) = acks.pop_front()
-        {
-            ack.await?;
-        }
-    }
-    for ack in acks {
-        ack.await?;
-    }
-    let raw = started.elapsed();
+    let body = bench_body()?;
+    let raw = raw_pipelined(publisher.jetstream(), &body, total).await?;
     println!("\n### Relay drain\n");
     println!(
         "| backlog | aggregates | batch | time | events/s | in the stream | raw async-nats events/s | ratio |"
@@ -595,25 +605,9 @@ async fn bench_durability(env: &Env) -> Result<()> {
         let _ = publisher.jetstream().delete_stream(old).await;
     }
     publisher.ensure_stream(&StreamSpec::new("BENCH_DUR", ["bench.>"]).with_replicas(replicas)).await?;
-    let envelope = edupulse_events::EventEnvelope::new("bench", Uuid::now_v7(), tick(Uuid::now_v7(), 1));
-    let body = serde_json::to_vec(&envelope)?;
+    let body = bench_body()?;
     let js = publisher.jetstream().clone();
-
-    // Raw JetStream, pipelined (5 000 acknowledgements outstanding).
-    let started = Instant::now();
-    let mut acks = std::collections::VecDeque::new();
-    for _ in 0..total {
-        acks.push_back(js.send_publish("bench.Raw", raw_message(&body)).await?);
-        if acks.len() >= 5_000
-            && let Some(ack) = acks.pop_front()
-        {
-            ack.await?;
-        }
-    }
-    for ack in acks {
-        ack.await?;
-    }
-    let pipelined = rate(total, started.elapsed());
+    let pipelined = rate(total, raw_pipelined(&js, &body, total).await?);
     // Raw JetStream, one message at a time: the acknowledgement's latency.
     let mut latencies = Vec::new();
     let started = Instant::now();

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use clap::ArgMatches;
 use edupulse_events::wire::OutgoingMessage;
 use edupulse_events::{
-    AggregateFilter, BoxFuture, EventError, LogRelay, NatsPublisher, PublishReceipt, Publisher, RelayConfig,
-    StreamSpec, StreamState, Uuid,
+    BoxFuture, EventError, LogRelay, NatsPublisher, PublishReceipt, Publisher, RelayConfig, StreamSpec,
 };
 
 use crate::connect;
@@ -28,31 +27,6 @@ struct Counting {
 }
 
 impl Publisher for Counting {
-    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
-        self.inner.stream_state(stream)
-    }
-
-    fn held_events<'a>(
-        &'a self,
-        stream: &'a str,
-        last: u64,
-        wanted: AggregateFilter<'a>,
-    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
-        self.inner.held_events(stream, last, wanted)
-    }
-
-    fn event_at<'a>(
-        &'a self,
-        stream: &'a str,
-        sequence: u64,
-    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>> {
-        self.inner.event_at(stream, sequence)
-    }
-
-    fn connection_epoch(&self) -> u64 {
-        self.inner.connection_epoch()
-    }
-
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
@@ -76,9 +50,7 @@ impl Publisher for Counting {
         })
     }
 
-    fn max_payload(&self) -> Option<usize> {
-        self.inner.max_payload()
-    }
+    edupulse_events::forward_publisher!(inner);
 }
 
 pub(crate) async fn run(matches: &ArgMatches) -> Result<ExitCode, Failure> {

@@ -8,10 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edupulse_events::wire::OutgoingMessage;
-use edupulse_events::{
-    AggregateFilter, BoxFuture, EventError, EventStore, LogRelay, PublishReceipt, Publisher, RelayConfig,
-    StreamState, Uuid,
-};
+use edupulse_events::{BoxFuture, EventError, EventStore, LogRelay, PublishReceipt, Publisher, RelayConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -149,31 +146,6 @@ impl Counting {
 }
 
 impl Publisher for Counting {
-    fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>> {
-        self.inner.stream_state(stream)
-    }
-
-    fn held_events<'a>(
-        &'a self,
-        stream: &'a str,
-        last: u64,
-        wanted: AggregateFilter<'a>,
-    ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
-        self.inner.held_events(stream, last, wanted)
-    }
-
-    fn event_at<'a>(
-        &'a self,
-        stream: &'a str,
-        sequence: u64,
-    ) -> BoxFuture<'a, Result<Option<Uuid>, EventError>> {
-        self.inner.event_at(stream, sequence)
-    }
-
-    fn connection_epoch(&self) -> u64 {
-        self.inner.connection_epoch()
-    }
-
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
@@ -190,9 +162,7 @@ impl Publisher for Counting {
         })
     }
 
-    fn max_payload(&self) -> Option<usize> {
-        self.inner.max_payload()
-    }
+    edupulse_events::forward_publisher!(inner);
 }
 
 #[derive(Debug, Default, Clone)]

@@ -65,7 +65,8 @@ pub trait Publisher: Send + Sync + 'static {
     /// from an older copy, a single server that lost power before syncing).
     ///
     /// No default: a wrapper around another publisher must forward it, or the relay cannot
-    /// see a stream that lost messages (a broker without streams returns `Ok(None)`).
+    /// see a stream that lost messages (a broker without streams returns `Ok(None)`);
+    /// [`forward_publisher!`](crate::forward_publisher) forwards them all.
     ///
     /// # Errors
     /// [`EventError::Broker`] when the broker does not answer.
@@ -107,4 +108,73 @@ pub trait Publisher: Send + Sync + 'static {
     /// before it publishes more, since a server that restarted may have lost messages.
     /// No default: a wrapper forwards it.
     fn connection_epoch(&self) -> u64;
+}
+
+/// Inside an `impl Publisher for Wrapper` block, forwards every method but `publish` to the
+/// field `$inner` (any [`Publisher`]): for wrappers that count, log or inject faults around
+/// another publisher and must not lose what it says about its streams (the relay's
+/// lost-message check depends on it).
+///
+/// ```
+/// use std::sync::Arc;
+/// use edupulse_events::{BoxFuture, EventError, PublishReceipt, Publisher};
+/// use edupulse_events::wire::OutgoingMessage;
+///
+/// struct Logged {
+///     inner: Arc<dyn Publisher>,
+/// }
+///
+/// impl Publisher for Logged {
+///     fn publish<'a>(
+///         &'a self,
+///         messages: &'a [OutgoingMessage],
+///     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+///         println!("publishing {}", messages.len());
+///         self.inner.publish(messages)
+///     }
+///
+///     edupulse_events::forward_publisher!(inner);
+/// }
+/// ```
+#[macro_export]
+macro_rules! forward_publisher {
+    ($inner:ident) => {
+        fn max_payload(&self) -> ::std::option::Option<usize> {
+            self.$inner.max_payload()
+        }
+
+        fn stream_state<'a>(
+            &'a self,
+            stream: &'a str,
+        ) -> $crate::BoxFuture<
+            'a,
+            ::std::result::Result<::std::option::Option<$crate::StreamState>, $crate::EventError>,
+        > {
+            self.$inner.stream_state(stream)
+        }
+
+        fn held_events<'a>(
+            &'a self,
+            stream: &'a str,
+            last: u64,
+            wanted: $crate::AggregateFilter<'a>,
+        ) -> $crate::BoxFuture<'a, ::std::result::Result<::std::vec::Vec<$crate::Uuid>, $crate::EventError>> {
+            self.$inner.held_events(stream, last, wanted)
+        }
+
+        fn event_at<'a>(
+            &'a self,
+            stream: &'a str,
+            sequence: u64,
+        ) -> $crate::BoxFuture<
+            'a,
+            ::std::result::Result<::std::option::Option<$crate::Uuid>, $crate::EventError>,
+        > {
+            self.$inner.event_at(stream, sequence)
+        }
+
+        fn connection_epoch(&self) -> u64 {
+            self.$inner.connection_epoch()
+        }
+    };
 }
