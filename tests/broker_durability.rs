@@ -215,3 +215,94 @@ async fn a_deleted_stream_is_refilled_by_a_relay_that_republishes_lost_messages_
     assert_complete(&order, &seen, &ids, 7);
     assert!(store.relay_lag().await.unwrap().lost.is_empty());
 }
+
+/// A publisher whose broker "restarted": its connection epoch moves on demand, and it does
+/// not answer stream requests while `answering` is off.
+struct Restarted {
+    inner: NatsPublisher,
+    epoch: std::sync::atomic::AtomicU64,
+    answering: std::sync::atomic::AtomicBool,
+}
+
+impl edupulse_events::Publisher for Restarted {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [edupulse_events::wire::OutgoingMessage],
+    ) -> edupulse_events::BoxFuture<
+        'a,
+        Vec<Result<edupulse_events::PublishReceipt, edupulse_events::EventError>>,
+    > {
+        self.inner.publish(messages)
+    }
+
+    fn stream_state<'a>(
+        &'a self,
+        stream: &'a str,
+    ) -> edupulse_events::BoxFuture<
+        'a,
+        Result<Option<edupulse_events::StreamState>, edupulse_events::EventError>,
+    > {
+        Box::pin(async move {
+            if self.answering.load(std::sync::atomic::Ordering::SeqCst) {
+                self.inner.stream_state(stream).await
+            } else {
+                Err(edupulse_events::EventError::Config("the broker does not answer yet".into()))
+            }
+        })
+    }
+
+    fn held_events<'a>(
+        &'a self,
+        stream: &'a str,
+        last: u64,
+        wanted: edupulse_events::AggregateFilter<'a>,
+    ) -> edupulse_events::BoxFuture<'a, Result<Vec<Uuid>, edupulse_events::EventError>> {
+        self.inner.held_events(stream, last, wanted)
+    }
+
+    fn event_at<'a>(
+        &'a self,
+        stream: &'a str,
+        sequence: u64,
+    ) -> edupulse_events::BoxFuture<'a, Result<Option<Uuid>, edupulse_events::EventError>> {
+        self.inner.event_at(stream, sequence)
+    }
+
+    fn connection_epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn after_a_reconnection_nothing_is_published_until_the_streams_are_checked() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let store = store().await;
+    let server = NatsServer::start().await;
+    let nats = nats::publisher(&server).await;
+    let gate = Arc::new(Restarted {
+        inner: nats.clone(),
+        epoch: std::sync::atomic::AtomicU64::new(1),
+        answering: std::sync::atomic::AtomicBool::new(true),
+    });
+    let relay = LogRelay::new(store.clone(), gate.clone(), RelayConfig::default());
+    let ids = aggregates(5);
+    commit(&store, &ids, 0, 2).await;
+    common::until_readable(&store, 10).await;
+    publish_until(&relay, &nats, 10).await;
+
+    // The connection was made again and the broker does not answer stream requests yet:
+    // it may have restarted without what it acknowledged, so nothing goes out.
+    gate.epoch.store(2, SeqCst);
+    gate.answering.store(false, SeqCst);
+    commit(&store, &ids, 2, 2).await;
+    common::until_readable(&store, 20).await;
+    let pass = relay.run_once().await.unwrap();
+    assert_eq!(pass.published, 0, "published before the streams were checked: {pass:?}");
+    assert_eq!(stream_messages(&nats).await.len(), 10);
+
+    // Once it answers (and holds what it acknowledged), publication goes on.
+    gate.answering.store(true, SeqCst);
+    publish_until(&relay, &nats, 20).await;
+    let (order, seen) = stream_of(&nats).await;
+    assert_complete(&order, &seen, &ids, 4);
+}

@@ -220,6 +220,7 @@ impl Relays {
     fn spawn(&self) -> JoinHandle<Result<(), EventError>> {
         // Short backoffs: the servers come back within seconds, and the run is short.
         let config = RelayConfig::default()
+            .with_republish_lost(true)
             .with_poll_interval(Duration::from_millis(200))
             .with_min_backoff(Duration::from_millis(50))
             .with_max_backoff(Duration::from_secs(1));

@@ -107,6 +107,13 @@ impl StreamWatch {
         wanted && self.last_failure.is_none_or(|at| at.elapsed() >= RETRY_CHECK)
     }
 
+    /// Whether the streams were checked on this connection to the broker: until they are
+    /// (the broker restarted, maybe without what it acknowledged, and does not answer yet),
+    /// nothing is published, or it could land after a hole.
+    pub(crate) fn verified(&self, epoch: u64) -> bool {
+        self.epoch == Some(epoch)
+    }
+
     /// Partitions not to publish: a stream of theirs lost messages.
     pub(crate) fn behind(&self) -> HashSet<i32> {
         self.marks.iter().filter(|(_, m)| m.behind.is_some()).map(|((p, _), _)| *p).collect()
@@ -184,7 +191,11 @@ impl StreamWatch {
     ) -> Option<(u64, Vec<(i32, Arc<str>)>)> {
         let state = match publisher.stream_state(stream).await {
             Ok(Some(state)) => state,
-            Ok(None) => return None,
+            // The broker answers that there is no such stream (deleted, renamed, or not
+            // loaded yet by a server that just restarted): nothing of it to lose, and
+            // nothing to wait for; a stream made again under the name is found at the next
+            // look, or by the first acknowledgement it gives (a sequence below the marks).
+            Ok(None) => return Some((0, Vec::new())),
             Err(e) => {
                 tracing::debug!(stream = &**stream, error = %e, "relay: cannot check the stream; later");
                 return None;

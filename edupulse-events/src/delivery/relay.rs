@@ -556,9 +556,15 @@ impl<'a> Worker<'a> {
         loop {
             // Before each page: after a reconnection (the broker may have restarted without
             // what it acknowledged), when taking partitions, and every so often.
-            if self.streams.due(self.relay.publisher.connection_epoch(), self.config().stream_check_interval)
-            {
+            let epoch = self.relay.publisher.connection_epoch();
+            if self.streams.due(epoch, self.config().stream_check_interval) {
                 self.check_streams().await?;
+            }
+            if !self.streams.verified(epoch) {
+                // Not checked on this connection yet (the broker does not answer): wait.
+                pass.waiting += 1;
+                pass.more = false;
+                break;
             }
             // Partitions whose stream lost messages are not read: nothing newer goes out
             // before the lost ones are sent again, and their checkpoints stay. One left out
