@@ -12,7 +12,9 @@
 //! starts it first) and two standalone `LogRelay`s that may hold any partition: one holds
 //! 32..64, the other stands by. The report says how many acknowledgements each kind of relay
 //! got. A seeded schedule kills the standalone relays mid-batch,
-//! SIGKILLs nats-server while a relay waits on it and restarts PostgreSQL. A second test runs
+//! SIGKILLs nats-server while a relay waits on it and restarts PostgreSQL, and once puts the
+//! server back on an older copy of its store (what it acknowledged over 3–5 s is lost, as in
+//! a power cut before a sync; the relays must find it and send it again). A second test runs
 //! the same against a JetStream cluster of three servers and a stream of three replicas:
 //! the stream's leader SIGKILLed mid-batch, one member lost for good (killed, its store
 //! deleted) after which the stream must go on taking messages, and the whole cluster
@@ -27,7 +29,7 @@
 //! `TORTURE_WRITERS` (6), `TORTURE_AGGREGATES` (40), `TORTURE_SKIP` (what to leave out, to
 //! isolate a finding: kinds of commit `plain,any,caller-writes-first,closure-fails,
 //! swallow-before,swallow-after,bad-input`, `any-parts` (the `Any` appends inside plain and
-//! caller-first commits), faults `relay-kill,nats-kill,pg-restart,member-loss,
+//! caller-first commits), faults `relay-kill,nats-kill,pg-restart,restore-older,member-loss,
 //! cluster-restart`). `scripts/torture.sh` runs long ones.
 //! See RELIABILITY.md.
 
@@ -152,7 +154,12 @@ impl Report {
             leader = if settings.topology == Topology::Cluster { " of the stream leader" } else { "" },
             mid = f.nats_kills_mid_batch,
             after = f.nats_kills_after_ack,
-            cluster = if settings.topology == Topology::Cluster {
+            cluster = if settings.topology == Topology::Single {
+                format!(
+                    "{} return(s) of the server to an older copy of its store ({} acknowledgements lost with it), ",
+                    f.older_copies, f.acked_then_lost
+                )
+            } else if settings.topology == Topology::Cluster {
                 format!(
                     "{} member(s) lost for good ({} acknowledgements after the loss), {} whole-cluster \
                      SIGKILLs and restarts, ",
@@ -197,7 +204,16 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_committed_event_is_published_once_in_order_under_faults() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    check(Settings::from_env(Topology::Single)).await;
+    let settings = Settings::from_env(Topology::Single);
+    let report = check(settings.clone()).await;
+    if settings.skip.iter().all(|s| s != "restore-older") {
+        assert_eq!(report.faults.older_copies, 1, "the server went back to an older copy once");
+        assert!(
+            report.faults.acked_then_lost > 0,
+            "the older copy lost acknowledged messages (else it tested nothing):\n{}",
+            report.summary(&settings)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

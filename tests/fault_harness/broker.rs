@@ -85,6 +85,25 @@ impl Broker {
         Some(victim)
     }
 
+    /// A single server only: SIGKILL, copy its store, restart; `gap` later SIGKILL again,
+    /// put the copy back and restart. Whatever it acknowledged during the gap is lost, as
+    /// when a server loses power before its sync (or is restored from a backup). Returns
+    /// false against a cluster (nothing done).
+    pub(crate) async fn restore_older_copy(&mut self, gap: Duration) -> bool {
+        let Self::Single(server) = self else { return false };
+        server.kill().await;
+        let backup = server.dir().with_extension("older");
+        let copied = std::process::Command::new("cp").arg("-a").arg(server.dir()).arg(&backup).status();
+        assert!(copied.is_ok_and(|s| s.success()), "the harness could not copy the broker's store");
+        server.restart().await;
+        tokio::time::sleep(gap).await;
+        server.kill().await;
+        std::fs::remove_dir_all(server.dir()).expect("the broker's store is removed");
+        std::fs::rename(&backup, server.dir()).expect("the older copy is put back");
+        server.restart().await;
+        true
+    }
+
     /// SIGKILLs every running member, waits `pause`, and starts them again (the lost one
     /// stays lost). A single server is killed and restarted.
     pub(crate) async fn restart_all(&mut self, pause: Duration) {

@@ -31,6 +31,10 @@ pub(crate) enum Fault {
     LoseMember,
     /// A cluster only: SIGKILL every member, start them again after `pause`.
     RestartCluster { pause: Duration },
+    /// One server only: the stream goes back to a copy taken `gap` earlier (what it
+    /// acknowledged meanwhile is lost, as in a power cut before a sync); the relays must find
+    /// it and send it again.
+    RestoreOlder { gap: Duration },
 }
 
 impl Fault {
@@ -42,6 +46,7 @@ impl Fault {
             Self::RestartPostgres => "pg-restart",
             Self::LoseMember => "member-loss",
             Self::RestartCluster { .. } => "cluster-restart",
+            Self::RestoreOlder { .. } => "restore-older",
         }
     }
 }
@@ -91,6 +96,16 @@ pub(crate) fn schedule(
                 2 => Fault::RestartPostgres,
                 _ => Fault::RestartCluster { pause: Duration::from_millis(rng.between(200, 2500)) },
             };
+            if topology == Topology::Single && !member_lost && at >= duration / 2 {
+                // Once, half-way: the server loses what it acknowledged over a few seconds.
+                member_lost = true;
+                let restore = Fault::RestoreOlder { gap: Duration::from_millis(rng.between(3000, 5000)) };
+                if !skipped(restore.name()) {
+                    out.push((at, restore));
+                    at += Duration::from_millis(rng.between(1500, 4000));
+                    continue;
+                }
+            }
             if topology == Topology::Cluster && !member_lost && at >= duration / 3 {
                 member_lost = true;
                 if !skipped(Fault::LoseMember.name()) {
@@ -175,6 +190,10 @@ pub(crate) struct FaultCounts {
     pub(crate) nats_kills_after_ack: u64,
     pub(crate) nats_down: Duration,
     pub(crate) members_lost: u64,
+    /// Times the single server went back to an older copy of its store.
+    pub(crate) older_copies: u64,
+    /// Acknowledgements the relays got while the server ran on what it then lost.
+    pub(crate) acked_then_lost: u64,
     pub(crate) cluster_restarts: u64,
     /// Acknowledgements counted when the member was lost (the stream must go on taking
     /// messages after).
@@ -340,6 +359,15 @@ pub(crate) async fn inject(
                 counts.acked_at_loss = Some(acked());
             }
         }
+        Fault::RestoreOlder { gap } => {
+            let down = tokio::time::Instant::now();
+            let before = acked();
+            if broker.restore_older_copy(gap).await {
+                counts.older_copies += 1;
+                counts.acked_then_lost += acked().saturating_sub(before);
+            }
+            counts.nats_down += down.elapsed().saturating_sub(gap);
+        }
         Fault::RestartCluster { pause } => {
             let down = tokio::time::Instant::now();
             broker.restart_all(pause).await;
@@ -384,6 +412,7 @@ mod tests {
         assert!(a.iter().any(|(_, f)| matches!(f, Fault::RestartPostgres)));
         assert!(a.iter().all(|(at, _)| *at <= Duration::from_secs(38)));
         assert!(a.iter().all(|(_, f)| !matches!(f, Fault::LoseMember | Fault::RestartCluster { .. })));
+        assert_eq!(a.iter().filter(|(_, f)| matches!(f, Fault::RestoreOlder { .. })).count(), 1);
 
         let c = schedule(42, Duration::from_secs(30), 2, &[], Topology::Cluster);
         assert_eq!(c.iter().filter(|(_, f)| matches!(f, Fault::LoseMember)).count(), 1);
