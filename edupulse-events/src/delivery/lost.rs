@@ -337,8 +337,10 @@ pub(crate) struct Loss<'a> {
     pub(crate) partition: i32,
     /// The partition's checkpoint: what was acknowledged.
     pub(crate) checkpoint: StreamPosition,
-    /// The event ids the stream holds, of the partition's aggregates.
+    /// The event ids the stream holds (of this partition and others being repaired).
     pub(crate) held: &'a HashSet<Uuid>,
+    /// The stream holds at least one event of this partition.
+    pub(crate) holds_any: bool,
     /// The stream's last sequence.
     pub(crate) held_up_to: u64,
     /// The stream's subject filters: events on other subjects go to other streams.
@@ -361,13 +363,13 @@ pub(crate) async fn resend(
     loss: Loss<'_>,
     batch: (i64, usize),
 ) -> Result<Resent, EventError> {
-    let Loss { partition, checkpoint, held, held_up_to, subjects, parked } = loss;
+    let Loss { partition, checkpoint, held, holds_any, held_up_to, subjects, parked } = loss;
     let filters: Vec<Vec<&str>> = subjects.iter().map(|f| f.split('.').collect()).collect();
     let captured = |subject: &str| filters.iter().any(|f| filter_matches(f, subject));
     let mut after = StreamPosition::default();
     // Until the oldest held event is met, events are older than what the stream keeps (or
     // the stream holds none of the partition's: then everything is sent).
-    let mut started = held.is_empty();
+    let mut started = !holds_any;
     let mut resent = Resent { events: 0, acknowledged: held_up_to, event_id: None };
     loop {
         let Page { rows, .. } = lease.page(after, batch.0, batch.1, &[partition]).await?;

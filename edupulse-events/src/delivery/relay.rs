@@ -959,38 +959,76 @@ impl<'a> Worker<'a> {
         let publisher = &*self.relay.publisher;
         let lease = self.lease.as_mut().ok_or_else(no_lease)?;
         self.streams.check(publisher, lease, &self.held).await?;
+        // One read of each stream serves every partition repaired on it.
+        let mut by_stream: HashMap<Arc<str>, Vec<i32>> = HashMap::new();
         for (partition, stream) in self.streams.to_repair(self.relay.config.republish_lost) {
-            self.repair(partition, &stream).await?;
+            by_stream.entry(stream).or_default().push(partition);
+        }
+        for (stream, partitions) in by_stream {
+            let Some((last, subjects, held)) = self.read_stream(&stream, &partitions).await else { continue };
+            for partition in partitions {
+                self.repair(partition, &stream, last, subjects.clone(), &held).await?;
+            }
         }
         Ok(())
     }
 
-    /// Sends again what `stream` lost of `partition`'s events (see `delivery/lost.rs`).
-    async fn repair(&mut self, partition: i32, stream: &Arc<str>) -> Result<(), EventError> {
-        let Some(&checkpoint) = self.checkpoints.get(&partition) else { return Ok(()) };
+    /// What `stream` holds of `partitions`' events: its last sequence, its subjects and the
+    /// event ids (headers only); `None` when the broker does not answer (repairs wait).
+    async fn read_stream(&self, stream: &Arc<str>, partitions: &[i32]) -> Option<(u64, Vec<String>, Held)> {
         let publisher = &*self.relay.publisher;
+        let postponed = |e: &EventError| {
+            tracing::warn!(stream = &**stream, error = %e, "relay: repair postponed");
+        };
         let (last, subjects) = match publisher.stream_state(stream).await {
             Ok(Some(state)) => (state.last_sequence, state.subjects),
-            Ok(None) => return Ok(()),
+            Ok(None) => return None,
             Err(e) => {
-                tracing::warn!(partition, stream = &**stream, error = %e, "relay: repair postponed");
-                return Ok(());
+                postponed(&e);
+                return None;
             }
         };
-        let wanted = move |aggregate_id: Uuid| crate::store::model::partition_of(aggregate_id) == partition;
-        let held = match publisher.held_events(stream, last, &wanted).await {
-            Ok(held) => held.into_iter().collect::<HashSet<Uuid>>(),
-            Err(e) => {
-                tracing::warn!(partition, stream = &**stream, error = %e, "relay: repair postponed");
-                return Ok(());
+        // Which of the partitions the stream holds anything of, noted as it is read.
+        let holding = Mutex::new(HashSet::new());
+        let wanted = |aggregate_id: Uuid| {
+            let partition = crate::store::model::partition_of(aggregate_id);
+            let wanted = partitions.contains(&partition);
+            if wanted {
+                holding.lock().unwrap_or_else(PoisonError::into_inner).insert(partition);
             }
+            wanted
         };
+        match publisher.held_events(stream, last, &wanted).await {
+            Ok(held) => {
+                let holding = holding.into_inner().unwrap_or_else(PoisonError::into_inner);
+                Some((last, subjects, Held { events: held.into_iter().collect(), partitions: holding }))
+            }
+            Err(e) => {
+                postponed(&e);
+                None
+            }
+        }
+    }
+
+    /// Sends again what `stream` lost of `partition`'s events (see `delivery/lost.rs`),
+    /// given what it holds.
+    async fn repair(
+        &mut self,
+        partition: i32,
+        stream: &Arc<str>,
+        last: u64,
+        subjects: Vec<String>,
+        held: &Held,
+    ) -> Result<(), EventError> {
+        let Some(&checkpoint) = self.checkpoints.get(&partition) else { return Ok(()) };
+        let publisher = &*self.relay.publisher;
         let batch = (i64::from(self.relay.config.batch_size), self.relay.config.max_batch_bytes);
         let lease = self.lease.as_mut().ok_or_else(no_lease)?;
         let loss = lost::Loss {
             partition,
             checkpoint,
-            held: &held,
+            held: &held.events,
+            holds_any: held.partitions.contains(&partition),
             held_up_to: last,
             subjects,
             parked: &self.blocked,
@@ -1001,7 +1039,7 @@ impl<'a> Worker<'a> {
                     partition,
                     stream = &**stream,
                     resent = resent.events,
-                    still_held = held.len(),
+                    still_held = held.events.len(),
                     "relay: sent again what the stream lost; the partition is published again"
                 );
                 self.streams.repaired(lease, partition, stream, &resent).await
@@ -1013,6 +1051,13 @@ impl<'a> Worker<'a> {
             }
         }
     }
+}
+
+/// What a stream holds of the partitions a relay repairs: the event ids, and the partitions
+/// it holds any event of.
+struct Held {
+    events: HashSet<Uuid>,
+    partitions: HashSet<i32>,
 }
 
 /// What a pass stopped: aggregates with an event that failed or waits for its retry (their
