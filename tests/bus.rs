@@ -319,6 +319,57 @@ async fn relay_killed_mid_batch_and_restarted_duplicates_nothing() {
     assert_exactly_once_in_order(&stored, &committed);
 }
 
+/// Publishes through `inner`, `delay` per call, counting the calls.
+struct Slow {
+    inner: NatsPublisher,
+    delay: Duration,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Publisher for Slow {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.publish(messages).await
+        })
+    }
+
+    edupulse_events::forward_publisher!(inner);
+}
+
+#[tokio::test]
+async fn a_relay_asked_to_stop_finishes_its_page_and_leaves_the_backlog_with_its_checkpoints_saved() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let store = store().await;
+    let aggregates: Vec<Uuid> = (0..8).map(|_| Uuid::now_v7()).collect();
+    let committed = commit_events(&silent_bus(&store, &publisher), &aggregates, 100, 100).await;
+    // 40 pages of 20, a call each, 50 ms a call: about 2 s to drain.
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slow = Slow { inner: publisher.clone(), delay: Duration::from_millis(50), calls: calls.clone() };
+    let (stop, task) = spawn_relay(relay(&store, Arc::new(slow), 20));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while calls.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the relay published nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("the relay stops after its page, without draining the backlog first")
+        .unwrap();
+    let published = stream_messages(&publisher).await.len();
+    assert!(published < 400, "the relay went on after it was asked to stop: {published} of 800 published");
+    let lag = store.relay_lag().await.unwrap();
+    assert_eq!(lag.pending, 800 - published as i64, "the stopped relay saved its checkpoints");
+    drain(&relay(&store, Arc::new(publisher.clone()), 100)).await;
+    assert_exactly_once_in_order(&stream_messages(&publisher).await, &committed);
+}
+
 /// Sets the test stream's largest message, as an operator would.
 async fn set_max_msg_size(publisher: &NatsPublisher, bytes: i32) {
     let mut stream = publisher.jetstream().get_stream(nats::STREAM).await.unwrap();

@@ -48,10 +48,13 @@ pub(crate) async fn scan(
         let message = match next {
             Ok(Some(Ok(message))) => message,
             Ok(Some(Err(e))) => return Err(unavailable("read failed", &e)),
-            Ok(None) => break,
+            // The read ended before it reached `last`: what it found is not all the stream
+            // holds, and a repair on it would send again what the stream still has.
+            Ok(None) => return Err(unavailable("read ended early", &format!("before sequence {last}"))),
             Err(_) => return Err(unavailable("stalled", &format!("no message for {STALL:?}"))),
         };
-        let sequence = message.info().map_err(|e| unavailable("no sequence", &e))?.stream_sequence;
+        let info = message.info().map_err(|e| unavailable("no sequence", &e))?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
         if sequence > last {
             break;
         }
@@ -63,7 +66,8 @@ pub(crate) async fn scan(
         {
             held.push(event_id);
         }
-        if sequence >= last {
+        // Nothing pending: the messages up to `last` that are not read were deleted.
+        if sequence >= last || pending == 0 {
             break;
         }
     }

@@ -363,6 +363,14 @@ impl Publisher for NatsPublisher {
             match self.jetstream.get_stream(stream).await {
                 Ok(found) => {
                     let info = found.cached_info();
+                    // A replicated stream between leaders is answered from a replica's own
+                    // copy, which may not hold everything the group acknowledged yet.
+                    if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) {
+                        return Err(EventError::broker_message(
+                            BrokerErrorKind::Unavailable,
+                            format!("stream {stream} has no leader (an election is under way)"),
+                        ));
+                    }
                     Ok(Some(StreamState {
                         first_sequence: info.state.first_sequence,
                         last_sequence: info.state.last_sequence,

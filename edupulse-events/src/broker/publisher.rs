@@ -69,7 +69,8 @@ pub trait Publisher: Send + Sync + 'static {
     /// [`forward_publisher!`](crate::forward_publisher) forwards them all.
     ///
     /// # Errors
-    /// [`EventError::Broker`] when the broker does not answer.
+    /// [`EventError::Broker`] when the broker does not answer, or cannot answer for the
+    /// whole stream (a replicated stream electing a leader).
     fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>>;
 
     /// The event ids (`Nats-Msg-Id`) of the messages stream `stream` holds up to sequence

@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -52,6 +53,8 @@ struct Mark {
     saved: u64,
     /// The stream's last sequence when it was found behind.
     behind: Option<u64>,
+    /// When it was found behind.
+    found_at: Option<Instant>,
 
     /// Behind as last recorded in the store.
     recorded_behind: Option<u64>,
@@ -75,6 +78,15 @@ const RETRY_CHECK: Duration = Duration::from_secs(1);
 /// How long after a stream looked behind it is looked at again.
 const SECOND_LOOK: Duration = Duration::from_secs(1);
 
+/// How long a loss must last before it is repaired. A replicated stream that has just
+/// restarted, or changed leader, may show less than it holds for a while, and a repair on
+/// that view would store again what comes back: within this time, a stream that holds the
+/// marks again clears them.
+const LOSS_SETTLE: Duration = Duration::from_secs(5);
+
+/// How often streams that lost messages are looked at again (healed, or asked to repair).
+const RECHECK_BEHIND: Duration = Duration::from_secs(2);
+
 impl StreamWatch {
     /// Adds the marks of partitions just taken, and asks for a check.
     pub(crate) fn load(&mut self, marks: Vec<StreamMark>) {
@@ -88,6 +100,12 @@ impl StreamWatch {
                 floor: acknowledged,
                 saved: acknowledged,
                 behind,
+                // As long ago as the store says (a relay that found it may have died right
+                // after: the loss still has to last).
+                found_at: m.behind_since.map(|since| {
+                    let age = (chrono::Utc::now() - since).to_std().unwrap_or_default();
+                    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+                }),
                 recorded_behind: behind,
                 repair_requested: m.repair_requested,
             };
@@ -103,6 +121,11 @@ impl StreamWatch {
 
     /// Whether a check is due: never checked, a new connection, or the interval passed.
     pub(crate) fn due(&self, epoch: u64, interval: Duration) -> bool {
+        let interval = if self.marks.values().any(|m| m.behind.is_some()) {
+            interval.min(RECHECK_BEHIND)
+        } else {
+            interval
+        };
         let wanted = self.epoch != Some(epoch) || self.last_check.is_none_or(|at| at.elapsed() >= interval);
         wanted && self.last_failure.is_none_or(|at| at.elapsed() >= RETRY_CHECK)
     }
@@ -144,6 +167,7 @@ impl StreamWatch {
                  (`edupulse republish --lost`)"
             );
             mark.behind = Some(receipt.stream_sequence.saturating_sub(1));
+            mark.found_at = Some(Instant::now());
         }
         if receipt.stream_sequence > mark.acknowledged {
             mark.acknowledged = receipt.stream_sequence;
@@ -184,30 +208,29 @@ impl StreamWatch {
     /// sequence is below it, or when the stream, still holding that sequence, holds another
     /// message there or none (restored from an older copy, or made again, and newer messages
     /// took it past the mark).
-    async fn lost_on(
-        &self,
-        publisher: &dyn Publisher,
-        stream: &Arc<str>,
-    ) -> Option<(u64, Vec<(i32, Arc<str>)>)> {
+    async fn lost_on(&self, publisher: &dyn Publisher, stream: &Arc<str>) -> Option<Look> {
         let state = match publisher.stream_state(stream).await {
             Ok(Some(state)) => state,
             // The broker answers that there is no such stream (deleted, renamed, or not
             // loaded yet by a server that just restarted): nothing of it to lose, and
             // nothing to wait for; a stream made again under the name is found at the next
             // look, or by the first acknowledgement it gives (a sequence below the marks).
-            Ok(None) => return Some((0, Vec::new())),
+            Ok(None) => return Some(Look::default()),
             Err(e) => {
                 tracing::debug!(stream = &**stream, error = %e, "relay: cannot check the stream; later");
                 return None;
             }
         };
-        let mut lost = Vec::new();
+        let mut look = Look { last: state.last_sequence, ..Look::default() };
         for (key, mark) in &self.marks {
-            if key.1 != *stream || mark.behind.is_some() || mark.acknowledged == 0 {
+            if key.1 != *stream || mark.acknowledged == 0 {
                 continue;
             }
+            let behind = mark.behind.is_some();
             if mark.acknowledged > state.last_sequence {
-                lost.push(key.clone());
+                if !behind {
+                    look.lost.push(key.clone());
+                }
                 continue;
             }
             // Below the stream's first sequence, the message may have expired by the
@@ -216,15 +239,20 @@ impl StreamWatch {
                 continue;
             };
             match publisher.event_at(stream, mark.acknowledged).await {
-                Ok(at) if at == Some(event_id) => {}
-                Ok(_) => lost.push(key.clone()),
+                Ok(at) if at == Some(event_id) => {
+                    if behind {
+                        look.healed.push(key.clone());
+                    }
+                }
+                Ok(_) if !behind => look.lost.push(key.clone()),
+                Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(stream = &**stream, error = %e, "relay: cannot check the stream; later");
                     return None;
                 }
             }
         }
-        Some((state.last_sequence, lost))
+        Some(look)
     }
 
     /// Compares each stream's last sequence with the marks; records partitions found
@@ -240,14 +268,26 @@ impl StreamWatch {
             // Two looks a second apart: a server that has just restarted may answer before
             // it has loaded its streams.
             let mut found = self.lost_on(publisher, &stream).await;
-            if found.as_ref().is_some_and(|(_, lost)| !lost.is_empty()) {
+            if found.as_ref().is_some_and(|look| !look.lost.is_empty()) {
                 tokio::time::sleep(SECOND_LOOK).await;
                 found = self.lost_on(publisher, &stream).await;
             }
-            let Some((last, lost)) = found else {
+            let Some(Look { last, lost, healed }) = found else {
                 self.last_failure = Some(Instant::now());
                 return Ok(());
             };
+            for key in healed {
+                let Some(mark) = self.marks.get_mut(&key) else { continue };
+                tracing::warn!(
+                    partition = key.0,
+                    stream = &*stream,
+                    acknowledged = mark.acknowledged,
+                    "relay: the stream holds again what it acknowledged (a replicated stream catching \
+                     up after a restart); the partition is published again"
+                );
+                mark.behind = None;
+                mark.found_at = None;
+            }
             for key in lost {
                 let Some(mark) = self.marks.get_mut(&key) else { continue };
                 tracing::error!(
@@ -260,6 +300,7 @@ impl StreamWatch {
                      sent again (`edupulse republish --lost`)"
                 );
                 mark.behind = Some(last);
+                mark.found_at = Some(Instant::now());
             }
         }
         // Record what changed, and read back whether an operator asked for a repair.
@@ -289,6 +330,7 @@ impl StreamWatch {
             .marks
             .iter()
             .filter(|(_, m)| m.behind.is_some() && (always || m.repair_requested))
+            .filter(|(_, m)| m.found_at.is_none_or(|at| at.elapsed() >= LOSS_SETTLE))
             .map(|((p, s), _)| (*p, s.clone()))
             .collect();
         pairs.sort();
@@ -322,6 +364,15 @@ impl StreamWatch {
     }
 }
 
+/// One look at a stream: its last sequence, the marks it lost since the last look, and the
+/// marks found lost before that it holds again.
+#[derive(Debug, Default)]
+struct Look {
+    last: u64,
+    lost: Vec<(i32, Arc<str>)>,
+    healed: Vec<(i32, Arc<str>)>,
+}
+
 /// What a repair sent.
 pub(crate) struct Resent {
     /// Events sent again (acknowledged).
@@ -347,12 +398,17 @@ pub(crate) struct Loss<'a> {
     pub(crate) subjects: Vec<String>,
     /// Parked aggregates, and the position of their first parked event.
     pub(crate) parked: &'a HashMap<Uuid, i64>,
+    /// Set when the relay stops: the repair ends after the batch in progress.
+    pub(crate) stop: &'a AtomicBool,
 }
 
 /// Sends again the events of the partition, up to its checkpoint, on a subject the stream
 /// captures, that come after the oldest one the stream holds and are not held; all of them
 /// when it holds none. Parked events were never in the stream and stay parked. In log order, `batch` (rows, bytes) at
 /// a time; an aggregate's events one acknowledgement apart (the [`Publisher`] contract).
+///
+/// `None` when the relay stopped before the repair was done (its next holder repairs again;
+/// what was sent is dropped as duplicates).
 ///
 /// # Errors
 /// [`EventError::Database`]; [`EventError::Broker`] when an event is not acknowledged (the
@@ -362,8 +418,8 @@ pub(crate) async fn resend(
     publisher: &dyn Publisher,
     loss: Loss<'_>,
     batch: (i64, usize),
-) -> Result<Resent, EventError> {
-    let Loss { partition, checkpoint, held, holds_any, held_up_to, subjects, parked } = loss;
+) -> Result<Option<Resent>, EventError> {
+    let Loss { partition, checkpoint, held, holds_any, held_up_to, subjects, parked, stop } = loss;
     let filters: Vec<Vec<&str>> = subjects.iter().map(|f| f.split('.').collect()).collect();
     let captured = |subject: &str| filters.iter().any(|f| filter_matches(f, subject));
     let mut after = StreamPosition::default();
@@ -372,6 +428,9 @@ pub(crate) async fn resend(
     let mut started = !holds_any;
     let mut resent = Resent { events: 0, acknowledged: held_up_to, event_id: None };
     loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let Page { rows, .. } = lease.page(after, batch.0, batch.1, &[partition]).await?;
         let Some(last) = rows.last().map(position) else { break };
         after = last;
@@ -410,7 +469,7 @@ pub(crate) async fn resend(
             break;
         }
     }
-    Ok(resent)
+    Ok(Some(resent))
 }
 
 fn position(row: &LogRow) -> StreamPosition {
@@ -448,6 +507,10 @@ mod tests {
         watch.batch_starts();
         watch.acknowledged(7, Uuid::nil(), &receipt(3, false));
         assert_eq!(watch.behind(), HashSet::from([7]));
+        assert!(watch.to_repair(true).is_empty(), "not repaired before the loss has lasted");
+        for mark in watch.marks.values_mut() {
+            mark.found_at = Instant::now().checked_sub(LOSS_SETTLE);
+        }
         assert_eq!(watch.to_repair(true), vec![(7, Arc::from("S"))]);
         assert!(watch.to_repair(false).is_empty(), "only when asked, by default");
     }

@@ -38,6 +38,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -256,8 +257,10 @@ impl LogRelay {
 
     /// Publishes until `shutdown` completes. A commit of this process wakes it at once;
     /// otherwise it looks every [`RelayConfig::poll_interval`]. Database and broker
-    /// failures are logged and retried with capped backoff. The batch in progress finishes
-    /// before it stops (at most one acknowledgement timeout), then its partitions are free.
+    /// failures are logged and retried with capped backoff. When `shutdown` completes, the
+    /// batch in progress finishes (at most one acknowledgement timeout; a backlog is not
+    /// drained first, nor a repair of lost messages finished), its checkpoints are saved, and
+    /// the partitions are free.
     ///
     /// # Errors
     /// [`EventError::Config`] for an invalid configuration; nothing else: failures are
@@ -271,8 +274,24 @@ impl LogRelay {
         // After a wake-up, look again soon: the commit may still be above the horizon (an
         // older transaction is finishing).
         let mut soon = Duration::from_millis(1);
+        let stopping = worker.stopping.clone();
         loop {
-            let wait = match worker.round().await {
+            let outcome = {
+                let round = worker.round();
+                tokio::pin!(round);
+                tokio::select! {
+                    outcome = &mut round => outcome,
+                    () = &mut shutdown => {
+                        // The page or repair batch in progress finishes; nothing after it.
+                        stopping.store(true, Ordering::Relaxed);
+                        if let Err(e) = round.await {
+                            tracing::warn!(error = %e, "relay: last pass failed while stopping");
+                        }
+                        break;
+                    }
+                }
+            };
+            let wait = match outcome {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, "relay: pass failed; partitions released, retrying");
@@ -408,6 +427,9 @@ struct Worker<'a> {
     last_lag: Option<Instant>,
     /// What the broker's streams acknowledged to the held partitions.
     streams: StreamWatch,
+    /// Set when the relay is asked to stop: a drain stops after the page in progress, a
+    /// repair after the batch in progress.
+    stopping: Arc<AtomicBool>,
 }
 
 impl<'a> Worker<'a> {
@@ -427,7 +449,13 @@ impl<'a> Worker<'a> {
             last_takeover: None,
             last_lag: None,
             streams: StreamWatch::default(),
+            stopping: Arc::default(),
         }
+    }
+
+    /// Whether the relay was asked to stop.
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// Hands the failed events' attempts back to the relay, for its next run.
@@ -601,7 +629,7 @@ impl<'a> Worker<'a> {
             // likely in trouble, so the next pages wait for the next pass.
             let nothing_acked = pass.published == before.published
                 && (pass.failed > before.failed || pass.waiting > before.waiting);
-            if !pass.more || nothing_acked {
+            if !pass.more || nothing_acked || self.stopping() {
                 break;
             }
         }
@@ -967,6 +995,9 @@ impl<'a> Worker<'a> {
         for (stream, partitions) in by_stream {
             let Some((last, subjects, held)) = self.read_stream(&stream, &partitions).await else { continue };
             for partition in partitions {
+                if self.stopping() {
+                    return Ok(());
+                }
                 self.repair(partition, &stream, last, subjects.clone(), &held).await?;
             }
         }
@@ -1032,9 +1063,18 @@ impl<'a> Worker<'a> {
             held_up_to: last,
             subjects,
             parked: &self.blocked,
+            stop: &self.stopping,
         };
         match lost::resend(lease, publisher, loss, batch).await {
-            Ok(resent) => {
+            Ok(None) => {
+                tracing::info!(
+                    partition,
+                    stream = &**stream,
+                    "relay: stopping; the repair is finished by the next holder"
+                );
+                Ok(())
+            }
+            Ok(Some(resent)) => {
                 tracing::warn!(
                     partition,
                     stream = &**stream,
