@@ -30,7 +30,8 @@
 //! isolate a finding: kinds of commit `plain,any,caller-writes-first,closure-fails,
 //! swallow-before,swallow-after,bad-input`, `any-parts` (the `Any` appends inside plain and
 //! caller-first commits), faults `relay-kill,nats-kill,pg-restart,restore-older,member-loss,
-//! cluster-restart`). `scripts/torture.sh` runs long ones.
+//! cluster-restart`), `TORTURE_LOG=1` (the library's warnings and the faults, timed, on
+//! standard error). `scripts/torture.sh` runs long ones.
 //! See RELIABILITY.md.
 
 #[path = "fault_harness/broker.rs"]
@@ -40,6 +41,8 @@ mod checker;
 mod common;
 #[path = "fault_harness/faults.rs"]
 mod faults;
+#[path = "fault_harness/log.rs"]
+mod log;
 #[path = "fault_harness/postgres.rs"]
 mod postgres;
 #[path = "fault_harness/prng.rs"]
@@ -305,6 +308,8 @@ static PANICS_SEEN: AtomicU64 = AtomicU64::new(0);
 
 async fn run(settings: &Settings) -> Report {
     let started = Instant::now();
+    log::install();
+    log::note(&format!("{:?} run starts", settings.topology));
     let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("PostgreSQL started");
     let mut broker = Broker::start(settings.topology).await;
     let pg_url = pg.url();
@@ -377,6 +382,7 @@ async fn run(settings: &Settings) -> Report {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    log::note("the load ends");
     // Writers finish their last commit (each bounded: a hung commit is aborted after 30 s).
     let mut ledger = Ledger { commits: vec![warm_up] };
     let mut writer_failures = 0;
@@ -409,6 +415,7 @@ async fn run(settings: &Settings) -> Report {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let drained_in = drain_start.elapsed();
+    log::note("drained; the relays stop");
     let relays = relays.stop().await;
     let bus_relay_stuck = tokio::time::timeout(Duration::from_secs(10), bus.shutdown()).await.is_err();
 

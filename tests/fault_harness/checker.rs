@@ -42,6 +42,8 @@ pub(crate) struct StreamMsg {
     pub(crate) aggregate_id: Option<String>,
     pub(crate) sequence: Option<String>,
     pub(crate) body: Option<serde_json::Value>,
+    /// When the stream stored it (Unix nanoseconds; 0 when unknown).
+    pub(crate) stored_at_ns: i128,
 }
 
 /// One item of `stream_all`: the position, and the event when it decoded.
@@ -189,6 +191,7 @@ pub(crate) async fn read_stream(url: &str, stream_name: &str) -> (Vec<StreamMsg>
             aggregate_id: header("Edupulse-Aggregate-Id"),
             sequence: header("Edupulse-Sequence"),
             body: serde_json::from_slice(&message.payload).ok(),
+            stored_at_ns: message.time.unix_timestamp_nanos(),
         });
     }
     (out, unreadable)
@@ -378,15 +381,21 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
     let mut attempted: HashMap<Uuid, &CommitRecord> = HashMap::new();
 
     // The stream: distinct ids, duplicates.
-    let mut published: HashSet<String> = HashSet::new();
+    let mut published: HashMap<String, &StreamMsg> = HashMap::new();
     for m in &observed.stream {
         match &m.msg_id {
             Some(id) => {
-                if !published.insert(id.clone()) {
+                if let Some(first) = published.get(id) {
                     c.stream_duplicates += 1;
                     c.example("duplicates in the stream", || {
-                        format!("{id} at stream sequence {}", m.stream_sequence)
+                        let apart = (m.stored_at_ns - first.stored_at_ns) as f64 / 1e9;
+                        format!(
+                            "{id} at stream sequence {}, first stored at {} ({apart:.1} s earlier)",
+                            m.stream_sequence, first.stream_sequence
+                        )
                     });
+                } else {
+                    published.insert(id.clone(), m);
                 }
             }
             None => {
@@ -430,7 +439,7 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
             c.events_attempted += 1;
             attempted.insert(*id, commit);
             let stored = by_id.contains_key(id);
-            accepted |= stored || published.contains(&id.to_string());
+            accepted |= stored || published.contains_key(&id.to_string());
             if commit.kind.is_bad() {
                 continue;
             }
@@ -461,7 +470,7 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
         if !attempted.contains_key(&row.event_id) {
             c.stored_never_attempted += 1;
         }
-        if !published.contains(&row.event_id.to_string()) {
+        if !published.contains_key(&row.event_id.to_string()) {
             c.committed_unpublished += 1;
             if attempted.get(&row.event_id).is_some_and(|r| r.kind.is_bad()) {
                 c.committed_unpublished_bad += 1;
@@ -597,6 +606,7 @@ mod tests {
             aggregate_id: Some(r.aggregate_id.to_string()),
             sequence: Some(r.sequence.to_string()),
             body: Some(serde_json::json!({ "event_id": r.event_id.to_string(), "sequence": r.sequence })),
+            stored_at_ns: i128::from(stream_sequence),
         }
     }
 

@@ -326,6 +326,7 @@ pub(crate) async fn inject(
     counts: &mut FaultCounts,
 ) {
     let acked = || publishers.iter().map(|p| p.acked()).sum::<u64>();
+    crate::log::note(&format!("{fault:?} ({} acknowledgements so far)", acked()));
     match fault {
         Fault::KillRelay { slot, pause } => {
             relays.kill(slot, pause).await;
