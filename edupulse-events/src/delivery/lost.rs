@@ -383,15 +383,14 @@ pub(crate) struct Resent {
     pub(crate) event_id: Option<Uuid>,
 }
 
-/// A partition whose stream lost messages, as a repair reads it.
+/// The partitions whose stream lost messages, repaired together, as a repair reads them.
 pub(crate) struct Loss<'a> {
-    pub(crate) partition: i32,
-    /// The partition's checkpoint: what was acknowledged.
-    pub(crate) checkpoint: StreamPosition,
-    /// The event ids the stream holds (of this partition and others being repaired).
+    /// Each partition with its checkpoint: what was acknowledged.
+    pub(crate) partitions: Vec<(i32, StreamPosition)>,
+    /// The event ids the stream holds (of these partitions).
     pub(crate) held: &'a HashSet<Uuid>,
-    /// The stream holds at least one event of this partition.
-    pub(crate) holds_any: bool,
+    /// The partitions the stream holds at least one event of.
+    pub(crate) holding: &'a HashSet<i32>,
     /// The stream's last sequence.
     pub(crate) held_up_to: u64,
     /// The stream's subject filters: events on other subjects go to other streams.
@@ -402,13 +401,24 @@ pub(crate) struct Loss<'a> {
     pub(crate) stop: &'a AtomicBool,
 }
 
-/// Sends again the events of the partition, up to its checkpoint, on a subject the stream
-/// captures, that come after the oldest one the stream holds and are not held; all of them
-/// when it holds none. Parked events were never in the stream and stay parked. In log order, `batch` (rows, bytes) at
-/// a time; an aggregate's events one acknowledgement apart (the [`Publisher`] contract).
+/// Where one partition's repair stands as the log is read.
+struct Repairing {
+    checkpoint: StreamPosition,
+    /// The oldest event the stream holds was met: what follows and is not held was lost.
+    /// Events before it are older than what the stream keeps (or the stream holds none of
+    /// the partition's: then everything is sent).
+    started: bool,
+    resent: Resent,
+}
+
+/// Sends again, for each partition, its events up to its checkpoint, on a subject the
+/// stream captures, that come after the oldest one the stream holds and are not held; all
+/// of them when it holds none. Parked events were never in the stream and stay parked. One
+/// pass over the log for all the partitions, in log order, `batch` (rows, bytes) at a time;
+/// an aggregate's events one acknowledgement apart (the [`Publisher`] contract).
 ///
-/// `None` when the relay stopped before the repair was done (its next holder repairs again;
-/// what was sent is dropped as duplicates).
+/// What was resent, per partition; `None` when the relay stopped before the repair was done
+/// (its next holder repairs again; what was sent is dropped as duplicates).
 ///
 /// # Errors
 /// [`EventError::Database`]; [`EventError::Broker`] when an event is not acknowledged (the
@@ -418,46 +428,56 @@ pub(crate) async fn resend(
     publisher: &dyn Publisher,
     loss: Loss<'_>,
     batch: (i64, usize),
-) -> Result<Option<Resent>, EventError> {
-    let Loss { partition, checkpoint, held, holds_any, held_up_to, subjects, parked, stop } = loss;
+) -> Result<Option<HashMap<i32, Resent>>, EventError> {
+    let Loss { partitions, held, holding, held_up_to, subjects, parked, stop } = loss;
     let filters: Vec<Vec<&str>> = subjects.iter().map(|f| f.split('.').collect()).collect();
     let captured = |subject: &str| filters.iter().any(|f| filter_matches(f, subject));
+    let ids: Vec<i32> = partitions.iter().map(|(p, _)| *p).collect();
+    let mut repairing: HashMap<i32, Repairing> = partitions
+        .iter()
+        .map(|&(partition, checkpoint)| {
+            let resent = Resent { events: 0, acknowledged: held_up_to, event_id: None };
+            (partition, Repairing { checkpoint, started: !holding.contains(&partition), resent })
+        })
+        .collect();
+    let Some(&end) = partitions.iter().map(|(_, checkpoint)| checkpoint).max() else {
+        return Ok(Some(HashMap::new()));
+    };
     let mut after = StreamPosition::default();
-    // Until the oldest held event is met, events are older than what the stream keeps (or
-    // the stream holds none of the partition's: then everything is sent).
-    let mut started = !holds_any;
-    let mut resent = Resent { events: 0, acknowledged: held_up_to, event_id: None };
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let Page { rows, .. } = lease.page(after, batch.0, batch.1, &[partition]).await?;
+        let Page { rows, .. } = lease.page(after, batch.0, batch.1, &ids).await?;
         let Some(last) = rows.last().map(position) else { break };
         after = last;
-        let mut messages: Vec<OutgoingMessage> = Vec::new();
-        let mut done = false;
-        for LogRow { subject, row, .. } in rows {
-            if position_row(&row) > checkpoint {
-                done = true;
-                break;
+        let mut messages: Vec<(i32, OutgoingMessage)> = Vec::new();
+        for LogRow { partition, subject, row } in rows {
+            let Some(state) = repairing.get_mut(&partition) else { continue };
+            if position_row(&row) > state.checkpoint {
+                continue;
             }
             if held.contains(&row.event_id) {
-                started = true;
+                state.started = true;
                 continue;
             }
             let is_parked = parked.get(&row.aggregate_id).is_some_and(|head| *head <= row.global_position);
-            if started && !is_parked && captured(&subject) {
-                messages.push(message::outgoing(row, subject)?);
+            if state.started && !is_parked && captured(&subject) {
+                messages.push((partition, message::outgoing(row, subject)?));
             }
         }
         if !messages.is_empty() {
-            for (message, outcome) in messages.iter().zip(publisher.publish(&messages).await) {
+            let (owners, outgoing): (Vec<i32>, Vec<OutgoingMessage>) = messages.into_iter().unzip();
+            let outcomes = publisher.publish(&outgoing).await;
+            for ((partition, message), outcome) in owners.into_iter().zip(&outgoing).zip(outcomes) {
                 let receipt = outcome.map_err(|e| {
                     EventError::broker_message(
                         BrokerErrorKind::Other,
                         format!("resending what the stream lost stopped: {e}"),
                     )
                 })?;
+                let Some(state) = repairing.get_mut(&partition) else { continue };
+                let resent = &mut state.resent;
                 resent.events += 1;
                 if receipt.stream_sequence > resent.acknowledged || resent.event_id.is_none() {
                     resent.acknowledged = resent.acknowledged.max(receipt.stream_sequence);
@@ -465,11 +485,11 @@ pub(crate) async fn resend(
                 }
             }
         }
-        if done {
+        if last >= end {
             break;
         }
     }
-    Ok(Some(resent))
+    Ok(Some(repairing.into_iter().map(|(partition, state)| (partition, state.resent)).collect()))
 }
 
 fn position(row: &LogRow) -> StreamPosition {

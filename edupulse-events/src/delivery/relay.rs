@@ -987,19 +987,18 @@ impl<'a> Worker<'a> {
         let publisher = &*self.relay.publisher;
         let lease = self.lease.as_mut().ok_or_else(no_lease)?;
         self.streams.check(publisher, lease, &self.held).await?;
-        // One read of each stream serves every partition repaired on it.
+        // One read of each stream, and one pass over the log, serve every partition
+        // repaired on it.
         let mut by_stream: HashMap<Arc<str>, Vec<i32>> = HashMap::new();
         for (partition, stream) in self.streams.to_repair(self.relay.config.republish_lost) {
             by_stream.entry(stream).or_default().push(partition);
         }
         for (stream, partitions) in by_stream {
-            let Some((last, subjects, held)) = self.read_stream(&stream, &partitions).await else { continue };
-            for partition in partitions {
-                if self.stopping() {
-                    return Ok(());
-                }
-                self.repair(partition, &stream, last, subjects.clone(), &held).await?;
+            if self.stopping() {
+                return Ok(());
             }
+            let Some((last, subjects, held)) = self.read_stream(&stream, &partitions).await else { continue };
+            self.repair(&partitions, &stream, last, subjects, &held).await?;
         }
         Ok(())
     }
@@ -1041,25 +1040,28 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Sends again what `stream` lost of `partition`'s events (see `delivery/lost.rs`),
-    /// given what it holds.
+    /// Sends again what `stream` lost of `partitions`' events (see `delivery/lost.rs`),
+    /// given what it holds: one pass over the log for all of them.
     async fn repair(
         &mut self,
-        partition: i32,
+        partitions: &[i32],
         stream: &Arc<str>,
         last: u64,
         subjects: Vec<String>,
         held: &Held,
     ) -> Result<(), EventError> {
-        let Some(&checkpoint) = self.checkpoints.get(&partition) else { return Ok(()) };
+        let partitions: Vec<(i32, StreamPosition)> =
+            partitions.iter().filter_map(|p| self.checkpoints.get(p).map(|c| (*p, *c))).collect();
+        if partitions.is_empty() {
+            return Ok(());
+        }
         let publisher = &*self.relay.publisher;
         let batch = (i64::from(self.relay.config.batch_size), self.relay.config.max_batch_bytes);
         let lease = self.lease.as_mut().ok_or_else(no_lease)?;
         let loss = lost::Loss {
-            partition,
-            checkpoint,
+            partitions,
             held: &held.events,
-            holds_any: held.partitions.contains(&partition),
+            holding: &held.partitions,
             held_up_to: last,
             subjects,
             parked: &self.blocked,
@@ -1068,25 +1070,29 @@ impl<'a> Worker<'a> {
         match lost::resend(lease, publisher, loss, batch).await {
             Ok(None) => {
                 tracing::info!(
-                    partition,
                     stream = &**stream,
                     "relay: stopping; the repair is finished by the next holder"
                 );
                 Ok(())
             }
             Ok(Some(resent)) => {
-                tracing::warn!(
-                    partition,
-                    stream = &**stream,
-                    resent = resent.events,
-                    still_held = held.events.len(),
-                    "relay: sent again what the stream lost; the partition is published again"
-                );
-                self.streams.repaired(lease, partition, stream, &resent).await
+                let mut repaired: Vec<(i32, lost::Resent)> = resent.into_iter().collect();
+                repaired.sort_by_key(|(partition, _)| *partition);
+                for (partition, resent) in repaired {
+                    tracing::warn!(
+                        partition,
+                        stream = &**stream,
+                        resent = resent.events,
+                        still_held = held.events.len(),
+                        "relay: sent again what the stream lost; the partition is published again"
+                    );
+                    self.streams.repaired(lease, partition, stream, &resent).await?;
+                }
+                Ok(())
             }
             Err(EventError::Database(e)) => Err(EventError::Database(e)),
             Err(e) => {
-                tracing::warn!(partition, stream = &**stream, error = %e, "relay: repair failed; retried at the next check");
+                tracing::warn!(stream = &**stream, error = %e, "relay: repair failed; retried at the next check");
                 Ok(())
             }
         }
