@@ -394,14 +394,18 @@ async fn run(settings: &Settings) -> Report {
     }
 
     // The final drain: both servers are up; the relays (the bus's and the standalone ones)
-    // run until nothing is pending, or the backlog stops shrinking. The library's own
+    // run until nothing is pending nor held for a lost message, or the backlog stops
+    // shrinking. The library's own
     // figure decides when to stop; the checker counts the backlog again, its own way.
     let drain_start = Instant::now();
     let mut best = i64::MAX;
     let mut last_progress = Instant::now();
     loop {
         relays.reap().await;
-        let pending = store.relay_lag().await.map_or(i64::MAX, |lag| lag.pending);
+        // Partitions whose stream lost messages count until they are repaired (a loss is
+        // repaired once it has lasted a few seconds).
+        let lag = store.relay_lag().await;
+        let pending = lag.map_or(i64::MAX, |lag| lag.pending + i64::try_from(lag.lost.len()).unwrap_or(0));
         if pending == 0 {
             break;
         }
