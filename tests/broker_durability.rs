@@ -255,9 +255,10 @@ impl edupulse_events::Publisher for Restarted {
         &'a self,
         stream: &'a str,
         last: u64,
+        since: Option<edupulse_events::chrono::DateTime<edupulse_events::chrono::Utc>>,
         wanted: edupulse_events::AggregateFilter<'a>,
     ) -> edupulse_events::BoxFuture<'a, Result<Vec<Uuid>, edupulse_events::EventError>> {
-        self.inner.held_events(stream, last, wanted)
+        self.inner.held_events(stream, last, since, wanted)
     }
 
     fn event_at<'a>(
@@ -305,4 +306,71 @@ async fn after_a_reconnection_nothing_is_published_until_the_streams_are_checked
     publish_until(&relay, &nats, 20).await;
     let (order, seen) = stream_of(&nats).await;
     assert_complete(&order, &seen, &ids, 4);
+}
+
+/// A broker whose answers are lost: the messages are stored, the relay hears nothing back
+/// (its acknowledgement timed out).
+struct AnswersLost {
+    inner: NatsPublisher,
+}
+
+impl edupulse_events::Publisher for AnswersLost {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [edupulse_events::wire::OutgoingMessage],
+    ) -> edupulse_events::BoxFuture<
+        'a,
+        Vec<Result<edupulse_events::PublishReceipt, edupulse_events::EventError>>,
+    > {
+        Box::pin(async move {
+            let stored = self.inner.publish(messages).await;
+            stored
+                .into_iter()
+                .map(|outcome| {
+                    outcome
+                        .and(Err(edupulse_events::EventError::Config("the acknowledgement was lost".into())))
+                })
+                .collect()
+        })
+    }
+
+    edupulse_events::forward_publisher!(inner);
+}
+
+#[tokio::test]
+async fn an_event_sent_longer_ago_than_the_duplicate_window_is_not_sent_again_when_the_stream_holds_it() {
+    let store = store().await;
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let window = Duration::from_secs(2);
+    let spec = StreamSpec::new(STREAM, ["courses.>", "tenant-42.courses.>"]).with_duplicate_window(window);
+    publisher.ensure_stream(&spec).await.unwrap();
+    let ids = aggregates(4);
+    commit(&store, &ids, 0, 3).await;
+    common::until_readable(&store, 12).await;
+    publish_until(&relay(&store, &publisher, RelayConfig::default()), &publisher, 12).await;
+    // A relay sends 12 more; the broker stores them, but no acknowledgement comes back, and
+    // the relay dies before it hears anything.
+    commit(&store, &ids, 3, 3).await;
+    common::until_readable(&store, 24).await;
+    let unheard = LogRelay::new(
+        store.clone(),
+        Arc::new(AnswersLost { inner: publisher.clone() }),
+        RelayConfig::default(),
+    );
+    unheard.run_once().await.unwrap();
+    assert_eq!(stream_messages(&publisher).await.len(), 24);
+    assert_eq!(store.relay_lag().await.unwrap().pending, 12, "nothing acknowledged, nothing checkpointed");
+    // Longer than the window later, the next relay publishes from the checkpoint.
+    tokio::time::sleep(window + Duration::from_secs(1)).await;
+    let next = relay(&store, &publisher, RelayConfig::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store.relay_lag().await.unwrap().pending > 0 {
+        next.run_once().await.unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "not published: {:?}", store.relay_lag().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (order, seen) = stream_of(&publisher).await;
+    assert_eq!(order.len(), 24, "re-sent past the duplicate window, the stream would hold 36");
+    assert_complete(&order, &seen, &ids, 6);
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, ErrorCode, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use uuid::Uuid;
 
@@ -15,13 +16,14 @@ use crate::{BrokerErrorKind, EventError};
 /// How long the scan waits for the next message before it gives up.
 const STALL: Duration = Duration::from_secs(10);
 
-/// The event ids of the messages of `stream` up to sequence `last` whose aggregate `wanted`
-/// chooses, in stream order. Messages without the `Edupulse-*` headers (not the relay's)
-/// are passed over.
+/// The event ids of the messages of `stream` up to sequence `last` (stored at or after
+/// `since`, when given) whose aggregate `wanted` chooses, in stream order. Messages without
+/// the `Edupulse-*` headers (not the relay's) are passed over.
 pub(crate) async fn scan(
     js: &jetstream::Context,
     stream: &str,
     last: u64,
+    since: Option<DateTime<Utc>>,
     wanted: AggregateFilter<'_>,
 ) -> Result<Vec<Uuid>, EventError> {
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
@@ -36,12 +38,20 @@ pub(crate) async fn scan(
     if last == 0 || first == 0 || first > last {
         return Ok(held);
     }
-    let config = OrderedConfig {
-        headers_only: true,
-        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: first },
-        ..OrderedConfig::default()
+    let deliver_policy = match since.and_then(|t| t.timestamp_nanos_opt()) {
+        Some(nanos) => {
+            let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+                .map_err(|e| unavailable("bad start time", &e))?;
+            DeliverPolicy::ByStartTime { start_time }
+        }
+        None => DeliverPolicy::ByStartSequence { start_sequence: first },
     };
-    let consumer = found.create_consumer(config).await.map_err(|e| unavailable("no consumer", &e))?;
+    let config = OrderedConfig { headers_only: true, deliver_policy, ..OrderedConfig::default() };
+    let mut consumer = found.create_consumer(config).await.map_err(|e| unavailable("no consumer", &e))?;
+    // Nothing stored since `since`: nothing to wait for.
+    if consumer.info().await.map_err(|e| unavailable("no consumer", &e))?.num_pending == 0 {
+        return Ok(held);
+    }
     let mut messages = consumer.messages().await.map_err(|e| unavailable("no messages", &e))?;
     loop {
         let next = tokio::time::timeout(STALL, messages.next()).await;

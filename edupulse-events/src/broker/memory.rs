@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -187,6 +188,7 @@ impl Publisher for InMemoryBroker {
         &'a self,
         _stream: &'a str,
         _last: u64,
+        _since: Option<DateTime<Utc>>,
         _wanted: AggregateFilter<'a>,
     ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
         Box::pin(async { Ok(Vec::new()) })

@@ -14,6 +14,7 @@ use async_nats::jetstream::context::{
     CreateStreamErrorKind, GetStreamErrorKind, PublishAckFuture, PublishError, PublishErrorKind,
 };
 use async_nats::jetstream::{self, message::PublishMessage};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use uuid::Uuid;
@@ -375,6 +376,7 @@ impl Publisher for NatsPublisher {
                         first_sequence: info.state.first_sequence,
                         last_sequence: info.state.last_sequence,
                         subjects: info.config.subjects.clone(),
+                        duplicate_window: Some(info.config.duplicate_window),
                     }))
                 }
                 Err(e) if jetstream_code(e.kind()) == Some(ErrorCode::STREAM_NOT_FOUND) => Ok(None),
@@ -389,11 +391,12 @@ impl Publisher for NatsPublisher {
         &'a self,
         stream: &'a str,
         last: u64,
+        since: Option<DateTime<Utc>>,
         wanted: AggregateFilter<'a>,
     ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>> {
         Box::pin(async move {
             validate_stream_name(stream)?;
-            held::scan(&self.jetstream, stream, last, wanted).await
+            held::scan(&self.jetstream, stream, last, since, wanted).await
         })
     }
 

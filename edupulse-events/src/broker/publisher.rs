@@ -1,6 +1,9 @@
 //! What the relay publishes to: the [`Publisher`] trait and what a broker answers.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use uuid::Uuid;
 
@@ -31,6 +34,10 @@ pub struct StreamState {
     pub last_sequence: u64,
     /// The subject filters it captures: a repair resends only what this stream would store.
     pub subjects: Vec<String>,
+    /// How long after a message it drops another with the same `Nats-Msg-Id` (`None`:
+    /// unknown). A relay about to send an event older than half of it first asks the stream
+    /// whether it holds it: a re-send later than the window would be stored twice.
+    pub duplicate_window: Option<Duration>,
 }
 
 /// Chooses messages by their aggregate: what [`Publisher::held_events`] keeps.
@@ -74,9 +81,10 @@ pub trait Publisher: Send + Sync + 'static {
     fn stream_state<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Option<StreamState>, EventError>>;
 
     /// The event ids (`Nats-Msg-Id`) of the messages stream `stream` holds up to sequence
-    /// `last`, of the aggregates `wanted` chooses, in stream order: what a relay repairing
-    /// a stream that lost messages compares with the log. Empty for a broker without
-    /// streams.
+    /// `last` (and stored at or after `since`, when given), of the aggregates `wanted`
+    /// chooses, in stream order: what a relay repairing a stream that lost messages
+    /// compares with the log, and what it asks before sending an event that may have been
+    /// sent longer ago than the duplicate window. Empty for a broker without streams.
     ///
     /// No default, for the same reason (a broker without streams returns an empty list).
     ///
@@ -86,6 +94,7 @@ pub trait Publisher: Send + Sync + 'static {
         &'a self,
         stream: &'a str,
         last: u64,
+        since: Option<DateTime<Utc>>,
         wanted: AggregateFilter<'a>,
     ) -> BoxFuture<'a, Result<Vec<Uuid>, EventError>>;
 
@@ -158,9 +167,10 @@ macro_rules! forward_publisher {
             &'a self,
             stream: &'a str,
             last: u64,
+            since: ::std::option::Option<$crate::chrono::DateTime<$crate::chrono::Utc>>,
             wanted: $crate::AggregateFilter<'a>,
         ) -> $crate::BoxFuture<'a, ::std::result::Result<::std::vec::Vec<$crate::Uuid>, $crate::EventError>> {
-            self.$inner.held_events(stream, last, wanted)
+            self.$inner.held_events(stream, last, since, wanted)
         }
 
         fn event_at<'a>(

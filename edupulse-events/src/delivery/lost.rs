@@ -70,6 +70,8 @@ pub(crate) struct StreamWatch {
     epoch: Option<u64>,
     /// The last check that the broker did not answer: the next waits a second.
     last_failure: Option<Instant>,
+    /// Each stream's duplicate window, as it last said.
+    windows: HashMap<Arc<str>, Duration>,
 }
 
 /// How long after a check the broker did not answer the next is tried.
@@ -194,8 +196,13 @@ impl StreamWatch {
         }
     }
 
+    /// The shortest duplicate window of the streams the marks name (`None`: none known).
+    pub(crate) fn duplicate_window(&self) -> Option<Duration> {
+        self.windows.values().min().copied()
+    }
+
     /// The streams the marks name.
-    fn streams(&self) -> Vec<Arc<str>> {
+    pub(crate) fn streams(&self) -> Vec<Arc<str>> {
         let mut streams: Vec<Arc<str>> = self.marks.keys().map(|(_, s)| s.clone()).collect();
         streams.sort();
         streams.dedup();
@@ -221,7 +228,7 @@ impl StreamWatch {
                 return None;
             }
         };
-        let mut look = Look { last: state.last_sequence, ..Look::default() };
+        let mut look = Look { last: state.last_sequence, window: state.duplicate_window, ..Look::default() };
         for (key, mark) in &self.marks {
             if key.1 != *stream || mark.acknowledged == 0 {
                 continue;
@@ -272,10 +279,13 @@ impl StreamWatch {
                 tokio::time::sleep(SECOND_LOOK).await;
                 found = self.lost_on(publisher, &stream).await;
             }
-            let Some(Look { last, lost, healed }) = found else {
+            let Some(Look { last, lost, healed, window }) = found else {
                 self.last_failure = Some(Instant::now());
                 return Ok(());
             };
+            if let Some(window) = window {
+                self.windows.insert(stream.clone(), window);
+            }
             for key in healed {
                 let Some(mark) = self.marks.get_mut(&key) else { continue };
                 tracing::warn!(
@@ -369,6 +379,7 @@ impl StreamWatch {
 #[derive(Debug, Default)]
 struct Look {
     last: u64,
+    window: Option<Duration>,
     lost: Vec<(i32, Arc<str>)>,
     healed: Vec<(i32, Arc<str>)>,
 }

@@ -430,6 +430,22 @@ struct Worker<'a> {
     /// Set when the relay is asked to stop: a drain stops after the page in progress, a
     /// repair after the batch in progress.
     stopping: Arc<AtomicBool>,
+    /// What the streams hold of events old enough to have been sent before the duplicate
+    /// window (see `verify_aged`).
+    aged: Aged,
+}
+
+/// What the streams were found to hold of the events older than half their duplicate window.
+#[derive(Debug, Default)]
+struct Aged {
+    /// When the streams were read, from what time, for which partitions.
+    read_at: Option<Instant>,
+    since: Option<DateTime<Utc>>,
+    partitions: HashSet<i32>,
+    /// The event ids found.
+    held: HashSet<Uuid>,
+    /// The page being sent: events recorded before this are looked up in `held`.
+    cutoff: Option<DateTime<Utc>>,
 }
 
 impl<'a> Worker<'a> {
@@ -450,6 +466,7 @@ impl<'a> Worker<'a> {
             last_lag: None,
             streams: StreamWatch::default(),
             stopping: Arc::default(),
+            aged: Aged::default(),
         }
     }
 
@@ -565,6 +582,7 @@ impl<'a> Worker<'a> {
         self.acked_beyond.clear();
         self.last_takeover = None;
         self.streams.clear();
+        self.aged = Aged::default();
     }
 
     /// Publishes the held partitions' events below the horizon, page by page.
@@ -615,6 +633,12 @@ impl<'a> Worker<'a> {
                 pass.more = false;
                 break;
             };
+            if !self.verify_aged(&rows).await {
+                // The broker does not answer what it holds: the page waits.
+                pass.waiting += 1;
+                pass.more = false;
+                break;
+            }
             pass.more = cut || i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit;
             let before = pass;
             let page = self.publish_page(rows, from, &mut stops, &mut pass).await;
@@ -699,6 +723,13 @@ impl<'a> Worker<'a> {
             if checkpoint.is_none_or(|c| meta.position <= c)
                 || self.acked_beyond.contains_key(&meta.position.global_position)
             {
+                continue;
+            }
+            if self.aged.cutoff.is_some_and(|cutoff| row.recorded_at < cutoff)
+                && self.aged.held.contains(&row.event_id)
+            {
+                // Sent before and still in the stream: sending it again now, past the
+                // duplicate window, would store it twice.
                 continue;
             }
             if let Some(&head) = self.blocked.get(&meta.aggregate_id) {
@@ -981,6 +1012,48 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
+    /// Before a page is sent: an event recorded longer ago than half the streams' duplicate
+    /// window may have been sent already, longer ago than the window (by a relay that died
+    /// before saving its checkpoint, or in an attempt whose acknowledgement never came,
+    /// before a long outage or a partition held for lost messages), and the stream would
+    /// store it again. So the streams are read (headers only) for those events' partitions,
+    /// from a little before the oldest of them; the events they hold are not sent again.
+    /// A reading serves the pages after it for a quarter of the window. `false` when the
+    /// broker does not answer.
+    async fn verify_aged(&mut self, rows: &[LogRow]) -> bool {
+        self.aged.cutoff = None;
+        let Some(window) = self.streams.duplicate_window() else { return true };
+        let half = chrono::TimeDelta::from_std(window / 2).unwrap_or_default();
+        let cutoff = Utc::now() - half;
+        let aged = rows.iter().filter(|r| r.row.recorded_at < cutoff);
+        let Some(oldest) = aged.clone().map(|r| r.row.recorded_at).min() else { return true };
+        let partitions: HashSet<i32> = aged.map(|r| r.partition).collect();
+        let since = oldest - half;
+        let fresh = self.aged.read_at.is_some_and(|at| at.elapsed() < window / 4)
+            && self.aged.since.is_some_and(|read_from| read_from <= since)
+            && partitions.is_subset(&self.aged.partitions);
+        if !fresh {
+            let wanted: Vec<i32> = partitions.iter().copied().collect();
+            let mut held = HashSet::new();
+            for stream in self.streams.streams() {
+                match self.read_stream(&stream, &wanted, Some(since)).await {
+                    Reading::Holds(_, _, found) => held.extend(found.events),
+                    Reading::NoStream => {}
+                    Reading::NoAnswer => return false,
+                }
+            }
+            tracing::info!(
+                partitions = wanted.len(),
+                held = held.len(),
+                "relay: events older than half the duplicate window looked up in the stream before sending"
+            );
+            self.aged =
+                Aged { read_at: Some(Instant::now()), since: Some(since), partitions, held, cutoff: None };
+        }
+        self.aged.cutoff = Some(cutoff);
+        true
+    }
+
     /// Checks the held partitions' streams; repairs those asked for (or all, with
     /// `republish_lost`).
     async fn check_streams(&mut self) -> Result<(), EventError> {
@@ -997,25 +1070,33 @@ impl<'a> Worker<'a> {
             if self.stopping() {
                 return Ok(());
             }
-            let Some((last, subjects, held)) = self.read_stream(&stream, &partitions).await else { continue };
+            let Reading::Holds(last, subjects, held) = self.read_stream(&stream, &partitions, None).await
+            else {
+                continue;
+            };
             self.repair(&partitions, &stream, last, subjects, &held).await?;
         }
         Ok(())
     }
 
-    /// What `stream` holds of `partitions`' events: its last sequence, its subjects and the
-    /// event ids (headers only); `None` when the broker does not answer (repairs wait).
-    async fn read_stream(&self, stream: &Arc<str>, partitions: &[i32]) -> Option<(u64, Vec<String>, Held)> {
+    /// What `stream` holds of `partitions`' events (stored since `since`, when given): its
+    /// last sequence, its subjects and the event ids (headers only).
+    async fn read_stream(
+        &self,
+        stream: &Arc<str>,
+        partitions: &[i32],
+        since: Option<DateTime<Utc>>,
+    ) -> Reading {
         let publisher = &*self.relay.publisher;
         let postponed = |e: &EventError| {
-            tracing::warn!(stream = &**stream, error = %e, "relay: repair postponed");
+            tracing::warn!(stream = &**stream, error = %e, "relay: cannot read what the stream holds; later");
         };
         let (last, subjects) = match publisher.stream_state(stream).await {
             Ok(Some(state)) => (state.last_sequence, state.subjects),
-            Ok(None) => return None,
+            Ok(None) => return Reading::NoStream,
             Err(e) => {
                 postponed(&e);
-                return None;
+                return Reading::NoAnswer;
             }
         };
         // Which of the partitions the stream holds anything of, noted as it is read.
@@ -1028,14 +1109,18 @@ impl<'a> Worker<'a> {
             }
             wanted
         };
-        match publisher.held_events(stream, last, &wanted).await {
+        match publisher.held_events(stream, last, since, &wanted).await {
             Ok(held) => {
                 let holding = holding.into_inner().unwrap_or_else(PoisonError::into_inner);
-                Some((last, subjects, Held { events: held.into_iter().collect(), partitions: holding }))
+                Reading::Holds(
+                    last,
+                    subjects,
+                    Held { events: held.into_iter().collect(), partitions: holding },
+                )
             }
             Err(e) => {
                 postponed(&e);
-                None
+                Reading::NoAnswer
             }
         }
     }
@@ -1097,6 +1182,16 @@ impl<'a> Worker<'a> {
             }
         }
     }
+}
+
+/// A reading of what a stream holds.
+enum Reading {
+    /// Its last sequence, its subjects, and what it holds of the partitions asked about.
+    Holds(u64, Vec<String>, Held),
+    /// The broker has no such stream.
+    NoStream,
+    /// The broker did not answer, or could not read it to its end.
+    NoAnswer,
 }
 
 /// What a stream holds of the partitions a relay repairs: the event ids, and the partitions
