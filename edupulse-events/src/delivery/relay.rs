@@ -1109,7 +1109,18 @@ impl<'a> Worker<'a> {
             }
             wanted
         };
-        match publisher.held_events(stream, last, since, &wanted).await {
+        // A long read gives way to a stop: the next holder reads again.
+        let read = publisher.held_events(stream, last, since, &wanted);
+        let stopped = async {
+            while !self.stopping() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let held = tokio::select! {
+            held = read => held,
+            () = stopped => return Reading::NoAnswer,
+        };
+        match held {
             Ok(held) => {
                 let holding = holding.into_inner().unwrap_or_else(PoisonError::into_inner);
                 Reading::Holds(
