@@ -374,3 +374,105 @@ async fn an_event_sent_longer_ago_than_the_duplicate_window_is_not_sent_again_wh
     assert_eq!(order.len(), 24, "re-sent past the duplicate window, the stream would hold 36");
     assert_complete(&order, &seen, &ids, 6);
 }
+
+/// Refuses the events of one aggregate (as a broker that times out) while `failing` is set.
+struct FailsOne {
+    inner: NatsPublisher,
+    aggregate: Uuid,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl edupulse_events::Publisher for FailsOne {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [edupulse_events::wire::OutgoingMessage],
+    ) -> edupulse_events::BoxFuture<
+        'a,
+        Vec<Result<edupulse_events::PublishReceipt, edupulse_events::EventError>>,
+    > {
+        Box::pin(async move {
+            if !self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return self.inner.publish(messages).await;
+            }
+            // The others go out (each aggregate's in order); this aggregate's fail.
+            let others: Vec<_> =
+                messages.iter().filter(|m| m.aggregate_id != self.aggregate).cloned().collect();
+            let mut sent = self.inner.publish(&others).await.into_iter();
+            messages
+                .iter()
+                .map(|m| {
+                    if m.aggregate_id == self.aggregate {
+                        Err(edupulse_events::EventError::Config("no acknowledgement".into()))
+                    } else {
+                        sent.next().unwrap_or(Err(edupulse_events::EventError::Config("missing".into())))
+                    }
+                })
+                .collect()
+        })
+    }
+
+    edupulse_events::forward_publisher!(inner);
+}
+
+#[tokio::test]
+async fn events_acknowledged_past_a_failed_one_are_sent_again_after_the_stream_lost_them() {
+    let store = store().await;
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    // Two aggregates of one partition: the first one's event fails, the second's three
+    // after it are acknowledged, so the partition's checkpoint stays before the failure.
+    let first = Uuid::now_v7();
+    let second = std::iter::repeat_with(Uuid::now_v7)
+        .find(|id| id.as_u128() % 64 == first.as_u128() % 64)
+        .unwrap_or_default();
+    commit(&store, &[first], 0, 1).await;
+    commit(&store, &[second], 0, 3).await;
+    common::until_readable(&store, 4).await;
+    let failing = Arc::new(FailsOne {
+        inner: publisher.clone(),
+        aggregate: first,
+        failing: std::sync::atomic::AtomicBool::new(true),
+    });
+    let config = RelayConfig::default()
+        .with_republish_lost(true)
+        .with_stream_check_interval(Duration::from_millis(300))
+        .with_min_backoff(Duration::from_millis(100))
+        .with_max_backoff(Duration::from_millis(300));
+    let relay = LogRelay::new(store.clone(), failing.clone(), config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move { relay.run(async { drop(stopped.await) }).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stream_messages(&publisher).await.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the second aggregate's events were not published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The stream loses them (deleted, made again empty); the relay finds it and repairs.
+    publisher.jetstream().delete_stream(STREAM).await.unwrap();
+    let publisher = nats::publisher(&server).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store.relay_lag().await.unwrap().lost.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the loss was not found");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while !store.relay_lag().await.unwrap().lost.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the loss was not repaired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The failed event goes through now: every event must be in the stream, in order.
+    failing.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stream_messages(&publisher).await.len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 4 events in the stream: acknowledged before the loss, never sent again",
+            stream_messages(&publisher).await.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let (order, seen) = stream_of(&publisher).await;
+    assert_eq!(order.len(), 4);
+    assert_complete(&order, &seen, &[first], 1);
+    assert_complete(&order, &seen, &[second], 3);
+}

@@ -621,6 +621,9 @@ impl<'a> Worker<'a> {
                 {
                     stops.hold(partition, checkpoint);
                 }
+                // What was acknowledged past its checkpoint may be what the stream lost: once
+                // repaired, the partition sends it again from the checkpoint, in order.
+                self.acked_beyond.retain(|_, (p, _)| *p != partition);
             }
             let active: Vec<i32> = self.held.iter().copied().filter(|p| !excluded.contains(p)).collect();
             let from = after.or_else(|| active.iter().filter_map(|p| self.checkpoints.get(p)).min().copied());
