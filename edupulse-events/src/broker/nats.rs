@@ -422,9 +422,10 @@ impl Publisher for NatsPublisher {
         Box::pin(async move {
             let mut order = InOrder::new(messages);
             let mut in_flight = FuturesUnordered::new();
+            let connection = self.connection_epoch();
             loop {
                 while let Some(i) = order.next_ready() {
-                    match self.send(&messages[i]).await {
+                    match self.send(&messages[i], connection).await {
                         Sent::Awaiting(ack) => in_flight.push(await_ack(i, ack)),
                         Sent::NoSlot => {
                             // Every slot is taken: wait for one of ours, or for the other
@@ -461,7 +462,20 @@ enum Sent {
 
 impl NatsPublisher {
     /// Hands one message to the client.
-    async fn send(&self, message: &OutgoingMessage) -> Sent {
+    /// Not while the client is disconnected, nor on another connection than the one the
+    /// call started on: the client would keep the message and send it once it reconnects,
+    /// to a server that may have come back without what it acknowledged, before the relay
+    /// could check the stream (and after the hole).
+    async fn send(&self, message: &OutgoingMessage, connection: u64) -> Sent {
+        let client = self.publishing.client();
+        if client.connection_state() != async_nats::connection::State::Connected
+            || self.connection_epoch() != connection
+        {
+            return Sent::Failed(EventError::broker_message(
+                BrokerErrorKind::Unavailable,
+                "not connected to the NATS server: not sent (it would go out unchecked on reconnection)",
+            ));
+        }
         let headers = match header_map(&message.headers) {
             Ok(headers) => headers,
             Err(e) => return Sent::Failed(e),
