@@ -284,22 +284,28 @@ async fn check(settings: Settings) -> Report {
 /// Commits one event through the bus and waits for its publication: the bus's background
 /// relay then holds the partitions. The commit goes into the ledger like the writers' ones.
 async fn warm_up(bus: &EventBus, settings: &Settings) -> CommitRecord {
-    // An aggregate of the bus relay's partitions (0..32): no other relay runs yet.
-    let mut rng = Rng::derive(settings.seed, 2);
+    probe(bus, settings, 2, "warm-up").await
+}
+
+/// Commits one event to a new aggregate of the bus relay's partitions (0..32) and waits
+/// for its publication (at the start, no other relay runs yet; after the faults, it shows
+/// that the stream still takes messages, whenever the schedule put its faults).
+async fn probe(bus: &EventBus, settings: &Settings, stream: u64, note: &str) -> CommitRecord {
+    let mut rng = Rng::derive(settings.seed, stream);
     let aggregate =
         std::iter::repeat_with(|| rng.uuid()).find(|id| id.as_u128() % 64 < 32).unwrap_or_default();
     // A writer index no writer has.
     let writer = settings.writers;
-    let event = Recorded { aggregate, writer, commit: 0, amount: 1.0, note: "warm-up".into() };
+    let event = Recorded { aggregate, writer, commit: 0, amount: 1.0, note: note.into() };
     let committed = bus
         .commit(async |tx| tx.append(AGGREGATE_TYPE, aggregate, 0, [event]).await)
         .await
-        .expect("the warm-up commit");
+        .unwrap_or_else(|e| panic!("the {note} commit: {e}"));
     let events = committed.value.iter().map(|e| e.event_id).collect();
-    tokio::time::timeout(Duration::from_secs(30), committed.receipt.published())
+    tokio::time::timeout(Duration::from_secs(60), committed.receipt.published())
         .await
-        .expect("the warm-up event is published within 30 s")
-        .expect("the warm-up event is published");
+        .unwrap_or_else(|_| panic!("the {note} event is published within 60 s"))
+        .unwrap_or_else(|e| panic!("the {note} event is published: {e}"));
     CommitRecord { writer, kind: Kind::Plain, outcome: Outcome::Ok, events, error: None }
 }
 
@@ -385,6 +391,9 @@ async fn run(settings: &Settings) -> Report {
     log::note("the load ends");
     // Writers finish their last commit (each bounded: a hung commit is aborted after 30 s).
     let mut ledger = Ledger { commits: vec![warm_up] };
+    // After every fault (the schedule may have put the last ones after the load): the
+    // stream still takes a message.
+    ledger.commits.push(probe(&bus, settings, 3, "after-faults").await);
     let mut writer_failures = 0;
     for task in tasks {
         match tokio::time::timeout(Duration::from_secs(60), task).await {
