@@ -34,7 +34,7 @@ async fn insert_raw(
     let schema = store.config().schema.as_str();
     let sql = format!(
         "INSERT INTO \"{schema}\".events (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, payload, occurred_at) \
-         VALUES ($1, 'lesson', $2, $3, $4, $5, $6::jsonb, now())"
+         VALUES ($1, 'lesson', $2, $3, $4, $5, $6::json, now())"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(Uuid::now_v7())

@@ -140,9 +140,9 @@ fn raw_insert_query(
             .push_bind("Tick")
             .push_bind(1_i32)
             .push_bind(serde_json::to_string(e).unwrap_or_default())
-            .push_unseparated("::jsonb")
+            .push_unseparated("::json")
             .push_bind("{}")
-            .push_unseparated("::jsonb")
+            .push_unseparated("::json")
             .push_bind("{}")
             .push_unseparated("::jsonb")
             .push_bind(now);

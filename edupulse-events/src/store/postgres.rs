@@ -40,6 +40,7 @@ pub(crate) const MIGRATION_FILES: &[MigrationFile] = &[
     ),
     (4, "delivery from log", include_str!("../../../migrations/postgres/0004_delivery_from_log.sql")),
     (5, "relay stream marks", include_str!("../../../migrations/postgres/0005_relay_stream_marks.sql")),
+    (6, "payload as written", include_str!("../../../migrations/postgres/0006_payload_as_written.sql")),
 ];
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATION_FILES));

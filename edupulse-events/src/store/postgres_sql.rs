@@ -64,6 +64,9 @@ pub(crate) struct AppendSql {
     pub(crate) existing: SqlStr,
     pub(crate) stream_state: SqlStr,
     pub(crate) current_sequence: SqlStr,
+    /// How many of the positions `$1` the transaction sees: all of its own appends, while
+    /// it is still the transaction that made them.
+    pub(crate) visible: SqlStr,
 }
 
 impl AppendSql {
@@ -72,7 +75,7 @@ impl AppendSql {
             "INSERT INTO {s}.events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
                  schema_version, payload, metadata, keys, occurred_at, transaction_id, subject) \
              SELECT e.event_id, $2, $1, bump.version - $4 + e.ord, e.event_type, e.schema_version, \
-                 e.payload::jsonb, e.metadata::jsonb, e.keys::jsonb, e.occurred_at, bump.last_transaction_id, \
+                 e.payload::json, e.metadata::json, e.keys::jsonb, e.occurred_at, bump.last_transaction_id, \
                  e.subject \
              FROM bump CROSS JOIN unnest($5::uuid[], $6::text[], $7::int4[], $8::text[], $9::text[], \
                  $10::text[], $11::timestamptz[], $12::text[]) WITH ORDINALITY \
@@ -113,6 +116,7 @@ impl AppendSql {
             current_sequence: sql(format!(
                 "SELECT coalesce((SELECT version FROM {s}.streams WHERE aggregate_id = $1), 0)"
             )),
+            visible: sql(format!("SELECT count(*) FROM {s}.events WHERE global_position = ANY($1)")),
         }
     }
 }
