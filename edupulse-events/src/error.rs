@@ -181,12 +181,16 @@ pub enum EventError {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    /// PostgreSQL aborted the transaction before COMMIT: a statement failed in it (perhaps
-    /// one whose error was ignored). Nothing was committed and nothing is published.
+    /// The transaction cannot be committed as the one begun: PostgreSQL aborted it (a
+    /// statement failed in it, perhaps one whose error was ignored), or the caller ended it
+    /// on its raw connection (a `ROLLBACK`, perhaps followed by a `BEGIN`; either backend).
+    /// Nothing of it is committed by this call and nothing is published; what is open is
+    /// rolled back.
     #[error(
-        "the transaction was aborted by a failed statement and is rolled back: nothing was \
-         committed or published; run a statement whose failure you want to ignore inside a \
-         SAVEPOINT, and roll back to it when it fails"
+        "the transaction was aborted by a failed statement, or ended on its raw connection, \
+         and is rolled back: nothing was committed or published; run a statement whose \
+         failure you want to ignore inside a SAVEPOINT and roll back to it when it fails, and \
+         never end a store transaction on its connection"
     )]
     TransactionAborted,
 
@@ -304,6 +308,21 @@ pub enum EventProblem {
         /// The error decoding the payload gave.
         #[source]
         source: Box<EventError>,
+    },
+    /// The metadata does not decode back, so no reader could read the event (user fields
+    /// nested deeper than the JSON reader's limit of 128 levels, the metadata object
+    /// included).
+    #[error("its metadata does not read back: {source}; keep user fields shallow")]
+    UnreadableMetadata {
+        /// The error decoding the metadata gave.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A promoted key holds a value the store's key index cannot hold.
+    #[error("its key `{name}` holds a NUL character, which the store's key index cannot hold")]
+    KeyNul {
+        /// The key's name.
+        name: &'static str,
     },
 }
 

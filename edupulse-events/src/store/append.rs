@@ -9,10 +9,11 @@
 use uuid::Uuid;
 
 use crate::error::EventProblem;
+use crate::event::PromotedKey;
 use crate::event::wire::{HeaderFields, message_size_bound};
 use crate::store::model::partition_of;
 use crate::store::{ExpectedSequence, StreamPosition};
-use crate::{DomainEvent, EventEnvelope, EventError, validate_subject};
+use crate::{DomainEvent, EventEnvelope, EventError, KeyValue, Metadata, validate_subject};
 
 /// The most bytes a value that travels in a header (aggregate type, event type, trace
 /// context) may take.
@@ -41,9 +42,18 @@ pub(crate) fn check_event<E: DomainEvent>(
     if let Some(traceparent) = &envelope.metadata.traceparent {
         check_header_value("traceparent", traceparent, false).map_err(refuse)?;
     }
+    // What is stored is read back as every reader reads it: the payload through `E`'s
+    // decoder, the metadata as `Metadata` (both backends keep the text as written, so this
+    // is the text they read).
     let version = u32::try_from(row.schema_version).unwrap_or(u32::MAX);
     if let Err(e) = E::decode(row.event_type, version, row.payload.as_bytes()) {
         return Err(refuse(EventProblem::Unreadable { source: Box::new(e) }));
+    }
+    // Without user fields the metadata is ids and a checked string: it always reads back.
+    if !envelope.metadata.user.is_empty()
+        && let Err(source) = serde_json::from_str::<Metadata>(&row.metadata)
+    {
+        return Err(refuse(EventProblem::UnreadableMetadata { source }));
     }
     // Header values are checked above, so everything but the payload and the metadata
     // takes well under this: only events near the limit are measured exactly.
@@ -199,6 +209,7 @@ fn encode_rows<E: DomainEvent>(
                     encoded.schema_version
                 ))
             })?;
+            check_keys(envelope, &encoded.keys)?;
             let keys: std::collections::BTreeMap<&str, _> =
                 encoded.keys.iter().map(|k| (k.name, &k.value)).collect();
             let row = EncodedRow {
@@ -215,6 +226,24 @@ fn encode_rows<E: DomainEvent>(
             Ok(row)
         })
         .collect()
+}
+
+/// Promoted keys the store's key index can hold: PostgreSQL's `jsonb` refuses a NUL
+/// character in a string, so the event would fail as a database error (and SQLite's JSON
+/// functions would read the text cut at it).
+fn check_keys<E: DomainEvent>(envelope: &EventEnvelope<E>, keys: &[PromotedKey]) -> Result<(), EventError> {
+    for key in keys {
+        if let KeyValue::Text(text) = &key.value
+            && text.contains('\0')
+        {
+            return Err(EventError::InvalidEvent {
+                event_type: envelope.event.event_type().to_owned(),
+                event_id: envelope.event_id,
+                problem: EventProblem::KeyNul { name: key.name },
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_aggregate<E: DomainEvent>(
