@@ -17,7 +17,7 @@ use crate::store::append::{AppendRules, Appended};
 use crate::store::log::{
     LogRow, MarkRow, Page, ParkedEvent, ParkedRow, RelayLag, RunningTransaction, StreamMark,
 };
-use crate::store::postgres::{self, PgBackend, PgTransaction};
+use crate::store::postgres::{PgBackend, PgTransaction};
 use crate::store::row::{PageQuery, StoredRow};
 use crate::store::sqlite::{SqliteBackend, SqliteTransaction};
 use crate::store::status::{Migrations, StoreStatus};
@@ -374,7 +374,7 @@ impl Tx {
     pub(crate) fn connection(&mut self) -> Connection<'_> {
         match self {
             Self::Postgres(_, tx) => Connection::Postgres(tx),
-            Self::Sqlite(_, tx) => Connection::Sqlite(tx),
+            Self::Sqlite(_, tx) => Connection::Sqlite(&mut *tx),
         }
     }
 
@@ -406,11 +406,14 @@ impl Tx {
     /// Commits; on PostgreSQL, when a statement may have failed, first makes sure the
     /// transaction was not aborted (PostgreSQL answers COMMIT of an aborted one with
     /// ROLLBACK, which sqlx reports as success).
-    pub(crate) async fn commit(self, may_be_aborted: bool, appended: bool) -> Result<(), EventError> {
+    ///
+    /// `written` are the positions of the events appended in the transaction. On SQLite
+    /// the transaction checks itself ([`SqliteTransaction`]).
+    pub(crate) async fn commit(self, may_be_aborted: bool, written: &[i64]) -> Result<(), EventError> {
         match self {
-            Self::Postgres(_, mut tx) => {
+            Self::Postgres(pg, mut tx) => {
                 if may_be_aborted {
-                    postgres::ensure_not_aborted(&mut tx, appended).await?;
+                    pg.ensure_not_aborted(&mut *tx, written).await?;
                 }
                 tx.commit().await?;
             }

@@ -16,6 +16,7 @@ mod postgres_sql;
 pub(crate) mod row;
 pub(crate) mod signals;
 mod sqlite;
+mod sqlite_tx;
 mod status;
 mod stream;
 mod transaction;

@@ -671,23 +671,32 @@ impl PgBackend {
     }
 }
 
-/// Fails when PostgreSQL has aborted the transaction on `conn` (a statement failed in it):
-/// its COMMIT would be answered with ROLLBACK, which sqlx reports as success. Also fails
-/// when events were `appended` but the connection holds no transaction that wrote anything
-/// any more: the caller ended it on the raw connection (a ROLLBACK of its own).
-///
-/// One round trip: any statement but COMMIT and ROLLBACK is refused with SQLSTATE 25P02
-/// in an aborted transaction. The transaction is left for the caller to roll back (dropping
-/// it does).
-pub(crate) async fn ensure_not_aborted(conn: &mut PgConnection, appended: bool) -> Result<(), EventError> {
-    let probe = sqlx::query_scalar::<_, bool>("SELECT pg_current_xact_id_if_assigned() IS NOT NULL");
-    match probe.fetch_one(conn).await {
-        Ok(wrote) if appended && !wrote => Err(EventError::TransactionAborted),
-        Ok(_) => Ok(()),
-        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("25P02") => {
-            Err(EventError::TransactionAborted)
+impl PgBackend {
+    /// Fails when PostgreSQL has aborted the transaction on `conn` (a statement failed in
+    /// it): its COMMIT would be answered with ROLLBACK, which sqlx reports as success. Also
+    /// fails when the transaction no longer sees every event it appended (`written`, by
+    /// position): the caller ended it on the raw connection (a ROLLBACK of its own,
+    /// perhaps followed by a BEGIN), and a COMMIT now would commit something else or nothing.
+    ///
+    /// One round trip: any statement but COMMIT and ROLLBACK is refused with SQLSTATE 25P02
+    /// in an aborted transaction, and positions are never handed out twice. The transaction
+    /// is left for the caller to roll back (dropping it does).
+    pub(crate) async fn ensure_not_aborted(
+        &self,
+        conn: &mut PgConnection,
+        written: &[i64],
+    ) -> Result<(), EventError> {
+        let probe = sqlx::query_scalar::<_, i64>(self.sql.append.visible.clone()).bind(written);
+        match probe.fetch_one(conn).await {
+            Ok(seen) if usize::try_from(seen).ok() != Some(written.len()) => {
+                Err(EventError::TransactionAborted)
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("25P02") => {
+                Err(EventError::TransactionAborted)
+            }
+            Err(e) => Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
 }
 

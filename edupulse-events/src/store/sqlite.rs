@@ -21,7 +21,7 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
 };
-use sqlx::{AssertSqlSafe, Row, Sqlite};
+use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
@@ -47,8 +47,7 @@ const MARK_COLUMNS: &str =
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATION_FILES));
 
-/// A transaction on the embedded store.
-pub(crate) type SqliteTransaction = sqlx::Transaction<'static, Sqlite>;
+pub(crate) use crate::store::sqlite_tx::SqliteTransaction;
 
 /// The columns of a stored row; the position doubles as the stream's transaction id.
 macro_rules! columns {
@@ -90,10 +89,9 @@ impl SqliteBackend {
         MIGRATOR.run(&self.pool).await.map_err(|source| EventError::Migration { backend: "SQLite", source })
     }
 
-    /// A write transaction: `BEGIN IMMEDIATE` takes the write lock at once, so a
-    /// transaction that reads before it writes cannot fail to upgrade its lock later.
+    /// A write transaction ([`SqliteTransaction`]).
     pub(crate) async fn begin(&self) -> Result<SqliteTransaction, EventError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        SqliteTransaction::begin(&self.pool).await
     }
 
     pub(crate) async fn current_sequence(&self, aggregate_id: Uuid) -> Result<i64, EventError> {

@@ -167,7 +167,12 @@ impl Transaction {
     /// written events' partitions and stream positions.
     pub(crate) async fn commit_written(self) -> Result<Vec<(i32, StreamPosition)>, EventError> {
         let appended = !self.written.is_empty();
-        self.tx.commit(self.may_be_aborted, appended).await?;
+        let positions: Vec<i64> = if self.may_be_aborted {
+            self.written.iter().map(|(_, position)| position.global_position).collect()
+        } else {
+            Vec::new()
+        };
+        self.tx.commit(self.may_be_aborted, &positions).await?;
         if appended {
             telemetry::appended(self.written.len());
             self.signals.wake();
