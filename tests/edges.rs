@@ -375,3 +375,28 @@ async fn an_embedded_connection_left_out_of_step_never_serves_another_transactio
         }
     }
 }
+
+/// As on PostgreSQL (`tests/store.rs`): a row written around the store at the sequence an
+/// append takes is a conflict, not a raw constraint error.
+#[tokio::test]
+async fn an_embedded_row_written_around_the_store_makes_the_append_a_conflict() {
+    let store = sqlite_file_store(2).await;
+    let id = Uuid::now_v7();
+    store.append("lesson", id, 0, [LessonTagged { lesson_id: id, tag: "1".into() }]).await.unwrap();
+    let pool = match store.pool() {
+        edupulse_events::DatabasePool::Sqlite(pool) => pool,
+        edupulse_events::DatabasePool::Postgres(_) => unreachable!(),
+    };
+    sqlx::query(
+        "INSERT INTO events (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
+         payload, occurred_at, recorded_at) VALUES (?1, 'lesson', ?2, 2, 'LessonTagged', 1, '{}', ?3, ?3)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(id)
+    .bind(edupulse_events::chrono::Utc::now())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let result = store.append("lesson", id, 1, [LessonTagged { lesson_id: id, tag: "2".into() }]).await;
+    assert!(matches!(result, Err(EventError::Concurrency { expected: 1, actual: 2, .. })), "{result:?}");
+}

@@ -117,7 +117,22 @@ impl SqliteBackend {
         let mut positions = Vec::with_capacity(prepared.rows.len());
         for (i, (envelope, row)) in envelopes.iter_mut().zip(&prepared.rows).enumerate() {
             let sequence = version - prepared.count + 1 + i64::try_from(i).unwrap_or(i64::MAX);
-            let position = insert_event(conn, &prepared, row, sequence, recorded_at).await?;
+            let position = match insert_event(conn, &prepared, row, sequence, recorded_at).await {
+                Ok(position) => position,
+                // Only reachable when rows were written around the store, as on PostgreSQL:
+                // the aggregate already has an event at this sequence.
+                Err(EventError::Database(e)) if is_sequence_taken(&e) => {
+                    let (aggregate_id, expected) = (prepared.aggregate_id, expected.as_i64());
+                    let actual: Option<i64> =
+                        sqlx::query_scalar("SELECT max(sequence) FROM events WHERE aggregate_id = ?1")
+                            .bind(aggregate_id)
+                            .fetch_one(&mut *conn)
+                            .await?;
+                    let actual = actual.unwrap_or(sequence).max(sequence);
+                    return Err(EventError::Concurrency { aggregate_id, expected, actual });
+                }
+                Err(e) => return Err(e),
+            };
             envelope.sequence = sequence;
             envelope.global_position = Some(position);
             envelope.recorded_at = Some(recorded_at);
@@ -328,6 +343,13 @@ async fn bump_stream(
             .fetch_optional(&mut *conn)
             .await?;
     Err(refusal(prepared.aggregate_id, &prepared.aggregate_type, expected, stream))
+}
+
+/// A unique violation of the events' (aggregate, sequence).
+fn is_sequence_taken(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|d| {
+        d.kind() == sqlx::error::ErrorKind::UniqueViolation && d.message().contains("events.sequence")
+    })
 }
 
 /// Writes one event row; returns its position.
