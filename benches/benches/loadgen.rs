@@ -154,39 +154,89 @@ fn chrono_now() -> edupulse_events::chrono::DateTime<edupulse_events::chrono::Ut
     edupulse_events::chrono::Utc::now()
 }
 
+/// How one side of an append row writes a batch.
+#[derive(Clone, Copy, PartialEq)]
+enum AppendForm {
+    /// One statement in a transaction of its own (`EventStore::append`; a raw INSERT).
+    Alone,
+    /// BEGIN, the append (or the raw INSERT), COMMIT.
+    InTransaction,
+}
+
+/// Appends `count` batches of `batch` events to `id` from `sequence` on: ours or raw.
+async fn append_round(
+    store: &EventStore,
+    table: &str,
+    (form, raw): (AppendForm, bool),
+    id: Uuid,
+    sequence: &mut i64,
+    (batch, count): (usize, u64),
+) -> Result<Duration> {
+    let pool = pg_pool(store)?;
+    let started = Instant::now();
+    for _ in 0..count {
+        let events: Vec<_> = (0..batch).map(|i| tick(id, *sequence as u64 + i as u64)).collect();
+        match (form, raw) {
+            (AppendForm::Alone, false) => drop(store.append("bench", id, *sequence, events).await?),
+            (AppendForm::Alone, true) => raw_insert(&pool, table, id, *sequence + 1, &events).await?,
+            (AppendForm::InTransaction, false) => {
+                let mut tx = store.begin().await?;
+                tx.append("bench", id, *sequence, events).await?;
+                tx.commit().await?;
+            }
+            (AppendForm::InTransaction, true) => {
+                let mut tx = pool.begin().await?;
+                raw_insert_query(table, id, *sequence + 1, &events).build().execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+        }
+        *sequence += batch as i64;
+    }
+    Ok(started.elapsed())
+}
+
 async fn bench_append(env: &Env) -> Result<()> {
     println!("\n### Append throughput (events/s)\n");
-    println!("| workload | edupulse `append` | raw sqlx multi-row INSERT | ratio |");
-    println!("| --- | ---: | ---: | ---: |");
+    println!(
+        "Ours and the raw INSERT alternate in 8 rounds each (the ratio per round: min–max); \
+         one writer, one aggregate.\n"
+    );
+    println!("| workload | edupulse `append` | raw sqlx multi-row INSERT | ratio | per round |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
     let scale = if env.quick { 5 } else { 1 };
-    for (batch, total) in [(1usize, 4_000u64), (10, 20_000), (100, 50_000)] {
-        let total = total / scale;
-        let store = fresh_store(env, 4).await?;
-        let pool = pg_pool(&store)?;
-        let table = raw_table(&pool, store.config().schema.as_str()).await?;
-        let id = Uuid::now_v7();
-        let started = Instant::now();
-        let mut sequence = 0i64;
-        while (sequence as u64) < total {
-            let events: Vec<_> = (0..batch).map(|i| tick(id, sequence as u64 + i as u64)).collect();
-            store.append("bench", id, sequence, events).await?;
-            sequence += batch as i64;
+    for form in [AppendForm::Alone, AppendForm::InTransaction] {
+        for (batch, total) in [(1usize, 4_000u64), (10, 20_000), (100, 50_000)] {
+            let rounds = 8u64;
+            let per_round = (total / scale / batch as u64 / rounds).max(1);
+            let store = fresh_store(env, 4).await?;
+            let pool = pg_pool(&store)?;
+            let table = raw_table(&pool, store.config().schema.as_str()).await?;
+            let (id, raw_id) = (Uuid::now_v7(), Uuid::now_v7());
+            let (mut sequence, mut raw_sequence) = (0i64, 0i64);
+            // A warm-up batch each: connections open, statements prepared.
+            append_round(&store, &table, (form, false), id, &mut sequence, (batch, 1)).await?;
+            append_round(&store, &table, (form, true), raw_id, &mut raw_sequence, (batch, 1)).await?;
+            let (mut ours, mut raw, mut ratios) = (Duration::ZERO, Duration::ZERO, Vec::new());
+            for _ in 0..rounds {
+                let a = append_round(&store, &table, (form, false), id, &mut sequence, (batch, per_round)).await?;
+                let b =
+                    append_round(&store, &table, (form, true), raw_id, &mut raw_sequence, (batch, per_round))
+                        .await?;
+                ratios.push(b.as_secs_f64() / a.as_secs_f64());
+                (ours, raw) = (ours + a, raw + b);
+            }
+            let events = per_round * rounds * batch as u64;
+            let (ours, ceiling) = (rate(events, ours), rate(events, raw));
+            let (low, high) = ratios.iter().fold((f64::MAX, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));
+            let how = if form == AppendForm::Alone { "alone" } else { "BEGIN/append/COMMIT" };
+            println!(
+                "| 1 aggregate, batch {batch}, {how} | {ours:.0} | {ceiling:.0} | {:.0} % | {:.0}–{:.0} % |",
+                100.0 * ours / ceiling,
+                100.0 * low,
+                100.0 * high
+            );
+            drop_store(&store).await?;
         }
-        let ours = rate(total, started.elapsed());
-        let raw_id = Uuid::now_v7();
-        let started = Instant::now();
-        let mut sequence = 0i64;
-        while (sequence as u64) < total {
-            let events: Vec<_> = (0..batch).map(|i| tick(raw_id, sequence as u64 + i as u64)).collect();
-            raw_insert(&pool, &table, raw_id, sequence + 1, &events).await?;
-            sequence += batch as i64;
-        }
-        let ceiling = rate(total, started.elapsed());
-        println!(
-            "| 1 aggregate, batch {batch} | {ours:.0} | {ceiling:.0} | {:.0} % |",
-            100.0 * ours / ceiling
-        );
-        drop_store(&store).await?;
     }
 
     // 1 000 aggregates, 8 concurrent writers, batches of 10.
@@ -235,7 +285,7 @@ async fn bench_append(env: &Env) -> Result<()> {
     }
     let ceiling = rate(total, started.elapsed());
     println!(
-        "| {aggregates} aggregates, 8 writers, batch 10 | {ours:.0} | {ceiling:.0} | {:.0} % |",
+        "| {aggregates} aggregates, 8 writers, batch 10, alone | {ours:.0} | {ceiling:.0} | {:.0} % | – |",
         100.0 * ours / ceiling
     );
     drop_store(&store).await

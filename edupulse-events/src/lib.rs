@@ -125,9 +125,11 @@
 //!   commit with a lower position is never skipped; its docs explain the cost.
 //! - [`EventBus::commit`]: the events and the caller's writes in one transaction, nothing
 //!   else on the write path; rollback (error or panic) publishes nothing, and so does a
-//!   transaction PostgreSQL aborted (a failed statement, even an ignored one:
-//!   [`EventError::TransactionAborted`]); an event that could not be delivered or read back
-//!   is refused before anything is written ([`EventError::InvalidEvent`]). It returns a
+//!   transaction PostgreSQL aborted (a failed statement, even an ignored one) or that the
+//!   caller ended on its raw connection, on either backend
+//!   ([`EventError::TransactionAborted`]); an event that could not be delivered or read back
+//!   is refused before anything is written ([`EventError::InvalidEvent`]; the README's "What
+//!   an append checks" lists every check and its limit). It returns a
 //!   [`Receipt`]: `published().await` waits for the broker's acknowledgement.
 //! - [`LogRelay`]: reads the log past its checkpoints, below the transaction horizon, and
 //!   publishes it pipelined, one message per aggregate in flight; a checkpoint per partition
