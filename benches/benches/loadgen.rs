@@ -154,6 +154,17 @@ fn chrono_now() -> edupulse_events::chrono::DateTime<edupulse_events::chrono::Ut
     edupulse_events::chrono::Utc::now()
 }
 
+/// The CPU time this process has used (user and system, every thread), from
+/// `/proc/self/stat` (clock ticks of 10 ms); zero where that cannot be read.
+fn process_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return Duration::ZERO };
+    // The command name may hold spaces: the fields that follow start after its `)`.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 /// How one side of an append row writes a batch.
 #[derive(Clone, Copy, PartialEq)]
 enum AppendForm {
@@ -171,9 +182,9 @@ async fn append_round(
     id: Uuid,
     sequence: &mut i64,
     (batch, count): (usize, u64),
-) -> Result<Duration> {
+) -> Result<(Duration, Duration)> {
     let pool = pg_pool(store)?;
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     for _ in 0..count {
         let events: Vec<_> = (0..batch).map(|i| tick(id, *sequence as u64 + i as u64)).collect();
         match (form, raw) {
@@ -192,7 +203,7 @@ async fn append_round(
         }
         *sequence += batch as i64;
     }
-    Ok(started.elapsed())
+    Ok((started.elapsed(), process_cpu().saturating_sub(cpu)))
 }
 
 async fn bench_append(env: &Env) -> Result<()> {
@@ -201,8 +212,10 @@ async fn bench_append(env: &Env) -> Result<()> {
         "Ours and the raw INSERT alternate in 8 rounds each (the ratio per round: min–max); \
          one writer, one aggregate.\n"
     );
-    println!("| workload | edupulse `append` | raw sqlx multi-row INSERT | ratio | per round |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| workload | edupulse `append` | raw sqlx multi-row INSERT | ratio | per round | client CPU µs/event, ours / raw |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     let scale = if env.quick { 5 } else { 1 };
     for form in [AppendForm::Alone, AppendForm::InTransaction] {
         for (batch, total) in [(1usize, 4_000u64), (10, 20_000), (100, 50_000)] {
@@ -217,23 +230,30 @@ async fn bench_append(env: &Env) -> Result<()> {
             append_round(&store, &table, (form, false), id, &mut sequence, (batch, 1)).await?;
             append_round(&store, &table, (form, true), raw_id, &mut raw_sequence, (batch, 1)).await?;
             let (mut ours, mut raw, mut ratios) = (Duration::ZERO, Duration::ZERO, Vec::new());
+            let (mut ours_cpu, mut raw_cpu) = (Duration::ZERO, Duration::ZERO);
             for _ in 0..rounds {
-                let a = append_round(&store, &table, (form, false), id, &mut sequence, (batch, per_round)).await?;
-                let b =
+                let (a, a_cpu) =
+                    append_round(&store, &table, (form, false), id, &mut sequence, (batch, per_round))
+                        .await?;
+                let (b, b_cpu) =
                     append_round(&store, &table, (form, true), raw_id, &mut raw_sequence, (batch, per_round))
                         .await?;
                 ratios.push(b.as_secs_f64() / a.as_secs_f64());
                 (ours, raw) = (ours + a, raw + b);
+                (ours_cpu, raw_cpu) = (ours_cpu + a_cpu, raw_cpu + b_cpu);
             }
             let events = per_round * rounds * batch as u64;
             let (ours, ceiling) = (rate(events, ours), rate(events, raw));
             let (low, high) = ratios.iter().fold((f64::MAX, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));
             let how = if form == AppendForm::Alone { "alone" } else { "BEGIN/append/COMMIT" };
+            let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / events as f64;
             println!(
-                "| 1 aggregate, batch {batch}, {how} | {ours:.0} | {ceiling:.0} | {:.0} % | {:.0}–{:.0} % |",
+                "| 1 aggregate, batch {batch}, {how} | {ours:.0} | {ceiling:.0} | {:.0} % | {:.0}–{:.0} % | {:.1} / {:.1} |",
                 100.0 * ours / ceiling,
                 100.0 * low,
-                100.0 * high
+                100.0 * high,
+                per_event(ours_cpu),
+                per_event(raw_cpu)
             );
             drop_store(&store).await?;
         }
@@ -285,7 +305,7 @@ async fn bench_append(env: &Env) -> Result<()> {
     }
     let ceiling = rate(total, started.elapsed());
     println!(
-        "| {aggregates} aggregates, 8 writers, batch 10, alone | {ours:.0} | {ceiling:.0} | {:.0} % | – |",
+        "| {aggregates} aggregates, 8 writers, batch 10, alone | {ours:.0} | {ceiling:.0} | {:.0} % | – | – |",
         100.0 * ours / ceiling
     );
     drop_store(&store).await
