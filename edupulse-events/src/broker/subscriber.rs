@@ -480,13 +480,17 @@ impl<E: DomainEvent> Subscriber<E> {
             tracing::warn!(stream_sequence, attempt, %error, "subscriber: handler failed; retrying later");
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
             self.metrics.retried.increment(1);
-            if *stopped.borrow() {
+            // Neither the `watch::Ref` of `borrow` nor the one `wait_for` returns may live
+            // across an await: it holds a lock guard, which would make `run`'s future (and
+            // so any task spawning it) not `Send`. Copy the flag; drop the `Ref` at once.
+            let stop = *stopped.borrow();
+            if stop {
                 self.ack(message, AckKind::Nak(None)).await;
                 return;
             }
             tokio::select! {
                 () = tokio::time::sleep(self.config.nak_delay) => attempt += 1,
-                _ = stopped.wait_for(|stop| *stop) => {
+                () = stopped.wait_for(|stop| *stop).map(drop) => {
                     self.ack(message, AckKind::Nak(None)).await;
                     return;
                 }
