@@ -208,7 +208,8 @@ pub use crate::broker::{
     UnknownEventPolicy,
 };
 pub use crate::delivery::{
-    BusConfig, BusTransaction, Committed, EventBus, LogRelay, Receipt, RelayConfig, RelayPass, Republished,
+    BusConfig, BusTransaction, Closed, Committed, EventBus, LogRelay, Receipt, RelayConfig, RelayPass,
+    Republished,
 };
 pub use crate::error::{BoxError, BrokerErrorKind, ConnectCause, EventError, EventProblem};
 pub use crate::event::envelope::{EventEnvelope, Metadata};

@@ -83,8 +83,11 @@ async fn main() -> Result<(), EventError> {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         lag = bus.lag().await?;
     }
-    bus.shutdown().await;
-    println!("The relay stopped with {} events pending and {} parked.", lag.pending, lag.parked);
+    let closed = bus.close(std::time::Duration::from_secs(10)).await?;
+    println!(
+        "The relay stopped with {} events pending and {} parked; closing published {} more, left {}.",
+        lag.pending, lag.parked, closed.published, closed.unpublished
+    );
     if let Some(broker) = &backends.in_memory {
         println!("The in-process broker holds {} messages.", broker.messages().len());
     }

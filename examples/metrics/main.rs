@@ -82,6 +82,7 @@ async fn main() -> Result<(), BoxError> {
             scrape_and_check(&address.to_string()).await?;
         }
     }
+    bus.close(Duration::from_secs(10)).await?;
     Ok(())
 }
 

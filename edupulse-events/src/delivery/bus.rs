@@ -22,6 +22,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::broker::Publisher;
+use crate::delivery::outstanding::Outstanding;
 use crate::delivery::relay::{LogRelay, RelayConfig};
 use crate::store::signals::Written;
 use crate::store::{Connection, EventStore, ExpectedSequence, RelayLag, StreamPosition, Transaction};
@@ -79,6 +80,8 @@ struct Shared {
     publisher: Arc<dyn Publisher>,
     config: BusConfig,
     relay: OnceLock<RelayTask>,
+    /// What this bus committed and its process's relays have not published yet.
+    outstanding: Outstanding,
 }
 
 /// The background relay: a stop switch and its task.
@@ -92,6 +95,15 @@ impl Drop for Shared {
         // The last clone of the bus is gone: the relay finishes its batch and stops.
         if let Some(task) = self.relay.get() {
             task.stop.send_replace(true);
+        }
+        let unpublished = self.outstanding.current(&self.store.inner.signals).len();
+        if unpublished > 0 {
+            tracing::warn!(
+                unpublished,
+                "bus dropped with {unpublished} committed event(s) not yet published: they stay in the \
+                 store's log, and the next relay on this store publishes them (`edupulse status` shows \
+                 the backlog); end with `EventBus::close` to publish them before the process exits"
+            );
         }
     }
 }
@@ -116,7 +128,10 @@ impl EventBus {
         config: BusConfig,
     ) -> Result<Self, EventError> {
         config.relay.check()?;
-        Ok(Self { shared: Arc::new(Shared { store, publisher, config, relay: OnceLock::new() }) })
+        let outstanding = Outstanding::default();
+        Ok(Self {
+            shared: Arc::new(Shared { store, publisher, config, relay: OnceLock::new(), outstanding }),
+        })
     }
 
     /// The store.
@@ -175,6 +190,9 @@ impl EventBus {
         telemetry::committed();
         tracing::Span::current().record("events", written.len());
         if !written.is_empty() {
+            if shared.config.background_relay {
+                shared.outstanding.add(&written, &shared.store.inner.signals);
+            }
             self.start_relay();
         }
         Ok(Committed { value, receipt: Receipt { store: shared.store.clone(), written: written.into() } })
@@ -203,9 +221,72 @@ impl EventBus {
         });
     }
 
+    /// Closes the bus gracefully: first waits, at most `timeout`, until every event this
+    /// bus committed is published (acknowledged by the broker, or parked), by its
+    /// background relay or by any other relay of the store; then stops the background
+    /// relay as [`shutdown`](EventBus::shutdown) does. What a process commits before it
+    /// exits is published before it exits: end a command-line tool, a batch job or a
+    /// service's `main` with it.
+    ///
+    /// Events still unpublished when `timeout` runs out (a broker outage, a partition held
+    /// by another process's relay that is behind) stay in the store's log for the next
+    /// relay; the returned [`Closed`] counts them, and a warning says so.
+    ///
+    /// ```no_run
+    /// # use edupulse_events::*;
+    /// # async fn demo(bus: EventBus) -> Result<(), EventError> {
+    /// let closed = bus.close(std::time::Duration::from_secs(10)).await?;
+    /// assert_eq!(closed.unpublished, 0, "everything committed was published");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`EventError::Database`] when the store cannot be asked what was published.
+    pub async fn close(&self, timeout: Duration) -> Result<Closed, EventError> {
+        let shared = &self.shared;
+        let signals = &shared.store.inner.signals;
+        let waiting = shared.outstanding.current(signals);
+        if !waiting.is_empty() {
+            self.start_relay();
+            signals.wake();
+        }
+        let receipt = Receipt { store: shared.store.clone(), written: waiting.clone().into() };
+        let in_time = match tokio::time::timeout(timeout, receipt.published()).await {
+            Ok(Ok(()) | Err(EventError::Parked { .. })) => true,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => false,
+        };
+        // At the timeout: what neither this process's relays nor the saved checkpoints of
+        // any relay account for.
+        let mut left = if in_time { Vec::new() } else { shared.outstanding.current(signals) };
+        if !left.is_empty() {
+            let covered = shared.store.relay_covers_each(&left).await?;
+            left = left.into_iter().zip(covered).filter(|(_, covered)| !covered).map(|(w, _)| w).collect();
+        }
+        let parked = if waiting.is_empty() {
+            0
+        } else {
+            let positions: Vec<i64> = waiting.iter().map(|(_, p)| p.global_position).collect();
+            shared.store.parked_among(&positions).await?.len()
+        };
+        self.shutdown().await;
+        shared.outstanding.clear();
+        let published = waiting.len().saturating_sub(left.len() + parked);
+        let closed = Closed { published, parked, unpublished: left.len() };
+        if closed.unpublished > 0 {
+            tracing::warn!(
+                unpublished = closed.unpublished,
+                "bus closed with {} committed event(s) not published within {timeout:?}: they stay in the \
+                 store's log for the next relay on this store",
+                closed.unpublished
+            );
+        }
+        Ok(closed)
+    }
+
     /// Stops the background relay after its current batch and waits for it; commits after
     /// this are published by other relays only. Events committed but not yet published
-    /// stay in the log for the next relay.
+    /// stay in the log for the next relay: [`close`](EventBus::close) publishes them first.
     pub async fn shutdown(&self) {
         let Some(task) = self.shared.relay.get().or_else(|| {
             // Never started: make sure no later commit starts it.
@@ -231,6 +312,19 @@ impl EventBus {
     pub async fn lag(&self) -> Result<RelayLag, EventError> {
         self.shared.store.relay_lag().await
     }
+}
+
+/// What [`EventBus::close`] did with the events the bus had committed and not yet seen
+/// published when it was called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Closed {
+    /// Acknowledged by the broker before the timeout.
+    pub published: usize,
+    /// Refused by the broker for good and parked (see `edupulse parked`).
+    pub parked: usize,
+    /// Still unpublished at the timeout: in the store's log, for the next relay.
+    pub unpublished: usize,
 }
 
 /// What [`EventBus::commit`] returns: the closure's value and the commit's [`Receipt`].

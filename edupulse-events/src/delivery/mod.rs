@@ -5,9 +5,10 @@
 mod bus;
 mod lost;
 mod message;
+mod outstanding;
 mod relay;
 mod republish;
 
-pub use self::bus::{BusConfig, BusTransaction, Committed, EventBus, Receipt};
+pub use self::bus::{BusConfig, BusTransaction, Closed, Committed, EventBus, Receipt};
 pub use self::relay::{LogRelay, RelayConfig, RelayPass};
 pub use self::republish::Republished;

@@ -395,12 +395,20 @@ impl EventStore {
 impl EventStore {
     /// Whether the relays' checkpoints are past every one of `written`.
     pub(crate) async fn relay_covers(&self, written: &[(i32, StreamPosition)]) -> Result<bool, EventError> {
+        Ok(self.relay_covers_each(written).await?.into_iter().all(|covered| covered))
+    }
+
+    /// For each of `written`, whether the saved checkpoints of the relays have passed it.
+    pub(crate) async fn relay_covers_each(
+        &self,
+        written: &[(i32, StreamPosition)],
+    ) -> Result<Vec<bool>, EventError> {
         let mut partitions: Vec<i32> = written.iter().map(|(p, _)| *p).collect();
         partitions.sort_unstable();
         partitions.dedup();
         let checkpoints: HashMap<i32, StreamPosition> =
             self.inner.backend.checkpoints_of(&partitions).await?.into_iter().collect();
-        Ok(written.iter().all(|(p, position)| checkpoints.get(p).is_some_and(|c| c >= position)))
+        Ok(written.iter().map(|(p, position)| checkpoints.get(p).is_some_and(|c| c >= position)).collect())
     }
 
     /// The parked events among `positions`.

@@ -80,6 +80,17 @@ impl Signals {
         }
     }
 
+    /// How far this process's relays have published `partition`: every event up to this
+    /// position was acknowledged or parked.
+    pub(crate) fn done_up_to(&self, partition: i32) -> StreamPosition {
+        let progress = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| progress.done.get(p))
+            .copied()
+            .unwrap_or(StreamPosition::START)
+    }
+
     /// Whether a relay of this process ever parked an event.
     pub(crate) fn parked_any(&self) -> bool {
         self.parked_any.load(Ordering::SeqCst)

@@ -1,0 +1,83 @@
+//! What a bus committed and no relay of its process has reported published yet: what
+//! [`EventBus::close`](crate::EventBus::close) waits for, and what a bus dropped without
+//! closing warns about.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, PoisonError};
+
+use crate::store::StreamPosition;
+use crate::store::signals::Signals;
+
+/// Per partition, the positions of the events a bus committed that its process's relays
+/// have not yet published (acknowledged or parked). Pruned from the relays' progress at
+/// every commit, so it holds what is in flight, not the bus's history.
+#[derive(Default)]
+pub(crate) struct Outstanding {
+    by_partition: Mutex<HashMap<i32, BTreeSet<StreamPosition>>>,
+}
+
+impl Outstanding {
+    /// Adds a commit's events, and forgets what the relays have published since.
+    pub(crate) fn add(&self, written: &[(i32, StreamPosition)], signals: &Signals) {
+        // No code below panics, so a poisoned lock holds sound data.
+        let mut by_partition = self.by_partition.lock().unwrap_or_else(PoisonError::into_inner);
+        for (partition, position) in written {
+            by_partition.entry(*partition).or_default().insert(*position);
+        }
+        prune(&mut by_partition, signals);
+    }
+
+    /// What is still unpublished, by the relays' progress in this process.
+    pub(crate) fn current(&self, signals: &Signals) -> Vec<(i32, StreamPosition)> {
+        let mut by_partition = self.by_partition.lock().unwrap_or_else(PoisonError::into_inner);
+        prune(&mut by_partition, signals);
+        by_partition
+            .iter()
+            .flat_map(|(partition, positions)| positions.iter().map(move |position| (*partition, *position)))
+            .collect()
+    }
+
+    /// Forgets everything: what is left is reported, and is the next relay's.
+    pub(crate) fn clear(&self) {
+        self.by_partition.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+}
+
+/// Drops the positions at or below each partition's published position.
+fn prune(by_partition: &mut HashMap<i32, BTreeSet<StreamPosition>>, signals: &Signals) {
+    by_partition.retain(|partition, positions| {
+        let done = signals.done_up_to(*partition);
+        // The least position after `done` in (transaction, position) order: `split_off`
+        // keeps it and everything above.
+        let after = StreamPosition { global_position: done.global_position.saturating_add(1), ..done };
+        *positions = positions.split_off(&after);
+        !positions.is_empty()
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(transaction_id: i64, global_position: i64) -> StreamPosition {
+        StreamPosition { transaction_id, global_position }
+    }
+
+    #[test]
+    fn what_the_relays_published_is_forgotten() {
+        let signals = Signals::default();
+        let outstanding = Outstanding::default();
+        outstanding.add(&[(3, at(10, 1)), (3, at(10, 2)), (5, at(11, 3))], &signals);
+        assert_eq!(outstanding.current(&signals).len(), 3);
+        signals.advance(&[(3, at(10, 1))], false);
+        let mut left = outstanding.current(&signals);
+        left.sort();
+        assert_eq!(left, [(3, at(10, 2)), (5, at(11, 3))]);
+        // A later commit lower in (transaction, position) order than a published one.
+        signals.advance(&[(5, at(12, 9))], false);
+        outstanding.add(&[(5, at(11, 4))], &signals);
+        assert_eq!(outstanding.current(&signals), [(3, at(10, 2))]);
+        outstanding.clear();
+        assert!(outstanding.current(&signals).is_empty());
+    }
+}
