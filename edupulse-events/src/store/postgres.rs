@@ -175,8 +175,11 @@ impl PgBackend {
             }
         }
         sqlx::raw_sql(AssertSqlSafe(format!("SET search_path TO {quoted}"))).execute(&mut conn).await?;
+        // `run_direct`, not `run`: awaiting sqlx's `run` makes this future `!Send`
+        // ("implementation of `Acquire` is not general enough"), so a service could not
+        // spawn `EventStore::migrate`.
         MIGRATOR
-            .run(&mut conn)
+            .run_direct(None, &mut conn, false)
             .await
             .map_err(|source| EventError::Migration { backend: "PostgreSQL", source })?;
         conn.close().await?;

@@ -86,7 +86,12 @@ impl SqliteBackend {
     }
 
     pub(crate) async fn migrate(&self) -> Result<(), EventError> {
-        MIGRATOR.run(&self.pool).await.map_err(|source| EventError::Migration { backend: "SQLite", source })
+        // `run_direct` on a connection, not `run` on the pool: see `PgBackend::migrate`.
+        let mut conn = self.pool.acquire().await?;
+        MIGRATOR
+            .run_direct(None, &mut *conn, false)
+            .await
+            .map_err(|source| EventError::Migration { backend: "SQLite", source })
     }
 
     /// A write transaction ([`SqliteTransaction`]).
