@@ -63,24 +63,38 @@ async fn requeue(matches: &ArgMatches) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The global positions of the parked events named by position or by event id.
+/// The global positions of the parked events named by position or by event id. A position or
+/// an id that names no parked event is a usage error: nothing is re-queued then.
 async fn positions(store: &EventStore, named: impl Iterator<Item = Parked>) -> Result<Vec<i64>, Failure> {
-    let mut by_id = None;
+    let parked = store.parked_events(u32::MAX).await?;
     let mut positions = Vec::new();
-    for parked in named {
-        match parked {
-            Parked::Position(position) => positions.push(position),
-            Parked::EventId(id) => {
-                if by_id.is_none() {
-                    by_id = Some(store.parked_events(u32::MAX).await?);
+    for named in named {
+        match named {
+            Parked::Position(position) => {
+                if !parked.iter().any(|p| p.global_position == position) {
+                    return Err(not_parked(store, position).await);
                 }
-                let found = by_id.iter().flatten().find(|p| p.event_id == id);
+                positions.push(position);
+            }
+            Parked::EventId(id) => {
+                let found = parked.iter().find(|p| p.event_id == id);
                 let found = found.ok_or_else(|| Failure::Usage(format!("no parked event with id {id}")))?;
                 positions.push(found.global_position);
             }
         }
     }
     Ok(positions)
+}
+
+/// Why `position`, which is not among the parked events, cannot be re-queued.
+async fn not_parked(store: &EventStore, position: i64) -> Failure {
+    match store.position_of(position).await {
+        Ok(None) => Failure::Usage(format!("no event at global position {position}")),
+        Ok(Some(_)) => Failure::Usage(format!(
+            "the event at global position {position} is not parked: see `edupulse parked list`"
+        )),
+        Err(e) => e.into(),
+    }
 }
 
 fn to_json(p: &ParkedEvent) -> Value {

@@ -124,10 +124,17 @@ pub(crate) async fn republish(matches: &ArgMatches) -> Result<ExitCode, Failure>
     if matches.get_flag("lost") {
         return republish_lost(matches).await;
     }
-    let store = connect::store(matches).await?;
-    let nats = connect::nats(matches).await?;
     let from = matches.get_one::<i64>("from").copied().unwrap_or(1);
     let to = matches.get_one::<i64>("to").copied();
+    if let Some(to) = to
+        && to < from
+    {
+        return Err(Failure::Usage(format!(
+            "--to {to} is before --from {from}: the range names no event (both ends are included)"
+        )));
+    }
+    let store = connect::store(matches).await?;
+    let nats = connect::nats(matches).await?;
     let relay = LogRelay::new(store, Arc::new(nats), RelayConfig::default());
     let done = relay.republish(from, to).await?;
     let sent = done.stored + done.duplicates;

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edupulse_events::{
-    BoxError, DomainEvent, EventEnvelope, EventStore, LogRelay, NatsConfig, NatsPublisher, Projection,
-    ProjectionRunner, RelayConfig, StoreConfig, StreamSpec, Transaction, Uuid,
+    BoxError, DomainEvent, EventEnvelope, EventStore, InMemoryBroker, LogRelay, NatsConfig, NatsPublisher,
+    Projection, ProjectionRunner, RelayConfig, StoreConfig, StreamSpec, Transaction, Uuid,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -557,4 +557,104 @@ async fn republish_lost_has_the_relay_send_again_what_a_deleted_stream_lost() {
     let info = stream.get_info().await.unwrap();
     assert_eq!(info.state.messages, 3);
     assert!(store.relay_lag().await.unwrap().lost.is_empty());
+}
+
+/// Runs `command`, waits at most 20 s for it (then kills it and fails the test).
+fn bounded(mut command: Command) -> Output {
+    let mut child =
+        command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            let err = stderr(&output);
+            let tail: String = err.lines().take(3).collect::<Vec<_>>().join("\n");
+            panic!("{command:?} still running after 20 s; its stderr began with:\n{tail}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `edupulse ARGS` on the PostgreSQL schema `schema`, bounded.
+fn edupulse_bounded(schema: &str, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edupulse"));
+    command
+        .args(args)
+        .args(["--schema", schema])
+        .env("DATABASE_URL", database_url())
+        .env("NATS_URL", nats_url());
+    bounded(command)
+}
+
+/// `edupulse ARGS` on the store at `url` (no broker), bounded.
+fn edupulse_on(url: &str, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edupulse"));
+    command.args(args).env("DATABASE_URL", url).env_remove("NATS_URL");
+    bounded(command)
+}
+
+/// An embedded store in a file of its own, migrated: its path (to remove) and its URL.
+async fn sqlite_store() -> (std::path::PathBuf, String, EventStore) {
+    let file = std::env::temp_dir().join(format!("edupulse-cli-{}.db", Uuid::now_v7().simple()));
+    let url = format!("sqlite:{}?mode=rwc", file.display());
+    let store = EventStore::connect(&url, StoreConfig::default()).await.unwrap();
+    store.migrate().await.unwrap();
+    (file, url, store)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn republish_refuses_a_range_that_ends_before_it_starts() {
+    let schema = schema();
+    let store = store(&schema).await;
+    three_events(&store).await;
+    let reversed = edupulse_bounded(&schema, &["republish", "--from", "3", "--to", "2"]);
+    assert_eq!(reversed.status.code(), Some(2), "{}{}", stdout(&reversed), stderr(&reversed));
+    assert!(stderr(&reversed).contains("--to 2 is before --from 3"), "{}", stderr(&reversed));
+    assert!(!stdout(&reversed).contains("republished"), "{}", stdout(&reversed));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_requeue_refuses_a_position_that_names_no_parked_event() {
+    let (file, url, store) = sqlite_store().await;
+    let (a, c) = (Uuid::now_v7(), Uuid::now_v7());
+    // Position 1 is refused and parked, position 2 (another subject) is published.
+    let published = LessonEvent::Published(LessonPublished { lesson_id: a, title: "One".into() });
+    store.append("lesson", a, 0, [published]).await.unwrap();
+    let renamed = LessonEvent::Renamed(LessonRenamed { lesson_id: c, title: "Two".into() });
+    store.append("lesson", c, 0, [renamed]).await.unwrap();
+    let broker = InMemoryBroker::new();
+    broker.refuse(Some("clitest.LessonPublished")).unwrap();
+    let relay =
+        LogRelay::new(store.clone(), Arc::new(broker.clone()), RelayConfig::default().with_max_attempts(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.relay_lag().await.unwrap().parked < 1 {
+        assert!(std::time::Instant::now() < deadline, "not parked: {:?}", store.relay_lag().await);
+        relay.run_once().await.unwrap();
+    }
+    assert_eq!(broker.messages().len(), 1, "position 2 was published");
+
+    let nothing = edupulse_on(&url, &["parked", "requeue", "999999999"]);
+    assert_eq!(nothing.status.code(), Some(2), "{}{}", stdout(&nothing), stderr(&nothing));
+    assert!(stderr(&nothing).contains("no event at global position 999999999"), "{}", stderr(&nothing));
+    let zero = edupulse_on(&url, &["parked", "requeue", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "{}{}", stdout(&zero), stderr(&zero));
+    let not_parked = edupulse_on(&url, &["parked", "requeue", "2"]);
+    assert_eq!(not_parked.status.code(), Some(2), "{}{}", stdout(&not_parked), stderr(&not_parked));
+    assert!(
+        stderr(&not_parked).contains("the event at global position 2 is not parked"),
+        "{}",
+        stderr(&not_parked)
+    );
+    // One position that names nothing refuses the whole command: nothing is re-queued.
+    let mixed = edupulse_on(&url, &["parked", "requeue", "1", "999999999"]);
+    assert_eq!(mixed.status.code(), Some(2), "{}{}", stdout(&mixed), stderr(&mixed));
+    assert!(store.parked_events(10).await.unwrap().iter().all(|p| !p.requeued));
+
+    let requeue = edupulse_on(&url, &["parked", "requeue", "1"]);
+    assert_eq!(requeue.status.code(), Some(0), "{}", stderr(&requeue));
+    assert!(stdout(&requeue).contains("re-queued 1 aggregate(s)"), "{}", stdout(&requeue));
+    drop(store);
+    let _ = std::fs::remove_file(&file);
 }
