@@ -1,5 +1,6 @@
 //! The command line: subcommands, their arguments and their help.
 
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Arg, ArgAction, Command, value_parser};
 use edupulse_events::Uuid;
 
@@ -70,6 +71,7 @@ fn tail() -> Command {
             Arg::new("type")
                 .long("type")
                 .value_name("EVENT_TYPE")
+                .value_parser(NonEmptyStringValueParser::new())
                 .action(ArgAction::Append)
                 .help("Only events of this type (repeatable)"),
         )
@@ -78,7 +80,7 @@ fn tail() -> Command {
                 .long("aggregate")
                 .value_name("ID")
                 .value_parser(parse_uuid)
-                .help("Only this aggregate's events, in its order"),
+                .help("Only this aggregate's events, in its order (it must have some, unless --follow)"),
         )
         .arg(
             Arg::new("limit")

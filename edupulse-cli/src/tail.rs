@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::ArgMatches;
-use edupulse_events::{RecordStream, StoredRecord, StreamPosition, Uuid};
+use edupulse_events::{EventError, RecordStream, StoredRecord, StreamPosition, Uuid};
 use futures_util::StreamExt;
 
 use crate::connect;
@@ -38,21 +38,26 @@ pub(crate) async fn run(matches: &ArgMatches) -> Result<ExitCode, Failure> {
         types: matches.get_many::<String>("type").map(|t| t.cloned().collect()).unwrap_or_default(),
         aggregate: matches.get_one::<Uuid>("aggregate").copied(),
     };
+    let follow = matches.get_flag("follow");
+    let start = match filter.after {
+        0 => StreamPosition::START,
+        after => store
+            .position_of(after)
+            .await?
+            .ok_or_else(|| Failure::Usage(format!("no event at global position {after}")))?,
+    };
     let mut records: RecordStream = match filter.aggregate {
+        // Followed, an aggregate without events yet is waited for.
+        Some(id) if !follow && store.current_sequence(id).await? == 0 => {
+            return Err(Failure::Usage(format!("aggregate {id} has no events")));
+        }
         Some(id) => store.aggregate_records(id, 1),
         None => {
-            let start = match filter.after {
-                0 => StreamPosition::START,
-                after => store
-                    .position_of(after)
-                    .await?
-                    .ok_or_else(|| Failure::Usage(format!("no event at global position {after}")))?,
-            };
             let all = store.records(start);
             if filter.types.is_empty() { all } else { all.of_types(filter.types.clone()) }
         }
     };
-    if matches.get_flag("follow") {
+    if follow {
         records = records.follow(FOLLOW_INTERVAL);
     }
     let mut left = matches.get_one::<u64>("limit").copied().unwrap_or(u64::MAX);
@@ -69,6 +74,11 @@ pub(crate) async fn run(matches: &ArgMatches) -> Result<ExitCode, Failure> {
         };
         let record = match record {
             Ok(record) => record,
+            // The page could not be read: the stream would read it again at once, and fail
+            // again, for ever.
+            Err(e @ (EventError::Database(_) | EventError::Connect { .. } | EventError::Config(_))) => {
+                return Err(e.into());
+            }
             // A row whose stored JSON is broken: say so, and go on after it.
             Err(e) => {
                 eprintln!("edupulse: {e}");

@@ -658,3 +658,51 @@ async fn parked_requeue_refuses_a_position_that_names_no_parked_event() {
     drop(store);
     let _ = std::fs::remove_file(&file);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_refuses_an_aggregate_without_events_and_a_start_past_the_end_of_the_stream() {
+    let schema = schema();
+    let store = store(&schema).await;
+    let (a, _) = three_events(&store).await;
+    let nobody = Uuid::now_v7().to_string();
+    let unknown = edupulse_bounded(&schema, &["tail", "--aggregate", &nobody]);
+    assert_eq!(unknown.status.code(), Some(2), "{}{}", stdout(&unknown), stderr(&unknown));
+    assert!(stderr(&unknown).contains(&format!("aggregate {nobody} has no events")), "{}", stderr(&unknown));
+    let past = edupulse_bounded(&schema, &["tail", "--aggregate", &a.to_string(), "--from", "99"]);
+    assert_eq!(past.status.code(), Some(2), "{}{}", stdout(&past), stderr(&past));
+    assert!(stderr(&past).contains("no event at global position 99"), "{}", stderr(&past));
+    let no_type = edupulse_bounded(&schema, &["tail", "--type", ""]);
+    assert_eq!(no_type.status.code(), Some(2), "{}{}", stdout(&no_type), stderr(&no_type));
+
+    // Followed, an aggregate without events yet is waited for.
+    let new = Uuid::now_v7();
+    let child = Command::new(env!("CARGO_BIN_EXE_edupulse"))
+        .args(["tail", "--follow", "--limit", "1", "--aggregate", &new.to_string(), "--schema", &schema])
+        .env("DATABASE_URL", database_url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let published = LessonEvent::Published(LessonPublished { lesson_id: new, title: "New".into() });
+    store.append("lesson", new, 0, [published]).await.unwrap();
+    let followed = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(followed.status.code(), Some(0), "{}", stderr(&followed));
+    assert_eq!(lines(&followed), [(4, "LessonPublished".to_owned(), new)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_stops_at_a_database_error_instead_of_repeating_it() {
+    use edupulse_events::{DatabasePool, sqlx};
+    let (file, url, store) = sqlite_store().await;
+    three_events(&store).await;
+    let DatabasePool::Sqlite(pool) = store.pool() else { panic!("an embedded store") };
+    sqlx::query("ALTER TABLE events RENAME TO events_elsewhere").execute(&pool).await.unwrap();
+    let out = edupulse_on(&url, &["tail"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let errors = stderr(&out).lines().filter(|line| line.starts_with("edupulse:")).count();
+    assert_eq!(errors, 1, "reported once, then exit: {}", stderr(&out));
+    assert!(stderr(&out).contains("no such table: events"), "{}", stderr(&out));
+    drop(store);
+    let _ = std::fs::remove_file(&file);
+}
