@@ -10,8 +10,9 @@ pub(crate) fn command() -> Command {
         .version(env!("CARGO_PKG_VERSION"))
         .about("Operate an edupulse-events store: migrations, status, the log, publication to NATS JetStream")
         .after_help(
-            "Exit codes: 0 done, 1 failed (database or broker), 2 bad usage, 3 `migrate --check` found \
-             pending migrations.",
+            "Exit codes: 0 done, 1 failed (database or broker), 2 bad usage (also an argument that names \
+             nothing: a position without an event, an empty range, an aggregate without events, a schema or \
+             database holding no store), 3 `migrate --check` found pending migrations.",
         )
         .subcommand_required(true)
         .arg_required_else_help(true)

@@ -6,8 +6,10 @@
 //! `NATS_URL`; neither value is ever printed (help shows the variable's name only).
 //!
 //! Exit codes, for scripts: 0 done; 1 failed (the database or the broker); 2 bad usage (a
-//! missing URL, an invalid argument, a position that names no event); 3 `migrate --check`
-//! found migrations to apply.
+//! missing URL, an invalid argument, an argument that names nothing: a position without an
+//! event or without a parked event, a range that ends before it starts, an aggregate without
+//! events, a projection without a checkpoint, a schema or database that holds no store); 3
+//! `migrate --check` found migrations to apply.
 
 mod args;
 mod connect;

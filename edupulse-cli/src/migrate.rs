@@ -8,7 +8,7 @@ use crate::connect;
 use crate::failure::Failure;
 
 pub(crate) async fn run(matches: &ArgMatches) -> Result<ExitCode, Failure> {
-    let store = connect::store(matches).await?;
+    let store = connect::store_to_migrate(matches).await?;
     let before = store.migrations().await?;
     if matches.get_flag("check") {
         if before.pending.is_empty() {

@@ -692,6 +692,44 @@ async fn tail_refuses_an_aggregate_without_events_and_a_start_past_the_end_of_th
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_schema_that_holds_no_store_is_refused_by_every_command_but_migrate() {
+    let schema = schema();
+    let commands: [&[&str]; 10] = [
+        &["status"],
+        &["status", "--json"],
+        &["tail"],
+        &["parked", "list"],
+        &["parked", "requeue", "--all"],
+        &["projection", "list"],
+        &["projection", "reset", "seen"],
+        &["republish", "--from", "1"],
+        &["republish", "--lost"],
+        &["publish", "--seconds", "1"],
+    ];
+    for args in commands {
+        let out = edupulse_bounded(&schema, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}{}", stdout(&out), stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("schema `{schema}` holds no store")),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    // Migrating it is what makes it a store.
+    assert_eq!(edupulse_bounded(&schema, &["migrate", "--check"]).status.code(), Some(3));
+    assert_eq!(edupulse_bounded(&schema, &["migrate"]).status.code(), Some(0));
+    assert_eq!(edupulse_bounded(&schema, &["status"]).status.code(), Some(0));
+
+    // The same for an embedded database that was never migrated.
+    let file = std::env::temp_dir().join(format!("edupulse-cli-{}.db", Uuid::now_v7().simple()));
+    let url = format!("sqlite:{}?mode=rwc", file.display());
+    let empty = edupulse_on(&url, &["tail"]);
+    assert_eq!(empty.status.code(), Some(2), "{}{}", stdout(&empty), stderr(&empty));
+    assert!(stderr(&empty).contains("the database holds no store"), "{}", stderr(&empty));
+    let _ = std::fs::remove_file(&file);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tail_stops_at_a_database_error_instead_of_repeating_it() {
     use edupulse_events::{DatabasePool, sqlx};
     let (file, url, store) = sqlite_store().await;
