@@ -7,13 +7,6 @@
 //! is spawned in functions that are compiled and never called: `tests/consume.rs` and
 //! `tests/ensure_stream.rs` run them. The `generic_*` functions prove the same for any event,
 //! projection and aggregate type, not only for the ones of these tests.
-//!
-//! Not here yet, because their futures are not `Send`: [`EventStore::migrate`], and so
-//! [`Backends::connect`], [`Backends::from_env`] and `AggregateTest::when`, which call it.
-//! The PostgreSQL migration calls sqlx's `Migrator::run(&mut PgConnection)`, whose
-//! `A: Acquire<'a>` bound gives "implementation of `Acquire` is not general enough" as soon
-//! as the future must be `Send` (sqlx's own `run_direct` exists to get around it). Spawn
-//! them here once the store's migration is fixed.
 
 mod common;
 
@@ -22,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::{CourseEvent, counted};
+use edupulse_events::testing::AggregateTest;
 use edupulse_events::{
     Aggregate, Backends, BoxError, BusConfig, DomainEvent, EventBus, EventEnvelope, EventError, EventStore,
     LogRelay, NatsConfig, NatsPublisher, Projection, ProjectionRunner, RelayConfig, Repository, Requeue,
@@ -35,9 +29,12 @@ fn spec() -> StreamSpec {
     StreamSpec::new("EDUPULSE", ["courses.>"])
 }
 
-/// The embedded backends (connected here, not in a spawned task: see the module docs).
+/// The embedded backends, connected in a spawned task.
 async fn embedded() -> Backends {
-    Backends::connect(None, None, StoreConfig::default(), &spec()).await.unwrap()
+    tokio::spawn(async move { Backends::connect(None, None, StoreConfig::default(), &spec()).await })
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 /// A shutdown future for `run`, and the switch that completes it.
@@ -55,8 +52,8 @@ async fn the_store_s_calls_and_streams_run_in_spawned_tasks() {
             .await
             .unwrap()
             .unwrap();
-    // Not in a spawned task: see the module docs.
-    store.migrate().await.unwrap();
+    let s = store.clone();
+    tokio::spawn(async move { s.migrate().await }).await.unwrap().unwrap();
     let id = Uuid::now_v7();
 
     let s = store.clone();
@@ -166,6 +163,9 @@ async fn the_bus_s_calls_run_in_spawned_tasks() {
 
     let b = bus.clone();
     assert_eq!(tokio::spawn(async move { b.lag().await }).await.unwrap().unwrap().pending, 0);
+    let b = bus.clone();
+    let closed = tokio::spawn(async move { b.close(Duration::from_secs(10)).await }).await.unwrap().unwrap();
+    assert_eq!(closed.unpublished, 0, "{closed:?}");
     let b = bus.clone();
     tokio::spawn(async move { b.shutdown().await }).await.unwrap();
     let published = backends.in_memory.as_ref().map(|broker| broker.messages().len());
@@ -306,6 +306,9 @@ async fn the_repository_s_calls_run_in_spawned_tasks() {
     assert_eq!(tokio::spawn(async move { t.load(id).await }).await.unwrap().unwrap().state.sum, 10);
     let t = tallies.clone();
     assert_eq!(tokio::spawn(async move { t.snapshot_now(id).await }).await.unwrap().unwrap().sequence, 4);
+
+    let outcome = tokio::spawn(AggregateTest::<Tally>::given([counted(1)]).when(0)).await.unwrap();
+    outcome.then_error(Zero);
 }
 
 /// Compiled, never called: the subscriber needs a JetStream server. A handler as a service
@@ -330,13 +333,15 @@ fn the_subscriber_runs_in_a_spawned_task(publisher: NatsPublisher, config: Subsc
     });
 }
 
-/// Compiled, never called: the NATS publisher needs a server.
+/// Compiled, never called: the NATS publisher needs a server (and `from_env` may name one).
 #[allow(dead_code, reason = "a compile test: it needs a JetStream server to run")]
 fn the_nats_publisher_s_calls_run_in_spawned_tasks(url: String) {
     tokio::spawn(async move {
         let publisher = NatsPublisher::connect(&url, NatsConfig::default()).await?;
         publisher.ensure_stream(&spec()).await?;
-        Ok::<_, EventError>(publisher)
+        let nats = Backends::connect(None, Some(&url), StoreConfig::default(), &spec()).await?;
+        let env = Backends::from_env(&spec()).await?;
+        Ok::<_, EventError>((publisher, nats, env))
     });
 }
 
