@@ -18,20 +18,33 @@
 //! the same against a JetStream cluster of three servers and a stream of three replicas:
 //! the stream's leader SIGKILLed mid-batch, one member lost for good (killed, its store
 //! deleted) after which the stream must go on taking messages, and the whole cluster
-//! SIGKILLed and restarted. Then the relays drain the log (until
+//! SIGKILLed and restarted. A third test runs the same writers and checker against the
+//! embedded default: a SQLite file in a temporary directory and the in-process broker
+//! (`InMemoryBroker`), with the caller's table of the caller-first commits in that file;
+//! its faults are the standalone relays killed mid-batch and the in-process broker made
+//! unavailable for a while, from the middle of a relay's batch or not. The swallowed failed
+//! statements do not run there: SQLite undoes the failed statement and nothing else, so
+//! their transactions rightly commit. Then the relays drain the log (until
 //! `relay_lag` shows nothing pending) and an independent checker
 //! (`fault_harness/checker.rs`) reads the whole stream and the whole store and counts every
 //! kind of violation; the test asserts that all of them are zero, and that events were
 //! committed and published at all.
 //!
-//! Environment: `TORTURE_SEED` (default fixed), `TORTURE_SECONDS` of load (default 40, and
-//! 30 against the cluster),
+//! The bad inputs: a `traceparent` with CRLF, an aggregate type with a newline, a payload
+//! over 1 MiB, an f64 NaN, and metadata whose user value nests 130 arrays deep (more than
+//! any reader parses back). Among the plain commits, a few carry a "big numbers" event
+//! (4 000 readings of `1e300`: 24 KB as written, 1.2 MB if a database writes the numbers
+//! out in full): a well-formed event that must be accepted and published.
+//!
+//! Environment: `TORTURE_SEED` (default fixed), `TORTURE_SECONDS` of load (default 40, 30
+//! against the cluster, 20 on the embedded default),
 //! `TORTURE_WRITERS` (6), `TORTURE_AGGREGATES` (40), `TORTURE_SKIP` (what to leave out, to
 //! isolate a finding: kinds of commit `plain,any,caller-writes-first,closure-fails,
 //! swallow-before,swallow-after,bad-input`, `any-parts` (the `Any` appends inside plain and
-//! caller-first commits), faults `relay-kill,nats-kill,pg-restart,restore-older,member-loss,
-//! cluster-restart`), `TORTURE_LOG=1` (the library's warnings and the faults, timed, on
-//! standard error). `scripts/torture.sh` runs long ones.
+//! caller-first commits), `deep-metadata` (that one bad input), `big-numbers` (the big
+//! numbers events of plain commits), faults `relay-kill,nats-kill,pg-restart,restore-older,
+//! member-loss,cluster-restart,broker-outage`), `TORTURE_LOG=1` (the library's warnings and
+//! the faults, timed, on standard error). `scripts/torture.sh` runs long ones.
 //! See RELIABILITY.md.
 
 #[path = "fault_harness/broker.rs"]
@@ -50,22 +63,23 @@ mod prng;
 #[path = "fault_harness/workload.rs"]
 mod workload;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use broker::{Broker, Topology};
 use edupulse_events::{
-    BusConfig, EventBus, EventStore, NatsConfig, NatsPublisher, Publisher, RelayConfig, StoreConfig,
-    StreamSpec, Uuid,
+    BusConfig, DatabasePool, EventBus, EventStore, InMemoryBroker, NatsConfig, NatsPublisher, Publisher,
+    RelayConfig, StoreConfig, StreamSpec, Uuid,
 };
 use tokio::time::Instant;
 
 use checker::{Counts, Observed};
-use faults::{Counting, FaultCounts, Relays};
+use faults::{Counting, FaultCounts, Interrupting, Relays, Target};
 use postgres::PgServer;
 use prng::Rng;
-use workload::{AGGREGATE_TYPE, CommitRecord, Kind, Ledger, Outcome, Recorded, Writers};
+use workload::{AGGREGATE_TYPE, Backend, CommitRecord, Kind, Ledger, Outcome, Recorded, Writers};
 
 /// The store's schema on the harness's own server.
 const SCHEMA: &str = "harness";
@@ -104,6 +118,8 @@ impl Settings {
         let default_load = match topology {
             Topology::Single => 40,
             Topology::Cluster => 30,
+            // CI runs the whole suite on 2 cores: the embedded run is the short one.
+            Topology::Embedded => 20,
         };
         Self {
             topology,
@@ -141,11 +157,8 @@ impl Report {
         let f = &self.faults;
         format!(
             "fault harness: seed {seed} (0x{seed:x}), {load} s of load, {writers} writers, {aggregates} aggregates, \
-             {broker}, {elapsed:.0} s in all{skip}\n\
-             faults injected: {rk} relay kills, {nk} nats-server SIGKILLs{leader} ({mid} mid-batch, {after} right \
-             after an acknowledgement), \
-             {cluster}{pr} PostgreSQL fast restarts ({pd:.1} s down), broker down {nd:.1} s in all; \
-             final drain {drain:.1} s\n\
+             {broker}, {elapsed:.0} s in all{skip}{never}\n\
+             faults injected: {faults}broker down {nd:.1} s in all; final drain {drain:.1} s\n\
              acknowledgements (re-sends included): {bus} to the bus's background relay, {standalone} to the \
              standalone relays\n{relay}\n{table}\
              replay with TORTURE_SEED={seed} TORTURE_SECONDS={load}{skip_env}",
@@ -153,25 +166,31 @@ impl Report {
             broker = match settings.topology {
                 Topology::Single => "one nats-server (stream R1)",
                 Topology::Cluster => "a 3-server JetStream cluster (stream R3)",
+                Topology::Embedded => "the embedded default (a SQLite file, the in-process broker)",
             },
-            leader = if settings.topology == Topology::Cluster { " of the stream leader" } else { "" },
-            mid = f.nats_kills_mid_batch,
-            after = f.nats_kills_after_ack,
-            cluster = if settings.topology == Topology::Single {
+            never = match workload::never_on(settings.topology.backend()) {
+                [] => String::new(),
+                kinds => format!(", never on this backend: {}", kinds.join(", ")),
+            },
+            faults = if settings.topology == Topology::Embedded {
                 format!(
-                    "{} return(s) of the server to an older copy of its store ({} acknowledgements lost with it), ",
-                    f.older_copies, f.acked_then_lost
-                )
-            } else if settings.topology == Topology::Cluster {
-                format!(
-                    "{} member(s) lost for good ({} acknowledgements after the loss), {} whole-cluster \
-                     SIGKILLs and restarts, ",
-                    f.members_lost,
-                    self.acked_after_loss.map_or_else(|| "-".to_owned(), |n| n.to_string()),
-                    f.cluster_restarts
+                    "{} relay kills, {} outages of the in-process broker ({} from mid-batch), ",
+                    f.relay_kills, f.broker_outages, f.broker_outages_mid_batch
                 )
             } else {
-                String::new()
+                format!(
+                    "{rk} relay kills, {nk} nats-server SIGKILLs{leader} ({mid} mid-batch, {after} right after an \
+                     acknowledgement), {cluster}{pr} PostgreSQL fast restarts ({pd:.1} s down), ",
+                    rk = f.relay_kills,
+                    nk = f.nats_kills,
+                    leader =
+                        if settings.topology == Topology::Cluster { " of the stream leader" } else { "" },
+                    mid = f.nats_kills_mid_batch,
+                    after = f.nats_kills_after_ack,
+                    cluster = cluster_faults(settings.topology, f, self.acked_after_loss),
+                    pr = f.pg_restarts,
+                    pd = f.pg_down.as_secs_f64(),
+                )
             },
             load = settings.load.as_secs(),
             writers = settings.writers,
@@ -182,11 +201,7 @@ impl Report {
             } else {
                 format!(", without: {}", settings.skip.join(", "))
             },
-            rk = f.relay_kills,
-            nk = f.nats_kills,
             nd = f.nats_down.as_secs_f64(),
-            pr = f.pg_restarts,
-            pd = f.pg_down.as_secs_f64(),
             drain = self.drained_in.as_secs_f64(),
             bus = self.acked_by_bus_relay,
             standalone = self.acked_by_standalone_relays,
@@ -201,7 +216,35 @@ impl Report {
     }
 }
 
-/// The two runs share the machine one after the other, not at once.
+/// The faults that only a server run has: an older copy of the store, or a cluster's.
+fn cluster_faults(topology: Topology, f: &FaultCounts, acked_after_loss: Option<u64>) -> String {
+    match topology {
+        Topology::Single => format!(
+            "{} return(s) of the server to an older copy of its store ({} acknowledgements lost with it), ",
+            f.older_copies, f.acked_then_lost
+        ),
+        Topology::Cluster => format!(
+            "{} member(s) lost for good ({} acknowledgements after the loss), {} whole-cluster SIGKILLs and \
+             restarts, ",
+            f.members_lost,
+            acked_after_loss.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            f.cluster_restarts
+        ),
+        Topology::Embedded => String::new(),
+    }
+}
+
+impl Topology {
+    /// The store's database in a run against this broker.
+    fn backend(self) -> Backend {
+        match self {
+            Self::Single | Self::Cluster => Backend::Postgres,
+            Self::Embedded => Backend::Sqlite,
+        }
+    }
+}
+
+/// The runs share the machine one after the other, not at once.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -231,6 +274,24 @@ async fn every_committed_event_is_published_once_in_order_when_cluster_members_f
             "the R3 stream took messages after losing a member for good:\n{}",
             report.summary(&settings)
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_committed_event_is_published_once_in_order_on_the_embedded_default() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let settings = Settings::from_env(Topology::Embedded);
+    let report = check(settings.clone()).await;
+    let f = &report.faults;
+    if settings.skip.iter().all(|s| s != "broker-outage") {
+        assert!(
+            f.broker_outages > 0 && f.broker_outages_mid_batch > 0,
+            "the in-process broker went down, once at least from the middle of a batch:\n{}",
+            report.summary(&settings)
+        );
+    }
+    if settings.skip.iter().all(|s| s != "relay-kill") {
+        assert!(f.relay_kills > 0, "relays were killed:\n{}", report.summary(&settings));
     }
 }
 
@@ -278,6 +339,23 @@ async fn check(settings: Settings) -> Report {
         settings.seed
     );
     assert_eq!(c.events_published, c.events_committed, "every committed event is in the stream:\n{summary}");
+    // The inputs this run was to try were tried.
+    let skipped = |name: &str| settings.skip.iter().any(|s| s == name);
+    if !skipped("plain") && !skipped("big-numbers") {
+        assert!(
+            c.big_numbers_committed > 0 && c.big_numbers_published == c.big_numbers_committed,
+            "big-numbers events were committed ({}) and all published ({}):\n{summary}",
+            c.big_numbers_committed,
+            c.big_numbers_published
+        );
+    }
+    if !skipped("bad-input") && !skipped("deep-metadata") {
+        let deep = checker::kind_name(Kind::Bad(workload::BadInput::DeepMetadata));
+        assert!(
+            c.commits_by_kind.get(&deep).is_some_and(|n| *n > 0),
+            "the run tried the deep metadata:\n{summary}"
+        );
+    }
     report
 }
 
@@ -296,7 +374,8 @@ async fn probe(bus: &EventBus, settings: &Settings, stream: u64, note: &str) -> 
         std::iter::repeat_with(|| rng.uuid()).find(|id| id.as_u128() % 64 < 32).unwrap_or_default();
     // A writer index no writer has.
     let writer = settings.writers;
-    let event = Recorded { aggregate, writer, commit: 0, amount: 1.0, note: note.into() };
+    let event =
+        Recorded { aggregate, writer, commit: 0, amount: 1.0, note: note.into(), readings: Vec::new() };
     let committed = bus
         .commit(async |tx| tx.append(AGGREGATE_TYPE, aggregate, 0, [event]).await)
         .await
@@ -306,42 +385,133 @@ async fn probe(bus: &EventBus, settings: &Settings, stream: u64, note: &str) -> 
         .await
         .unwrap_or_else(|_| panic!("the {note} event is published within 60 s"))
         .unwrap_or_else(|e| panic!("the {note} event is published: {e}"));
-    CommitRecord { writer, kind: Kind::Plain, outcome: Outcome::Ok, events, error: None }
+    CommitRecord {
+        writer,
+        kind: Kind::Plain,
+        outcome: Outcome::Ok,
+        events,
+        big_numbers: Vec::new(),
+        error: None,
+        invalid: false,
+    }
 }
 
 /// Panics seen by the hook, on any thread: the floor of the panics figure.
 static PANICS_SEEN: AtomicU64 = AtomicU64::new(0);
 
+/// What a run's store and relays talk to, and what the checker reads after.
+enum Rig {
+    /// A PostgreSQL and a NATS (one server or a cluster) of the harness's own.
+    Servers { pg: Option<PgServer>, pg_url: String, broker: Broker },
+    /// The embedded default: a SQLite file in a temporary directory, the in-process broker.
+    Embedded { dir: PathBuf, file: PathBuf, broker: Arc<Interrupting> },
+}
+
+impl Rig {
+    /// Starts the servers (or creates the file), migrates the store, creates the caller's
+    /// own tables and the stream: the store and the broker as the relays see it.
+    async fn start(settings: &Settings) -> (Self, EventStore, Arc<dyn Publisher>) {
+        if settings.topology == Topology::Embedded {
+            return Self::start_embedded().await;
+        }
+        let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("PostgreSQL started");
+        let broker = Broker::start(settings.topology).await;
+        let pg_url = pg.url();
+        let store_config = StoreConfig::with_schema(SCHEMA).unwrap().with_max_connections(24);
+        let store =
+            EventStore::connect(&pg_url, store_config).await.expect("connect to the harness's PostgreSQL");
+        store.migrate().await.unwrap();
+        let pool = common::pg_pool(&store);
+        for statement in [
+            "CREATE SCHEMA harness_own",
+            "CREATE TABLE harness_own.caller_writes (id bigserial PRIMARY KEY, writer int NOT NULL, \
+             at timestamptz NOT NULL DEFAULT now())",
+            "CREATE TABLE harness_own.once (key text PRIMARY KEY)",
+            "INSERT INTO harness_own.once (key) VALUES ('taken')",
+        ] {
+            sqlx::query(statement).execute(&pool).await.unwrap();
+        }
+        let publisher = NatsPublisher::connect(
+            &broker.url(),
+            NatsConfig::default().with_ack_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+        let spec = StreamSpec::new(STREAM, ["harness.>"]).with_replicas(broker.replicas());
+        publisher.ensure_stream(&spec).await.unwrap();
+        (Self::Servers { pg: Some(pg), pg_url, broker }, store, Arc::new(publisher))
+    }
+
+    async fn start_embedded() -> (Self, EventStore, Arc<dyn Publisher>) {
+        let dir = std::env::temp_dir().join(format!("edupulse-harness-{}", Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).expect("the harness creates its temporary directory");
+        let file = dir.join("events.db");
+        // Writers, three relays, their reads: more connections than SQLite has writers.
+        let config = StoreConfig::default().with_max_connections(16);
+        let store = EventStore::connect(&format!("sqlite://{}", file.display()), config)
+            .await
+            .expect("the embedded store opens its file");
+        store.migrate().await.unwrap();
+        let DatabasePool::Sqlite(pool) = store.pool() else { panic!("a SQLite URL opens a SQLite store") };
+        // The caller-first commits' own table, in the store's file: the same transaction.
+        sqlx::query(
+            "CREATE TABLE harness_caller_writes (id INTEGER PRIMARY KEY AUTOINCREMENT, writer INTEGER NOT NULL, \
+             at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let broker = Interrupting::new(InMemoryBroker::new());
+        (Self::Embedded { dir, file, broker: broker.clone() }, store, broker)
+    }
+
+    fn backend(&self) -> Backend {
+        match self {
+            Self::Servers { .. } => Backend::Postgres,
+            Self::Embedded { .. } => Backend::Sqlite,
+        }
+    }
+
+    fn target(&mut self) -> Target<'_> {
+        match self {
+            Self::Servers { pg, broker, .. } => Target::Servers { broker, pg },
+            Self::Embedded { broker, .. } => Target::Embedded { broker },
+        }
+    }
+
+    /// What the checker reads: the store with plain SQL, the broker's messages, and
+    /// `stream_all` through the library.
+    async fn observe(&self, store: &EventStore) -> Observed {
+        let ((store_rows, backlog), (stream, stream_unreadable)) = match self {
+            Self::Servers { pg_url, broker, .. } => {
+                (checker::read_store(pg_url, SCHEMA).await, checker::read_stream(&broker.url(), STREAM).await)
+            }
+            Self::Embedded { file, broker, .. } => {
+                (checker::read_sqlite_store(file).await, checker::read_broker(broker.broker()))
+            }
+        };
+        let (stream_all, stream_all_errors) = checker::read_stream_all(store).await;
+        Observed { store: store_rows, stream, stream_unreadable, stream_all, stream_all_errors, backlog }
+    }
+
+    /// The embedded run's file is removed after a clean run, and kept (its path printed)
+    /// after one with violations.
+    fn finish(self, violations: u64) {
+        if let Self::Embedded { dir, .. } = self {
+            if violations == 0 {
+                let _ = std::fs::remove_dir_all(&dir);
+            } else {
+                println!("the embedded store is kept in {}", dir.display());
+            }
+        }
+    }
+}
+
 async fn run(settings: &Settings) -> Report {
     let started = Instant::now();
     log::install();
     log::note(&format!("{:?} run starts", settings.topology));
-    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("PostgreSQL started");
-    let mut broker = Broker::start(settings.topology).await;
-    let pg_url = pg.url();
-    let mut pg = Some(pg);
-
-    let store_config = StoreConfig::with_schema(SCHEMA).unwrap().with_max_connections(24);
-    let store =
-        EventStore::connect(&pg_url, store_config).await.expect("connect to the harness's PostgreSQL");
-    store.migrate().await.unwrap();
-    let pool = common::pg_pool(&store);
-    for statement in [
-        "CREATE SCHEMA harness_own",
-        "CREATE TABLE harness_own.caller_writes (id bigserial PRIMARY KEY, writer int NOT NULL, \
-         at timestamptz NOT NULL DEFAULT now())",
-        "CREATE TABLE harness_own.once (key text PRIMARY KEY)",
-        "INSERT INTO harness_own.once (key) VALUES ('taken')",
-    ] {
-        sqlx::query(statement).execute(&pool).await.unwrap();
-    }
-    let publisher =
-        NatsPublisher::connect(&broker.url(), NatsConfig::default().with_ack_timeout(Duration::from_secs(1)))
-            .await
-            .unwrap();
-    let spec = StreamSpec::new(STREAM, ["harness.>"]).with_replicas(broker.replicas());
-    publisher.ensure_stream(&spec).await.unwrap();
-    let publisher: Arc<dyn Publisher> = Arc::new(publisher);
+    let (mut rig, store, publisher) = Rig::start(settings).await;
     // One broker, seen through two counters: which kind of relay published is reported.
     let (bus_publisher, standalone_publisher) = (Counting::new(publisher.clone()), Counting::new(publisher));
     // The bus's relay holds half the partitions; the standalone relays may hold any, so one
@@ -363,10 +533,11 @@ async fn run(settings: &Settings) -> Report {
     let aggregates: Vec<Uuid> = (0..settings.aggregates).map(|_| rng.uuid()).collect();
     let load_start = Instant::now();
     let writers = Arc::new(Writers {
+        backend: rig.backend(),
         bus: bus.clone(),
         store: store.clone(),
         aggregates: Arc::new(aggregates),
-        mix: workload::mix(&settings.skip),
+        mix: workload::mix(&settings.skip, rig.backend()),
         deadline: load_start + settings.load,
     });
     let tasks: Vec<_> = (0..settings.writers)
@@ -381,7 +552,7 @@ async fn run(settings: &Settings) -> Report {
             relays.reap().await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        faults::inject(fault, &mut broker, &mut pg, &mut relays, &counters, &mut fault_counts).await;
+        faults::inject(fault, rig.target(), &mut relays, &counters, &mut fault_counts).await;
     }
     while Instant::now() < writers.deadline {
         relays.reap().await;
@@ -433,17 +604,14 @@ async fn run(settings: &Settings) -> Report {
     let bus_relay_stuck = tokio::time::timeout(Duration::from_secs(10), bus.shutdown()).await.is_err();
 
     // The independent check.
-    let (store_rows, backlog) = checker::read_store(&pg_url, SCHEMA).await;
-    let (stream, stream_unreadable) = checker::read_stream(&broker.url(), STREAM).await;
-    let (stream_all, stream_all_errors) = checker::read_stream_all(&store).await;
-    let observed =
-        Observed { store: store_rows, stream, stream_unreadable, stream_all, stream_all_errors, backlog };
+    let observed = rig.observe(&store).await;
     let mut counts = checker::count(&ledger.commits, &observed);
     counts.panics += relays.panics + writer_failures;
     // Every panic the harness joined went through the hook too; one it did not join (the
     // bus's background relay) only did.
     counts.panics = counts.panics.max(PANICS_SEEN.load(Ordering::Relaxed));
     counts.relays_not_stopped = relays.stuck + u64::from(bus_relay_stuck);
+    rig.finish(counts.violations());
     let acked = bus_publisher.acked() + standalone_publisher.acked();
     Report {
         acked_after_loss: fault_counts.acked_at_loss.map(|at| acked.saturating_sub(at)),

@@ -13,6 +13,9 @@ pub(crate) enum Topology {
     Single,
     /// Three servers; the stream has three replicas.
     Cluster,
+    /// No server: the embedded default's in-process broker (and a SQLite file for the
+    /// store), faulted through [`crate::faults::Interrupting`].
+    Embedded,
 }
 
 pub(crate) enum Broker {
@@ -29,6 +32,7 @@ impl Broker {
         match topology {
             Topology::Single => Self::Single(NatsServer::start().await),
             Topology::Cluster => Self::Cluster { cluster: NatsCluster::start().await, lost: None },
+            Topology::Embedded => panic!("the embedded run starts no nats-server"),
         }
     }
 

@@ -7,7 +7,11 @@
 //! - JetStream is read with plain async-nats, message by message, using only the headers
 //!   (`Nats-Msg-Id`, `Edupulse-Aggregate-Id`, `Edupulse-Sequence`) and the body as a
 //!   `serde_json::Value`, never the library's decoder;
-//! - payloads are parsed with plain serde_json into the harness's event type;
+//! - the embedded default's SQLite file is read with plain SQL on a read-only pool of its
+//!   own ([`read_sqlite_store`]), and its in-process broker's stored messages the same way
+//!   as JetStream's ([`read_broker`]);
+//! - payloads are parsed with plain serde_json into the harness's event type, metadata into
+//!   a `serde_json::Value`, and a message's payload must equal its stored row's;
 //! - only `stream_all` is read through the library, because it is one of the things checked.
 //!
 //! [`count`] is pure: it takes what was read and the writers' ledger, and counts every kind
@@ -21,7 +25,7 @@ use edupulse_events::{EventStore, StreamPosition, Uuid};
 use futures_util::StreamExt;
 use sqlx::Row;
 
-use crate::workload::{BadInput, CommitRecord, Kind, Outcome, Recorded};
+use crate::workload::{BIG_NUMBERS, BadInput, CommitRecord, DEEP_METADATA_ARRAYS, Kind, Outcome, Recorded};
 
 /// One row of the events table, as plain SQL returns it.
 #[derive(Debug, Clone)]
@@ -32,6 +36,7 @@ pub(crate) struct StoreRow {
     pub(crate) transaction_id: i64,
     pub(crate) global_position: i64,
     pub(crate) payload: String,
+    pub(crate) metadata: String,
 }
 
 /// One message of the JetStream stream: headers and body, uninterpreted.
@@ -99,21 +104,12 @@ pub(crate) async fn read_store(url: &str, schema: &str) -> (Vec<StoreRow>, Backl
         .expect("the checker connects to PostgreSQL");
     // The schema name is the harness's own constant, not input.
     let events = format!(
-        "SELECT event_id, aggregate_id, sequence, transaction_id, global_position, payload::text AS payload \
+        "SELECT event_id, aggregate_id, sequence, transaction_id, global_position, payload::text AS payload, \
+             metadata::text AS metadata \
          FROM {schema}.events ORDER BY global_position"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(events)).fetch_all(&pool).await.expect("read the events");
-    let rows = rows
-        .iter()
-        .map(|r| StoreRow {
-            event_id: r.get("event_id"),
-            aggregate_id: r.get("aggregate_id"),
-            sequence: r.get("sequence"),
-            transaction_id: r.get("transaction_id"),
-            global_position: r.get("global_position"),
-            payload: r.get("payload"),
-        })
-        .collect();
+    let rows = rows.iter().map(store_row).collect();
     let count_of = async |sql: String, what: &str| -> i64 {
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .fetch_one(&pool)
@@ -131,6 +127,91 @@ pub(crate) async fn read_store(url: &str, schema: &str) -> (Vec<StoreRow>, Backl
     };
     pool.close().await;
     (rows, backlog)
+}
+
+/// A row of the events table, on either backend (SQLite's `transaction_id` is the position).
+fn store_row<R: Row>(r: &R) -> StoreRow
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    Uuid: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    i64: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    String: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    StoreRow {
+        event_id: r.get("event_id"),
+        aggregate_id: r.get("aggregate_id"),
+        sequence: r.get("sequence"),
+        transaction_id: r.get("transaction_id"),
+        global_position: r.get("global_position"),
+        payload: r.get("payload"),
+        metadata: r.get("metadata"),
+    }
+}
+
+/// The embedded store's rule for "still to publish", as [`PENDING_SQL`]: positions follow
+/// commit order on SQLite, so a checkpoint is a position.
+const SQLITE_PENDING_SQL: &str = "SELECT count(*) FROM events e \
+     LEFT JOIN relay_checkpoints c ON c.partition = e.partition \
+     WHERE e.subject IS NOT NULL \
+       AND (c.partition IS NULL OR e.global_position > c.global_position) \
+       AND NOT EXISTS (SELECT 1 FROM parked_events p WHERE p.global_position = e.global_position)";
+
+/// Reads the embedded store's SQLite file with plain SQL on a read-only pool of its own:
+/// every event, and the backlog, as [`read_store`] reads PostgreSQL.
+pub(crate) async fn read_sqlite_store(path: &std::path::Path) -> (Vec<StoreRow>, Backlog) {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(30));
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options)
+        .await
+        .expect("the checker opens the SQLite file");
+    let rows = sqlx::query(
+        "SELECT event_id, aggregate_id, sequence, global_position AS transaction_id, global_position, payload, \
+             metadata FROM events ORDER BY global_position",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("read the events");
+    let rows = rows.iter().map(store_row).collect();
+    let count_of = async |sql: &str, what: &str| -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("the checker counts {what}: {e}"))
+    };
+    let backlog = Backlog {
+        pending: count_of(SQLITE_PENDING_SQL, "the pending events").await,
+        parked: count_of("SELECT count(*) FROM parked_events", "the parked events").await,
+        without_subject: count_of(
+            "SELECT count(*) FROM events WHERE subject IS NULL",
+            "the events without a subject",
+        )
+        .await,
+    };
+    pool.close().await;
+    (rows, backlog)
+}
+
+/// Every message the in-process broker stored, read as [`read_stream`] reads JetStream's:
+/// headers and body, uninterpreted. The broker keeps them all in memory: none is unreadable.
+pub(crate) fn read_broker(broker: &edupulse_events::InMemoryBroker) -> (Vec<StreamMsg>, u64) {
+    let messages = broker
+        .messages()
+        .into_iter()
+        .map(|m| StreamMsg {
+            stream_sequence: m.sequence,
+            msg_id: m.header("Nats-Msg-Id").map(str::to_owned),
+            aggregate_id: m.header("Edupulse-Aggregate-Id").map(str::to_owned),
+            sequence: m.header("Edupulse-Sequence").map(str::to_owned),
+            body: serde_json::from_slice(&m.body).ok(),
+            stored_at_ns: 0,
+        })
+        .collect();
+    (messages, 0)
 }
 
 /// Reads every message of the stream with plain async-nats: `(messages, unreadable)`.
@@ -237,6 +318,15 @@ pub(crate) struct Counts {
     pub(crate) events_committed: u64,
     pub(crate) events_published: u64,
     pub(crate) stream_messages: u64,
+    /// Big-numbers events (small as written, over 1 MiB re-rendered): attempted, in the
+    /// store, in the stream.
+    pub(crate) big_numbers_attempted: u64,
+    pub(crate) big_numbers_committed: u64,
+    pub(crate) big_numbers_published: u64,
+    /// Bad-input commits, and those refused with `EventError::InvalidEvent` (the others
+    /// ended on another error first, as a fault).
+    pub(crate) bad_inputs_attempted: u64,
+    pub(crate) bad_inputs_refused_as_invalid: u64,
 
     pub(crate) committed_unpublished: u64,
     /// Of those, events of bad-input commits (which should never have been stored).
@@ -248,6 +338,8 @@ pub(crate) struct Counts {
     pub(crate) must_fail_returned_ok: u64,
     pub(crate) bad_inputs_accepted: u64,
     pub(crate) bad_inputs_accepted_by_kind: BTreeMap<String, u64>,
+    /// Commits of well-formed events refused with `EventError::InvalidEvent`.
+    pub(crate) good_inputs_refused: u64,
     pub(crate) stream_duplicates: u64,
     pub(crate) stream_order_violations: u64,
     pub(crate) stream_disagrees_with_store: u64,
@@ -278,6 +370,7 @@ impl Counts {
             ("in the store but never attempted", self.stored_never_attempted),
             ("commits that had to fail but returned Ok", self.must_fail_returned_ok),
             ("bad inputs accepted (commits with anything stored or published)", self.bad_inputs_accepted),
+            ("well-formed inputs refused as invalid (InvalidEvent)", self.good_inputs_refused),
             ("duplicates in the stream (same Nats-Msg-Id)", self.stream_duplicates),
             ("per-aggregate order violations in the stream", self.stream_order_violations),
             ("stream messages disagreeing with the store", self.stream_disagrees_with_store),
@@ -322,6 +415,11 @@ impl Counts {
             ("events committed (store)", self.events_committed),
             ("events published (distinct ids in the stream)", self.events_published),
             ("messages in the stream", self.stream_messages),
+            ("big-numbers events attempted (24 KB written, 1.2 MB re-rendered)", self.big_numbers_attempted),
+            ("big-numbers events committed (store)", self.big_numbers_committed),
+            ("big-numbers events published", self.big_numbers_published),
+            ("bad-input commits", self.bad_inputs_attempted),
+            ("bad-input commits refused with InvalidEvent", self.bad_inputs_refused_as_invalid),
         ];
         for (name, n) in figures {
             let _ = writeln!(out, "| {name} | {n} |");
@@ -356,7 +454,7 @@ impl Counts {
     }
 }
 
-fn kind_name(kind: Kind) -> String {
+pub(crate) fn kind_name(kind: Kind) -> String {
     match kind {
         Kind::Bad(bad) => format!("bad input: {}", bad_name(bad)),
         other => format!("{other:?}"),
@@ -369,6 +467,7 @@ fn bad_name(bad: BadInput) -> &'static str {
         BadInput::AggregateTypeNewline => "aggregate type with a newline",
         BadInput::Oversized => "payload over 1 MiB",
         BadInput::NaN => "f64 NaN",
+        BadInput::DeepMetadata => "metadata nested past the readers' limit",
     }
 }
 
@@ -430,6 +529,21 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
                 c.hung_commits += 1;
             }
         }
+        if commit.kind.is_bad() {
+            c.bad_inputs_attempted += 1;
+            c.bad_inputs_refused_as_invalid += u64::from(commit.invalid);
+        } else if commit.invalid {
+            c.good_inputs_refused += 1;
+            c.example("well-formed, refused as invalid", || {
+                let big = if commit.big_numbers.is_empty() { "" } else { " (with big numbers)" };
+                format!("{:?} commit{big}: {}", commit.kind, commit.error.as_deref().unwrap_or(""))
+            });
+        }
+        for id in &commit.big_numbers {
+            c.big_numbers_attempted += 1;
+            c.big_numbers_committed += u64::from(by_id.contains_key(id));
+            c.big_numbers_published += u64::from(published.contains_key(&id.to_string()));
+        }
         if commit.kind.must_not_commit() && commit.outcome == Outcome::Ok {
             c.must_fail_returned_ok += 1;
             c.example("must fail, returned Ok", || kind_name(commit.kind));
@@ -484,13 +598,19 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
             });
         }
         let decodes = serde_json::from_str::<Recorded>(&row.payload).is_ok_and(|e| e.amount.is_finite());
-        if !decodes {
+        // Plain serde_json, with its recursion limit, as every reader parses the metadata.
+        let metadata = serde_json::from_str::<serde_json::Value>(&row.metadata);
+        if !decodes || metadata.is_err() {
             c.undecodable_rows += 1;
             c.example("undecodable", || {
+                let (what, text) = match metadata {
+                    Err(e) if decodes => (format!("metadata ({e})"), &row.metadata),
+                    _ => ("payload".to_owned(), &row.payload),
+                };
                 format!(
-                    "position {}: {}",
+                    "position {}, {what}: {}",
                     row.global_position,
-                    row.payload.chars().take(120).collect::<String>()
+                    text.chars().take(120).collect::<String>()
                 )
             });
         }
@@ -523,13 +643,27 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
         let body_id = m.body.as_ref().and_then(|b| b.get("event_id")).and_then(|v| v.as_str());
         let body_sequence =
             m.body.as_ref().and_then(|b| b.get("sequence")).and_then(serde_json::Value::as_i64);
+        // The payload published is the payload stored (as JSON values: key order and the
+        // way a number is written aside).
+        let body_payload = m.body.as_ref().and_then(|b| b.get("payload"));
+        let same_payload = body_payload.is_some_and(|published| {
+            serde_json::from_str::<serde_json::Value>(&row.payload).is_ok_and(|stored| *published == stored)
+        });
         let agrees = m.aggregate_id.as_deref() == Some(row.aggregate_id.to_string().as_str())
             && m.sequence.as_deref() == Some(row.sequence.to_string().as_str())
             && body_id == Some(id)
-            && body_sequence == Some(row.sequence);
+            && body_sequence == Some(row.sequence)
+            && same_payload;
         if !agrees {
             c.stream_disagrees_with_store += 1;
-            c.example("stream disagrees", || format!("{id}: headers {:?}/{:?}", m.aggregate_id, m.sequence));
+            c.example("stream disagrees", || {
+                let body = match &m.body {
+                    None => ", a body that does not parse as JSON",
+                    Some(_) if !same_payload => ", another payload",
+                    Some(_) => "",
+                };
+                format!("{id}: headers {:?}/{:?}{body}", m.aggregate_id, m.sequence)
+            });
         }
         let previous = last.entry(row.aggregate_id).or_insert(0);
         if row.sequence != *previous + 1 {
@@ -596,6 +730,7 @@ mod tests {
             transaction_id: transaction,
             global_position: position,
             payload: payload.to_string(),
+            metadata: "{}".to_owned(),
         }
     }
 
@@ -605,7 +740,11 @@ mod tests {
             msg_id: Some(r.event_id.to_string()),
             aggregate_id: Some(r.aggregate_id.to_string()),
             sequence: Some(r.sequence.to_string()),
-            body: Some(serde_json::json!({ "event_id": r.event_id.to_string(), "sequence": r.sequence })),
+            body: Some(serde_json::json!({
+                "event_id": r.event_id.to_string(),
+                "sequence": r.sequence,
+                "payload": serde_json::from_str::<serde_json::Value>(&r.payload).unwrap(),
+            })),
             stored_at_ns: i128::from(stream_sequence),
         }
     }
@@ -617,7 +756,15 @@ mod tests {
     fn commit(kind: Kind, outcome: Outcome, rows: &[&StoreRow], extra: &[Uuid]) -> CommitRecord {
         let mut events: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
         events.extend(extra);
-        CommitRecord { writer: 0, kind, outcome, events, error: None }
+        CommitRecord {
+            writer: 0,
+            kind,
+            outcome,
+            events,
+            big_numbers: Vec::new(),
+            error: None,
+            invalid: false,
+        }
     }
 
     #[test]
@@ -683,5 +830,70 @@ mod tests {
         assert_eq!(rows["events parked (nothing here is refused by the broker)"], 1);
         assert_eq!(rows["events stored without a subject (never published)"], 1);
         assert_eq!(c.panics, 1);
+    }
+
+    /// `[[[…1…]]]`, `depth` arrays deep, as text (serde_json would not build it deeper).
+    fn nested_text(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn big_numbers_and_deep_metadata_are_counted() {
+        let a = Uuid::now_v7();
+        let (value, readings) = BIG_NUMBERS;
+        let big = |mut r: StoreRow| {
+            let mut event: Recorded = serde_json::from_str(&r.payload).unwrap();
+            event.readings = vec![value; readings];
+            r.payload = serde_json::to_string(&event).unwrap();
+            r
+        };
+        // One published, one stuck (parked, as a broker refuses a message over 1 MiB).
+        let (published, stuck) = (big(row(a, 1, 1, 1)), big(row(a, 2, 2, 2)));
+        assert!(published.payload.len() < 32 * 1024, "{}", published.payload.len());
+        // Each number written out in full, with a space: past the broker's 1 MiB.
+        assert!(readings * ("1".len() + 300 + ", ".len()) > 1024 * 1024);
+        let shown = message(&published, 1);
+        // Accepted although no reader can read its metadata.
+        let mut deep = row(Uuid::now_v7(), 1, 3, 3);
+        deep.metadata = format!(r#"{{"user":{{"deep":{}}}}}"#, nested_text(DEEP_METADATA_ARRAYS));
+        let refused = Uuid::now_v7();
+        let observed = Observed {
+            stream: vec![shown, message(&deep, 2)],
+            stream_all: vec![all(&published), all(&stuck), AllItem { global_position: 3, event: None }],
+            store: vec![published.clone(), stuck.clone(), deep.clone()],
+            backlog: Backlog { pending: 0, parked: 1, without_subject: 0 },
+            ..Observed::default()
+        };
+        let mut plain = commit(Kind::Plain, Outcome::Ok, &[&published, &stuck], &[]);
+        plain.big_numbers = vec![published.event_id, stuck.event_id];
+        let mut refused_big = commit(Kind::Plain, Outcome::Err, &[], &[refused]);
+        refused_big.big_numbers = vec![refused];
+        refused_big.invalid = true;
+        let mut bad = commit(Kind::Bad(BadInput::DeepMetadata), Outcome::Ok, &[&deep], &[]);
+        bad.invalid = false;
+        let mut refused_bad = commit(Kind::Bad(BadInput::DeepMetadata), Outcome::Err, &[], &[Uuid::now_v7()]);
+        refused_bad.invalid = true;
+        let c = count(&[plain, refused_big, bad, refused_bad], &observed);
+        assert_eq!(
+            (c.big_numbers_attempted, c.big_numbers_committed, c.big_numbers_published),
+            (3, 2, 1),
+            "{}",
+            c.table()
+        );
+        assert_eq!(c.stream_disagrees_with_store, 0, "{}", c.table());
+        assert_eq!(c.committed_unpublished, 1);
+        assert_eq!(c.good_inputs_refused, 1);
+        assert_eq!((c.bad_inputs_attempted, c.bad_inputs_refused_as_invalid), (2, 1));
+        assert_eq!(c.bad_inputs_accepted, 1);
+        assert_eq!(c.must_fail_returned_ok, 1);
+        assert_eq!(c.undecodable_rows, 1, "the deep metadata");
+
+        // A message whose payload is not the stored one disagrees.
+        let mut other = message(&published, 1);
+        other.body.as_mut().unwrap()["payload"]["amount"] = serde_json::json!(2.5);
+        let observed =
+            Observed { stream: vec![other], store: vec![published.clone()], ..Observed::default() };
+        let c = count(&[commit(Kind::Plain, Outcome::Ok, &[&published], &[])], &observed);
+        assert_eq!(c.stream_disagrees_with_store, 1);
     }
 }

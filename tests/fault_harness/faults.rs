@@ -1,14 +1,18 @@
 //! The faults: relays aborted mid-batch and respawned, nats-server (a cluster: the stream's
 //! leader) killed with SIGKILL while a relay is mid-batch and restarted, PostgreSQL
 //! restarted (fast shutdown); against a cluster, also one member lost for good and the whole
-//! cluster restarted. Which fault comes when is drawn from the seed before the run starts.
+//! cluster restarted; on the embedded default, relays aborted and the in-process broker
+//! made unavailable (mid-batch or not) for a while. Which fault comes when is drawn from
+//! the seed before the run starts.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use edupulse_events::wire::OutgoingMessage;
-use edupulse_events::{BoxFuture, EventError, EventStore, LogRelay, PublishReceipt, Publisher, RelayConfig};
+use edupulse_events::{
+    BoxFuture, EventError, EventStore, InMemoryBroker, LogRelay, PublishReceipt, Publisher, RelayConfig,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -35,6 +39,10 @@ pub(crate) enum Fault {
     /// acknowledged meanwhile is lost, as in a power cut before a sync); the relays must find
     /// it and send it again.
     RestoreOlder { gap: Duration },
+    /// The embedded default only: the in-process broker refuses every publish (unavailable)
+    /// for `pause`, from the middle of a relay's batch (`mid_batch`: its first messages
+    /// acknowledged, the rest refused) or from whenever it comes.
+    BrokerOutage { pause: Duration, mid_batch: bool },
 }
 
 impl Fault {
@@ -47,6 +55,7 @@ impl Fault {
             Self::LoseMember => "member-loss",
             Self::RestartCluster { .. } => "cluster-restart",
             Self::RestoreOlder { .. } => "restore-older",
+            Self::BrokerOutage { .. } => "broker-outage",
         }
     }
 }
@@ -55,9 +64,11 @@ impl Fault {
 /// (two relay kills, two broker kills, one database restart, shuffled), 1.5 to 4 s apart,
 /// so that even a short run has every kind. Against a cluster, a round has one relay kill,
 /// two leader kills, one database restart and one restart of the whole cluster, and the
-/// first fault after a third of the run loses a member for good. Kinds named in `skip`
-/// (`relay-kill`, `nats-kill`, `pg-restart`, `member-loss`, `cluster-restart`) are left out,
-/// their slots left empty.
+/// first fault after a third of the run loses a member for good. On the embedded default,
+/// a round has two relay kills and three outages of the in-process broker (two from
+/// the middle of a batch). Kinds named in
+/// `skip` (`relay-kill`, `nats-kill`, `pg-restart`, `member-loss`, `cluster-restart`,
+/// `broker-outage`) are left out, their slots left empty.
 pub(crate) fn schedule(
     seed: u64,
     duration: Duration,
@@ -76,6 +87,7 @@ pub(crate) fn schedule(
         let mut round = match topology {
             Topology::Single => [0u8, 0, 1, 1, 2],
             Topology::Cluster => [0u8, 1, 1, 2, 3],
+            Topology::Embedded => [0u8, 0, 4, 4, 5],
         };
         for i in (1..round.len()).rev() {
             round.swap(i, rng.below(i as u64 + 1) as usize);
@@ -94,7 +106,11 @@ pub(crate) fn schedule(
                     after_ack: rng.below(2) == 1,
                 },
                 2 => Fault::RestartPostgres,
-                _ => Fault::RestartCluster { pause: Duration::from_millis(rng.between(200, 2500)) },
+                3 => Fault::RestartCluster { pause: Duration::from_millis(rng.between(200, 2500)) },
+                _ => Fault::BrokerOutage {
+                    pause: Duration::from_millis(rng.between(200, 2500)),
+                    mid_batch: kind == 4,
+                },
             };
             if topology == Topology::Single && !member_lost && at >= duration / 2 {
                 // Once, half-way: the server loses what it acknowledged over a few seconds.
@@ -180,6 +196,60 @@ impl Publisher for Counting {
     edupulse_events::forward_publisher!(inner);
 }
 
+/// The embedded default's in-process broker as the relays see it, with a fault of its own
+/// to inject: armed, the next batch of two messages or more gets its first half stored and
+/// acknowledged, then the broker becomes unavailable (its own switch) and refuses the rest.
+/// A relay then holds acknowledgements for part of a batch and failures for the rest, as
+/// when a nats-server dies mid-batch.
+pub(crate) struct Interrupting {
+    broker: InMemoryBroker,
+    armed: AtomicBool,
+    /// Batches interrupted so far.
+    interrupted: AtomicU64,
+}
+
+impl Interrupting {
+    pub(crate) fn new(broker: InMemoryBroker) -> Arc<Self> {
+        Arc::new(Self { broker, armed: AtomicBool::new(false), interrupted: AtomicU64::new(0) })
+    }
+
+    /// The broker (its stored messages, its availability switch).
+    pub(crate) fn broker(&self) -> &InMemoryBroker {
+        &self.broker
+    }
+
+    fn interrupted(&self) -> u64 {
+        self.interrupted.load(Ordering::SeqCst)
+    }
+}
+
+impl Publisher for Interrupting {
+    fn publish<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        Box::pin(async move {
+            if messages.len() < 2 || !self.armed.swap(false, Ordering::SeqCst) {
+                return self.broker.publish(messages).await;
+            }
+            let (first, rest) = messages.split_at(messages.len() / 2);
+            let mut outcomes = self.broker.publish(first).await;
+            self.broker.set_available(false);
+            self.interrupted.fetch_add(1, Ordering::SeqCst);
+            outcomes.extend(self.broker.publish(rest).await);
+            outcomes
+        })
+    }
+
+    edupulse_events::forward_publisher!(broker);
+}
+
+/// What the faults act on: the servers of a run, or the embedded default's broker.
+pub(crate) enum Target<'a> {
+    Servers { broker: &'a mut Broker, pg: &'a mut Option<PgServer> },
+    Embedded { broker: &'a Interrupting },
+}
+
 #[derive(Debug, Default, Clone)]
 pub(crate) struct FaultCounts {
     pub(crate) relay_kills: u64,
@@ -200,6 +270,9 @@ pub(crate) struct FaultCounts {
     pub(crate) acked_at_loss: Option<u64>,
     pub(crate) pg_restarts: u64,
     pub(crate) pg_down: Duration,
+    /// Outages of the in-process broker, and those that began mid-batch.
+    pub(crate) broker_outages: u64,
+    pub(crate) broker_outages_mid_batch: u64,
 }
 
 /// The standalone relays: `LogRelay::run` in tokio tasks, respawned when killed. They
@@ -319,14 +392,27 @@ impl Relays {
 /// mid-batch and how many acknowledgements came back.
 pub(crate) async fn inject(
     fault: Fault,
-    broker: &mut Broker,
-    pg: &mut Option<PgServer>,
+    target: Target<'_>,
     relays: &mut Relays,
     publishers: &[&Counting],
     counts: &mut FaultCounts,
 ) {
     let acked = || publishers.iter().map(|p| p.acked()).sum::<u64>();
     crate::log::note(&format!("{fault:?} ({} acknowledgements so far)", acked()));
+    let (broker, pg) = match target {
+        Target::Servers { broker, pg } => (broker, pg),
+        Target::Embedded { broker } => {
+            match fault {
+                Fault::KillRelay { slot, pause } => {
+                    relays.kill(slot, pause).await;
+                    counts.relay_kills += 1;
+                }
+                Fault::BrokerOutage { pause, mid_batch } => outage(broker, pause, mid_batch, counts).await,
+                other => panic!("{other:?} has no meaning on the embedded default"),
+            }
+            return;
+        }
+    };
     match fault {
         Fault::KillRelay { slot, pause } => {
             relays.kill(slot, pause).await;
@@ -393,7 +479,31 @@ pub(crate) async fn inject(
             counts.pg_restarts += 1;
             counts.pg_down += down.elapsed();
         }
+        Fault::BrokerOutage { .. } => panic!("{fault:?}: the in-process broker is not in this run"),
     }
+}
+
+/// The in-process broker unavailable for `pause`: from the middle of the next batch of two
+/// messages or more (waited for 2 s at most, else from then on), or at once.
+async fn outage(broker: &Interrupting, pause: Duration, mid_batch: bool, counts: &mut FaultCounts) {
+    if mid_batch {
+        let seen = broker.interrupted();
+        broker.armed.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while broker.interrupted() == seen && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Disarmed here, unless a batch took it meanwhile.
+        let unused = broker.armed.swap(false, Ordering::SeqCst);
+        counts.broker_outages_mid_batch += u64::from(!unused && broker.interrupted() != seen);
+    }
+    // Down from here (an interrupted batch made it unavailable a moment earlier).
+    let down = tokio::time::Instant::now();
+    broker.broker().set_available(false);
+    tokio::time::sleep(pause).await;
+    broker.broker().set_available(true);
+    counts.broker_outages += 1;
+    counts.nats_down += down.elapsed();
 }
 
 #[cfg(test)]
@@ -414,6 +524,11 @@ mod tests {
         assert!(a.iter().all(|(at, _)| *at <= Duration::from_secs(38)));
         assert!(a.iter().all(|(_, f)| !matches!(f, Fault::LoseMember | Fault::RestartCluster { .. })));
         assert_eq!(a.iter().filter(|(_, f)| matches!(f, Fault::RestoreOlder { .. })).count(), 1);
+
+        let e = schedule(42, Duration::from_secs(20), 2, &[], Topology::Embedded);
+        assert!(e.iter().any(|(_, f)| matches!(f, Fault::KillRelay { .. })));
+        assert!(e.iter().any(|(_, f)| matches!(f, Fault::BrokerOutage { mid_batch: true, .. })));
+        assert!(e.iter().all(|(_, f)| matches!(f, Fault::KillRelay { .. } | Fault::BrokerOutage { .. })));
 
         let c = schedule(42, Duration::from_secs(30), 2, &[], Topology::Cluster);
         assert_eq!(c.iter().filter(|(_, f)| matches!(f, Fault::LoseMember)).count(), 1);

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 
 use crate::prng::Rng;
 
-/// The harness's event: an f64 that can be made NaN, a string that can be made huge.
+/// The harness's event: an f64 that can be made NaN, a string that can be made huge, and
+/// readings that are small as written but huge when a database renders them again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
 #[event(context = "harness")]
 pub(crate) struct Recorded {
@@ -25,6 +26,27 @@ pub(crate) struct Recorded {
     pub(crate) commit: u64,
     pub(crate) amount: f64,
     pub(crate) note: String,
+    /// Empty but in a few plain commits ([`BIG_NUMBERS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) readings: Vec<f64>,
+}
+
+/// The readings of a "big numbers" event: 24 KB as serde_json writes them (`1e300`), 1.2 MB
+/// when every number is written out in full (as PostgreSQL's jsonb renders it: 301 digits
+/// and a space each), past the broker's 1 MiB. (2 800 of them render to 848 KB only, and
+/// pass either way.) A well-formed event: it must be accepted and published.
+pub(crate) const BIG_NUMBERS: (f64, usize) = (1e300, 4_000);
+
+/// The share of plain commits, in percent, that carry one big-numbers event.
+const BIG_NUMBERS_PERCENT: u64 = 6;
+
+/// How deep the `DeepMetadata` bad input nests its user value: past serde_json's recursion
+/// limit (128) with the metadata object and its `user` map around it.
+pub(crate) const DEEP_METADATA_ARRAYS: usize = 130;
+
+/// `[[[…1…]]]`, `depth` arrays deep.
+fn nested(depth: usize) -> serde_json::Value {
+    (0..depth).fold(serde_json::Value::from(1), |inner, _| serde_json::Value::Array(vec![inner]))
 }
 
 pub(crate) const AGGREGATE_TYPE: &str = "ledger";
@@ -66,6 +88,30 @@ pub(crate) enum BadInput {
     Oversized,
     /// An f64 NaN: JSON has no NaN; serde_json writes `null`, which no longer decodes.
     NaN,
+    /// A metadata user value nested [`DEEP_METADATA_ARRAYS`] arrays deep: serde_json writes
+    /// it but no reader (the store's, `stream_all`, a consumer) can read it back.
+    DeepMetadata,
+}
+
+impl BadInput {
+    pub(crate) const ALL: [Self; 5] =
+        [Self::TraceparentCrlf, Self::AggregateTypeNewline, Self::Oversized, Self::NaN, Self::DeepMetadata];
+
+    /// Its name in `TORTURE_SKIP`, for the ones that can be left out alone (`bad-input`
+    /// leaves out all of them).
+    fn skip_name(self) -> Option<&'static str> {
+        match self {
+            Self::DeepMetadata => Some("deep-metadata"),
+            _ => None,
+        }
+    }
+}
+
+/// The database under the writers: PostgreSQL, or the embedded default's SQLite file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backend {
+    Postgres,
+    Sqlite,
 }
 
 impl Kind {
@@ -101,7 +147,11 @@ pub(crate) struct CommitRecord {
     pub(crate) kind: Kind,
     pub(crate) outcome: Outcome,
     pub(crate) events: Vec<Uuid>,
+    /// Of `events`, the big-numbers ones ([`BIG_NUMBERS`]).
+    pub(crate) big_numbers: Vec<Uuid>,
     pub(crate) error: Option<String>,
+    /// The error was `EventError::InvalidEvent`: the input itself was refused.
+    pub(crate) invalid: bool,
 }
 
 #[derive(Debug, Default)]
@@ -124,15 +174,19 @@ impl From<EventError> for CommitError {
 
 /// Is `e` an error after which the COMMIT may have happened? Connection and I/O errors,
 /// and PostgreSQL's "connection exception" (08) and "operator intervention" (57: the
-/// server shutting down) classes. Everything else is an answer from a live server.
-fn is_ambiguous(e: &EventError) -> bool {
+/// server shutting down) classes. Everything else is an answer from a live server (SQLite's
+/// codes are numbers of another kind, and its file never goes away under the run).
+fn is_ambiguous(e: &EventError, backend: Backend) -> bool {
     match e {
         EventError::Database(db) => match db {
             sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
+            sqlx::Error::Database(d) => {
+                backend == Backend::Postgres
+                    && d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57"))
+            }
             _ => false,
         },
         _ => false,
@@ -158,12 +212,15 @@ struct Part {
 struct Plan {
     kind: Kind,
     parts: Vec<Part>,
+    /// The big-numbers events among the parts'.
+    big_numbers: Vec<Uuid>,
     /// Pause inside the transaction before each part after the first, and after the
     /// caller's own write: widens the windows in which other transactions commit.
     pause: Duration,
 }
 
 pub(crate) struct Writers {
+    pub(crate) backend: Backend,
     pub(crate) bus: EventBus,
     pub(crate) store: EventStore,
     pub(crate) aggregates: Arc<Vec<Uuid>>,
@@ -180,7 +237,7 @@ pub(crate) struct WriterReport {
 fn event(rng: &mut Rng, aggregate: Uuid, writer: u32, commit: u64) -> Recorded {
     // Cents as f64: a finite, ordinary value the checker can verify.
     let amount = rng.between(0, 1_000_000) as f64 / 100.0;
-    Recorded { aggregate, writer, commit, amount, note: format!("w{writer}-c{commit}") }
+    Recorded { aggregate, writer, commit, amount, note: format!("w{writer}-c{commit}"), readings: Vec::new() }
 }
 
 fn envelopes(
@@ -207,21 +264,43 @@ pub(crate) const KINDS: [(&str, u64); 7] = [
     ("bad-input", 10),
 ];
 
-/// The mix of commits: the weights of [`KINDS`], and whether plain and caller-first commits
-/// append some aggregates with `Any`.
+/// The mix of commits: the weights of [`KINDS`], whether plain and caller-first commits
+/// append some aggregates with `Any`, which bad inputs are drawn, and whether a few plain
+/// commits carry a big-numbers event.
 #[derive(Debug, Clone)]
 pub(crate) struct Mix {
     pub(crate) weights: [u64; 7],
     pub(crate) any_parts: bool,
+    pub(crate) bad_inputs: Vec<BadInput>,
+    pub(crate) big_numbers: bool,
 }
 
-/// The mix without what `skip` names: kinds of [`KINDS`], and `any-parts` (to isolate a
-/// finding).
-pub(crate) fn mix(skip: &[String]) -> Mix {
-    let skipped = |name: &str| skip.iter().any(|s| s == name);
+/// The kinds that never run on `backend`. On SQLite a failed statement undoes itself and
+/// nothing else: the transaction goes on and commits, so `swallow-before` and
+/// `swallow-after` (which must end in an error because PostgreSQL aborts the whole
+/// transaction) expect what SQLite rightly does not do.
+pub(crate) fn never_on(backend: Backend) -> &'static [&'static str] {
+    match backend {
+        Backend::Postgres => &[],
+        Backend::Sqlite => &["swallow-before", "swallow-after"],
+    }
+}
+
+/// The mix without what `skip` names: kinds of [`KINDS`], `any-parts`, `deep-metadata`
+/// (one of the bad inputs) and `big-numbers` (to isolate a finding); and without the kinds
+/// that never run on `backend`. The other weights stay as they are.
+pub(crate) fn mix(skip: &[String], backend: Backend) -> Mix {
+    let skipped = |name: &str| skip.iter().any(|s| s == name) || never_on(backend).contains(&name);
+    let bad_inputs: Vec<BadInput> =
+        BadInput::ALL.into_iter().filter(|b| !b.skip_name().is_some_and(skipped)).collect();
     Mix {
-        weights: KINDS.map(|(name, weight)| if skipped(name) { 0 } else { weight }),
+        weights: KINDS.map(|(name, weight)| {
+            let none = name == "bad-input" && bad_inputs.is_empty();
+            if skipped(name) || none { 0 } else { weight }
+        }),
         any_parts: !skipped("any-parts"),
+        bad_inputs,
+        big_numbers: !skipped("big-numbers"),
     }
 }
 
@@ -235,10 +314,7 @@ fn plan(rng: &mut Rng, mix: &Mix, aggregates: &[Uuid], writer: u32, commit: u64)
         3 => Kind::ClosureFails,
         4 => Kind::SwallowBefore,
         5 => Kind::SwallowAfter,
-        _ => Kind::Bad(
-            [BadInput::TraceparentCrlf, BadInput::AggregateTypeNewline, BadInput::Oversized, BadInput::NaN]
-                [rng.below(4) as usize],
-        ),
+        _ => Kind::Bad(mix.bad_inputs[rng.below(mix.bad_inputs.len() as u64) as usize]),
     };
     let pause = if rng.percent(30) { Duration::from_millis(rng.between(1, 15)) } else { Duration::ZERO };
     if let Kind::Bad(bad) = kind {
@@ -252,7 +328,7 @@ fn plan(rng: &mut Rng, mix: &Mix, aggregates: &[Uuid], writer: u32, commit: u64)
             chosen.push(candidate);
         }
     }
-    let parts = chosen
+    let mut parts: Vec<Part> = chosen
         .into_iter()
         .map(|aggregate| {
             let expect = match kind {
@@ -266,7 +342,16 @@ fn plan(rng: &mut Rng, mix: &Mix, aggregates: &[Uuid], writer: u32, commit: u64)
             Part { aggregate, expect, envelopes: envelopes(rng, aggregate, writer, commit, n) }
         })
         .collect();
-    Plan { kind, parts, pause }
+    // A few plain commits carry one big-numbers event: drawn whether or not the mix has
+    // them, so that leaving them out changes no other choice of the seed.
+    let mut big_numbers = Vec::new();
+    if kind == Kind::Plain && rng.percent(BIG_NUMBERS_PERCENT) && mix.big_numbers {
+        let (value, count) = BIG_NUMBERS;
+        let envelope = &mut parts[0].envelopes[0];
+        envelope.event.readings = vec![value; count];
+        big_numbers.push(envelope.event_id);
+    }
+    Plan { kind, parts, big_numbers, pause }
 }
 
 /// A bad input goes to fresh aggregates, after good events of another fresh aggregate in
@@ -292,6 +377,7 @@ fn bad_plan(rng: &mut Rng, bad: BadInput, writer: u32, commit: u64, pause: Durat
         BadInput::AggregateTypeNewline => aggregate_type = format!("{AGGREGATE_TYPE}\nX-Injected: 1"),
         BadInput::Oversized => bad_event.note = "x".repeat(1_100_000),
         BadInput::NaN => bad_event.amount = f64::NAN,
+        BadInput::DeepMetadata => metadata = metadata.with("deep", nested(DEEP_METADATA_ARRAYS)),
     }
     let leading = rng.below(2);
     let mut second = envelopes(rng, target, writer, commit, leading);
@@ -304,6 +390,7 @@ fn bad_plan(rng: &mut Rng, bad: BadInput, writer: u32, commit: u64, pause: Durat
     Plan {
         kind: Kind::Bad(bad),
         parts: vec![first, Part { aggregate: target, expect: Expect::Cached, envelopes: second }],
+        big_numbers: Vec::new(),
         pause,
     }
 }
@@ -311,13 +398,14 @@ fn bad_plan(rng: &mut Rng, bad: BadInput, writer: u32, commit: u64, pause: Durat
 /// Runs one planned commit through the bus. Returns the last sequence of each aggregate
 /// as the bus reported it.
 async fn execute(
+    backend: Backend,
     bus: &EventBus,
     store: &EventStore,
     plan: Plan,
     cached: &HashMap<Uuid, i64>,
     writer: u32,
 ) -> Result<Vec<(Uuid, i64)>, CommitError> {
-    let Plan { kind, parts, pause } = plan;
+    let Plan { kind, parts, pause, .. } = plan;
     // Each part with the sequence its aggregate is believed to be at (fresh aggregates,
     // the bad inputs', are not in the cache: they start at 0).
     let parts: Vec<(Part, i64)> = parts
@@ -330,15 +418,27 @@ async fn execute(
     let store = store.clone();
     bus.commit(async move |tx: &mut BusTransaction| {
         if kind == Kind::SwallowBefore {
-            swallow_failed_statement(tx).await;
+            swallow_failed_statement(tx, backend).await;
         }
         if kind == Kind::CallerWritesFirst {
-            let conn = crate::common::pg(tx.connection());
-            sqlx::query("INSERT INTO harness_own.caller_writes (writer) VALUES ($1)")
-                .bind(i32::try_from(writer).unwrap_or(i32::MAX))
-                .execute(conn)
-                .await
-                .map_err(EventError::from)?;
+            let writer = i32::try_from(writer).unwrap_or(i32::MAX);
+            match backend {
+                Backend::Postgres => {
+                    sqlx::query("INSERT INTO harness_own.caller_writes (writer) VALUES ($1)")
+                        .bind(writer)
+                        .execute(crate::common::pg(tx.connection()))
+                        .await
+                        .map_err(EventError::from)?;
+                }
+                // The caller's table in the store's own database file: the same transaction.
+                Backend::Sqlite => {
+                    sqlx::query("INSERT INTO harness_caller_writes (writer) VALUES (?1)")
+                        .bind(writer)
+                        .execute(crate::common::sqlite(tx.connection()))
+                        .await
+                        .map_err(EventError::from)?;
+                }
+            }
             tokio::time::sleep(pause).await;
         }
         let mut last = Vec::with_capacity(parts.len());
@@ -357,7 +457,7 @@ async fn execute(
         match kind {
             Kind::ClosureFails => Err(CommitError::Intended),
             Kind::SwallowAfter => {
-                swallow_failed_statement(tx).await;
+                swallow_failed_statement(tx, backend).await;
                 Ok(last)
             }
             _ => Ok(last),
@@ -369,8 +469,10 @@ async fn execute(
 }
 
 /// A statement of the caller's that fails (a duplicate key), its error ignored: the
-/// transaction is aborted on the server, whatever the closure returns.
-async fn swallow_failed_statement(tx: &mut BusTransaction) {
+/// transaction is aborted on the server, whatever the closure returns. PostgreSQL only (see
+/// [`never_on`]).
+async fn swallow_failed_statement(tx: &mut BusTransaction, backend: Backend) {
+    assert_eq!(backend, Backend::Postgres, "a swallowed failed statement aborts nothing on SQLite");
     let conn = crate::common::pg(tx.connection());
     let _ignored = sqlx::query("INSERT INTO harness_own.once (key) VALUES ('taken')").execute(conn).await;
 }
@@ -406,10 +508,14 @@ pub(crate) async fn writer(writers: Arc<Writers>, index: u32, seed: u64) -> Writ
         }
         let events: Vec<Uuid> =
             plan.parts.iter().flat_map(|p| p.envelopes.iter().map(|e| e.event_id)).collect();
+        let big_numbers = plan.big_numbers.clone();
         let (bus, store, snapshot) = (writers.bus.clone(), writers.store.clone(), cached.clone());
+        let backend = writers.backend;
         // Each commit in a task of its own: a panic inside the library is caught and counted
         // instead of ending the writer; a commit that never returns is aborted and counted.
-        let mut task = tokio::spawn(async move { execute(&bus, &store, plan, &snapshot, index).await });
+        let mut task =
+            tokio::spawn(async move { execute(backend, &bus, &store, plan, &snapshot, index).await });
+        let mut invalid = false;
         let (outcome, error, sequences) = match tokio::time::timeout(HUNG_AFTER, &mut task).await {
             Err(_) => {
                 task.abort();
@@ -425,7 +531,8 @@ pub(crate) async fn writer(writers: Arc<Writers>, index: u32, seed: u64) -> Writ
                 (Outcome::Err, Some("the closure failed on purpose".into()), None)
             }
             Ok(Ok(Err(CommitError::Event(e)))) => {
-                let outcome = if is_ambiguous(&e) { Outcome::Ambiguous } else { Outcome::Err };
+                invalid = matches!(e, EventError::InvalidEvent { .. });
+                let outcome = if is_ambiguous(&e, backend) { Outcome::Ambiguous } else { Outcome::Err };
                 (outcome, Some(e.to_string()), None)
             }
         };
@@ -437,7 +544,15 @@ pub(crate) async fn writer(writers: Arc<Writers>, index: u32, seed: u64) -> Writ
                 }
             }
         }
-        report.commits.push(CommitRecord { writer: index, kind, outcome, events, error });
+        report.commits.push(CommitRecord {
+            writer: index,
+            kind,
+            outcome,
+            events,
+            big_numbers,
+            error,
+            invalid,
+        });
         // A short, seeded think time: keeps 6 writers from saturating a 2-core machine.
         tokio::time::sleep(Duration::from_micros(rng.between(0, 3000))).await;
     }
