@@ -50,6 +50,7 @@ struct Rig {
     broker: Broker,
 }
 
+#[allow(clippy::large_enum_variant)] // two per test
 enum Broker {
     Nats(edupulse_events::NatsPublisher, #[allow(dead_code)] NatsServer),
     Memory(InMemoryBroker),
@@ -198,9 +199,9 @@ async fn what_is_published_is_byte_for_byte_what_the_producer_encoded() {
         // 800 054 bytes as serde_json writes them; PostgreSQL's jsonb wrote 1 200 056.
         let attachment =
             AttachmentAdded { lesson_id: id, bytes: (0..266_000u32).map(|i| (i % 251) as u8).collect() };
-        // 28 056 bytes written; jsonb wrote every 1e300 out in full, past 1 MiB.
+        // 24 KB written; jsonb wrote every 1e300 out in full: 1.2 MB, past 1 MiB.
         let readings =
-            ReadingsTaken { lesson_id: id, readings: vec![1e300; 2_800], note: "key order: b, a".into() };
+            ReadingsTaken { lesson_id: id, readings: vec![1e300; 4_000], note: "key order: b, a".into() };
         let events = [serde_json::to_string(&attachment).unwrap(), serde_json::to_string(&readings).unwrap()];
         let committed = rig
             .bus
@@ -345,6 +346,43 @@ async fn a_transaction_ended_and_begun_again_on_its_raw_connection_is_not_commit
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(rig.messages().await.is_empty(), "{}: nothing published", rig.name());
     }
+}
+
+/// The embedded default is an in-memory database whose only connection must survive every
+/// refusal, rollback and repair: closing it would drop the database.
+#[tokio::test]
+async fn the_in_memory_default_survives_refusals_rollbacks_and_a_transaction_ended_by_hand() {
+    let store = EventStore::connect("sqlite::memory:", StoreConfig::default()).await.unwrap();
+    store.migrate().await.unwrap();
+    let bus = EventBus::new(store.clone(), Arc::new(InMemoryBroker::new()), BusConfig::default()).unwrap();
+    let id = Uuid::now_v7();
+    let tagged = |tag: &str| LessonTagged { lesson_id: id, tag: tag.into() };
+    store.append("lesson", id, 0, [tagged("1")]).await.unwrap();
+    // A conflict, a wrong aggregate type, a refused event: each an early return.
+    assert!(store.append("lesson", id, 0, [tagged("x")]).await.is_err());
+    assert!(store.append("course", id, 1, [tagged("x")]).await.is_err());
+    assert!(store.append("lesson", id, 1, [tagged("a\0b")]).await.is_err());
+    // A closure that fails, and one that ends the transaction on its connection.
+    let failed = bus.commit(async |tx| {
+        tx.append("lesson", id, 1, [tagged("x")]).await?;
+        Err::<(), _>(EventError::Config("the caller's own failure".into()))
+    });
+    assert!(failed.await.is_err());
+    let ended = bus.commit(async |tx| {
+        tx.append("lesson", id, 1, [tagged("x")]).await?;
+        sqlx::raw_sql("ROLLBACK").execute(common::sqlite(tx.connection())).await?;
+        Ok::<_, EventError>(())
+    });
+    assert!(matches!(ended.await, Err(EventError::TransactionAborted)));
+    // A transaction dropped open.
+    let mut tx = store.begin().await.unwrap();
+    tx.append("lesson", id, 1, [tagged("x")]).await.unwrap();
+    drop(tx);
+    // The database is still there, with the one event.
+    bus.commit(async |tx| tx.append("lesson", id, 1, [tagged("2")]).await).await.unwrap();
+    let loaded: Vec<_> = store.load::<LessonTagged>(id, 1).collect().await;
+    let tags: Vec<_> = loaded.into_iter().map(|e| e.unwrap().event.tag).collect();
+    assert_eq!(tags, ["1", "2"]);
 }
 
 #[tokio::test]

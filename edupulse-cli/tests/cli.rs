@@ -111,12 +111,12 @@ fn migrate_applies_and_check_exits_3_while_migrations_are_pending() {
     let schema = schema();
     let check = edupulse(&schema, &["migrate", "--check"]);
     assert_eq!(check.status.code(), Some(3), "{}", stderr(&check));
-    assert!(stdout(&check).contains("pending migrations: 1, 2, 3, 4, 5"), "{}", stdout(&check));
+    assert!(stdout(&check).contains("pending migrations: 1, 2, 3, 4, 5, 6"), "{}", stdout(&check));
     let apply = edupulse(&schema, &["migrate"]);
     assert_eq!(apply.status.code(), Some(0), "{}", stderr(&apply));
     let check = edupulse(&schema, &["migrate", "--check"]);
     assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
-    assert!(stdout(&check).contains("up to date: 5 migrations applied"), "{}", stdout(&check));
+    assert!(stdout(&check).contains("up to date: 6 migrations applied"), "{}", stdout(&check));
 }
 
 /// Counts the events it applied and its resets: a projection for `status` to report and
@@ -171,7 +171,7 @@ async fn status_reports_counts_publication_per_partition_and_projections() {
     assert_eq!(status["backend"], "postgres");
     assert_eq!(status["schema"], schema.as_str());
     assert_eq!(status["migrations"]["pending"], serde_json::json!([]));
-    assert_eq!(status["schema_version"].as_i64(), Some(5));
+    assert_eq!(status["schema_version"].as_i64(), Some(6));
     assert_eq!((status["events"].as_i64(), status["aggregates"].as_i64()), (Some(6), Some(4)));
     assert_eq!(status["last_position"].as_i64(), Some(6));
     // No relay ran: every event is pending, in the partitions of their aggregates.
@@ -187,7 +187,7 @@ async fn status_reports_counts_publication_per_partition_and_projections() {
     assert_eq!(text.status.code(), Some(0));
     let text = stdout(&text);
     assert!(text.contains("6 in 4 aggregates"), "{text}");
-    assert!(text.contains("schema version 5: 5 applied, 0 pending"), "{text}");
+    assert!(text.contains("schema version 6: 6 applied, 0 pending"), "{text}");
     assert!(text.contains("6 pending"), "{text}");
     assert!(text.contains("seen") && text.contains("3 events behind"), "{text}");
 

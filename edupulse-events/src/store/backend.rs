@@ -413,7 +413,7 @@ impl Tx {
         match self {
             Self::Postgres(pg, mut tx) => {
                 if may_be_aborted {
-                    pg.ensure_not_aborted(&mut *tx, written).await?;
+                    pg.ensure_not_aborted(&mut tx, written).await?;
                 }
                 tx.commit().await?;
             }
