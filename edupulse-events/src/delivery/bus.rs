@@ -230,7 +230,9 @@ impl EventBus {
     ///
     /// Events still unpublished when `timeout` runs out (a broker outage, a partition held
     /// by another process's relay that is behind) stay in the store's log for the next
-    /// relay; the returned [`Closed`] counts them, and a warning says so.
+    /// relay; the returned [`Closed`] counts them, and a warning says so. A bus without a
+    /// background relay ([`BusConfig::background_relay`] off) leaves publishing to
+    /// standalone relays and keeps no account of it: its `close` returns at once.
     ///
     /// ```no_run
     /// # use edupulse_events::*;
