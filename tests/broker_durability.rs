@@ -525,3 +525,81 @@ async fn nothing_sent_while_the_broker_is_down_goes_out_unchecked_when_it_is_bac
     let (order, seen) = stream_of(&publisher).await;
     assert_complete(&order, &seen, &ids, 4);
 }
+
+#[tokio::test]
+async fn a_server_back_from_an_older_copy_while_a_page_is_read_gets_nothing_before_its_streams_are_checked() {
+    use edupulse_events::Publisher;
+    let store = store().await;
+    let mut server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    // A copy of the server's store with the stream still empty: what it comes back with.
+    server.kill().await;
+    let older = server.dir().with_extension("older");
+    copy_dir(server.dir(), &older);
+    server.restart().await;
+    let config = RelayConfig::default().with_republish_lost(true);
+    let relay = Arc::new(relay(&store, &publisher, config));
+    // A: published and acknowledged; the older copy does not hold it.
+    let ids = aggregates(4);
+    commit(&store, &ids, 0, 2).await;
+    common::until_readable(&store, 8).await;
+    publish_until(&relay, &publisher, 8).await;
+    // B: committed. The relay's next pass checks the streams (they hold A), then reads its
+    // page, which takes long (big events, a slow database; here the events table is locked).
+    commit(&store, &ids, 2, 2).await;
+    common::until_readable(&store, 16).await;
+    let pool = common::pg_pool(&store);
+    let mut lock = pool.begin().await.unwrap();
+    let events = format!("\"{}\".events", store.config().schema.as_str());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("LOCK TABLE {events} IN ACCESS EXCLUSIVE MODE")))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let pass = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.run_once().await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass($1)",
+        )
+        .bind(&events)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the relay never read its page");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Meanwhile the server comes back from the older copy (without A), and the client
+    // connects to it again.
+    let epoch = publisher.connection_epoch();
+    server.kill().await;
+    std::fs::remove_dir_all(server.dir()).unwrap();
+    std::fs::rename(&older, server.dir()).unwrap();
+    server.restart().await;
+    while publisher.connection_epoch() == epoch {
+        assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(10), "no reconnection");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The page is read now. The streams were checked on the other connection: B would land
+    // in the stream before A, which is sent again only once the loss is found.
+    lock.rollback().await.unwrap();
+    let pass = pass.await.unwrap().unwrap();
+    let held = stream_messages(&publisher).await;
+    assert!(
+        held.is_empty(),
+        "{} events went out on a connection whose streams were never checked ({pass:?}): each aggregate's \
+         third event before its first",
+        held.len()
+    );
+    // The relay finds the loss, sends A again, then B: every event once, in order.
+    publish_until(&relay, &publisher, 16).await;
+    let (order, seen) = stream_of(&publisher).await;
+    assert_eq!(order.len(), 16);
+    assert_complete(&order, &seen, &ids, 4);
+    assert!(store.relay_lag().await.unwrap().lost.is_empty());
+}

@@ -10,7 +10,10 @@
 //! the mark). A new acknowledgement at or below the marks a batch started from says the
 //! same. The
 //! relay checks when it takes partitions, after each reconnection to the broker, and every
-//! [`RelayConfig::stream_check_interval`](crate::RelayConfig::stream_check_interval).
+//! [`RelayConfig::stream_check_interval`](crate::RelayConfig::stream_check_interval); it
+//! hands nothing to the broker on a connection it has not checked (a page read while the
+//! connection was made again waits for the next check, and a repair stops), since what went
+//! out on it would land after a hole that the check had not found yet.
 //!
 //! A stream is found behind only by two looks a second apart (a server that has just
 //! restarted may answer before it has loaded its streams).
@@ -404,6 +407,9 @@ pub(crate) struct Loss<'a> {
     pub(crate) holding: &'a HashSet<i32>,
     /// The stream's last sequence.
     pub(crate) held_up_to: u64,
+    /// The connection to the broker the stream was checked and read on: nothing is sent on
+    /// another.
+    pub(crate) epoch: u64,
     /// The stream's subject filters: events on other subjects go to other streams.
     pub(crate) subjects: Vec<String>,
     /// Parked aggregates, and the position of their first parked event.
@@ -440,7 +446,7 @@ pub(crate) async fn resend(
     loss: Loss<'_>,
     batch: (i64, usize),
 ) -> Result<Option<HashMap<i32, Resent>>, EventError> {
-    let Loss { partitions, held, holding, held_up_to, subjects, parked, stop } = loss;
+    let Loss { partitions, held, holding, held_up_to, epoch, subjects, parked, stop } = loss;
     let filters: Vec<Vec<&str>> = subjects.iter().map(|f| f.split('.').collect()).collect();
     let captured = |subject: &str| filters.iter().any(|f| filter_matches(f, subject));
     let ids: Vec<i32> = partitions.iter().map(|(p, _)| *p).collect();
@@ -478,6 +484,14 @@ pub(crate) async fn resend(
             }
         }
         if !messages.is_empty() {
+            if publisher.connection_epoch() != epoch {
+                // The server may have come back without more of what it acknowledged: what
+                // it holds is read again at the next check, after which the repair resumes.
+                return Err(EventError::broker_message(
+                    BrokerErrorKind::Unavailable,
+                    "the connection to the broker was made again during the repair",
+                ));
+            }
             let (owners, outgoing): (Vec<i32>, Vec<OutgoingMessage>) = messages.into_iter().unzip();
             let outcomes = publisher.publish(&outgoing).await;
             for ((partition, message), outcome) in owners.into_iter().zip(&outgoing).zip(outcomes) {

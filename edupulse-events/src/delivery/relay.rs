@@ -33,7 +33,10 @@
 //! acknowledged; a partition whose stream lost acknowledged messages (deleted, restored
 //! from an older copy, a server that lost power before syncing) is held and reported until
 //! what was lost is sent again, on request or on its own
-//! ([`RelayConfig::republish_lost`]). See `delivery/lost.rs`.
+//! ([`RelayConfig::republish_lost`]). See `delivery/lost.rs`. Nothing is handed to the
+//! broker on a connection whose streams were not checked: the check is compared with the
+//! connection right before each batch goes out, not only before its page is read (the
+//! connection may be made again meanwhile, to a server back from an older copy).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -470,6 +473,13 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// Whether the streams were checked on the connection to the broker as it is now: read
+    /// right before anything is handed to the publisher (which sends on the connection it
+    /// finds), since a check made before a page was read may be of an earlier connection.
+    fn connection_checked(&self) -> bool {
+        self.streams.verified(self.relay.publisher.connection_epoch())
+    }
+
     /// Whether the relay was asked to stop.
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
@@ -592,13 +602,11 @@ impl<'a> Worker<'a> {
         if self.held.is_empty() {
             return Ok(pass);
         }
-        if !self.blocked.is_empty() {
-            self.republish_requeued(&mut pass).await?;
-        }
         let limit = i64::from(self.config().batch_size);
         let mut after: Option<StreamPosition> = None;
         let mut stops = Stops::default();
         let mut excluded = HashSet::new();
+        let mut requeued = self.blocked.is_empty();
         loop {
             // Before each page: after a reconnection (the broker may have restarted without
             // what it acknowledged), when taking partitions, and every so often.
@@ -626,6 +634,10 @@ impl<'a> Worker<'a> {
                 self.acked_beyond.retain(|_, (p, _)| *p != partition);
             }
             let active: Vec<i32> = self.held.iter().copied().filter(|p| !excluded.contains(p)).collect();
+            if !std::mem::replace(&mut requeued, true) {
+                // Once per pass, before the pages, and only once the streams were checked.
+                self.republish_requeued(&active, &mut pass).await?;
+            }
             let from = after.or_else(|| active.iter().filter_map(|p| self.checkpoints.get(p)).min().copied());
             let Some(from) = from else {
                 pass.more = false;
@@ -673,6 +685,22 @@ impl<'a> Worker<'a> {
     ) -> PageOutcome {
         let mut page = PageOutcome { parked: Vec::new(), touched: HashSet::new() };
         let (sent, messages) = self.messages_of(rows, start, stops, pass, &mut page);
+        if !messages.is_empty() && !self.connection_checked() {
+            // The connection to the broker was made again while the page was read: the
+            // server may have come back without what it acknowledged, and these would land
+            // after the hole. They wait for the check, as when the broker is down; the
+            // partitions' checkpoints stay before them.
+            tracing::info!(
+                events = sent.len(),
+                "relay: the connection to the broker was made again since its streams were checked; \
+                 the page waits for the next check"
+            );
+            for meta in &sent {
+                stops.halt(meta);
+            }
+            pass.waiting += u64::try_from(sent.len()).unwrap_or(u64::MAX);
+            return page;
+        }
         self.streams.batch_starts();
         let outcomes = if messages.is_empty() {
             Vec::new()
@@ -919,10 +947,18 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// Publishes the parked events of re-queued aggregates again, each aggregate in order;
-    /// an aggregate all of whose parked events went out flows again.
-    async fn republish_requeued(&mut self, pass: &mut RelayPass) -> Result<(), EventError> {
-        let rows = self.requeued().await?;
+    /// Publishes the parked events of re-queued aggregates of `partitions` again, each
+    /// aggregate in order; an aggregate all of whose parked events went out flows again.
+    async fn republish_requeued(
+        &mut self,
+        partitions: &[i32],
+        pass: &mut RelayPass,
+    ) -> Result<(), EventError> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let lease = self.lease.as_mut().ok_or_else(no_lease)?;
+        let rows = lease.requeued(partitions).await?;
         if rows.is_empty() {
             return Ok(());
         }
@@ -949,6 +985,10 @@ impl<'a> Worker<'a> {
         // An aggregate refused before sending anything keeps its later events back.
         let (metas, messages): (Vec<_>, Vec<_>) =
             metas.into_iter().zip(messages).filter(|((a, _), _)| !refused.contains_key(a)).unzip();
+        if !self.connection_checked() {
+            // Made again since the streams were checked: the next pass, once they are.
+            return Ok(());
+        }
         let outcomes = self.relay.publisher.publish(&messages).await;
         let mut acked = Vec::new();
         for ((aggregate_id, position), outcome) in metas.into_iter().zip(outcomes) {
@@ -986,11 +1026,6 @@ impl<'a> Worker<'a> {
         let max_bytes = self.config().max_batch_bytes;
         let lease = self.lease.as_mut().ok_or_else(no_lease)?;
         lease.page(after, limit, max_bytes, partitions).await
-    }
-
-    async fn requeued(&mut self) -> Result<Vec<LogRow>, EventError> {
-        let lease = self.lease.as_mut().ok_or_else(no_lease)?;
-        lease.requeued(&self.held).await
     }
 
     async fn save(
@@ -1073,11 +1108,17 @@ impl<'a> Worker<'a> {
             if self.stopping() {
                 return Ok(());
             }
+            // What is sent again goes out on the connection the streams were checked and read
+            // on, or not at all (see `lost::resend`).
+            let epoch = publisher.connection_epoch();
+            if !self.streams.verified(epoch) {
+                return Ok(());
+            }
             let Reading::Holds(last, subjects, held) = self.read_stream(&stream, &partitions, None).await
             else {
                 continue;
             };
-            self.repair(&partitions, &stream, last, subjects, &held).await?;
+            self.repair(&partitions, &stream, last, epoch, subjects, &held).await?;
         }
         Ok(())
     }
@@ -1140,12 +1181,14 @@ impl<'a> Worker<'a> {
     }
 
     /// Sends again what `stream` lost of `partitions`' events (see `delivery/lost.rs`),
-    /// given what it holds: one pass over the log for all of them.
+    /// given what it holds up to its `last` sequence, read on connection `epoch`: one pass
+    /// over the log for all of them.
     async fn repair(
         &mut self,
         partitions: &[i32],
         stream: &Arc<str>,
         last: u64,
+        epoch: u64,
         subjects: Vec<String>,
         held: &Held,
     ) -> Result<(), EventError> {
@@ -1162,6 +1205,7 @@ impl<'a> Worker<'a> {
             held: &held.events,
             holding: &held.partitions,
             held_up_to: last,
+            epoch,
             subjects,
             parked: &self.blocked,
             stop: &self.stopping,
