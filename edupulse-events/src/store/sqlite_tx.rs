@@ -85,16 +85,8 @@ impl SqliteTransaction {
             self.repair().await;
             return Err(EventError::TransactionAborted);
         }
-        match SqliteTransactionManager::commit(&mut self.conn).await {
-            Ok(()) => {
-                self.open = false;
-                Ok(())
-            }
-            Err(e) => {
-                self.repair().await;
-                Err(e.into())
-            }
-        }
+        let committed = SqliteTransactionManager::commit(&mut self.conn).await;
+        self.ended(committed).await
     }
 
     /// Rolls back.
@@ -102,7 +94,14 @@ impl SqliteTransaction {
     /// # Errors
     /// [`EventError::Database`] when ROLLBACK fails (the connection is repaired or closed).
     pub(crate) async fn rollback(mut self) -> Result<(), EventError> {
-        match SqliteTransactionManager::rollback(&mut self.conn).await {
+        let rolled_back = SqliteTransactionManager::rollback(&mut self.conn).await;
+        self.ended(rolled_back).await
+    }
+
+    /// After sqlx's COMMIT or ROLLBACK: the transaction ended, or the connection is
+    /// repaired and the error returned.
+    async fn ended(&mut self, result: Result<(), sqlx::Error>) -> Result<(), EventError> {
+        match result {
             Ok(()) => {
                 self.open = false;
                 Ok(())
