@@ -45,8 +45,17 @@ impl Outstanding {
 
 /// Drops the positions at or below each partition's published position.
 fn prune(by_partition: &mut HashMap<i32, BTreeSet<StreamPosition>>, signals: &Signals) {
+    if by_partition.is_empty() {
+        return;
+    }
+    // One look at the relays' progress for every partition, not one lock per partition.
+    let published = signals.done();
     by_partition.retain(|partition, positions| {
-        let done = signals.done_up_to(*partition);
+        let done = usize::try_from(*partition)
+            .ok()
+            .and_then(|p| published.get(p))
+            .copied()
+            .unwrap_or(StreamPosition::START);
         // The least position after `done` in (transaction, position) order: `split_off`
         // keeps it and everything above.
         let after = StreamPosition { global_position: done.global_position.saturating_add(1), ..done };

@@ -80,15 +80,10 @@ impl Signals {
         }
     }
 
-    /// How far this process's relays have published `partition`: every event up to this
-    /// position was acknowledged or parked.
-    pub(crate) fn done_up_to(&self, partition: i32) -> StreamPosition {
-        let progress = self.done.lock().unwrap_or_else(PoisonError::into_inner);
-        usize::try_from(partition)
-            .ok()
-            .and_then(|p| progress.done.get(p))
-            .copied()
-            .unwrap_or(StreamPosition::START)
+    /// How far this process's relays have published each partition (indexed by partition):
+    /// every event up to its position was acknowledged or parked.
+    pub(crate) fn done(&self) -> Vec<StreamPosition> {
+        self.done.lock().unwrap_or_else(PoisonError::into_inner).done.clone()
     }
 
     /// Whether a relay of this process ever parked an event.
