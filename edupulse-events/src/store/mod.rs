@@ -347,6 +347,11 @@ impl EventStore {
     /// How far publication is behind: pending and parked events, the oldest pending
     /// event's age and, when the horizon holds events back, the transaction holding it.
     ///
+    /// It counts from the relays' saved checkpoints, which a running relay writes at most
+    /// every [`RelayConfig::checkpoint_interval`](crate::RelayConfig::checkpoint_interval):
+    /// events acknowledged since the last save (and already reported by
+    /// [`Receipt::published`](crate::Receipt::published)) still count as pending until then.
+    ///
     /// # Errors
     /// [`EventError::Database`].
     pub async fn relay_lag(&self) -> Result<RelayLag, EventError> {
