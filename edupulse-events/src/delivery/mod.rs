@@ -3,11 +3,11 @@
 //! broker.
 
 mod bus;
-mod lost;
 mod message;
 mod outstanding;
 mod relay;
 mod republish;
+mod watch;
 
 pub use self::bus::{BusConfig, BusTransaction, Closed, Committed, EventBus, Receipt};
 pub use self::relay::{LogRelay, RelayConfig, RelayPass};

@@ -5,20 +5,20 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, PoisonError};
 
-use crate::store::StreamPosition;
 use crate::store::signals::Signals;
+use crate::store::{Partition, StreamPosition};
 
 /// Per partition, the positions of the events a bus committed that its process's relays
 /// have not yet published (acknowledged or parked). Pruned from the relays' progress at
 /// every commit, so it holds what is in flight, not the bus's history.
 #[derive(Default)]
 pub(crate) struct Outstanding {
-    by_partition: Mutex<HashMap<i32, BTreeSet<StreamPosition>>>,
+    by_partition: Mutex<HashMap<Partition, BTreeSet<StreamPosition>>>,
 }
 
 impl Outstanding {
     /// Adds a commit's events, and forgets what the relays have published since.
-    pub(crate) fn add(&self, written: &[(i32, StreamPosition)], signals: &Signals) {
+    pub(crate) fn add(&self, written: &[(Partition, StreamPosition)], signals: &Signals) {
         // No code below panics, so a poisoned lock holds sound data.
         let mut by_partition = self.by_partition.lock().unwrap_or_else(PoisonError::into_inner);
         for (partition, position) in written {
@@ -28,7 +28,7 @@ impl Outstanding {
     }
 
     /// What is still unpublished, by the relays' progress in this process.
-    pub(crate) fn current(&self, signals: &Signals) -> Vec<(i32, StreamPosition)> {
+    pub(crate) fn current(&self, signals: &Signals) -> Vec<(Partition, StreamPosition)> {
         let mut by_partition = self.by_partition.lock().unwrap_or_else(PoisonError::into_inner);
         prune(&mut by_partition, signals);
         by_partition
@@ -44,18 +44,14 @@ impl Outstanding {
 }
 
 /// Drops the positions at or below each partition's published position.
-fn prune(by_partition: &mut HashMap<i32, BTreeSet<StreamPosition>>, signals: &Signals) {
+fn prune(by_partition: &mut HashMap<Partition, BTreeSet<StreamPosition>>, signals: &Signals) {
     if by_partition.is_empty() {
         return;
     }
     // One look at the relays' progress for every partition, not one lock per partition.
     let published = signals.done();
     by_partition.retain(|partition, positions| {
-        let done = usize::try_from(*partition)
-            .ok()
-            .and_then(|p| published.get(p))
-            .copied()
-            .unwrap_or(StreamPosition::START);
+        let done = partition.index().and_then(|p| published.get(p)).copied().unwrap_or(StreamPosition::START);
         // The least position after `done` in (transaction, position) order: `split_off`
         // keeps it and everything above.
         let after = StreamPosition { global_position: done.global_position.saturating_add(1), ..done };
@@ -68,6 +64,10 @@ fn prune(by_partition: &mut HashMap<i32, BTreeSet<StreamPosition>>, signals: &Si
 mod tests {
     use super::*;
 
+    fn p(number: i32) -> Partition {
+        Partition::new(number)
+    }
+
     fn at(transaction_id: i64, global_position: i64) -> StreamPosition {
         StreamPosition { transaction_id, global_position }
     }
@@ -76,16 +76,16 @@ mod tests {
     fn what_the_relays_published_is_forgotten() {
         let signals = Signals::default();
         let outstanding = Outstanding::default();
-        outstanding.add(&[(3, at(10, 1)), (3, at(10, 2)), (5, at(11, 3))], &signals);
+        outstanding.add(&[(p(3), at(10, 1)), (p(3), at(10, 2)), (p(5), at(11, 3))], &signals);
         assert_eq!(outstanding.current(&signals).len(), 3);
-        signals.advance(&[(3, at(10, 1))], false);
+        signals.advance(&[(p(3), at(10, 1))], false);
         let mut left = outstanding.current(&signals);
         left.sort();
-        assert_eq!(left, [(3, at(10, 2)), (5, at(11, 3))]);
+        assert_eq!(left, [(p(3), at(10, 2)), (p(5), at(11, 3))]);
         // A later commit lower in (transaction, position) order than a published one.
-        signals.advance(&[(5, at(12, 9))], false);
-        outstanding.add(&[(5, at(11, 4))], &signals);
-        assert_eq!(outstanding.current(&signals), [(3, at(10, 2))]);
+        signals.advance(&[(p(5), at(12, 9))], false);
+        outstanding.add(&[(p(5), at(11, 4))], &signals);
+        assert_eq!(outstanding.current(&signals), [(p(3), at(10, 2))]);
         outstanding.clear();
         assert!(outstanding.current(&signals).is_empty());
     }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::error::EventProblem;
 use crate::event::PromotedKey;
 use crate::event::wire::{HeaderFields, message_size_bound};
-use crate::store::model::partition_of;
+use crate::store::Partition;
 use crate::store::{ExpectedSequence, StreamPosition};
 use crate::{DomainEvent, EventEnvelope, EventError, KeyValue, Metadata, validate_subject};
 
@@ -139,7 +139,7 @@ pub(crate) struct Appended<E> {
     /// The envelopes with their sequences, positions and record times.
     pub(crate) envelopes: Vec<EventEnvelope<E>>,
     /// The aggregate's partition.
-    pub(crate) partition: i32,
+    pub(crate) partition: Partition,
     /// Where each event is in the global stream, in the same order.
     pub(crate) positions: Vec<StreamPosition>,
 }
@@ -165,7 +165,7 @@ pub(crate) struct Prepared {
     /// The number of events, as SQL binds it.
     pub(crate) count: i64,
     /// The aggregate's partition.
-    pub(crate) partition: i32,
+    pub(crate) partition: Partition,
 }
 
 /// Checks and encodes an append for any backend; `None` when there is nothing to append.
@@ -185,7 +185,7 @@ pub(crate) fn prepare_append<E: DomainEvent>(
     let rows = encode_rows(envelopes, aggregate_id, &aggregate_type, rules)?;
     let count =
         i64::try_from(rows.len()).map_err(|_| EventError::Config("too many events in one append".into()))?;
-    Ok(Some(Prepared { aggregate_id, aggregate_type, rows, count, partition: partition_of(aggregate_id) }))
+    Ok(Some(Prepared { aggregate_id, aggregate_type, rows, count, partition: Partition::of(aggregate_id) }))
 }
 
 /// Encodes the envelopes of one append, checking that they all belong to one aggregate.

@@ -13,6 +13,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
+use crate::store::Partition;
 use crate::store::append::{AppendRules, Appended};
 use crate::store::log::{
     LogRow, MarkRow, Page, ParkedEvent, ParkedRow, RelayLag, RunningTransaction, StreamMark,
@@ -78,7 +79,7 @@ pub(crate) enum Lease {
     /// A session holding advisory locks; the relay's statements run on it.
     Postgres(Arc<PgBackend>, PgConnection),
     /// In-process locks.
-    Sqlite(Arc<SqliteBackend>, Vec<(i32, OwnedMutexGuard<()>)>),
+    Sqlite(Arc<SqliteBackend>, Vec<(Partition, OwnedMutexGuard<()>)>),
 }
 
 impl Backend {
@@ -334,8 +335,8 @@ impl Backend {
     /// The saved checkpoints of `partitions` (read without a lease).
     pub(crate) async fn checkpoints_of(
         &self,
-        partitions: &[i32],
-    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        partitions: &[Partition],
+    ) -> Result<Vec<(Partition, StreamPosition)>, EventError> {
         match self {
             Self::Postgres(pg) => pg.checkpoints_of(partitions).await,
             Self::Sqlite(sq) => sq.relay_checkpoints(partitions).await,
@@ -433,7 +434,7 @@ impl Tx {
 
 impl Lease {
     /// Takes those of `wanted` that no other relay holds; returns them.
-    pub(crate) async fn lock(&mut self, wanted: &[i32]) -> Result<Vec<i32>, EventError> {
+    pub(crate) async fn lock(&mut self, wanted: &[Partition]) -> Result<Vec<Partition>, EventError> {
         match self {
             Self::Postgres(pg, conn) => pg.relay_lock(conn, wanted).await,
             Self::Sqlite(sq, held) => {
@@ -448,8 +449,8 @@ impl Lease {
     /// The checkpoints of `partitions` (created at the log's start when missing).
     pub(crate) async fn checkpoints(
         &mut self,
-        partitions: &[i32],
-    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        partitions: &[Partition],
+    ) -> Result<Vec<(Partition, StreamPosition)>, EventError> {
         match self {
             Self::Postgres(pg, conn) => pg.relay_checkpoints(conn, partitions).await,
             Self::Sqlite(sq, _) => sq.relay_checkpoints(partitions).await,
@@ -459,7 +460,7 @@ impl Lease {
     /// The parked aggregates of `partitions`, with the position of their first parked event.
     pub(crate) async fn parked_heads(
         &mut self,
-        partitions: &[i32],
+        partitions: &[Partition],
     ) -> Result<HashMap<Uuid, i64>, EventError> {
         let heads = match self {
             Self::Postgres(pg, conn) => pg.parked_heads(conn, partitions).await?,
@@ -474,7 +475,7 @@ impl Lease {
         after: StreamPosition,
         limit: i64,
         max_bytes: usize,
-        partitions: &[i32],
+        partitions: &[Partition],
     ) -> Result<Page, EventError> {
         match self {
             Self::Postgres(pg, conn) => pg.relay_page(conn, after, limit, max_bytes, partitions).await,
@@ -483,7 +484,7 @@ impl Lease {
     }
 
     /// The parked events of re-queued aggregates of `partitions`, in order.
-    pub(crate) async fn requeued(&mut self, partitions: &[i32]) -> Result<Vec<LogRow>, EventError> {
+    pub(crate) async fn requeued(&mut self, partitions: &[Partition]) -> Result<Vec<LogRow>, EventError> {
         match self {
             Self::Postgres(pg, conn) => pg.parked_requeued(conn, partitions).await,
             Self::Sqlite(sq, _) => sq.parked_requeued(partitions).await,
@@ -512,7 +513,7 @@ impl Lease {
     }
 
     /// The stream marks of `partitions`.
-    pub(crate) async fn marks(&mut self, partitions: &[i32]) -> Result<Vec<StreamMark>, EventError> {
+    pub(crate) async fn marks(&mut self, partitions: &[Partition]) -> Result<Vec<StreamMark>, EventError> {
         match self {
             Self::Postgres(pg, conn) => pg.marks_load(conn, partitions).await,
             Self::Sqlite(sq, _) => sq.marks_load(partitions).await,
@@ -534,7 +535,7 @@ impl Lease {
     /// or (`None`) that it holds everything again.
     pub(crate) async fn mark_behind(
         &mut self,
-        partition: i32,
+        partition: Partition,
         stream: &str,
         held: Option<i64>,
     ) -> Result<(), EventError> {
@@ -547,7 +548,7 @@ impl Lease {
     /// Saves checkpoints and parks events, in one statement.
     pub(crate) async fn save(
         &mut self,
-        checkpoints: &[(i32, StreamPosition)],
+        checkpoints: &[(Partition, StreamPosition)],
         parked: &[ParkedRow],
     ) -> Result<(), EventError> {
         match self {

@@ -8,10 +8,11 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use crate::EventError;
+use crate::store::Partition;
 use crate::store::row::StoredRow;
 /// One row of the log as a relay reads it.
 pub(crate) struct LogRow {
-    pub(crate) partition: i32,
+    pub(crate) partition: Partition,
     pub(crate) subject: String,
     pub(crate) row: StoredRow,
 }
@@ -48,12 +49,13 @@ impl Page {
 }
 
 /// A parked event, as the relay writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ParkedRow {
     pub(crate) global_position: i64,
     pub(crate) event_id: Uuid,
     pub(crate) aggregate_id: Uuid,
     pub(crate) sequence: i64,
-    pub(crate) partition: i32,
+    pub(crate) partition: Partition,
     pub(crate) blocked_by: Option<i64>,
     pub(crate) attempts: i32,
     pub(crate) reason: String,
@@ -196,7 +198,7 @@ pub struct StreamMark {
 
 /// A mark as a relay saves it.
 pub(crate) struct MarkRow<'a> {
-    pub(crate) partition: i32,
+    pub(crate) partition: Partition,
     pub(crate) stream: &'a str,
     pub(crate) sequence: i64,
     pub(crate) event_id: Option<Uuid>,

@@ -11,6 +11,7 @@ mod connect;
 pub(crate) mod log;
 mod migrations;
 pub(crate) mod model;
+pub(crate) use self::model::Partition;
 mod postgres;
 mod postgres_sql;
 pub(crate) mod row;
@@ -399,19 +400,22 @@ impl EventStore {
 
 impl EventStore {
     /// Whether the relays' checkpoints are past every one of `written`.
-    pub(crate) async fn relay_covers(&self, written: &[(i32, StreamPosition)]) -> Result<bool, EventError> {
+    pub(crate) async fn relay_covers(
+        &self,
+        written: &[(Partition, StreamPosition)],
+    ) -> Result<bool, EventError> {
         Ok(self.relay_covers_each(written).await?.into_iter().all(|covered| covered))
     }
 
     /// For each of `written`, whether the saved checkpoints of the relays have passed it.
     pub(crate) async fn relay_covers_each(
         &self,
-        written: &[(i32, StreamPosition)],
+        written: &[(Partition, StreamPosition)],
     ) -> Result<Vec<bool>, EventError> {
-        let mut partitions: Vec<i32> = written.iter().map(|(p, _)| *p).collect();
+        let mut partitions: Vec<Partition> = written.iter().map(|(p, _)| *p).collect();
         partitions.sort_unstable();
         partitions.dedup();
-        let checkpoints: HashMap<i32, StreamPosition> =
+        let checkpoints: HashMap<Partition, StreamPosition> =
             self.inner.backend.checkpoints_of(&partitions).await?.into_iter().collect();
         Ok(written.iter().map(|(p, position)| checkpoints.get(p).is_some_and(|c| c >= position)).collect())
     }

@@ -162,11 +162,80 @@ impl StoreConfig {
 /// The number of partitions: the most relays that can publish at once.
 pub const PARTITIONS: i32 = 64;
 
-/// The partition of an aggregate: the low six bits of its id (the PostgreSQL column computes
-/// the same from the id's last byte).
-pub(crate) fn partition_of(aggregate_id: Uuid) -> i32 {
-    // `as` is exact: the remainder is below 64.
-    (aggregate_id.as_u128() % PARTITIONS as u128) as i32
+/// One share of the log: all of an aggregate's events fall in the partition its id names
+/// (the low six bits of the id; the PostgreSQL column computes the same from its last byte).
+/// Each partition has its own relay checkpoint, and a relay holds whole partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Partition(i32);
+
+impl Partition {
+    /// The partition of an aggregate.
+    pub(crate) fn of(aggregate_id: Uuid) -> Self {
+        // `as` is exact: the remainder is below 64.
+        Self((aggregate_id.as_u128() % PARTITIONS as u128) as i32)
+    }
+
+    /// A partition number as the store keeps it (a column, or a setting checked against
+    /// [`PARTITIONS`]).
+    pub(crate) const fn new(number: i32) -> Self {
+        Self(number)
+    }
+
+    /// Every partition of `range` (a relay's setting).
+    pub(crate) fn range(range: std::ops::Range<i32>) -> impl Iterator<Item = Self> {
+        range.map(Self)
+    }
+
+    /// The number, as the store keeps it.
+    pub(crate) const fn number(self) -> i32 {
+        self.0
+    }
+
+    /// Its index in a table of [`PARTITIONS`] slots (`None` out of range).
+    pub(crate) fn index(self) -> Option<usize> {
+        usize::try_from(self.0).ok().filter(|i| *i < PARTITIONS as usize)
+    }
+}
+
+// Stored as the `int4` / `INTEGER` it is, on either backend.
+impl<DB: sqlx::Database> sqlx::Type<DB> for Partition
+where
+    i32: sqlx::Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <i32 as sqlx::Type<DB>>::type_info()
+    }
+
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <i32 as sqlx::Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'q, DB: sqlx::Database> sqlx::Encode<'q, DB> for Partition
+where
+    i32: sqlx::Encode<'q, DB>,
+{
+    fn encode_by_ref(
+        &self,
+        buf: &mut <DB as sqlx::Database>::ArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        self.0.encode_by_ref(buf)
+    }
+}
+
+impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for Partition
+where
+    i32: sqlx::Decode<'r, DB>,
+{
+    fn decode(value: <DB as sqlx::Database>::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        i32::decode(value).map(Self)
+    }
+}
+
+impl std::fmt::Display for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, Postgres};
 use sqlx::{AssertSqlSafe, Connection, Row};
 use uuid::Uuid;
 
+use crate::store::Partition;
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::connect;
 use crate::store::log::{
@@ -202,7 +203,7 @@ impl PgBackend {
         rules: &AppendRules<'_>,
     ) -> Result<Appended<E>, EventError> {
         let Some(prepared) = prepare_append(&envelopes, expected, rules)? else {
-            return Ok(Appended { envelopes, partition: 0, positions: Vec::new() });
+            return Ok(Appended { envelopes, partition: Partition::new(0), positions: Vec::new() });
         };
         let stored = match self.insert(conn, &prepared, expected).await {
             Ok(stored) => stored,
@@ -380,8 +381,8 @@ impl PgBackend {
     pub(crate) async fn relay_lock(
         &self,
         conn: &mut PgConnection,
-        partitions: &[i32],
-    ) -> Result<Vec<i32>, EventError> {
+        partitions: &[Partition],
+    ) -> Result<Vec<Partition>, EventError> {
         Ok(sqlx::query_scalar(self.sql.relay.lock.clone())
             .bind(self.lock_class)
             .bind(partitions)
@@ -392,9 +393,9 @@ impl PgBackend {
     pub(crate) async fn relay_checkpoints(
         &self,
         conn: &mut PgConnection,
-        partitions: &[i32],
-    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
-        let rows: Vec<(i32, i64, i64)> =
+        partitions: &[Partition],
+    ) -> Result<Vec<(Partition, StreamPosition)>, EventError> {
+        let rows: Vec<(Partition, i64, i64)> =
             sqlx::query_as(self.sql.relay.checkpoints.clone()).bind(partitions).fetch_all(conn).await?;
         Ok(rows
             .into_iter()
@@ -410,7 +411,7 @@ impl PgBackend {
         after: StreamPosition,
         limit: i64,
         max_bytes: usize,
-        partitions: &[i32],
+        partitions: &[Partition],
     ) -> Result<Page, EventError> {
         let rows = sqlx::query(self.sql.relay.page.clone())
             .bind(after.transaction_id)
@@ -432,19 +433,19 @@ impl PgBackend {
     pub(crate) async fn relay_save(
         &self,
         conn: &mut PgConnection,
-        checkpoints: &[(i32, StreamPosition)],
+        checkpoints: &[(Partition, StreamPosition)],
         parked: &[ParkedRow],
     ) -> Result<(), EventError> {
         let column = |f: fn(&ParkedRow) -> i64| parked.iter().map(f).collect::<Vec<i64>>();
         sqlx::query(self.sql.relay.save.clone())
-            .bind(checkpoints.iter().map(|(p, _)| *p).collect::<Vec<i32>>())
+            .bind(checkpoints.iter().map(|(p, _)| *p).collect::<Vec<Partition>>())
             .bind(checkpoints.iter().map(|(_, c)| c.transaction_id).collect::<Vec<i64>>())
             .bind(checkpoints.iter().map(|(_, c)| c.global_position).collect::<Vec<i64>>())
             .bind(column(|r| r.global_position))
             .bind(parked.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
             .bind(parked.iter().map(|r| r.aggregate_id).collect::<Vec<Uuid>>())
             .bind(column(|r| r.sequence))
-            .bind(parked.iter().map(|r| r.partition).collect::<Vec<i32>>())
+            .bind(parked.iter().map(|r| r.partition).collect::<Vec<Partition>>())
             .bind(parked.iter().map(|r| r.blocked_by).collect::<Vec<Option<i64>>>())
             .bind(parked.iter().map(|r| r.attempts).collect::<Vec<i32>>())
             .bind(parked.iter().map(|r| r.reason.as_str()).collect::<Vec<&str>>())
@@ -457,7 +458,7 @@ impl PgBackend {
     pub(crate) async fn parked_heads(
         &self,
         conn: &mut PgConnection,
-        partitions: &[i32],
+        partitions: &[Partition],
     ) -> Result<Vec<(Uuid, i64)>, EventError> {
         Ok(sqlx::query_as(self.sql.parked.heads.clone()).bind(partitions).fetch_all(conn).await?)
     }
@@ -466,7 +467,7 @@ impl PgBackend {
     pub(crate) async fn parked_requeued(
         &self,
         conn: &mut PgConnection,
-        partitions: &[i32],
+        partitions: &[Partition],
     ) -> Result<Vec<LogRow>, EventError> {
         let rows = sqlx::query(self.sql.parked.requeued.clone()).bind(partitions).fetch_all(conn).await?;
         rows.iter()
@@ -520,7 +521,7 @@ impl PgBackend {
     pub(crate) async fn marks_load(
         &self,
         conn: &mut PgConnection,
-        partitions: &[i32],
+        partitions: &[Partition],
     ) -> Result<Vec<StreamMark>, EventError> {
         let rows = sqlx::query(self.sql.marks.load.clone()).bind(partitions).fetch_all(conn).await?;
         Ok(rows.iter().map(StreamMark::from_row).collect::<Result<_, _>>()?)
@@ -533,7 +534,7 @@ impl PgBackend {
         marks: &[MarkRow<'_>],
     ) -> Result<(), EventError> {
         sqlx::query(self.sql.marks.save.clone())
-            .bind(marks.iter().map(|m| m.partition).collect::<Vec<i32>>())
+            .bind(marks.iter().map(|m| m.partition).collect::<Vec<Partition>>())
             .bind(marks.iter().map(|m| m.stream).collect::<Vec<&str>>())
             .bind(marks.iter().map(|m| m.sequence).collect::<Vec<i64>>())
             .bind(marks.iter().map(|m| m.event_id).collect::<Vec<Option<Uuid>>>())
@@ -546,7 +547,7 @@ impl PgBackend {
     pub(crate) async fn marks_behind(
         &self,
         conn: &mut PgConnection,
-        partition: i32,
+        partition: Partition,
         stream: &str,
         held: Option<i64>,
     ) -> Result<(), EventError> {
@@ -594,8 +595,8 @@ impl PgBackend {
     /// The checkpoints of `partitions`, on a pooled connection.
     pub(crate) async fn checkpoints_of(
         &self,
-        partitions: &[i32],
-    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+        partitions: &[Partition],
+    ) -> Result<Vec<(Partition, StreamPosition)>, EventError> {
         self.relay_checkpoints(&mut *self.pool.acquire().await?, partitions).await
     }
 }
@@ -707,4 +708,11 @@ fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
     error
         .as_database_error()
         .is_some_and(|d| d.code().as_deref() == Some("23505") && d.constraint() == Some(constraint))
+}
+
+// Partitions bind as the `int4[]` they are.
+impl sqlx::postgres::PgHasArrayType for Partition {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        <i32 as sqlx::postgres::PgHasArrayType>::array_type_info()
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{oneshot, watch};
 
 use crate::store::PARTITIONS;
-use crate::store::StreamPosition;
+use crate::store::{Partition, StreamPosition};
 /// What this process's relays have done, for its committers: wake-ups after a commit, and
 /// the positions published per partition (what a receipt waits for).
 pub(crate) struct Signals {
@@ -46,7 +46,7 @@ impl Signals {
     /// of `written` (at once when they have).
     pub(crate) fn notify_when_done(
         &self,
-        written: Arc<[(i32, StreamPosition)]>,
+        written: Arc<[(Partition, StreamPosition)]>,
         waiter: oneshot::Sender<()>,
     ) {
         // No code below panics, so a poisoned lock holds sound data.
@@ -59,13 +59,13 @@ impl Signals {
         }
     }
 
-    pub(crate) fn advance(&self, checkpoints: &[(i32, StreamPosition)], parked: bool) {
+    pub(crate) fn advance(&self, checkpoints: &[(Partition, StreamPosition)], parked: bool) {
         if parked {
             self.parked_any.store(true, Ordering::SeqCst);
         }
         let mut progress = self.done.lock().unwrap_or_else(PoisonError::into_inner);
         for (partition, position) in checkpoints {
-            if let Some(slot) = usize::try_from(*partition).ok().and_then(|p| progress.done.get_mut(p)) {
+            if let Some(slot) = partition.index().and_then(|p| progress.done.get_mut(p)) {
                 *slot = (*slot).max(*position);
             }
         }
@@ -93,7 +93,7 @@ impl Signals {
 }
 
 /// The events a commit wrote: their partitions and stream positions.
-pub(crate) type Written = Arc<[(i32, StreamPosition)]>;
+pub(crate) type Written = Arc<[(Partition, StreamPosition)]>;
 
 /// What this process's relays published, and who waits for what.
 struct Progress {
@@ -102,9 +102,9 @@ struct Progress {
 }
 
 impl Progress {
-    fn covers(&self, written: &[(i32, StreamPosition)]) -> bool {
-        written.iter().all(|(partition, position)| {
-            usize::try_from(*partition).ok().and_then(|p| self.done.get(p)) >= Some(position)
-        })
+    fn covers(&self, written: &[(Partition, StreamPosition)]) -> bool {
+        written
+            .iter()
+            .all(|(partition, position)| partition.index().and_then(|p| self.done.get(p)) >= Some(position))
     }
 }

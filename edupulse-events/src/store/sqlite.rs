@@ -26,6 +26,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use crate::store::PARTITIONS;
+use crate::store::Partition;
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::log::{LogRow, MarkRow, Page, ParkedEvent, ParkedRow, RelayLagRow, StreamMark};
 use crate::store::migrations::{MigrationFile, migrator};
@@ -115,7 +116,7 @@ impl SqliteBackend {
         rules: &AppendRules<'_>,
     ) -> Result<Appended<E>, EventError> {
         let Some(prepared) = prepare_append(&envelopes, expected, rules)? else {
-            return Ok(Appended { envelopes, partition: 0, positions: Vec::new() });
+            return Ok(Appended { envelopes, partition: Partition::new(0), positions: Vec::new() });
         };
         let version = bump_stream(conn, &prepared, expected).await?;
         let recorded_at = Utc::now();
@@ -393,11 +394,11 @@ async fn insert_event(
 /// in-process locks.
 impl SqliteBackend {
     /// Takes the free ones of `partitions`: the guards hold them until dropped.
-    pub(crate) fn relay_lock(&self, partitions: &[i32]) -> Vec<(i32, OwnedMutexGuard<()>)> {
+    pub(crate) fn relay_lock(&self, partitions: &[Partition]) -> Vec<(Partition, OwnedMutexGuard<()>)> {
         partitions
             .iter()
             .filter_map(|&p| {
-                let lock = self.partition_locks.get(usize::try_from(p).ok()?)?;
+                let lock = self.partition_locks.get(p.index()?)?;
                 Some((p, Arc::clone(lock).try_lock_owned().ok()?))
             })
             .collect()
@@ -405,9 +406,9 @@ impl SqliteBackend {
 
     pub(crate) async fn relay_checkpoints(
         &self,
-        partitions: &[i32],
-    ) -> Result<Vec<(i32, StreamPosition)>, EventError> {
-        let rows: Vec<(i32, i64)> = sqlx::query_as(
+        partitions: &[Partition],
+    ) -> Result<Vec<(Partition, StreamPosition)>, EventError> {
+        let rows: Vec<(Partition, i64)> = sqlx::query_as(
             "SELECT partition, global_position FROM relay_checkpoints \
              WHERE partition IN (SELECT value FROM json_each(?1))",
         )
@@ -425,7 +426,7 @@ impl SqliteBackend {
         after: StreamPosition,
         limit: i64,
         max_bytes: usize,
-        partitions: &[i32],
+        partitions: &[Partition],
     ) -> Result<Page, EventError> {
         let partitions = json_list(partitions);
         let rows = sqlx::query(concat!(
@@ -452,7 +453,7 @@ impl SqliteBackend {
     /// Parks the refused events and moves the checkpoints, in one transaction.
     pub(crate) async fn relay_save(
         &self,
-        checkpoints: &[(i32, StreamPosition)],
+        checkpoints: &[(Partition, StreamPosition)],
         parked: &[ParkedRow],
     ) -> Result<(), EventError> {
         let mut tx = self.begin().await?;
@@ -490,7 +491,10 @@ impl SqliteBackend {
         Ok(())
     }
 
-    pub(crate) async fn parked_heads(&self, partitions: &[i32]) -> Result<Vec<(Uuid, i64)>, EventError> {
+    pub(crate) async fn parked_heads(
+        &self,
+        partitions: &[Partition],
+    ) -> Result<Vec<(Uuid, i64)>, EventError> {
         Ok(sqlx::query_as(
             "SELECT aggregate_id, global_position FROM parked_events \
              WHERE partition IN (SELECT value FROM json_each(?1)) AND blocked_by IS NULL",
@@ -500,7 +504,7 @@ impl SqliteBackend {
         .await?)
     }
 
-    pub(crate) async fn parked_requeued(&self, partitions: &[i32]) -> Result<Vec<LogRow>, EventError> {
+    pub(crate) async fn parked_requeued(&self, partitions: &[Partition]) -> Result<Vec<LogRow>, EventError> {
         let rows = sqlx::query(concat!(
             "SELECT p.partition, ",
             columns!(),
@@ -560,7 +564,7 @@ impl SqliteBackend {
     }
 
     /// The stream marks of `partitions`.
-    pub(crate) async fn marks_load(&self, partitions: &[i32]) -> Result<Vec<StreamMark>, EventError> {
+    pub(crate) async fn marks_load(&self, partitions: &[Partition]) -> Result<Vec<StreamMark>, EventError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {MARK_COLUMNS} FROM relay_stream_marks WHERE partition IN (SELECT value FROM json_each(?1)) \
              ORDER BY partition, stream"
@@ -594,7 +598,7 @@ impl SqliteBackend {
     /// Marks a partition's stream behind (holding up to `held`), or clears it (`None`).
     pub(crate) async fn marks_behind(
         &self,
-        partition: i32,
+        partition: Partition,
         stream: &str,
         held: Option<i64>,
     ) -> Result<(), EventError> {
@@ -780,6 +784,6 @@ impl SqliteBackend {
 }
 
 /// A list of partitions as the JSON array `json_each` reads.
-fn json_list(partitions: &[i32]) -> String {
-    serde_json::Value::from(partitions.to_vec()).to_string()
+fn json_list(partitions: &[Partition]) -> String {
+    serde_json::Value::from(partitions.iter().map(|p| p.number()).collect::<Vec<i32>>()).to_string()
 }

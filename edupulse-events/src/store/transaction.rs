@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::store::Partition;
 use crate::store::append::{AppendRules, SubjectRule};
 use crate::store::backend::{Connection, Tx};
 use crate::store::signals::Signals;
@@ -23,7 +24,7 @@ pub struct Transaction {
     may_be_aborted: bool,
     /// The stream positions of the events appended in this transaction, with their
     /// partitions: what a receipt waits for.
-    written: Vec<(i32, StreamPosition)>,
+    written: Vec<(Partition, StreamPosition)>,
     /// How the events' subjects are made (the bus sets a prefix).
     pub(crate) subjects: SubjectRule,
     /// The largest message an event may become (the store's limit, or the broker's).
@@ -165,7 +166,7 @@ impl Transaction {
 
     /// Commits, wakes this process's relays when events were written, and returns the
     /// written events' partitions and stream positions.
-    pub(crate) async fn commit_written(self) -> Result<Vec<(i32, StreamPosition)>, EventError> {
+    pub(crate) async fn commit_written(self) -> Result<Vec<(Partition, StreamPosition)>, EventError> {
         let appended = !self.written.is_empty();
         let positions: Vec<i64> = if self.may_be_aborted {
             self.written.iter().map(|(_, position)| position.global_position).collect()
