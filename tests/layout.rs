@@ -324,7 +324,7 @@ fn the_graph_is_not_vacuous() {
     assert!(graph.len() >= 30, "only {} modules found: {:?}", graph.len(), graph.keys());
     assert!(edges >= 60, "only {edges} import edges found: {graph:#?}");
     for (a, b) in [
-        ("delivery::relay", "store::backend"),
+        ("delivery::relay::holding", "store::backend"),
         ("store::backend", "store::postgres"),
         ("store::backend", "store::sqlite"),
         ("write::aggregate", "delivery::bus"),

@@ -14,7 +14,8 @@ use uuid::Uuid;
 use crate::broker::PublishReceipt;
 use crate::delivery::message;
 use crate::delivery::relay::ledger::{Disposition, Entry, Failures, Ledger, Outcome, Save, Settlement, park};
-use crate::delivery::relay::{LogRelay, RelayPass};
+use crate::delivery::relay::parts::Parts;
+use crate::delivery::relay::pass::RelayPass;
 use crate::delivery::watch::{Aged, Holder, StreamWatch, check_and_repair};
 use crate::event::wire::{OutgoingMessage, headers};
 use crate::store::backend::Lease;
@@ -41,7 +42,7 @@ impl Holding {
 
     /// Locks those of `wanted` no other relay holds, with their checkpoints, parked
     /// aggregates and stream marks.
-    pub(super) async fn take(&mut self, relay: &LogRelay, wanted: &[Partition]) -> Result<(), EventError> {
+    pub(super) async fn take(&mut self, relay: &Parts, wanted: &[Partition]) -> Result<(), EventError> {
         let taken = self.lease.lock(wanted).await?;
         if taken.is_empty() {
             return Ok(());
@@ -67,11 +68,7 @@ impl Holding {
     }
 
     /// Publishes the held partitions' events below the horizon, page by page.
-    pub(super) async fn drain(
-        &mut self,
-        relay: &LogRelay,
-        stop: &AtomicBool,
-    ) -> Result<RelayPass, EventError> {
+    pub(super) async fn drain(&mut self, relay: &Parts, stop: &AtomicBool) -> Result<RelayPass, EventError> {
         let config = &relay.config;
         let mut pass =
             RelayPass { partitions: u32::try_from(self.ledger.len()).unwrap_or(0), ..RelayPass::default() };
@@ -125,7 +122,7 @@ impl Holding {
     /// so often) and repairs what is to be; `false` while they are not checked on the
     /// connection as it is now. Partitions whose stream lost messages are left out of the
     /// pass: nothing newer goes out before the lost ones are sent again.
-    async fn checked(&mut self, relay: &LogRelay, stop: &AtomicBool) -> Result<bool, EventError> {
+    async fn checked(&mut self, relay: &Parts, stop: &AtomicBool) -> Result<bool, EventError> {
         let publisher = &*relay.publisher;
         let epoch = publisher.connection_epoch();
         if self.streams.due(epoch, relay.config.stream_check_interval) {
@@ -150,7 +147,7 @@ impl Holding {
     /// Publishes one page; returns the events it parked.
     async fn publish_page(
         &mut self,
-        relay: &LogRelay,
+        relay: &Parts,
         rows: Vec<LogRow>,
         start: StreamPosition,
         pass: &mut RelayPass,
@@ -194,7 +191,7 @@ impl Holding {
     /// (see [`Disposition`]).
     fn messages_of(
         &mut self,
-        relay: &LogRelay,
+        relay: &Parts,
         rows: Vec<LogRow>,
         start: StreamPosition,
         pass: &mut RelayPass,
@@ -248,7 +245,7 @@ impl Holding {
     /// Tells the ledger what became of `entry`, and reports it; `true` when published.
     fn record(
         &mut self,
-        relay: &LogRelay,
+        relay: &Parts,
         entry: &Entry,
         outcome: &Result<PublishReceipt, EventError>,
         pass: &mut RelayPass,
@@ -294,7 +291,7 @@ impl Holding {
     /// events; tells this process's committers.
     async fn settle(
         &mut self,
-        relay: &LogRelay,
+        relay: &Parts,
         end: StreamPosition,
         parked: Vec<ParkedRow>,
     ) -> Result<(), EventError> {
@@ -350,7 +347,7 @@ impl Holding {
     /// aggregate in order; an aggregate all of whose parked events went out flows again.
     async fn republish_requeued(
         &mut self,
-        relay: &LogRelay,
+        relay: &Parts,
         partitions: &[Partition],
         pass: &mut RelayPass,
     ) -> Result<(), EventError> {
@@ -361,34 +358,14 @@ impl Holding {
         if rows.is_empty() {
             return Ok(());
         }
-        let (mut metas, mut messages) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
         // Refused again, with the position and the reason; or failed otherwise (retried).
-        let mut refused: HashMap<Uuid, (i64, String)> = HashMap::new();
-        let mut failed: HashSet<Uuid> = HashSet::new();
-        for LogRow { subject, row, .. } in rows {
-            let (aggregate_id, position) = (row.aggregate_id, row.global_position);
-            if refused.contains_key(&aggregate_id) {
-                continue;
-            }
-            match message::outgoing(row, subject) {
-                Ok(message) => {
-                    metas.push((aggregate_id, position));
-                    messages.push(message);
-                }
-                Err(e) => {
-                    refused.insert(aggregate_id, (position, format!("cannot be made a message: {e}")));
-                }
-            }
-        }
-        // An aggregate refused before sending anything keeps its later events back.
-        let (metas, messages): (Vec<_>, Vec<_>) =
-            metas.into_iter().zip(messages).filter(|((a, _), _)| !refused.contains_key(a)).unzip();
+        let (metas, messages, mut refused) = requeued_messages(rows);
         if !self.streams.verified(relay.publisher.connection_epoch()) {
             // Made again since the streams were checked: the next pass, once they are.
             return Ok(());
         }
         let outcomes = relay.publisher.publish(&messages).await;
-        let mut acked = Vec::new();
+        let (mut acked, mut failed) = (Vec::new(), HashSet::new());
         for ((aggregate_id, position), outcome) in metas.into_iter().zip(outcomes) {
             if failed.contains(&aggregate_id) || refused.contains_key(&aggregate_id) {
                 continue;
@@ -413,6 +390,35 @@ impl Holding {
         self.ledger.set_parked(self.lease.parked_heads(&held).await?);
         Ok(())
     }
+}
+
+/// Re-queued aggregates refused again: the position and the reason.
+type Refused = HashMap<Uuid, (i64, String)>;
+
+/// The messages of re-queued rows, with their aggregates and positions; an aggregate whose
+/// event cannot be made a message sends nothing (refused, with the position and reason).
+fn requeued_messages(rows: Vec<LogRow>) -> (Vec<(Uuid, i64)>, Vec<OutgoingMessage>, Refused) {
+    let (mut metas, mut messages) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+    let mut refused: Refused = HashMap::new();
+    for LogRow { subject, row, .. } in rows {
+        let (aggregate_id, position) = (row.aggregate_id, row.global_position);
+        if refused.contains_key(&aggregate_id) {
+            continue;
+        }
+        match message::outgoing(row, subject) {
+            Ok(message) => {
+                metas.push((aggregate_id, position));
+                messages.push(message);
+            }
+            Err(e) => {
+                refused.insert(aggregate_id, (position, format!("cannot be made a message: {e}")));
+            }
+        }
+    }
+    // An aggregate refused before sending anything keeps its later events back.
+    let (metas, messages) =
+        metas.into_iter().zip(messages).filter(|((a, _), _)| !refused.contains_key(a)).unzip();
+    (metas, messages, refused)
 }
 
 /// The span of one batch sent to the broker: `edupulse.publish_batch`, its size, positions

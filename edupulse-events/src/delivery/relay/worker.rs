@@ -7,10 +7,15 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::EventError;
+use crate::delivery::relay::config::RelayConfig;
 use crate::delivery::relay::holding::Holding;
 use crate::delivery::relay::ledger::Ledger;
-use crate::delivery::relay::{LogRelay, RelayConfig, RelayPass};
+use crate::delivery::relay::parts::Parts;
+use crate::delivery::relay::pass::RelayPass;
 use crate::store::Partition;
+
+/// How soon a relay looks again after a wake-up.
+const SOON: Duration = Duration::from_millis(1);
 
 /// How often a relay sets the publisher lag gauges (a count of the pending events).
 const LAG_EVERY: Duration = Duration::from_secs(10);
@@ -25,7 +30,7 @@ enum Tenure {
 
 /// A relay while it runs.
 pub(super) struct Worker<'a> {
-    relay: &'a LogRelay,
+    relay: &'a Parts,
     tenure: Tenure,
     last_takeover: Option<Instant>,
     /// When the lag gauges were last set.
@@ -33,11 +38,25 @@ pub(super) struct Worker<'a> {
     /// Set when the relay is asked to stop: a drain stops after the page in progress, a
     /// repair after the batch in progress.
     pub(super) stopping: Arc<AtomicBool>,
+    /// Rounds in a row that failed or sent nothing while something waited: the backoff.
+    failures: u32,
+    /// How soon to look again after a round that found nothing: from 1 ms after a wake-up
+    /// (the commit may still be above the horizon, an older transaction finishing), doubled
+    /// up to the poll interval.
+    soon: Duration,
 }
 
 impl<'a> Worker<'a> {
-    pub(super) fn new(relay: &'a LogRelay) -> Self {
-        Self { relay, tenure: Tenure::Idle, last_takeover: None, last_lag: None, stopping: Arc::default() }
+    pub(super) fn new(relay: &'a Parts) -> Self {
+        Self {
+            relay,
+            tenure: Tenure::Idle,
+            last_takeover: None,
+            last_lag: None,
+            stopping: Arc::default(),
+            failures: 0,
+            soon: SOON,
+        }
     }
 
     fn config(&self) -> &RelayConfig {
@@ -71,6 +90,45 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(pass)
+    }
+
+    /// How long to wait after a round (zero: start the next at once): the backoff after a
+    /// failure (the partitions are let go) or a round that sent nothing while something
+    /// waited; at once while pages are full; else soon, capped by the poll interval, the
+    /// next retry, the next takeover and the next save.
+    pub(super) async fn pause_after(&mut self, outcome: Result<RelayPass, EventError>) -> Duration {
+        let wait = match outcome {
+            Err(e) => {
+                self.failures += 1;
+                tracing::warn!(error = %e, "relay: pass failed; partitions released, retrying");
+                self.release().await;
+                self.config().backoff(self.failures)
+            }
+            Ok(pass) if pass.published == 0 && (pass.failed > 0 || pass.waiting > 0) => {
+                // Nothing went out: wait for the next retry, not for the next page.
+                self.failures += 1;
+                self.next_retry().unwrap_or_else(|| self.config().backoff(self.failures))
+            }
+            Ok(pass) => {
+                self.failures = 0;
+                if pass.published > 0 {
+                    tracing::debug!(published = pass.published, parked = pass.parked, "relay: published");
+                }
+                if pass.more {
+                    return Duration::ZERO;
+                }
+                let wait = self.soon.min(self.config().poll_interval);
+                self.soon = self.soon.saturating_mul(2);
+                self.next_retry().map_or(wait, |retry| retry.min(wait))
+            }
+        };
+        let wait = self.until_takeover().map_or(wait, |t| t.min(wait));
+        self.until_save().map_or(wait, |t| t.max(Duration::from_millis(1)).min(wait))
+    }
+
+    /// Commits of this process woke the relay: look again soon.
+    pub(super) fn woken(&mut self) {
+        self.soon = SOON;
     }
 
     /// Publishes the held partitions' events below the horizon, page by page.

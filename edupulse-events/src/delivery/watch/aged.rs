@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::broker::Publisher;
-use crate::delivery::watch::StreamWatch;
+use crate::delivery::watch::marks::StreamWatch;
 use crate::delivery::watch::read::{Reading, read_stream};
 use crate::store::Partition;
 use crate::store::log::LogRow;

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::broker::Publisher;
-use crate::delivery::watch::StreamSequence;
+use crate::delivery::watch::sequence::StreamSequence;
 use crate::store::Partition;
 
 /// A reading of what a stream holds.

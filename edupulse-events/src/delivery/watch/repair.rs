@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 use crate::broker::Publisher;
 use crate::delivery::message;
+use crate::delivery::watch::marks::StreamWatch;
 use crate::delivery::watch::read::{Held, Reading, read_stream};
-use crate::delivery::watch::{StreamSequence, StreamWatch};
+use crate::delivery::watch::sequence::StreamSequence;
 use crate::event::subject::filter_matches;
 use crate::event::wire::OutgoingMessage;
 use crate::store::backend::Lease;
@@ -58,41 +59,52 @@ pub(crate) async fn check_and_repair(
         if !watch.verified(epoch) {
             return Ok(());
         }
-        let Reading::Holds(held) = read_stream(publisher, &stream, &partitions, None, holder.stop).await
-        else {
-            continue;
-        };
-        let partitions: Vec<(Partition, StreamPosition)> =
-            holder.checkpoints.iter().copied().filter(|(p, _)| partitions.contains(p)).collect();
-        if partitions.is_empty() {
-            continue;
+        repair_stream(watch, publisher, lease, &holder, &stream, &partitions, epoch).await?;
+    }
+    Ok(())
+}
+
+/// Repairs `partitions` on `stream`, read on connection `epoch`: one read of the stream and
+/// one pass over the log for all of them.
+async fn repair_stream(
+    watch: &mut StreamWatch,
+    publisher: &dyn Publisher,
+    lease: &mut Lease,
+    holder: &Holder<'_>,
+    stream: &Arc<str>,
+    partitions: &[Partition],
+    epoch: u64,
+) -> Result<(), EventError> {
+    let Reading::Holds(held) = read_stream(publisher, stream, partitions, None, holder.stop).await else {
+        return Ok(());
+    };
+    let partitions: Vec<(Partition, StreamPosition)> =
+        holder.checkpoints.iter().copied().filter(|(p, _)| partitions.contains(p)).collect();
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    let loss = Loss { partitions, held: &held, epoch, parked: holder.parked, stop: holder.stop };
+    match resend(lease, publisher, loss, holder.batch).await {
+        Ok(None) => {
+            tracing::info!(stream = &**stream, "relay: stopping; the repair is finished by the next holder");
         }
-        let loss = Loss { partitions, held: &held, epoch, parked: holder.parked, stop: holder.stop };
-        match resend(lease, publisher, loss, holder.batch).await {
-            Ok(None) => {
-                tracing::info!(
-                    stream = &*stream,
-                    "relay: stopping; the repair is finished by the next holder"
+        Ok(Some(resent)) => {
+            let mut repaired: Vec<(Partition, Resent)> = resent.into_iter().collect();
+            repaired.sort_by_key(|(partition, _)| *partition);
+            for (partition, resent) in repaired {
+                tracing::warn!(
+                    %partition,
+                    stream = &**stream,
+                    resent = resent.events,
+                    still_held = held.events.len(),
+                    "relay: sent again what the stream lost; the partition is published again"
                 );
+                watch.repaired(lease, partition, stream, resent.acknowledged, resent.event_id).await?;
             }
-            Ok(Some(resent)) => {
-                let mut repaired: Vec<(Partition, Resent)> = resent.into_iter().collect();
-                repaired.sort_by_key(|(partition, _)| *partition);
-                for (partition, resent) in repaired {
-                    tracing::warn!(
-                        %partition,
-                        stream = &*stream,
-                        resent = resent.events,
-                        still_held = held.events.len(),
-                        "relay: sent again what the stream lost; the partition is published again"
-                    );
-                    watch.repaired(lease, partition, &stream, resent.acknowledged, resent.event_id).await?;
-                }
-            }
-            Err(EventError::Database(e)) => return Err(EventError::Database(e)),
-            Err(e) => {
-                tracing::warn!(stream = &*stream, error = %e, "relay: repair failed; retried at the next check");
-            }
+        }
+        Err(EventError::Database(e)) => return Err(EventError::Database(e)),
+        Err(e) => {
+            tracing::warn!(stream = &**stream, error = %e, "relay: repair failed; retried at the next check");
         }
     }
     Ok(())
@@ -173,54 +185,81 @@ async fn resend(
         let Page { rows, .. } = lease.page(after, batch.0, batch.1, &ids).await?;
         let Some(last) = rows.last().map(position) else { break };
         after = last;
-        let mut messages: Vec<(Partition, OutgoingMessage)> = Vec::new();
-        for LogRow { partition, subject, row } in rows {
-            let Some(state) = repairing.get_mut(&partition) else { continue };
-            if position_row(&row) > state.checkpoint {
-                continue;
-            }
-            if held.events.contains(&row.event_id) {
-                state.started = true;
-                continue;
-            }
-            let is_parked = parked.get(&row.aggregate_id).is_some_and(|head| *head <= row.global_position);
-            if state.started && !is_parked && captured(&subject) {
-                messages.push((partition, message::outgoing(row, subject)?));
-            }
-        }
-        if !messages.is_empty() {
-            if publisher.connection_epoch() != epoch {
-                // The server may have come back without more of what it acknowledged: what
-                // it holds is read again at the next check, after which the repair resumes.
-                return Err(EventError::broker_message(
-                    BrokerErrorKind::Unavailable,
-                    "the connection to the broker was made again during the repair",
-                ));
-            }
-            let (owners, outgoing): (Vec<Partition>, Vec<OutgoingMessage>) = messages.into_iter().unzip();
-            let outcomes = publisher.publish(&outgoing).await;
-            for ((partition, message), outcome) in owners.into_iter().zip(&outgoing).zip(outcomes) {
-                let receipt = outcome.map_err(|e| {
-                    EventError::broker_message(
-                        BrokerErrorKind::Other,
-                        format!("resending what the stream lost stopped: {e}"),
-                    )
-                })?;
-                let Some(state) = repairing.get_mut(&partition) else { continue };
-                let resent = &mut state.resent;
-                resent.events += 1;
-                let sequence = StreamSequence::new(receipt.stream_sequence);
-                if sequence > resent.acknowledged || resent.event_id.is_none() {
-                    resent.acknowledged = resent.acknowledged.max(sequence);
-                    resent.event_id = Some(message.event_id);
-                }
-            }
-        }
+        let messages = lost_in(rows, &mut repairing, held, parked, &captured)?;
+        send_again(publisher, epoch, messages, &mut repairing).await?;
         if last >= end {
             break;
         }
     }
     Ok(Some(repairing.into_iter().map(|(partition, state)| (partition, state.resent)).collect()))
+}
+
+/// The rows of a page that the stream lost, with their partitions: up to their partition's
+/// checkpoint, after the oldest event the stream holds, not held, not parked, and on a
+/// subject the stream captures.
+fn lost_in(
+    rows: Vec<LogRow>,
+    repairing: &mut HashMap<Partition, Repairing>,
+    held: &Held,
+    parked: &HashMap<Uuid, i64>,
+    captured: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(Partition, OutgoingMessage)>, EventError> {
+    let mut messages = Vec::new();
+    for LogRow { partition, subject, row } in rows {
+        let Some(state) = repairing.get_mut(&partition) else { continue };
+        if position_row(&row) > state.checkpoint {
+            continue;
+        }
+        if held.events.contains(&row.event_id) {
+            state.started = true;
+            continue;
+        }
+        let is_parked = parked.get(&row.aggregate_id).is_some_and(|head| *head <= row.global_position);
+        if state.started && !is_parked && captured(&subject) {
+            messages.push((partition, message::outgoing(row, subject)?));
+        }
+    }
+    Ok(messages)
+}
+
+/// Sends `messages` again on connection `epoch` (or not at all), and notes what each
+/// partition's stream acknowledged.
+async fn send_again(
+    publisher: &dyn Publisher,
+    epoch: u64,
+    messages: Vec<(Partition, OutgoingMessage)>,
+    repairing: &mut HashMap<Partition, Repairing>,
+) -> Result<(), EventError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    if publisher.connection_epoch() != epoch {
+        // The server may have come back without more of what it acknowledged: what it holds
+        // is read again at the next check, after which the repair resumes.
+        return Err(EventError::broker_message(
+            BrokerErrorKind::Unavailable,
+            "the connection to the broker was made again during the repair",
+        ));
+    }
+    let (owners, outgoing): (Vec<Partition>, Vec<OutgoingMessage>) = messages.into_iter().unzip();
+    let outcomes = publisher.publish(&outgoing).await;
+    for ((partition, message), outcome) in owners.into_iter().zip(&outgoing).zip(outcomes) {
+        let receipt = outcome.map_err(|e| {
+            EventError::broker_message(
+                BrokerErrorKind::Other,
+                format!("resending what the stream lost stopped: {e}"),
+            )
+        })?;
+        let Some(state) = repairing.get_mut(&partition) else { continue };
+        let resent = &mut state.resent;
+        resent.events += 1;
+        let sequence = StreamSequence::new(receipt.stream_sequence);
+        if sequence > resent.acknowledged || resent.event_id.is_none() {
+            resent.acknowledged = resent.acknowledged.max(sequence);
+            resent.event_id = Some(message.event_id);
+        }
+    }
+    Ok(())
 }
 
 fn position(row: &LogRow) -> StreamPosition {
