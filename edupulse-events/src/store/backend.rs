@@ -13,6 +13,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
+use crate::store::GlobalPosition;
 use crate::store::Partition;
 use crate::store::append::{AppendRules, Appended};
 use crate::store::log::{
@@ -461,12 +462,12 @@ impl Lease {
     pub(crate) async fn parked_heads(
         &mut self,
         partitions: &[Partition],
-    ) -> Result<HashMap<Uuid, i64>, EventError> {
+    ) -> Result<HashMap<Uuid, GlobalPosition>, EventError> {
         let heads = match self {
             Self::Postgres(pg, conn) => pg.parked_heads(conn, partitions).await?,
             Self::Sqlite(sq, _) => sq.parked_heads(partitions).await?,
         };
-        Ok(heads.into_iter().collect())
+        Ok(heads.into_iter().map(|(aggregate, head)| (aggregate, GlobalPosition::new(head))).collect())
     }
 
     /// The next page of `partitions` after `after`, below the horizon.
@@ -492,7 +493,9 @@ impl Lease {
     }
 
     /// Forgets parked events that were published after all.
-    pub(crate) async fn unpark(&mut self, positions: &[i64]) -> Result<(), EventError> {
+    pub(crate) async fn unpark(&mut self, positions: &[GlobalPosition]) -> Result<(), EventError> {
+        let positions: Vec<i64> = positions.iter().map(|p| p.get()).collect();
+        let positions = positions.as_slice();
         match self {
             Self::Postgres(pg, conn) => pg.parked_delete(conn, positions).await,
             Self::Sqlite(sq, _) => sq.parked_delete(positions).await,
@@ -503,9 +506,10 @@ impl Lease {
     pub(crate) async fn refused_again(
         &mut self,
         aggregate_id: Uuid,
-        position: i64,
+        position: GlobalPosition,
         reason: &str,
     ) -> Result<(), EventError> {
+        let position = position.get();
         match self {
             Self::Postgres(pg, conn) => pg.parked_refused_again(conn, aggregate_id, position, reason).await,
             Self::Sqlite(sq, _) => sq.parked_refused_again(aggregate_id, position, reason).await,

@@ -8,6 +8,7 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
 use crate::EventError;
+use crate::store::GlobalPosition;
 use crate::store::Partition;
 use crate::store::row::StoredRow;
 /// One row of the log as a relay reads it.
@@ -51,12 +52,12 @@ impl Page {
 /// A parked event, as the relay writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ParkedRow {
-    pub(crate) global_position: i64,
+    pub(crate) global_position: GlobalPosition,
     pub(crate) event_id: Uuid,
     pub(crate) aggregate_id: Uuid,
     pub(crate) sequence: i64,
     pub(crate) partition: Partition,
-    pub(crate) blocked_by: Option<i64>,
+    pub(crate) blocked_by: Option<GlobalPosition>,
     pub(crate) attempts: i32,
     pub(crate) reason: String,
 }

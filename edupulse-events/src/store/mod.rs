@@ -11,7 +11,7 @@ mod connect;
 pub(crate) mod log;
 mod migrations;
 pub(crate) mod model;
-pub(crate) use self::model::Partition;
+pub(crate) use self::model::{GlobalPosition, Partition};
 mod postgres;
 mod postgres_sql;
 pub(crate) mod row;

@@ -197,40 +197,75 @@ impl Partition {
     }
 }
 
-// Stored as the `int4` / `INTEGER` it is, on either backend.
-impl<DB: sqlx::Database> sqlx::Type<DB> for Partition
-where
-    i32: sqlx::Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <i32 as sqlx::Type<DB>>::type_info()
+/// An event's place in the order of insertion (`global_position`): what the parked table
+/// keys its events by. (A relay orders rows by [`StreamPosition`], which holds it.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct GlobalPosition(i64);
+
+impl GlobalPosition {
+    /// The global position of an event at `position`.
+    pub(crate) const fn of(position: StreamPosition) -> Self {
+        Self(position.global_position)
     }
 
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <i32 as sqlx::Type<DB>>::compatible(ty)
+    /// A global position as the store keeps it.
+    pub(crate) const fn new(position: i64) -> Self {
+        Self(position)
+    }
+
+    /// As the store keeps it.
+    pub(crate) const fn get(self) -> i64 {
+        self.0
     }
 }
 
-impl<'q, DB: sqlx::Database> sqlx::Encode<'q, DB> for Partition
-where
-    i32: sqlx::Encode<'q, DB>,
-{
-    fn encode_by_ref(
-        &self,
-        buf: &mut <DB as sqlx::Database>::ArgumentBuffer,
-    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-        self.0.encode_by_ref(buf)
+impl std::fmt::Display for GlobalPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
 }
 
-impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for Partition
-where
-    i32: sqlx::Decode<'r, DB>,
-{
-    fn decode(value: <DB as sqlx::Database>::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        i32::decode(value).map(Self)
-    }
+/// Stores a newtype as the integer it wraps, on either backend.
+macro_rules! stored_as {
+    ($newtype:ty, $inner:ty) => {
+        impl<DB: sqlx::Database> sqlx::Type<DB> for $newtype
+        where
+            $inner: sqlx::Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <$inner as sqlx::Type<DB>>::type_info()
+            }
+
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <$inner as sqlx::Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'q, DB: sqlx::Database> sqlx::Encode<'q, DB> for $newtype
+        where
+            $inner: sqlx::Encode<'q, DB>,
+        {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <DB as sqlx::Database>::ArgumentBuffer,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                self.0.encode_by_ref(buf)
+            }
+        }
+
+        impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for $newtype
+        where
+            $inner: sqlx::Decode<'r, DB>,
+        {
+            fn decode(value: <DB as sqlx::Database>::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                <$inner>::decode(value).map(Self)
+            }
+        }
+    };
 }
+
+stored_as!(Partition, i32);
+stored_as!(GlobalPosition, i64);
 
 impl std::fmt::Display for Partition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, Postgres};
 use sqlx::{AssertSqlSafe, Connection, Row};
 use uuid::Uuid;
 
+use crate::store::GlobalPosition;
 use crate::store::Partition;
 use crate::store::append::{AppendRules, Appended, EncodedRow, Prepared, prepare_append, refusal};
 use crate::store::connect;
@@ -441,12 +442,12 @@ impl PgBackend {
             .bind(checkpoints.iter().map(|(p, _)| *p).collect::<Vec<Partition>>())
             .bind(checkpoints.iter().map(|(_, c)| c.transaction_id).collect::<Vec<i64>>())
             .bind(checkpoints.iter().map(|(_, c)| c.global_position).collect::<Vec<i64>>())
-            .bind(column(|r| r.global_position))
+            .bind(parked.iter().map(|r| r.global_position).collect::<Vec<GlobalPosition>>())
             .bind(parked.iter().map(|r| r.event_id).collect::<Vec<Uuid>>())
             .bind(parked.iter().map(|r| r.aggregate_id).collect::<Vec<Uuid>>())
             .bind(column(|r| r.sequence))
             .bind(parked.iter().map(|r| r.partition).collect::<Vec<Partition>>())
-            .bind(parked.iter().map(|r| r.blocked_by).collect::<Vec<Option<i64>>>())
+            .bind(parked.iter().map(|r| r.blocked_by.map(GlobalPosition::get)).collect::<Vec<Option<i64>>>())
             .bind(parked.iter().map(|r| r.attempts).collect::<Vec<i32>>())
             .bind(parked.iter().map(|r| r.reason.as_str()).collect::<Vec<&str>>())
             .execute(conn)
@@ -710,9 +711,15 @@ fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
         .is_some_and(|d| d.code().as_deref() == Some("23505") && d.constraint() == Some(constraint))
 }
 
-// Partitions bind as the `int4[]` they are.
+// Partitions bind as the `int4[]` they are, global positions as `int8[]`.
 impl sqlx::postgres::PgHasArrayType for Partition {
     fn array_type_info() -> sqlx::postgres::PgTypeInfo {
         <i32 as sqlx::postgres::PgHasArrayType>::array_type_info()
+    }
+}
+
+impl sqlx::postgres::PgHasArrayType for GlobalPosition {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        <i64 as sqlx::postgres::PgHasArrayType>::array_type_info()
     }
 }

@@ -21,7 +21,7 @@ use crate::event::wire::{OutgoingMessage, headers};
 use crate::store::backend::Lease;
 use crate::store::log::{LogRow, MarkRow, Page, ParkedRow};
 use crate::store::row::StoredRow;
-use crate::store::{Partition, StreamPosition};
+use crate::store::{GlobalPosition, Partition, StreamPosition};
 use crate::{BrokerErrorKind, EventError, telemetry};
 
 /// A lease, the partitions it locked and what the relay knows of them.
@@ -376,7 +376,7 @@ impl Holding {
                     refused.insert(aggregate_id, (position, message));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, position, "relay: re-queued event not published, will retry");
+                    tracing::warn!(error = %e, %position, "relay: re-queued event not published, will retry");
                     failed.insert(aggregate_id);
                 }
             }
@@ -393,15 +393,15 @@ impl Holding {
 }
 
 /// Re-queued aggregates refused again: the position and the reason.
-type Refused = HashMap<Uuid, (i64, String)>;
+type Refused = HashMap<Uuid, (GlobalPosition, String)>;
 
 /// The messages of re-queued rows, with their aggregates and positions; an aggregate whose
 /// event cannot be made a message sends nothing (refused, with the position and reason).
-fn requeued_messages(rows: Vec<LogRow>) -> (Vec<(Uuid, i64)>, Vec<OutgoingMessage>, Refused) {
+fn requeued_messages(rows: Vec<LogRow>) -> (Vec<(Uuid, GlobalPosition)>, Vec<OutgoingMessage>, Refused) {
     let (mut metas, mut messages) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
     let mut refused: Refused = HashMap::new();
     for LogRow { subject, row, .. } in rows {
-        let (aggregate_id, position) = (row.aggregate_id, row.global_position);
+        let (aggregate_id, position) = (row.aggregate_id, GlobalPosition::new(row.global_position));
         if refused.contains_key(&aggregate_id) {
             continue;
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::store::log::ParkedRow;
-use crate::store::{Partition, StreamPosition};
+use crate::store::{GlobalPosition, Partition, StreamPosition};
 
 /// One row of a page, as the ledger sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub(crate) enum Disposition {
     /// again, it would be stored twice.
     InStream,
     /// Its aggregate has a parked event (at this global position): parked behind it.
-    ParkedBehind(i64),
+    ParkedBehind(GlobalPosition),
     /// An earlier event of its aggregate did not go out in this pass: it waits.
     WaitsBehind,
     /// It failed before and its retry is not due: it waits (and its aggregate with it).
@@ -131,7 +131,7 @@ struct Pass {
 pub(crate) struct Ledger {
     books: BTreeMap<Partition, Book>,
     /// Aggregates with a parked event, and the global position of their first.
-    parked: HashMap<Uuid, i64>,
+    parked: HashMap<Uuid, GlobalPosition>,
     failures: Failures,
     pass: Pass,
     max_attempts: u32,
@@ -165,17 +165,17 @@ impl Ledger {
     }
 
     /// Adds parked aggregates (of partitions just taken).
-    pub(crate) fn add_parked(&mut self, heads: HashMap<Uuid, i64>) {
+    pub(crate) fn add_parked(&mut self, heads: HashMap<Uuid, GlobalPosition>) {
         self.parked.extend(heads);
     }
 
     /// Replaces the parked aggregates (after re-queued ones were sent again).
-    pub(crate) fn set_parked(&mut self, heads: HashMap<Uuid, i64>) {
+    pub(crate) fn set_parked(&mut self, heads: HashMap<Uuid, GlobalPosition>) {
         self.parked = heads;
     }
 
     /// The parked aggregates and the position of their first parked event.
-    pub(crate) fn parked(&self) -> &HashMap<Uuid, i64> {
+    pub(crate) fn parked(&self) -> &HashMap<Uuid, GlobalPosition> {
         &self.parked
     }
 
@@ -298,7 +298,7 @@ impl Ledger {
             if attempts.refusals >= self.max_attempts {
                 let refusals = i32::try_from(attempts.refusals).unwrap_or(i32::MAX);
                 self.failures.remove(&entry.position);
-                self.parked.insert(entry.aggregate_id, entry.position.global_position);
+                self.parked.insert(entry.aggregate_id, GlobalPosition::of(entry.position));
                 return Settlement::Parked(park(entry, None, refusals, reason));
             }
         }
@@ -398,9 +398,14 @@ impl Ledger {
 }
 
 /// The parked row of `entry`: refused `attempts` times, or behind `blocked_by`.
-pub(crate) fn park(entry: &Entry, blocked_by: Option<i64>, attempts: i32, reason: String) -> ParkedRow {
+pub(crate) fn park(
+    entry: &Entry,
+    blocked_by: Option<GlobalPosition>,
+    attempts: i32,
+    reason: String,
+) -> ParkedRow {
     ParkedRow {
-        global_position: entry.position.global_position,
+        global_position: GlobalPosition::of(entry.position),
         event_id: entry.event_id,
         aggregate_id: entry.aggregate_id,
         sequence: entry.sequence,
@@ -491,10 +496,10 @@ mod tests {
             ),
             (
                 "its aggregate has a parked event: parked behind it",
-                |l, _| l.add_parked(HashMap::from([(A, 1)])),
+                |l, _| l.add_parked(HashMap::from([(A, GlobalPosition::new(1))])),
                 row(P, A, 2),
                 false,
-                Disposition::ParkedBehind(1),
+                Disposition::ParkedBehind(GlobalPosition::new(1)),
             ),
             (
                 "an earlier event of its aggregate failed: it waits",
@@ -558,11 +563,17 @@ mod tests {
         let Settlement::Parked(parked) = ledger.settle(&e, refused(), later, second) else {
             panic!("not parked")
         };
-        assert_eq!((parked.global_position, parked.attempts, parked.blocked_by), (1, 3, None));
+        assert_eq!(
+            (parked.global_position, parked.attempts, parked.blocked_by),
+            (GlobalPosition::new(1), 3, None)
+        );
         assert_eq!(parked.reason, "too large");
         assert_eq!(ledger.next_retry(later), None, "a parked event is not retried");
         // Its aggregate's later events park behind it; its checkpoint may pass it.
-        assert_eq!(ledger.dispose(&row(P, A, 2), false, later), Disposition::ParkedBehind(1));
+        assert_eq!(
+            ledger.dispose(&row(P, A, 2), false, later),
+            Disposition::ParkedBehind(GlobalPosition::new(1))
+        );
         assert_eq!(ledger.advance(at(2)), vec![(P, at(2)), (Q, at(2))]);
     }
 

@@ -19,7 +19,7 @@ use crate::event::wire::OutgoingMessage;
 use crate::store::backend::Lease;
 use crate::store::log::{LogRow, Page};
 use crate::store::row::StoredRow;
-use crate::store::{Partition, StreamPosition};
+use crate::store::{GlobalPosition, Partition, StreamPosition};
 use crate::{BrokerErrorKind, EventError};
 
 /// What a check and its repairs need of the relay.
@@ -27,7 +27,7 @@ pub(crate) struct Holder<'a> {
     /// The partitions held, with their checkpoints: what was acknowledged.
     pub(crate) checkpoints: Vec<(Partition, StreamPosition)>,
     /// Parked aggregates, and the position of their first parked event.
-    pub(crate) parked: &'a HashMap<Uuid, i64>,
+    pub(crate) parked: &'a HashMap<Uuid, GlobalPosition>,
     /// Repair without being asked.
     pub(crate) always: bool,
     /// Rows and bytes per page of the log.
@@ -130,7 +130,7 @@ struct Loss<'a> {
     /// another.
     epoch: u64,
     /// Parked aggregates, and the position of their first parked event.
-    parked: &'a HashMap<Uuid, i64>,
+    parked: &'a HashMap<Uuid, GlobalPosition>,
     /// Set when the relay stops: the repair ends after the batch in progress.
     stop: &'a AtomicBool,
 }
@@ -201,7 +201,7 @@ fn lost_in(
     rows: Vec<LogRow>,
     repairing: &mut HashMap<Partition, Repairing>,
     held: &Held,
-    parked: &HashMap<Uuid, i64>,
+    parked: &HashMap<Uuid, GlobalPosition>,
     captured: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<(Partition, OutgoingMessage)>, EventError> {
     let mut messages = Vec::new();
@@ -214,7 +214,9 @@ fn lost_in(
             state.started = true;
             continue;
         }
-        let is_parked = parked.get(&row.aggregate_id).is_some_and(|head| *head <= row.global_position);
+        let is_parked = parked
+            .get(&row.aggregate_id)
+            .is_some_and(|head| *head <= GlobalPosition::new(row.global_position));
         if state.started && !is_parked && captured(&subject) {
             messages.push((partition, message::outgoing(row, subject)?));
         }
