@@ -87,13 +87,63 @@ fn pg_pool(store: &EventStore) -> Result<PgPool> {
 /// The ceiling's table: the same columns and constraints as the store's events table.
 async fn raw_table(pool: &PgPool, schema: &str) -> Result<String> {
     let table = format!("\"{schema}\".raw_events");
-    // The same table as the store's: columns, defaults, constraints and indexes.
+    // The same tables as the store's: columns, defaults, constraints and indexes.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE TABLE {table} (LIKE \"{schema}\".events INCLUDING ALL)"
+        "CREATE TABLE {table} (LIKE \"{schema}\".events INCLUDING ALL); \
+         CREATE TABLE \"{schema}\".raw_streams (LIKE \"{schema}\".streams INCLUDING ALL)"
     )))
     .execute(pool)
     .await?;
     Ok(table)
+}
+
+/// The statement an append runs, done raw: the stream row inserted or bumped at the expected
+/// sequence and the rows inserted, in one statement, with no check of what is written.
+fn raw_statement_query(
+    table: &str,
+    id: Uuid,
+    expected: i64,
+    events: &[Tick],
+) -> QueryBuilder<sqlx::Postgres> {
+    let streams = table.replace("raw_events", "raw_streams");
+    let xact = "pg_current_xact_id()::text::bigint";
+    let count = events.len() as i64;
+    let mut query = QueryBuilder::new(format!(
+        "WITH bump AS (INSERT INTO {streams} AS st (aggregate_id, aggregate_type, version, last_transaction_id) \
+         VALUES ("
+    ));
+    query.push_bind(id).push(", 'bench', ").push_bind(count).push(format!(", {xact}) "));
+    query.push("ON CONFLICT (aggregate_id) DO UPDATE SET version = st.version + ").push_bind(count);
+    query.push(format!(
+        ", last_transaction_id = greatest(st.last_transaction_id, {xact}) WHERE st.version = "
+    ));
+    query.push_bind(expected).push(" RETURNING st.version) ");
+    query.push(format!(
+        "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
+         payload, metadata, keys, occurred_at, transaction_id) \
+         SELECT v.*, {xact} FROM bump CROSS JOIN ("
+    ));
+    let now = chrono_now();
+    query.push_values(events.iter().enumerate(), |mut row, (i, e)| {
+        row.push_bind(Uuid::now_v7())
+            .push_bind("bench")
+            .push_bind(id)
+            .push_bind(expected + 1 + i as i64)
+            .push_bind("Tick")
+            .push_bind(1_i32)
+            .push_bind(serde_json::to_string(e).unwrap_or_default())
+            .push_unseparated("::json")
+            .push_bind("{}")
+            .push_unseparated("::json")
+            .push_bind("{}")
+            .push_unseparated("::jsonb")
+            .push_bind(now);
+    });
+    query.push(
+        ") AS v(event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, payload, metadata, \
+         keys, occurred_at) RETURNING global_position",
+    );
+    query
 }
 
 /// The ceiling: one plain multi-row INSERT per batch.
@@ -174,11 +224,22 @@ enum AppendForm {
     InTransaction,
 }
 
+/// Who writes, in an append round.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Writer {
+    /// `EventStore::append`.
+    Ours,
+    /// One plain multi-row INSERT: the least a write of the rows does.
+    RawInsert,
+    /// The statement ours runs, by hand (`raw_statement_query`): ours without its checks.
+    RawStatement,
+}
+
 /// Appends `count` batches of `batch` events to `id` from `sequence` on: ours or raw.
 async fn append_round(
     store: &EventStore,
     table: &str,
-    (form, raw): (AppendForm, bool),
+    (form, writer): (AppendForm, Writer),
     id: Uuid,
     sequence: &mut i64,
     (batch, count): (usize, u64),
@@ -187,17 +248,24 @@ async fn append_round(
     let (started, cpu) = (Instant::now(), process_cpu());
     for _ in 0..count {
         let events: Vec<_> = (0..batch).map(|i| tick(id, *sequence as u64 + i as u64)).collect();
-        match (form, raw) {
-            (AppendForm::Alone, false) => drop(store.append("bench", id, *sequence, events).await?),
-            (AppendForm::Alone, true) => raw_insert(&pool, table, id, *sequence + 1, &events).await?,
-            (AppendForm::InTransaction, false) => {
+        let mut raw = match writer {
+            Writer::Ours => None,
+            Writer::RawInsert => Some(raw_insert_query(table, id, *sequence + 1, &events)),
+            Writer::RawStatement => Some(raw_statement_query(table, id, *sequence, &events)),
+        };
+        match (form, raw.as_mut()) {
+            (AppendForm::Alone, None) => drop(store.append("bench", id, *sequence, events).await?),
+            (AppendForm::Alone, Some(query)) => {
+                query.build().execute(&pool).await?;
+            }
+            (AppendForm::InTransaction, None) => {
                 let mut tx = store.begin().await?;
                 tx.append("bench", id, *sequence, events).await?;
                 tx.commit().await?;
             }
-            (AppendForm::InTransaction, true) => {
+            (AppendForm::InTransaction, Some(query)) => {
                 let mut tx = pool.begin().await?;
-                raw_insert_query(table, id, *sequence + 1, &events).build().execute(&mut *tx).await?;
+                query.build().execute(&mut *tx).await?;
                 tx.commit().await?;
             }
         }
@@ -209,14 +277,15 @@ async fn append_round(
 async fn bench_append(env: &Env) -> Result<()> {
     println!("\n### Append throughput (events/s)\n");
     println!(
-        "Ours and the raw INSERT alternate in 8 rounds each (the ratio per round: min–max); \
-         one writer, one aggregate.\n"
+        "Ours, the raw INSERT and the raw statement (ours by hand, without its checks) take turns \
+         in 8 rounds each (the ratio per round: min–max); one writer, one aggregate each.\n"
     );
     println!(
-        "| workload | edupulse `append` | raw sqlx multi-row INSERT | ratio | per round | client CPU µs/event, ours / raw |"
+        "| workload | edupulse `append` | raw INSERT | ratio | per round | raw statement | ratio | per round | client CPU µs/event, ours / INSERT / statement |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let scale = if env.quick { 5 } else { 1 };
+    let writers = [Writer::Ours, Writer::RawInsert, Writer::RawStatement];
     for form in [AppendForm::Alone, AppendForm::InTransaction] {
         for (batch, total) in [(1usize, 4_000u64), (10, 20_000), (100, 50_000)] {
             let rounds = 8u64;
@@ -224,36 +293,47 @@ async fn bench_append(env: &Env) -> Result<()> {
             let store = fresh_store(env, 4).await?;
             let pool = pg_pool(&store)?;
             let table = raw_table(&pool, store.config().schema.as_str()).await?;
-            let (id, raw_id) = (Uuid::now_v7(), Uuid::now_v7());
-            let (mut sequence, mut raw_sequence) = (0i64, 0i64);
-            // A warm-up batch each: connections open, statements prepared.
-            append_round(&store, &table, (form, false), id, &mut sequence, (batch, 1)).await?;
-            append_round(&store, &table, (form, true), raw_id, &mut raw_sequence, (batch, 1)).await?;
-            let (mut ours, mut raw, mut ratios) = (Duration::ZERO, Duration::ZERO, Vec::new());
-            let (mut ours_cpu, mut raw_cpu) = (Duration::ZERO, Duration::ZERO);
-            for _ in 0..rounds {
-                let (a, a_cpu) =
-                    append_round(&store, &table, (form, false), id, &mut sequence, (batch, per_round))
-                        .await?;
-                let (b, b_cpu) =
-                    append_round(&store, &table, (form, true), raw_id, &mut raw_sequence, (batch, per_round))
-                        .await?;
-                ratios.push(b.as_secs_f64() / a.as_secs_f64());
-                (ours, raw) = (ours + a, raw + b);
-                (ours_cpu, raw_cpu) = (ours_cpu + a_cpu, raw_cpu + b_cpu);
+            let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+            let mut sequences = [0i64; 3];
+            let (mut spent, mut cpu) = ([Duration::ZERO; 3], [Duration::ZERO; 3]);
+            let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+            // A warm-up batch each (connections open, statements prepared), then the rounds.
+            for round in 0..=rounds {
+                let mut took = [Duration::ZERO; 3];
+                for (i, writer) in writers.into_iter().enumerate() {
+                    let count = if round == 0 { 1 } else { per_round };
+                    let (t, c) = append_round(
+                        &store,
+                        &table,
+                        (form, writer),
+                        ids[i],
+                        &mut sequences[i],
+                        (batch, count),
+                    )
+                    .await?;
+                    if round > 0 {
+                        (took[i], spent[i], cpu[i]) = (t, spent[i] + t, cpu[i] + c);
+                    }
+                }
+                if round > 0 {
+                    ratios[0].push(took[1].as_secs_f64() / took[0].as_secs_f64());
+                    ratios[1].push(took[2].as_secs_f64() / took[0].as_secs_f64());
+                }
             }
             let events = per_round * rounds * batch as u64;
-            let (ours, ceiling) = (rate(events, ours), rate(events, raw));
-            let (low, high) = ratios.iter().fold((f64::MAX, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));
+            let [ours, insert, statement] = spent.map(|d| rate(events, d));
+            let span = |r: &[f64]| {
+                let (low, high) = r.iter().fold((f64::MAX, 0f64), |(l, h), x| (l.min(*x), h.max(*x)));
+                format!("{:.0}–{:.0} %", 100.0 * low, 100.0 * high)
+            };
             let how = if form == AppendForm::Alone { "alone" } else { "BEGIN/append/COMMIT" };
-            let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / events as f64;
+            let [c0, c1, c2] = cpu.map(|c| c.as_secs_f64() * 1e6 / events as f64);
             println!(
-                "| 1 aggregate, batch {batch}, {how} | {ours:.0} | {ceiling:.0} | {:.0} % | {:.0}–{:.0} % | {:.1} / {:.1} |",
-                100.0 * ours / ceiling,
-                100.0 * low,
-                100.0 * high,
-                per_event(ours_cpu),
-                per_event(raw_cpu)
+                "| 1 aggregate, batch {batch}, {how} | {ours:.0} | {insert:.0} | {:.0} % | {} | {statement:.0} | {:.0} % | {} | {c0:.1} / {c1:.1} / {c2:.1} |",
+                100.0 * ours / insert,
+                span(&ratios[0]),
+                100.0 * ours / statement,
+                span(&ratios[1]),
             );
             drop_store(&store).await?;
         }
