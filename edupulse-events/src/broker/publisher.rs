@@ -47,8 +47,9 @@ pub type AggregateFilter<'a> = &'a (dyn Fn(Uuid) -> bool + Send + Sync);
 ///
 /// Contract: one outcome per message comes back, in the order given. An aggregate's
 /// messages are sent in the order given, each only after the broker acknowledged the one
-/// before, so the broker never holds an aggregate's message before an earlier one; messages
-/// of different aggregates are in flight at once. After a message of an aggregate fails,
+/// before, or together in a batch the broker stores whole or not at all (JetStream's atomic
+/// batches), so the broker never holds an aggregate's message before an earlier one;
+/// messages of different aggregates are in flight at once. After a message of an aggregate fails,
 /// its later messages are not sent (they fail too). A failure that is the message's own
 /// (the broker answered and refused it) is [`EventError::Refused`]; any other is
 /// [`EventError::Broker`].

@@ -1,0 +1,350 @@
+//! Atomic batches (JetStream's ADR-50, nats-server 2.12.1 and later): several messages
+//! stored all together or not at all, with one acknowledgement.
+//!
+//! The flow, as nats-server speaks it (checked on 2.12.1 to 2.15.1 by
+//! `scripts/probes/atomic-batches`): every message carries `Nats-Batch-Id` and
+//! `Nats-Batch-Sequence` (1, 2, … without gaps); the first is a request whose empty reply says
+//! the batch is staged; the middle ones are plain publishes; the last also carries
+//! `Nats-Batch-Commit: 1` and its reply is the batch's one acknowledgement (`seq` the last
+//! message's stream sequence, `count` the batch's size) or one error for the whole batch.
+//! Every check (message ids, expected sequences) runs at the commit. A message id the stream
+//! already holds refuses the whole batch (10201), whether all of it or only part was stored
+//! before: the caller then sends the messages one at a time, and the stream's per-message
+//! de-duplication says which it holds. 2.12.0 refuses `Nats-Msg-Id` in batches and servers
+//! before 2.12 ignore the batch headers (storing each message on its own): batches are used
+//! only on streams found with atomic publishing on, on a server of 2.12.1 or later.
+//!
+//! Synadia's `jetstream-extra` implements batches for async-nats 0.48 and refuses
+//! `Nats-Msg-Id` in them, which the relay's de-duplication needs: the protocol is spoken here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, HeaderMap, Request};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::broker::PublishReceipt;
+use crate::event::subject::filter_matches;
+use crate::event::wire::OutgoingMessage;
+use crate::{BrokerErrorKind, EventError};
+
+/// The most messages JetStream takes in one atomic batch.
+pub(crate) const MAX_BATCH: usize = 1000;
+
+/// JetStream's error code for a batch holding a message id the stream already holds.
+pub(crate) const DUPLICATE_MESSAGE_ID: u64 = 10201;
+
+/// JetStream's error code for a batch sent to a stream without atomic publishing.
+pub(crate) const ATOMIC_DISABLED: u64 = 10174;
+
+/// The oldest server whose atomic batches take `Nats-Msg-Id`.
+pub(crate) const SINCE: (u64, u64, u64) = (2, 12, 1);
+
+/// The streams found with atomic publishing on, and the subjects they capture.
+#[derive(Debug, Default)]
+pub(crate) struct AtomicStreams {
+    streams: Vec<(Arc<str>, Vec<Vec<String>>)>,
+}
+
+/// How one publish goes out: the runs sent as atomic batches (each one aggregate's messages,
+/// in order, at least two, all captured by one stream with atomic publishing), and the
+/// messages sent one at a time.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub(crate) batches: Vec<Vec<usize>>,
+    pub(crate) single: Vec<usize>,
+}
+
+impl AtomicStreams {
+    /// Records whether stream `name`, capturing `subjects`, takes atomic batches.
+    pub(crate) fn set(&mut self, name: &str, subjects: &[String], atomic: bool) {
+        self.streams.retain(|(stream, _)| &**stream != name);
+        if atomic {
+            let filters = subjects.iter().map(|f| f.split('.').map(str::to_owned).collect()).collect();
+            self.streams.push((Arc::from(name), filters));
+        }
+    }
+
+    /// Forgets stream `name` (it refused a batch as disabled, or did not know batches).
+    pub(crate) fn forget(&mut self, name: &str) {
+        self.streams.retain(|(stream, _)| &**stream != name);
+    }
+
+    /// Forgets the stream that captures `subject`.
+    pub(crate) fn forget_subject(&mut self, subject: &str) {
+        if let Some(stream) = self.stream_of(subject).cloned() {
+            self.forget(&stream);
+        }
+    }
+
+    /// The stream with atomic publishing that captures `subject`.
+    fn stream_of(&self, subject: &str) -> Option<&Arc<str>> {
+        self.streams
+            .iter()
+            .find(|(_, filters)| filters.iter().any(|f| filter_matches(f, subject)))
+            .map(|(s, _)| s)
+    }
+
+    /// How `messages` go out; see [`Plan`].
+    pub(crate) fn plan(&self, messages: &[OutgoingMessage]) -> Plan {
+        if self.streams.is_empty() {
+            return Plan { batches: Vec::new(), single: (0..messages.len()).collect() };
+        }
+        let mut runs: Vec<Vec<usize>> = Vec::new();
+        let mut run_of: HashMap<Uuid, usize> = HashMap::new();
+        for (i, message) in messages.iter().enumerate() {
+            let run = *run_of.entry(message.aggregate_id).or_insert_with(|| {
+                runs.push(Vec::new());
+                runs.len() - 1
+            });
+            runs[run].push(i);
+        }
+        let mut plan = Plan::default();
+        for run in runs {
+            let stream = self.stream_of(&messages[run[0]].subject);
+            let one_stream =
+                stream.is_some() && run.iter().all(|&i| self.stream_of(&messages[i].subject) == stream);
+            if run.len() >= 2 && one_stream {
+                plan.batches.push(run);
+            } else {
+                plan.single.extend(run);
+            }
+        }
+        plan.single.sort_unstable();
+        plan
+    }
+}
+
+/// What became of one batch.
+#[derive(Debug)]
+pub(crate) enum BatchOutcome {
+    /// Stored whole: one receipt per message, in order.
+    Stored(Vec<PublishReceipt>),
+    /// Nothing stored: refused whole at the commit (JetStream's error code, 0 when the batch
+    /// was never committed: a message could not be sent, or the first was refused), and why.
+    NotStored { code: u64, reason: String },
+    /// The server stored the first message on its own (it does not know batches): its
+    /// receipt; the others were not sent.
+    FirstAlone(PublishReceipt),
+    /// The commit was sent and no answer came: whether the batch was stored is unknown.
+    Unknown(EventError),
+}
+
+/// JetStream's answer to a batch's first message or its commit.
+#[derive(Deserialize)]
+struct Answer {
+    stream: Option<String>,
+    seq: Option<u64>,
+    count: Option<u64>,
+    duplicate: Option<bool>,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    err_code: u64,
+    description: String,
+}
+
+/// Sends `messages` (at most [`MAX_BATCH`], all to one stream) as one atomic batch, each
+/// reply awaited at most `timeout`; `connected` is asked before each message (nothing goes
+/// out on a connection other than the one the caller checked).
+pub(crate) async fn send_batch(
+    client: &Client,
+    messages: &[&OutgoingMessage],
+    headers: impl Fn(&OutgoingMessage) -> Result<HeaderMap, EventError>,
+    timeout: Duration,
+    connected: impl Fn() -> bool,
+) -> BatchOutcome {
+    let id = Uuid::now_v7().simple().to_string();
+    let last = messages.len();
+    for (k, message) in messages.iter().enumerate() {
+        let sequence = k + 1;
+        let not_sent = |reason: String| BatchOutcome::NotStored { code: 0, reason };
+        if !connected() {
+            return not_sent("not connected to the NATS server on the connection checked".into());
+        }
+        let mut map = match headers(message) {
+            Ok(map) => map,
+            Err(e) => return not_sent(e.to_string()),
+        };
+        map.insert("Nats-Batch-Id", id.as_str());
+        map.insert("Nats-Batch-Sequence", sequence.to_string().as_str());
+        if sequence == last {
+            map.insert("Nats-Batch-Commit", "1");
+        } else if sequence > 1 {
+            // Not committed yet: a failure here stores nothing (the server drops the batch).
+            if let Err(e) =
+                client.publish_with_headers(message.subject.clone(), map, message.body.clone()).await
+            {
+                return not_sent(format!("message {sequence} of the batch not sent: {e}"));
+            }
+            continue;
+        }
+        let request = Request::new().headers(map).payload(message.body.clone()).timeout(Some(timeout));
+        let reply = match client.send_request(message.subject.clone(), request).await {
+            Ok(reply) => reply,
+            Err(e) if sequence < last => return not_sent(format!("the batch's first message: {e}")),
+            Err(e) => return BatchOutcome::Unknown(no_answer(e)),
+        };
+        if sequence < last && reply.payload.is_empty() {
+            // Staged: the rest follows.
+            continue;
+        }
+        return settle(&reply.payload, messages, sequence == last);
+    }
+    BatchOutcome::NotStored { code: 0, reason: "an empty batch is not sent".into() }
+}
+
+/// The outcome a reply (to the commit, or a first message that was not staged) says.
+fn settle(payload: &[u8], messages: &[&OutgoingMessage], commit: bool) -> BatchOutcome {
+    // An answer the commit got that says nothing sure leaves the batch's fate unknown.
+    let unknown = |message: String| {
+        if commit {
+            BatchOutcome::Unknown(EventError::broker_message(BrokerErrorKind::Api, message))
+        } else {
+            BatchOutcome::NotStored { code: 0, reason: message }
+        }
+    };
+    let answer: Answer = match serde_json::from_slice(payload) {
+        Ok(answer) => answer,
+        Err(e) => return unknown(format!("JetStream answered a batch with something unreadable: {e}")),
+    };
+    if let Some(error) = answer.error {
+        return BatchOutcome::NotStored { code: error.err_code, reason: error.description };
+    }
+    let (Some(stream), Some(last)) = (answer.stream, answer.seq) else {
+        return unknown("JetStream acknowledged a batch without a stream or sequence".into());
+    };
+    let stream: Arc<str> = Arc::from(stream.as_str());
+    if !commit {
+        let duplicate = answer.duplicate.unwrap_or(false);
+        return BatchOutcome::FirstAlone(PublishReceipt {
+            stream_sequence: last,
+            duplicate,
+            stream: Some(stream),
+        });
+    }
+    let count = answer.count.unwrap_or(0);
+    if count != messages.len() as u64 || last < count {
+        return unknown(format!("JetStream stored a batch of {count} for {} messages sent", messages.len()));
+    }
+    let first = last - count + 1;
+    let receipts = (0..count)
+        .map(|i| PublishReceipt {
+            stream_sequence: first + i,
+            duplicate: false,
+            stream: Some(stream.clone()),
+        })
+        .collect();
+    BatchOutcome::Stored(receipts)
+}
+
+/// Whether a server of `version` (`2.12.1`, say) takes message ids in atomic batches.
+pub(crate) fn server_batches(version: &str) -> bool {
+    let mut parts = version.split(['.', '-', '+']).map(|p| p.parse::<u64>().ok());
+    let mut next = || parts.next().flatten().unwrap_or(0);
+    (next(), next(), next()) >= SINCE
+}
+
+fn no_answer(e: async_nats::RequestError) -> EventError {
+    let kind = match e.kind() {
+        async_nats::RequestErrorKind::TimedOut => BrokerErrorKind::TimedOut,
+        async_nats::RequestErrorKind::NoResponders => BrokerErrorKind::NoStream,
+        _ => BrokerErrorKind::Unavailable,
+    };
+    EventError::broker(kind, format!("batch not acknowledged: {e}"), e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_that_take_message_ids_in_batches() {
+        for (version, batches) in [
+            ("2.9.25", false),
+            ("2.11.11", false),
+            ("2.12.0", false),
+            ("2.12.1", true),
+            ("2.12.8", true),
+            ("2.14.0-RC.1", true),
+            ("2.15.1", true),
+            ("3.0.0", true),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(server_batches(version), batches, "{version}");
+        }
+    }
+
+    fn message() -> OutgoingMessage {
+        to(Uuid::nil(), "a.b")
+    }
+
+    fn to(aggregate_id: Uuid, subject: &str) -> OutgoingMessage {
+        OutgoingMessage {
+            event_id: Uuid::nil(),
+            aggregate_id,
+            global_position: 1,
+            subject: subject.into(),
+            headers: Vec::new(),
+            body: bytes::Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn an_aggregate_s_messages_to_one_atomic_stream_go_as_one_batch() {
+        let (a, b, c, d) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(4));
+        let messages = [
+            to(a, "lesson.x"),
+            to(b, "lesson.x"),
+            to(a, "lesson.y"),
+            to(c, "other.x"),
+            to(c, "other.x"),
+            to(b, "lesson.z"),
+            to(d, "lesson.x"),
+            to(a, "other.x"),
+        ];
+        let mut streams = AtomicStreams::default();
+        assert_eq!(streams.plan(&messages).single, (0..8).collect::<Vec<_>>(), "no stream takes batches");
+        streams.set("LESSONS", &["lesson.>".to_owned()], true);
+        // a: one message to another stream, so one at a time; b: a batch; c: no atomic
+        // stream; d: alone.
+        assert_eq!(
+            streams.plan(&messages),
+            Plan { batches: vec![vec![1, 5]], single: vec![0, 2, 3, 4, 6, 7] }
+        );
+        streams.set("OTHER", &["other.*".to_owned()], true);
+        assert_eq!(streams.plan(&messages).batches, vec![vec![1, 5], vec![3, 4]]);
+        streams.forget("LESSONS");
+        streams.set("OTHER", &["other.*".to_owned()], false);
+        assert!(streams.plan(&messages).batches.is_empty());
+    }
+
+    #[test]
+    fn a_commit_s_answer_gives_each_message_its_sequence() {
+        let m = message();
+        let messages = [&m, &m, &m];
+        let stored = settle(br#"{"stream":"S","seq":12,"batch":"x","count":3}"#, &messages, true);
+        let BatchOutcome::Stored(receipts) = stored else { panic!("{stored:?}") };
+        assert_eq!(receipts.iter().map(|r| r.stream_sequence).collect::<Vec<_>>(), [10, 11, 12]);
+        let refused = settle(
+            br#"{"error":{"code":400,"err_code":10201,"description":"atomic publish batch contains duplicate message id"},"stream":"S","seq":0}"#,
+            &messages,
+            true,
+        );
+        assert!(matches!(refused, BatchOutcome::NotStored { code: DUPLICATE_MESSAGE_ID, .. }), "{refused:?}");
+        let short = settle(br#"{"stream":"S","seq":12,"count":2}"#, &messages, true);
+        assert!(matches!(short, BatchOutcome::Unknown(_)), "{short:?}");
+        let alone = settle(br#"{"stream":"S","seq":4}"#, &messages, false);
+        assert!(
+            matches!(alone, BatchOutcome::FirstAlone(PublishReceipt { stream_sequence: 4, .. })),
+            "{alone:?}"
+        );
+        assert!(matches!(settle(b"{", &messages, true), BatchOutcome::Unknown(_)));
+        assert!(matches!(settle(b"{", &messages, false), BatchOutcome::NotStored { code: 0, .. }));
+    }
+}

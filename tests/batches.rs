@@ -1,0 +1,170 @@
+//! Atomic batches (issue 27): on a nats-server that takes message ids in them (2.12.1 and
+//! later, `EDUPULSE_NATS_SERVER_BATCH_BIN`), an aggregate's pending events go as one batch;
+//! a batch sent again after its acknowledgement was lost stores nothing twice, a batch of
+//! which only part was stored stores the rest, in order; older servers get one event at a
+//! time. Against real PostgreSQL and nats-server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::nats::{NatsServer, STREAM, publisher, stream_messages};
+use common::{counted, store};
+use edupulse_events::wire::{OutgoingMessage, headers};
+use edupulse_events::{
+    EventStore, ExpectedSequence, LogRelay, NatsPublisher, Publisher, RelayConfig, StreamSpec, Uuid,
+};
+
+/// Appends `n` events to `id`, 100 per commit.
+async fn commit(store: &EventStore, id: Uuid, n: u64) {
+    for from in (0..n).step_by(100) {
+        let events: Vec<_> = (from..(from + 100).min(n)).map(counted).collect();
+        store.append("course", id, ExpectedSequence::Any, events).await.unwrap();
+    }
+}
+
+/// Publishes the whole log with `run_once` until nothing is left.
+async fn drain(store: &EventStore, publisher: &NatsPublisher) {
+    let relay = LogRelay::new(store.clone(), std::sync::Arc::new(publisher.clone()), RelayConfig::default());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while relay.lag().await.unwrap().pending > 0 {
+        relay.run_once().await.unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "not drained: {:?}", relay.lag().await);
+    }
+}
+
+/// Each aggregate's sequences in stream order, and how often each event id is stored.
+async fn stored(publisher: &NatsPublisher) -> (HashMap<Uuid, Vec<i64>>, HashMap<String, usize>, usize) {
+    let messages = stream_messages(publisher).await;
+    let mut order: HashMap<Uuid, Vec<i64>> = HashMap::new();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for m in &messages {
+        order.entry(m.wire.aggregate_id).or_default().push(m.wire.sequence);
+        *ids.entry(m.event_id.clone()).or_default() += 1;
+    }
+    (order, ids, messages.len())
+}
+
+/// Whether the stream's message at `sequence` came in a batch (the server keeps its
+/// `Nats-Batch-Id` header).
+async fn came_in_a_batch(publisher: &NatsPublisher, sequence: u64) -> bool {
+    let stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
+    let message = stream.get_raw_message(sequence).await.unwrap();
+    message.headers.get("Nats-Batch-Id").is_some()
+}
+
+#[tokio::test]
+async fn a_hot_aggregate_goes_out_in_atomic_batches_in_order() {
+    let server = NatsServer::start_batching().await;
+    let publisher = publisher(&server).await;
+    let store = store().await;
+    let (hot, cold) = (Uuid::now_v7(), Uuid::now_v7());
+    commit(&store, hot, 2_500).await;
+    commit(&store, cold, 1).await;
+    drain(&store, &publisher).await;
+    let (order, ids, total) = stored(&publisher).await;
+    assert_eq!(total, 2_501);
+    assert!(ids.values().all(|n| *n == 1), "an event stored twice");
+    assert_eq!(order[&hot], (1..=2_500).collect::<Vec<i64>>(), "the hot aggregate out of order");
+    assert_eq!(order[&cold], [1]);
+    // Past the batch limit of 1 000 as well: the first and the last of the hot aggregate's
+    // came in batches; the lone event of the other one did not need any.
+    assert!(came_in_a_batch(&publisher, 1).await || came_in_a_batch(&publisher, 2).await);
+    assert!(came_in_a_batch(&publisher, 2_501).await || came_in_a_batch(&publisher, 2_500).await);
+}
+
+/// Messages of one aggregate as the relay makes them, on the test stream's subjects.
+fn messages(aggregate: Uuid, sequences: std::ops::RangeInclusive<i64>) -> Vec<OutgoingMessage> {
+    sequences
+        .map(|sequence| {
+            let event_id = Uuid::now_v7();
+            let body = serde_json::json!({
+                "event_id": event_id, "event_type": "Counted", "schema_version": 1, "aggregate_type": "course",
+                "aggregate_id": aggregate, "sequence": sequence, "occurred_at": "2026-12-03T00:00:00Z",
+                "recorded_at": "2026-12-03T00:00:00Z", "global_position": sequence, "payload": {}, "metadata": {},
+            });
+            OutgoingMessage {
+                event_id,
+                aggregate_id: aggregate,
+                global_position: sequence,
+                subject: "courses.counted".into(),
+                headers: vec![(headers::MSG_ID, event_id.to_string()), (headers::AGGREGATE_ID, aggregate.to_string())],
+                body: serde_json::to_vec(&body).unwrap().into(),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_sent_again_stores_nothing_twice_and_a_partly_stored_one_stores_the_rest() {
+    let server = NatsServer::start_batching().await;
+    let publisher = publisher(&server).await;
+    let aggregate = Uuid::now_v7();
+    let all = messages(aggregate, 1..=10);
+
+    // The first five stored as a batch; their acknowledgement "lost": the relay sends them
+    // again, then all ten (its page grew meanwhile).
+    let first = publisher.publish(&all[..5]).await;
+    assert!(first.iter().all(Result::is_ok), "{first:?}");
+    let again = publisher.publish(&all[..5]).await;
+    let sequences: Vec<u64> = again.iter().map(|r| r.as_ref().unwrap().stream_sequence).collect();
+    assert_eq!(sequences, [1, 2, 3, 4, 5], "a re-sent batch is acknowledged as what the stream holds");
+    assert!(again.iter().all(|r| r.as_ref().unwrap().duplicate));
+    let grown = publisher.publish(&all).await;
+    assert!(grown.iter().all(Result::is_ok), "{grown:?}");
+    let (order, ids, total) = stored(&publisher).await;
+    assert_eq!(total, 10, "nothing stored twice");
+    assert!(ids.values().all(|n| *n == 1));
+    assert_eq!(order[&aggregate], (1..=10).collect::<Vec<i64>>());
+    // The next batch is a batch again: the fallback was for the one refused.
+    let more = messages(aggregate, 11..=13);
+    assert!(publisher.publish(&more).await.iter().all(Result::is_ok));
+    assert!(came_in_a_batch(&publisher, 13).await, "batches go on after a refused one");
+}
+
+#[tokio::test]
+async fn a_stream_made_without_atomic_publishing_is_given_it_and_one_asked_without_is_left_alone() {
+    let server = NatsServer::start_batching().await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["courses.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let spec = StreamSpec::new(STREAM, ["courses.>"]);
+    let plain = NatsPublisher::connect(&server.url(), Default::default()).await.unwrap();
+    plain.ensure_stream(&spec.clone().with_atomic_publish(false)).await.unwrap();
+    let mut stream = js.get_stream(STREAM).await.unwrap();
+    assert!(!stream.info().await.unwrap().config.allow_atomic_publish, "left as the operator made it");
+    let aggregate = Uuid::now_v7();
+    assert!(plain.publish(&messages(aggregate, 1..=3)).await.iter().all(Result::is_ok));
+    assert!(!came_in_a_batch(&plain, 3).await, "one at a time when asked so");
+
+    let batching = NatsPublisher::connect(&server.url(), Default::default()).await.unwrap();
+    batching.ensure_stream(&spec).await.unwrap();
+    assert!(stream.info().await.unwrap().config.allow_atomic_publish);
+    assert!(batching.publish(&messages(aggregate, 4..=6)).await.iter().all(Result::is_ok));
+    assert!(came_in_a_batch(&batching, 6).await);
+}
+
+#[tokio::test]
+async fn an_older_server_gets_one_event_at_a_time() {
+    // Debian's nats-server (2.9): no atomic batches; the stream is made without them.
+    let server = NatsServer::start().await;
+    let publisher = publisher(&server).await;
+    let mut stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
+    assert!(!stream.info().await.unwrap().config.allow_atomic_publish);
+    let store = store().await;
+    let hot = Uuid::now_v7();
+    commit(&store, hot, 300).await;
+    drain(&store, &publisher).await;
+    let (order, ids, total) = stored(&publisher).await;
+    assert_eq!(total, 300);
+    assert!(ids.values().all(|n| *n == 1));
+    assert_eq!(order[&hot], (1..=300).collect::<Vec<i64>>());
+    assert!(!came_in_a_batch(&publisher, 300).await);
+}
