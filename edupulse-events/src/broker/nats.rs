@@ -140,7 +140,9 @@ impl StreamSpec {
 
 /// Publishes events to NATS JetStream: one message per event on its subject, with
 /// `Nats-Msg-Id` = event id and the `Edupulse-*` headers; acknowledgements are awaited
-/// together, not one round trip per event.
+/// together, not one round trip per event. On a stream with atomic publishing
+/// ([`StreamSpec::atomic_publish`], nats-server 2.12.1 and later) an aggregate's messages go
+/// as one atomic batch: stored whole or not at all, with one acknowledgement.
 ///
 /// Security: [`connect`](NatsPublisher::connect) takes the credentials out of the URL before
 /// async-nats sees it, so they appear in no log line at any level (async-nats logs the

@@ -12,9 +12,10 @@ use crate::store::PARTITIONS;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct RelayConfig {
-    /// Rows read and published per batch at most (default 5 000). An aggregate's events go
-    /// one acknowledgement round trip each, so a larger batch holds more aggregates in
-    /// flight: measured in BENCHMARKS.md.
+    /// Rows read and published per page at most (default 5 000). An aggregate's events go
+    /// one acknowledgement round trip each (or, on a stream with atomic publishing, as one
+    /// batch per page), so a larger page holds more aggregates in flight: measured in
+    /// BENCHMARKS.md.
     pub batch_size: u32,
     /// Bytes of payload and metadata read per batch at most (default 16 MiB): what bounds
     /// a batch's memory when events are large (a batch holds at least one event).
