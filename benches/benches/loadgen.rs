@@ -391,10 +391,13 @@ async fn bench_append(env: &Env) -> Result<()> {
     drop_store(&store).await
 }
 
+/// A publisher with a fresh stream `stream`. `BENCH_ATOMIC=off` makes it without atomic
+/// publishing (events one acknowledgement apart even on a server with batches).
 async fn nats(env: &Env, stream: &str) -> Result<NatsPublisher> {
     let publisher = NatsPublisher::connect(&env.nats_url, NatsConfig::default()).await?;
     let _ = publisher.jetstream().delete_stream(stream).await;
-    publisher.ensure_stream(&StreamSpec::new(stream, ["bench.>"])).await?;
+    let atomic = std::env::var("BENCH_ATOMIC").map_or(true, |v| v != "off");
+    publisher.ensure_stream(&StreamSpec::new(stream, ["bench.>"]).with_atomic_publish(atomic)).await?;
     Ok(publisher)
 }
 
