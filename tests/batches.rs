@@ -9,11 +9,12 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::nats::{NatsServer, STREAM, publisher, stream_messages};
+use common::nats::{NatsServer, STREAM, publisher, publisher_with, stream_messages};
 use common::{counted, store};
 use edupulse_events::wire::{OutgoingMessage, headers};
 use edupulse_events::{
-    EventStore, ExpectedSequence, LogRelay, NatsPublisher, Publisher, RelayConfig, StreamSpec, Uuid,
+    EventStore, ExpectedSequence, LogRelay, NatsConfig, NatsPublisher, Publisher, RelayConfig, StreamSpec,
+    Uuid,
 };
 
 /// Appends `n` events to `id`, 100 per commit.
@@ -99,7 +100,7 @@ fn messages(aggregate: Uuid, sequences: std::ops::RangeInclusive<i64>) -> Vec<Ou
 #[tokio::test]
 async fn a_batch_sent_again_stores_nothing_twice_and_a_partly_stored_one_stores_the_rest() {
     let server = NatsServer::start_batching().await;
-    let publisher = publisher(&server).await;
+    let publisher = publisher_with(&server, NatsConfig::default().with_min_batch(2)).await;
     let aggregate = Uuid::now_v7();
     let all = messages(aggregate, 1..=10);
 
@@ -118,9 +119,13 @@ async fn a_batch_sent_again_stores_nothing_twice_and_a_partly_stored_one_stores_
     assert!(ids.values().all(|n| *n == 1));
     assert_eq!(order[&aggregate], (1..=10).collect::<Vec<i64>>());
     // The next batch is a batch again: the fallback was for the one refused.
-    let more = messages(aggregate, 11..=13);
+    let more = messages(aggregate, 11..=30);
     assert!(publisher.publish(&more).await.iter().all(Result::is_ok));
-    assert!(came_in_a_batch(&publisher, 13).await, "batches go on after a refused one");
+    assert!(came_in_a_batch(&publisher, 30).await, "batches go on after a refused one");
+    // Runs shorter than `min_batch` go one at a time (the default is 64).
+    let short = publisher_with(&server, NatsConfig::default()).await;
+    assert!(short.publish(&messages(aggregate, 31..=40)).await.iter().all(Result::is_ok));
+    assert!(!came_in_a_batch(&short, 40).await);
 }
 
 #[tokio::test]
@@ -136,7 +141,8 @@ async fn a_stream_made_without_atomic_publishing_is_given_it_and_one_asked_witho
     .await
     .unwrap();
     let spec = StreamSpec::new(STREAM, ["courses.>"]);
-    let plain = NatsPublisher::connect(&server.url(), Default::default()).await.unwrap();
+    let config = NatsConfig::default().with_min_batch(2);
+    let plain = NatsPublisher::connect(&server.url(), config.clone()).await.unwrap();
     plain.ensure_stream(&spec.clone().with_atomic_publish(false)).await.unwrap();
     let mut stream = js.get_stream(STREAM).await.unwrap();
     assert!(!stream.info().await.unwrap().config.allow_atomic_publish, "left as the operator made it");
@@ -144,11 +150,11 @@ async fn a_stream_made_without_atomic_publishing_is_given_it_and_one_asked_witho
     assert!(plain.publish(&messages(aggregate, 1..=3)).await.iter().all(Result::is_ok));
     assert!(!came_in_a_batch(&plain, 3).await, "one at a time when asked so");
 
-    let batching = NatsPublisher::connect(&server.url(), Default::default()).await.unwrap();
+    let batching = NatsPublisher::connect(&server.url(), config).await.unwrap();
     batching.ensure_stream(&spec).await.unwrap();
     assert!(stream.info().await.unwrap().config.allow_atomic_publish);
-    assert!(batching.publish(&messages(aggregate, 4..=6)).await.iter().all(Result::is_ok));
-    assert!(came_in_a_batch(&batching, 6).await);
+    assert!(batching.publish(&messages(aggregate, 4..=13)).await.iter().all(Result::is_ok));
+    assert!(came_in_a_batch(&batching, 13).await);
 }
 
 #[tokio::test]

@@ -49,8 +49,8 @@ pub(crate) struct AtomicStreams {
 }
 
 /// How one publish goes out: the runs sent as atomic batches (each one aggregate's messages,
-/// in order, at least two, all captured by one stream with atomic publishing), and the
-/// messages sent one at a time.
+/// in order, at least `min_batch`, all captured by one stream with atomic publishing), and
+/// the messages sent one at a time.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Plan {
     pub(crate) batches: Vec<Vec<usize>>,
@@ -88,7 +88,7 @@ impl AtomicStreams {
     }
 
     /// How `messages` go out; see [`Plan`].
-    pub(crate) fn plan(&self, messages: &[OutgoingMessage]) -> Plan {
+    pub(crate) fn plan(&self, messages: &[OutgoingMessage], min_batch: usize) -> Plan {
         if self.streams.is_empty() {
             return Plan { batches: Vec::new(), single: (0..messages.len()).collect() };
         }
@@ -101,20 +101,54 @@ impl AtomicStreams {
             });
             runs[run].push(i);
         }
-        let mut plan = Plan::default();
-        for run in runs {
+        // Runs that may go as batches, longest first; the others go one at a time.
+        let (mut long, short): (Vec<Vec<usize>>, Vec<Vec<usize>>) = runs.into_iter().partition(|run| {
             let stream = self.stream_of(&messages[run[0]].subject);
             let one_stream =
                 stream.is_some() && run.iter().all(|&i| self.stream_of(&messages[i].subject) == stream);
-            if run.len() >= 2 && one_stream {
+            run.len() >= min_batch.max(2) && one_stream
+        });
+        long.sort_by_key(|run| std::cmp::Reverse(run.len()));
+        let longest_short = short.iter().map(Vec::len).max().unwrap_or(0);
+        let batched = worth_batching(&long.iter().map(Vec::len).collect::<Vec<_>>(), longest_short);
+        let mut plan = Plan::default();
+        for (k, run) in long.into_iter().enumerate() {
+            if k < batched {
                 plan.batches.push(run);
             } else {
                 plan.single.extend(run);
             }
         }
+        for run in short {
+            plan.single.extend(run);
+        }
         plan.single.sort_unstable();
         plan
     }
+}
+
+/// What a batch costs the stream, in acknowledgement round trips of one message under load:
+/// the server commits a stream's batches one after another, about 4.5 ms each whatever their
+/// size, while a pipelined message waits about 1.1 ms for its acknowledgement (nats-server
+/// 2.15.1, BENCHMARKS.md).
+const BATCH_COST: usize = 4;
+
+/// How many of the longest runs (`long`, lengths in descending order) to send as batches,
+/// the rest of the publish going one at a time (`longest_short` the longest run that may not
+/// be a batch). One at a time, a publish lasts about as many round trips as its longest run
+/// has messages (the aggregates go in parallel); batching the `k` longest runs makes it last
+/// about `k × BATCH_COST` (the stream commits batches one after another) or the next run's
+/// length, whichever is more. The fewest batches with the shortest estimate win.
+pub(crate) fn worth_batching(long: &[usize], longest_short: usize) -> usize {
+    let rest = |k: usize| long.get(k).copied().unwrap_or(longest_short).max(longest_short);
+    let mut best = (rest(0), 0);
+    for k in 1..=long.len() {
+        let estimate = (k * BATCH_COST).max(rest(k));
+        if estimate < best.0 {
+            best = (estimate, k);
+        }
+    }
+    best.1
 }
 
 /// What became of one batch.
@@ -296,32 +330,70 @@ mod tests {
     }
 
     #[test]
+    fn batches_only_where_they_shorten_the_publish() {
+        // One hot aggregate: a batch.
+        assert_eq!(worth_batching(&[5_000], 0), 1);
+        assert_eq!(worth_batching(&[2_000], 1), 1);
+        // Fifty aggregates of 100 each: the stream would commit 50 batches one after another;
+        // one at a time, they go in parallel.
+        assert_eq!(worth_batching(&[100; 50], 0), 0);
+        // A hot aggregate among many of 100: it alone; among three, all four.
+        let mut runs = vec![2_000];
+        runs.extend([100; 40]);
+        assert_eq!(worth_batching(&runs, 10), 1);
+        assert_eq!(worth_batching(&[2_000, 100, 100, 100], 10), 4);
+        // Two hot ones, and the 70 too: three batches cost less than 70 round trips.
+        assert_eq!(worth_batching(&[3_000, 2_500, 70], 5), 3);
+        // Three messages: fewer round trips than one batch costs.
+        assert_eq!(worth_batching(&[3], 0), 0);
+        assert_eq!(worth_batching(&[], 40), 0);
+    }
+
+    #[test]
     fn an_aggregate_s_messages_to_one_atomic_stream_go_as_one_batch() {
         let (a, b, c, d) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(4));
-        let messages = [
-            to(a, "lesson.x"),
-            to(b, "lesson.x"),
-            to(a, "lesson.y"),
-            to(c, "other.x"),
-            to(c, "other.x"),
-            to(b, "lesson.z"),
-            to(d, "lesson.x"),
-            to(a, "other.x"),
-        ];
+        // a: 10 messages, its last to another stream; b: 1 000; c: 500 to another stream;
+        // d: one. Interleaved as a page of the log would have them.
+        let mut messages = Vec::new();
+        for i in 0..1_000 {
+            messages.push(to(b, "lesson.x"));
+            if i < 10 {
+                messages.push(to(a, if i == 9 { "other.x" } else { "lesson.y" }));
+            }
+            if i < 500 {
+                messages.push(to(c, "other.x"));
+            }
+        }
+        messages.push(to(d, "lesson.x"));
+        let of = |aggregate: Uuid| -> Vec<usize> {
+            messages.iter().enumerate().filter(|(_, m)| m.aggregate_id == aggregate).map(|(i, _)| i).collect()
+        };
         let mut streams = AtomicStreams::default();
-        assert_eq!(streams.plan(&messages).single, (0..8).collect::<Vec<_>>(), "no stream takes batches");
+        let everything: Vec<usize> = (0..messages.len()).collect();
+        assert_eq!(streams.plan(&messages, 2).single, everything, "no stream takes batches");
         streams.set("LESSONS", &["lesson.>".to_owned()], true);
-        // a: one message to another stream, so one at a time; b: a batch; c: no atomic
-        // stream; d: alone.
-        assert_eq!(
-            streams.plan(&messages),
-            Plan { batches: vec![vec![1, 5]], single: vec![0, 2, 3, 4, 6, 7] }
+        let plan = streams.plan(&messages, 2);
+        assert_eq!(plan.batches, vec![of(b)], "a: two streams; c: no atomic stream; d: alone");
+        assert!(
+            streams.plan(&messages, 1_001).batches.is_empty(),
+            "runs shorter than min_batch go one at a time"
         );
         streams.set("OTHER", &["other.*".to_owned()], true);
-        assert_eq!(streams.plan(&messages).batches, vec![vec![1, 5], vec![3, 4]]);
+        assert_eq!(streams.plan(&messages, 2).batches, vec![of(b), of(c)]);
+        let mut single = streams.plan(&messages, 2).single;
+        single.sort_unstable();
+        assert_eq!(
+            single,
+            [of(a), of(d)]
+                .concat()
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
         streams.forget("LESSONS");
         streams.set("OTHER", &["other.*".to_owned()], false);
-        assert!(streams.plan(&messages).batches.is_empty());
+        assert!(streams.plan(&messages, 2).batches.is_empty());
     }
 
     #[test]

@@ -43,6 +43,14 @@ pub struct NatsConfig {
     /// this publisher (default 5 000). A publish that finds none left awaits its own oldest
     /// acknowledgement first, or, holding none, waits for the others to free some.
     pub max_ack_inflight: usize,
+    /// On a stream with atomic publishing, an aggregate's messages in one publish may go as
+    /// one atomic batch when there are at least this many (default 64); fewer go one
+    /// acknowledgement apart. The server commits a stream's batches one after another, a few
+    /// milliseconds each whatever their size (measured in BENCHMARKS.md), while aggregates
+    /// sent one message at a time go in parallel: so an aggregate's run goes as a batch only
+    /// when that shortens the publish (one lesson's backlog of quiz answers among a few
+    /// others, not fifty aggregates of a hundred events each).
+    pub min_batch: usize,
 }
 
 impl Default for NatsConfig {
@@ -51,6 +59,7 @@ impl Default for NatsConfig {
             ack_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             max_ack_inflight: 5_000,
+            min_batch: 64,
         }
     }
 }
@@ -59,6 +68,7 @@ setters!(NatsConfig {
     with_ack_timeout => ack_timeout: Duration,
     with_connect_timeout => connect_timeout: Duration,
     with_max_ack_inflight => max_ack_inflight: usize,
+    with_min_batch => min_batch: usize,
 });
 
 impl NatsConfig {
@@ -69,6 +79,9 @@ impl NatsConfig {
                 "NATS configuration: ack_timeout and connect_timeout must be above zero, max_ack_inflight at least 1"
                     .into(),
             ));
+        }
+        if self.min_batch < 2 {
+            return Err(EventError::Config("NATS configuration: min_batch must be at least 2".into()));
         }
         Ok(())
     }
@@ -87,6 +100,7 @@ impl fmt::Debug for NatsConfig {
             .field("ack_timeout", &self.ack_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_ack_inflight", &self.max_ack_inflight)
+            .field("min_batch", &self.min_batch)
             .finish()
     }
 }
@@ -164,6 +178,8 @@ pub struct NatsPublisher {
     atomic: Arc<RwLock<AtomicStreams>>,
     /// How long a batch's first message and its commit wait for their answer.
     ack_timeout: Duration,
+    /// The fewest messages of an aggregate sent as a batch.
+    min_batch: usize,
 }
 
 impl fmt::Debug for NatsPublisher {
@@ -237,6 +253,7 @@ impl NatsPublisher {
             max_payload: Arc::default(),
             atomic: Arc::default(),
             ack_timeout: config.ack_timeout,
+            min_batch: config.min_batch,
         })
     }
 
@@ -472,7 +489,8 @@ impl Publisher for NatsPublisher {
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
         Box::pin(async move {
             let connection = self.connection_epoch();
-            let plan = self.atomic.read().unwrap_or_else(PoisonError::into_inner).plan(messages);
+            let plan =
+                self.atomic.read().unwrap_or_else(PoisonError::into_inner).plan(messages, self.min_batch);
             if plan.batches.is_empty() {
                 return self.publish_in_order(messages, connection).await;
             }
@@ -509,7 +527,7 @@ impl Publisher for NatsPublisher {
 }
 
 /// Atomic batches in flight at once in one publish (each one aggregate's).
-const BATCHES_IN_FLIGHT: usize = 256;
+const BATCHES_IN_FLIGHT: usize = 32;
 
 impl NatsPublisher {
     /// Whether the client is connected on `connection`.
