@@ -90,6 +90,8 @@ const DEFAULT_SEED: u64 = 0x5eed_0012_0008;
 #[derive(Debug, Clone)]
 struct Settings {
     topology: Topology,
+    /// A nats-server that takes atomic batches (2.15): the relay sends long runs as batches.
+    batches: bool,
     seed: u64,
     load: Duration,
     writers: u32,
@@ -114,15 +116,18 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 impl Settings {
-    fn from_env(topology: Topology) -> Self {
-        let default_load = match topology {
-            Topology::Single => 40,
-            Topology::Cluster => 30,
-            // CI runs the whole suite on 2 cores: the embedded run is the short one.
-            Topology::Embedded => 20,
+    fn from_env(topology: Topology, batches: bool) -> Self {
+        let default_load = match (topology, batches) {
+            (Topology::Single, false) => 40,
+            (Topology::Cluster, false) => 30,
+            // CI runs the whole suite on 2 cores: the embedded run and the second broker
+            // version's are the short ones.
+            (Topology::Single, true) | (Topology::Embedded, _) => 20,
+            (Topology::Cluster, true) => 15,
         };
         Self {
             topology,
+            batches,
             seed: env_u64("TORTURE_SEED").unwrap_or(DEFAULT_SEED),
             load: Duration::from_secs(env_u64("TORTURE_SECONDS").unwrap_or(default_load)),
             writers: env_u64("TORTURE_WRITERS").map_or(6, |n| n.clamp(1, 64) as u32),
@@ -163,10 +168,12 @@ impl Report {
              standalone relays\n{relay}\n{table}\
              replay with TORTURE_SEED={seed} TORTURE_SECONDS={load}{skip_env}",
             seed = settings.seed,
-            broker = match settings.topology {
-                Topology::Single => "one nats-server (stream R1)",
-                Topology::Cluster => "a 3-server JetStream cluster (stream R3)",
-                Topology::Embedded => "the embedded default (a SQLite file, the in-process broker)",
+            broker = match (settings.topology, settings.batches) {
+                (Topology::Single, false) => "one nats-server (stream R1)",
+                (Topology::Single, true) => "one nats-server with atomic batches (stream R1)",
+                (Topology::Cluster, false) => "a 3-server JetStream cluster (stream R3)",
+                (Topology::Cluster, true) => "a 3-server JetStream cluster with atomic batches (stream R3)",
+                (Topology::Embedded, _) => "the embedded default (a SQLite file, the in-process broker)",
             },
             never = match workload::never_on(settings.topology.backend()) {
                 [] => String::new(),
@@ -250,7 +257,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_committed_event_is_published_once_in_order_under_faults() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let settings = Settings::from_env(Topology::Single);
+    let settings = Settings::from_env(Topology::Single, false);
     let report = check(settings.clone()).await;
     if settings.skip.iter().all(|s| s != "restore-older") {
         assert_eq!(report.faults.older_copies, 1, "the server went back to an older copy once");
@@ -265,7 +272,7 @@ async fn every_committed_event_is_published_once_in_order_under_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_committed_event_is_published_once_in_order_when_cluster_members_fail() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let settings = Settings::from_env(Topology::Cluster);
+    let settings = Settings::from_env(Topology::Cluster, false);
     let report = check(settings.clone()).await;
     if settings.skip.iter().all(|s| s != "member-loss") {
         assert_eq!(report.faults.members_lost, 1, "a member was lost for good");
@@ -278,9 +285,33 @@ async fn every_committed_event_is_published_once_in_order_when_cluster_members_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_committed_event_is_published_once_in_order_under_faults_with_atomic_batches() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let settings = Settings::from_env(Topology::Single, true);
+    let report = check(settings.clone()).await;
+    assert!(
+        report.counts.stream_batched > 0,
+        "backlogs after the outages went as atomic batches (else it tested nothing):\n{}",
+        report.summary(&settings)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_committed_event_is_published_once_in_order_when_cluster_members_fail_with_atomic_batches() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let settings = Settings::from_env(Topology::Cluster, true);
+    let report = check(settings.clone()).await;
+    assert!(
+        report.counts.stream_batched > 0,
+        "backlogs after the outages went as atomic batches (else it tested nothing):\n{}",
+        report.summary(&settings)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_committed_event_is_published_once_in_order_on_the_embedded_default() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let settings = Settings::from_env(Topology::Embedded);
+    let settings = Settings::from_env(Topology::Embedded, false);
     let report = check(settings.clone()).await;
     let f = &report.faults;
     if settings.skip.iter().all(|s| s != "broker-outage") {
@@ -415,7 +446,7 @@ impl Rig {
             return Self::start_embedded().await;
         }
         let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("PostgreSQL started");
-        let broker = Broker::start(settings.topology).await;
+        let broker = Broker::start(settings.topology, settings.batches).await;
         let pg_url = pg.url();
         let store_config = StoreConfig::with_schema(SCHEMA).unwrap().with_max_connections(24);
         let store =

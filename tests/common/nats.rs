@@ -33,7 +33,7 @@ fn binary() -> PathBuf {
 
 /// A nats-server that takes message ids in atomic batches (2.12.1 or later):
 /// `EDUPULSE_NATS_SERVER_BATCH_BIN`, which `scripts/services.sh` sets to the one it fetches.
-fn batch_binary() -> PathBuf {
+pub fn batch_binary() -> PathBuf {
     match std::env::var("EDUPULSE_NATS_SERVER_BATCH_BIN") {
         Ok(bin) if !bin.is_empty() => PathBuf::from(bin),
         _ => panic!(
@@ -59,7 +59,8 @@ impl NatsServer {
         Self::start_bin(binary(), args).await
     }
 
-    async fn start_bin(bin: PathBuf, args: &[&str]) -> Self {
+    /// The same with binary `bin`.
+    pub async fn start_bin(bin: PathBuf, args: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir =
             std::env::temp_dir().join(format!("edupulse-nats-{}", edupulse_events::Uuid::now_v7().simple()));
@@ -161,6 +162,15 @@ impl NatsCluster {
     /// Starts three servers routed to each other and waits until JetStream's meta group
     /// has a leader (streams can be made).
     pub async fn start() -> Self {
+        Self::start_bin(binary()).await
+    }
+
+    /// The same with servers that take atomic batches (see `batch_binary`).
+    pub async fn start_batching() -> Self {
+        Self::start_bin(batch_binary()).await
+    }
+
+    async fn start_bin(bin: PathBuf) -> Self {
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let cluster_ports: Vec<u16> = (0..3).map(|_| free()).collect();
         let routes =
@@ -172,7 +182,7 @@ impl NatsCluster {
             let args = ["--server_name", &name, "--cluster_name", "edupulse", "--cluster", &cluster];
             let mut args: Vec<&str> = args.to_vec();
             args.extend(["--routes", &routes]);
-            nodes.push(NatsServer::start_with_args(&args).await);
+            nodes.push(NatsServer::start_bin(bin.clone(), &args).await);
         }
         let cluster = Self { nodes };
         cluster.until_ready().await;

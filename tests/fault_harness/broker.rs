@@ -28,11 +28,17 @@ pub(crate) enum Broker {
 }
 
 impl Broker {
-    pub(crate) async fn start(topology: Topology) -> Self {
-        match topology {
-            Topology::Single => Self::Single(NatsServer::start().await),
-            Topology::Cluster => Self::Cluster { cluster: NatsCluster::start().await, lost: None },
-            Topology::Embedded => panic!("the embedded run starts no nats-server"),
+    /// Starts the servers of `topology`: with `batches`, a nats-server that takes atomic
+    /// batches (2.12.1 or later, `EDUPULSE_NATS_SERVER_BATCH_BIN`), else the default one.
+    pub(crate) async fn start(topology: Topology, batches: bool) -> Self {
+        match (topology, batches) {
+            (Topology::Single, false) => Self::Single(NatsServer::start().await),
+            (Topology::Single, true) => Self::Single(NatsServer::start_batching().await),
+            (Topology::Cluster, false) => Self::Cluster { cluster: NatsCluster::start().await, lost: None },
+            (Topology::Cluster, true) => {
+                Self::Cluster { cluster: NatsCluster::start_batching().await, lost: None }
+            }
+            (Topology::Embedded, _) => panic!("the embedded run starts no nats-server"),
         }
     }
 

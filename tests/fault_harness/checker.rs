@@ -49,6 +49,8 @@ pub(crate) struct StreamMsg {
     pub(crate) body: Option<serde_json::Value>,
     /// When the stream stored it (Unix nanoseconds; 0 when unknown).
     pub(crate) stored_at_ns: i128,
+    /// It came in an atomic batch (the stream keeps its `Nats-Batch-Id`).
+    pub(crate) in_batch: bool,
 }
 
 /// One item of `stream_all`: the position, and the event when it decoded.
@@ -209,6 +211,7 @@ pub(crate) fn read_broker(broker: &edupulse_events::InMemoryBroker) -> (Vec<Stre
             sequence: m.header("Edupulse-Sequence").map(str::to_owned),
             body: serde_json::from_slice(&m.body).ok(),
             stored_at_ns: 0,
+            in_batch: false,
         })
         .collect();
     (messages, 0)
@@ -273,6 +276,7 @@ pub(crate) async fn read_stream(url: &str, stream_name: &str) -> (Vec<StreamMsg>
             sequence: header("Edupulse-Sequence"),
             body: serde_json::from_slice(&message.payload).ok(),
             stored_at_ns: message.time.unix_timestamp_nanos(),
+            in_batch: message.headers.get("Nats-Batch-Id").is_some(),
         });
     }
     (out, unreadable)
@@ -318,6 +322,8 @@ pub(crate) struct Counts {
     pub(crate) events_committed: u64,
     pub(crate) events_published: u64,
     pub(crate) stream_messages: u64,
+    /// Of those, stored by atomic batches.
+    pub(crate) stream_batched: u64,
     /// Big-numbers events (small as written, over 1 MiB re-rendered): attempted, in the
     /// store, in the stream.
     pub(crate) big_numbers_attempted: u64,
@@ -415,6 +421,7 @@ impl Counts {
             ("events committed (store)", self.events_committed),
             ("events published (distinct ids in the stream)", self.events_published),
             ("messages in the stream", self.stream_messages),
+            ("of which stored by atomic batches", self.stream_batched),
             ("big-numbers events attempted (24 KB written, 1.2 MB re-rendered)", self.big_numbers_attempted),
             ("big-numbers events committed (store)", self.big_numbers_committed),
             ("big-numbers events published", self.big_numbers_published),
@@ -506,6 +513,7 @@ pub(crate) fn count(ledger: &[CommitRecord], observed: &Observed) -> Counts {
         }
     }
     c.stream_messages = observed.stream.len() as u64;
+    c.stream_batched = observed.stream.iter().filter(|m| m.in_batch).count() as u64;
     c.events_published = published.len() as u64;
     c.stream_unreadable = observed.stream_unreadable;
 
@@ -746,6 +754,7 @@ mod tests {
                 "payload": serde_json::from_str::<serde_json::Value>(&r.payload).unwrap(),
             })),
             stored_at_ns: i128::from(stream_sequence),
+            in_batch: false,
         }
     }
 
