@@ -123,22 +123,7 @@ fn raw_statement_query(
          payload, metadata, keys, occurred_at, transaction_id) \
          SELECT v.*, {xact} FROM bump CROSS JOIN ("
     ));
-    let now = chrono_now();
-    query.push_values(events.iter().enumerate(), |mut row, (i, e)| {
-        row.push_bind(Uuid::now_v7())
-            .push_bind("bench")
-            .push_bind(id)
-            .push_bind(expected + 1 + i as i64)
-            .push_bind("Tick")
-            .push_bind(1_i32)
-            .push_bind(serde_json::to_string(e).unwrap_or_default())
-            .push_unseparated("::json")
-            .push_bind("{}")
-            .push_unseparated("::json")
-            .push_bind("{}")
-            .push_unseparated("::jsonb")
-            .push_bind(now);
-    });
+    push_rows(&mut query, id, expected + 1, events);
     query.push(
         ") AS v(event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, payload, metadata, \
          keys, occurred_at) RETURNING global_position",
@@ -181,6 +166,14 @@ fn raw_insert_query(
         "INSERT INTO {table} (event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, \
          payload, metadata, keys, occurred_at) "
     ));
+    push_rows(&mut query, id, first_sequence, events);
+    query
+}
+
+/// The `VALUES` of `events`' rows as the store writes them, numbered from `first_sequence`:
+/// `(event_id, aggregate_type, aggregate_id, sequence, event_type, schema_version, payload,
+/// metadata, keys, occurred_at)`.
+fn push_rows(query: &mut QueryBuilder<sqlx::Postgres>, id: Uuid, first_sequence: i64, events: &[Tick]) {
     let now = chrono_now();
     query.push_values(events.iter().enumerate(), |mut row, (i, e)| {
         row.push_bind(Uuid::now_v7())
@@ -197,7 +190,6 @@ fn raw_insert_query(
             .push_unseparated("::jsonb")
             .push_bind(now);
     });
-    query
 }
 
 fn chrono_now() -> edupulse_events::chrono::DateTime<edupulse_events::chrono::Utc> {
