@@ -128,10 +128,11 @@ pub struct StreamSpec {
     /// server; see the README's durability guide.
     pub replicas: usize,
     /// Atomic publishing (default on): on nats-server 2.12.1 and later, the stream is made
-    /// to take atomic batches, and the relay sends each aggregate's pending events of a page
-    /// as one batch (stored all together or not at all, one acknowledgement) instead of one
-    /// acknowledgement round trip per event. Older servers keep one event in flight per
-    /// aggregate. Off leaves the stream's setting as it is and sends one at a time.
+    /// to take atomic batches, and an aggregate's long run of pending events may go as one
+    /// batch (stored all together or not at all, one acknowledgement) instead of one
+    /// acknowledgement round trip per event (see [`NatsConfig::min_batch`]). Older servers
+    /// keep one event in flight per aggregate. Off leaves the stream's setting as it is and
+    /// sends one at a time.
     pub atomic_publish: bool,
 }
 
@@ -155,8 +156,8 @@ impl StreamSpec {
 /// Publishes events to NATS JetStream: one message per event on its subject, with
 /// `Nats-Msg-Id` = event id and the `Edupulse-*` headers; acknowledgements are awaited
 /// together, not one round trip per event. On a stream with atomic publishing
-/// ([`StreamSpec::atomic_publish`], nats-server 2.12.1 and later) an aggregate's messages go
-/// as one atomic batch: stored whole or not at all, with one acknowledgement.
+/// ([`StreamSpec::atomic_publish`], nats-server 2.12.1 and later) an aggregate's long run of
+/// messages may go as one atomic batch: stored whole or not at all, with one acknowledgement.
 ///
 /// Security: [`connect`](NatsPublisher::connect) takes the credentials out of the URL before
 /// async-nats sees it, so they appear in no log line at any level (async-nats logs the
@@ -267,7 +268,9 @@ impl NatsPublisher {
     /// A missing stream is created file-backed with `spec`'s subjects, duplicate window, max
     /// age and replicas, everything else at JetStream's defaults. On an existing stream only
     /// what `spec` asks for changes: the subjects, the duplicate window, and the max age and
-    /// replicas when they are not zero (zero leaves the stream's own). Limits (`max_msgs`,
+    /// replicas when they are not zero (zero leaves the stream's own), and atomic publishing,
+    /// switched on when `spec` asks for it and the server takes message ids in batches (2.12.1
+    /// and later; never switched off). Limits (`max_msgs`,
     /// `max_bytes`, …), retention, discard policy, storage, description and the rest are
     /// kept, so settings an operator made survive a restart of the service. Nothing is sent
     /// when the stream already matches.
