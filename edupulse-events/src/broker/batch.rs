@@ -102,11 +102,13 @@ impl AtomicStreams {
             runs[run].push(i);
         }
         // Runs that may go as batches, longest first; the others go one at a time.
+        // The length first: most runs are short, and the subjects need not be matched then.
         let (mut long, short): (Vec<Vec<usize>>, Vec<Vec<usize>>) = runs.into_iter().partition(|run| {
+            if run.len() < min_batch.max(2) {
+                return false;
+            }
             let stream = self.stream_of(&messages[run[0]].subject);
-            let one_stream =
-                stream.is_some() && run.iter().all(|&i| self.stream_of(&messages[i].subject) == stream);
-            run.len() >= min_batch.max(2) && one_stream
+            stream.is_some() && run[1..].iter().all(|&i| self.stream_of(&messages[i].subject) == stream)
         });
         long.sort_by_key(|run| std::cmp::Reverse(run.len()));
         let longest_short = short.iter().map(Vec::len).max().unwrap_or(0);
