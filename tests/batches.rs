@@ -1,15 +1,18 @@
-//! Atomic batches (issue 27): on a nats-server that takes message ids in them (2.12.1 and
-//! later, `EDUPULSE_NATS_SERVER_BATCH_BIN`), an aggregate's pending events go as one batch;
-//! a batch sent again after its acknowledgement was lost stores nothing twice, a batch of
-//! which only part was stored stores the rest, in order; older servers get one event at a
-//! time. Against real PostgreSQL and nats-server.
+//! Batches (issue 27), on the nats-server of `EDUPULSE_NATS_SERVER_BATCH_BIN` (2.15.1 in the
+//! suite). Fast-ingest batches (2.14 and later, the default there): a publish goes as one
+//! batch, every aggregate in order; a batch sent again stores nothing twice; a refused
+//! message stops the batch there, so nothing of its aggregate lands after it. Atomic
+//! batches (2.12.1 and later, the path of 2.12 servers; here with fast batches off): an
+//! aggregate's long run goes as one batch; a batch sent again after its acknowledgement was
+//! lost stores nothing twice, a batch of which only part was stored stores the rest, in
+//! order. Older servers get one event at a time. Against real PostgreSQL and nats-server.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::nats::{NatsServer, STREAM, publisher, publisher_with, stream_messages};
+use common::nats::{NatsServer, STREAM, publisher, publisher_on, spec, stream_messages};
 use common::{counted, store};
 use edupulse_events::wire::{OutgoingMessage, headers};
 use edupulse_events::{
@@ -23,6 +26,11 @@ async fn commit(store: &EventStore, id: Uuid, n: u64) {
         let events: Vec<_> = (from..(from + 100).min(n)).map(counted).collect();
         store.append("course", id, ExpectedSequence::Any, events).await.unwrap();
     }
+}
+
+/// A publisher on `server` with atomic batches only (the path of a 2.12 server).
+async fn atomic_only(server: &NatsServer, config: NatsConfig) -> NatsPublisher {
+    publisher_on(server, config, spec().with_fast_publish(false)).await
 }
 
 /// Publishes the whole log with `run_once` until nothing is left.
@@ -58,7 +66,7 @@ async fn came_in_a_batch(publisher: &NatsPublisher, sequence: u64) -> bool {
 #[tokio::test]
 async fn a_hot_aggregate_goes_out_in_atomic_batches_in_order() {
     let server = NatsServer::start_batching().await;
-    let publisher = publisher(&server).await;
+    let publisher = atomic_only(&server, NatsConfig::default()).await;
     let store = store().await;
     let (hot, cold) = (Uuid::now_v7(), Uuid::now_v7());
     commit(&store, hot, 2_500).await;
@@ -100,7 +108,7 @@ fn messages(aggregate: Uuid, sequences: std::ops::RangeInclusive<i64>) -> Vec<Ou
 #[tokio::test]
 async fn a_batch_sent_again_stores_nothing_twice_and_a_partly_stored_one_stores_the_rest() {
     let server = NatsServer::start_batching().await;
-    let publisher = publisher_with(&server, NatsConfig::default().with_min_batch(2)).await;
+    let publisher = atomic_only(&server, NatsConfig::default().with_min_batch(2)).await;
     let aggregate = Uuid::now_v7();
     let all = messages(aggregate, 1..=10);
 
@@ -123,7 +131,7 @@ async fn a_batch_sent_again_stores_nothing_twice_and_a_partly_stored_one_stores_
     assert!(publisher.publish(&more).await.iter().all(Result::is_ok));
     assert!(came_in_a_batch(&publisher, 30).await, "batches go on after a refused one");
     // Runs shorter than `min_batch` go one at a time (the default is 64).
-    let short = publisher_with(&server, NatsConfig::default()).await;
+    let short = atomic_only(&server, NatsConfig::default()).await;
     assert!(short.publish(&messages(aggregate, 31..=40)).await.iter().all(Result::is_ok));
     assert!(!came_in_a_batch(&short, 40).await);
 }
@@ -140,7 +148,7 @@ async fn a_stream_made_without_atomic_publishing_is_given_it_and_one_asked_witho
     })
     .await
     .unwrap();
-    let spec = StreamSpec::new(STREAM, ["courses.>"]);
+    let spec = StreamSpec::new(STREAM, ["courses.>"]).with_fast_publish(false);
     let config = NatsConfig::default().with_min_batch(2);
     let plain = NatsPublisher::connect(&server.url(), config.clone()).await.unwrap();
     plain.ensure_stream(&spec.clone().with_atomic_publish(false)).await.unwrap();
@@ -163,7 +171,8 @@ async fn an_older_server_gets_one_event_at_a_time() {
     let server = NatsServer::start().await;
     let publisher = publisher(&server).await;
     let mut stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
-    assert!(!stream.info().await.unwrap().config.allow_atomic_publish);
+    let config = stream.info().await.unwrap().config.clone();
+    assert!(!config.allow_atomic_publish && !config.allow_batch_publish);
     let store = store().await;
     let hot = Uuid::now_v7();
     commit(&store, hot, 300).await;
@@ -173,4 +182,89 @@ async fn an_older_server_gets_one_event_at_a_time() {
     assert!(ids.values().all(|n| *n == 1));
     assert_eq!(order[&hot], (1..=300).collect::<Vec<i64>>());
     assert!(!came_in_a_batch(&publisher, 300).await);
+}
+
+/// Messages of several aggregates, interleaved as a page of the log holds them.
+fn interleaved(aggregates: &[Uuid], per_aggregate: i64) -> Vec<OutgoingMessage> {
+    let runs: Vec<Vec<OutgoingMessage>> =
+        aggregates.iter().map(|a| messages(*a, 1..=per_aggregate)).collect();
+    (0..per_aggregate as usize).flat_map(|k| runs.iter().map(move |run| run[k].clone())).collect()
+}
+
+#[tokio::test]
+async fn a_page_goes_out_as_one_fast_batch_every_aggregate_in_order() {
+    let server = NatsServer::start_batching().await;
+    let publisher = publisher(&server).await;
+    let mut stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
+    assert!(stream.info().await.unwrap().config.allow_batch_publish, "ensure_stream asks for fast batches");
+    let aggregates: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    let page = interleaved(&aggregates, 30);
+    let outcomes = publisher.publish(&page).await;
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    // One acknowledgement for the batch: it names the last message's sequence only.
+    let named: Vec<u64> =
+        outcomes.iter().map(|o| o.as_ref().unwrap().stream_sequence).filter(|s| *s > 0).collect();
+    assert_eq!(named, [600], "the last message's receipt carries the batch's sequence");
+
+    // Through the relay: a hot aggregate past any batch limit, beside many small ones.
+    let store = store().await;
+    let hot = Uuid::now_v7();
+    commit(&store, hot, 2_500).await;
+    let small: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+    for id in &small {
+        commit(&store, *id, 3).await;
+    }
+    drain(&store, &publisher).await;
+    let (order, ids, total) = stored(&publisher).await;
+    assert_eq!(total, 600 + 2_500 + 600);
+    assert!(ids.values().all(|n| *n == 1), "an event stored twice");
+    assert_eq!(order[&hot], (1..=2_500).collect::<Vec<i64>>(), "the hot aggregate out of order");
+    for id in aggregates.iter().chain(&small) {
+        let n = order[id].len() as i64;
+        assert_eq!(order[id], (1..=n).collect::<Vec<i64>>());
+    }
+}
+
+#[tokio::test]
+async fn a_fast_batch_sent_again_stores_nothing_twice_and_a_refused_message_stops_it_there() {
+    let server = NatsServer::start_batching().await;
+    let publisher = publisher(&server).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let page = interleaved(&[a, b], 5);
+    // The first six stored; their acknowledgement "lost": the relay sends them again, then
+    // the whole page.
+    assert!(publisher.publish(&page[..6]).await.iter().all(Result::is_ok));
+    assert!(publisher.publish(&page[..6]).await.iter().all(Result::is_ok), "held already: acknowledged");
+    assert!(publisher.publish(&page).await.iter().all(Result::is_ok));
+    let (order, ids, total) = stored(&publisher).await;
+    assert_eq!(total, 10, "nothing stored twice");
+    assert!(ids.values().all(|n| *n == 1));
+    assert_eq!((order[&a].clone(), order[&b].clone()), ((1..=5).collect(), (1..=5).collect()));
+
+    // A message the stream refuses (larger than its max_msg_size) stops the batch at it:
+    // what came before is stored, nothing after it is.
+    let mut stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_message_size = 2_048;
+    publisher.jetstream().update_stream(&config).await.unwrap();
+    let (c, d) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut page = interleaved(&[c, d], 4);
+    page[4].body = vec![b' '; 4_096].into(); // c's third
+    let outcomes = publisher.publish(&page).await;
+    let shape: Vec<&str> = outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(_) => "stored",
+            Err(e) if e.is_refusal() => "refused",
+            Err(e) if e.broker_kind() == Some(edupulse_events::BrokerErrorKind::NotSent) => "not sent",
+            Err(_) => "failed",
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        ["stored", "stored", "stored", "stored", "refused", "not sent", "not sent", "not sent"]
+    );
+    let (order, _, total) = stored(&publisher).await;
+    assert_eq!(total, 14);
+    assert_eq!((order[&c].clone(), order[&d].clone()), (vec![1, 2], vec![1, 2]));
 }

@@ -249,9 +249,19 @@ pub async fn publisher(server: &NatsServer) -> NatsPublisher {
 
 /// The same, with `config` (its acknowledgement timeout shortened as above).
 pub async fn publisher_with(server: &NatsServer, config: NatsConfig) -> NatsPublisher {
+    publisher_on(server, config, spec()).await
+}
+
+/// The test stream's spec.
+pub fn spec() -> StreamSpec {
+    StreamSpec::new(STREAM, ["courses.>", "tenant-42.courses.>"])
+}
+
+/// The same, on the stream `spec` makes.
+pub async fn publisher_on(server: &NatsServer, config: NatsConfig, spec: StreamSpec) -> NatsPublisher {
     let config = config.with_ack_timeout(Duration::from_millis(800));
     let publisher = NatsPublisher::connect(&server.url(), config).await.unwrap();
-    publisher.ensure_stream(&StreamSpec::new(STREAM, ["courses.>", "tenant-42.courses.>"])).await.unwrap();
+    publisher.ensure_stream(&spec).await.unwrap();
     publisher
 }
 

@@ -1,5 +1,6 @@
-//! Atomic batches (JetStream's ADR-50, nats-server 2.12.1 and later): several messages
-//! stored all together or not at all, with one acknowledgement.
+//! Which messages of a publish go in which batches ([`BatchStreams::plan`]), and atomic
+//! batches (JetStream's ADR-50, nats-server 2.12.1 and later): several messages stored all
+//! together or not at all, with one acknowledgement. Fast-ingest batches are `fast.rs`.
 //!
 //! The flow, as nats-server speaks it (checked on 2.12.1 to 2.15.1 by
 //! `scripts/probes/atomic-batches`): every message carries `Nats-Batch-Id` and
@@ -42,55 +43,85 @@ pub(crate) const ATOMIC_DISABLED: u64 = 10174;
 /// The oldest server whose atomic batches take `Nats-Msg-Id`.
 pub(crate) const SINCE: (u64, u64, u64) = (2, 12, 1);
 
-/// The streams found with atomic publishing on, and the subjects they capture.
-#[derive(Debug, Default)]
-pub(crate) struct AtomicStreams {
-    streams: Vec<(Arc<str>, Vec<Vec<String>>)>,
+/// The kinds of batches a stream takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Batches {
+    /// Atomic batches (2.12.1 and later): all or nothing, one acknowledgement.
+    Atomic,
+    /// Fast-ingest batches (2.14 and later, `fast.rs`): stored in order as they arrive.
+    Fast,
 }
 
-/// How one publish goes out: the runs sent as atomic batches (each one aggregate's messages,
-/// in order, at least `min_batch`, all captured by one stream with atomic publishing), and
-/// the messages sent one at a time.
+/// A stream that takes batches: its name, its subject filters (split at the dots), and
+/// which batches it takes.
+#[derive(Debug)]
+struct BatchStream {
+    name: Arc<str>,
+    filters: Vec<Vec<String>>,
+    atomic: bool,
+    fast: bool,
+}
+
+/// The streams found taking batches, and the subjects they capture.
+#[derive(Debug, Default)]
+pub(crate) struct BatchStreams {
+    streams: Vec<BatchStream>,
+}
+
+/// How one publish goes out: per stream with fast-ingest batches, the messages sent as one
+/// fast batch (the aggregates whose messages that stream captures, all of them, in order);
+/// the runs sent as atomic batches (each one aggregate's messages, in order, at least
+/// `min_batch`, all captured by one stream with atomic publishing); and the messages sent
+/// one at a time.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Plan {
+    pub(crate) fast: Vec<Vec<usize>>,
     pub(crate) batches: Vec<Vec<usize>>,
     pub(crate) single: Vec<usize>,
 }
 
-impl AtomicStreams {
-    /// Records whether stream `name`, capturing `subjects`, takes atomic batches.
-    pub(crate) fn set(&mut self, name: &str, subjects: &[String], atomic: bool) {
-        self.streams.retain(|(stream, _)| &**stream != name);
-        if atomic {
+impl BatchStreams {
+    /// Records which batches stream `name`, capturing `subjects`, takes.
+    pub(crate) fn set(&mut self, name: &str, subjects: &[String], atomic: bool, fast: bool) {
+        self.streams.retain(|stream| &*stream.name != name);
+        if atomic || fast {
             let filters = subjects.iter().map(|f| f.split('.').map(str::to_owned).collect()).collect();
-            self.streams.push((Arc::from(name), filters));
+            self.streams.push(BatchStream { name: Arc::from(name), filters, atomic, fast });
         }
     }
 
-    /// Forgets stream `name` (it refused a batch as disabled, or did not know batches).
-    pub(crate) fn forget(&mut self, name: &str) {
-        self.streams.retain(|(stream, _)| &**stream != name);
-    }
-
-    /// Forgets the stream that captures `subject`.
-    pub(crate) fn forget_subject(&mut self, subject: &str) {
-        if let Some(stream) = self.stream_of(subject).cloned() {
-            self.forget(&stream);
+    /// Stops sending `kind` batches to the stream that captures `subject` (it refused them
+    /// as disabled, or did not know them).
+    pub(crate) fn forget_subject(&mut self, subject: &str, kind: Batches) {
+        let Some(k) = self.index_of(subject) else { return };
+        let stream = &mut self.streams[k];
+        match kind {
+            Batches::Atomic => stream.atomic = false,
+            Batches::Fast => stream.fast = false,
+        }
+        if !stream.atomic && !stream.fast {
+            self.streams.remove(k);
         }
     }
 
-    /// The stream with atomic publishing that captures `subject`.
-    fn stream_of(&self, subject: &str) -> Option<&Arc<str>> {
-        self.streams
-            .iter()
-            .find(|(_, filters)| filters.iter().any(|f| filter_matches(f, subject)))
-            .map(|(s, _)| s)
+    fn index_of(&self, subject: &str) -> Option<usize> {
+        self.streams.iter().position(|s| s.filters.iter().any(|f| filter_matches(f, subject)))
+    }
+
+    /// The stream taking `kind` batches that captures `subject`.
+    fn stream_of(&self, subject: &str, kind: Batches) -> Option<&Arc<str>> {
+        let stream = &self.streams[self.index_of(subject)?];
+        let takes = match kind {
+            Batches::Atomic => stream.atomic,
+            Batches::Fast => stream.fast,
+        };
+        takes.then_some(&stream.name)
     }
 
     /// How `messages` go out; see [`Plan`].
     pub(crate) fn plan(&self, messages: &[OutgoingMessage], min_batch: usize) -> Plan {
         if self.streams.is_empty() {
-            return Plan { batches: Vec::new(), single: (0..messages.len()).collect() };
+            return Plan { single: (0..messages.len()).collect(), ..Plan::default() };
         }
         let mut runs: Vec<Vec<usize>> = Vec::new();
         let mut run_of: HashMap<Uuid, usize> = HashMap::new();
@@ -101,19 +132,38 @@ impl AtomicStreams {
             });
             runs[run].push(i);
         }
-        // Runs that may go as batches, longest first; the others go one at a time.
-        // The length first: most runs are short, and the subjects need not be matched then.
-        let (mut long, short): (Vec<Vec<usize>>, Vec<Vec<usize>>) = runs.into_iter().partition(|run| {
-            if run.len() < min_batch.max(2) {
-                return false;
+        let one_stream = |run: &[usize], kind: Batches| {
+            let stream = self.stream_of(&messages[run[0]].subject, kind)?;
+            run[1..]
+                .iter()
+                .all(|&i| self.stream_of(&messages[i].subject, kind) == Some(stream))
+                .then_some(stream)
+        };
+        // Runs to a stream with fast batches: one batch per stream, every run of it.
+        let mut fast: Vec<(&Arc<str>, Vec<usize>)> = Vec::new();
+        let mut rest = Vec::with_capacity(runs.len());
+        for run in runs {
+            match one_stream(&run, Batches::Fast) {
+                Some(stream) => match fast.iter_mut().find(|(s, _)| *s == stream) {
+                    Some((_, indices)) => indices.extend(run),
+                    None => fast.push((stream, run)),
+                },
+                None => rest.push(run),
             }
-            let stream = self.stream_of(&messages[run[0]].subject);
-            stream.is_some() && run[1..].iter().all(|&i| self.stream_of(&messages[i].subject) == stream)
-        });
+        }
+        // Runs that may go as atomic batches, longest first; the others go one at a time.
+        // The length first: most runs are short, and the subjects need not be matched then.
+        let (mut long, short): (Vec<Vec<usize>>, Vec<Vec<usize>>) = rest
+            .into_iter()
+            .partition(|run| run.len() >= min_batch.max(2) && one_stream(run, Batches::Atomic).is_some());
         long.sort_by_key(|run| std::cmp::Reverse(run.len()));
         let longest_short = short.iter().map(Vec::len).max().unwrap_or(0);
         let batched = worth_batching(&long.iter().map(Vec::len).collect::<Vec<_>>(), longest_short);
         let mut plan = Plan::default();
+        for (_, mut indices) in fast {
+            indices.sort_unstable();
+            plan.fast.push(indices);
+        }
         for (k, run) in long.into_iter().enumerate() {
             if k < batched {
                 plan.batches.push(run);
@@ -370,17 +420,17 @@ mod tests {
         let of = |aggregate: Uuid| -> Vec<usize> {
             messages.iter().enumerate().filter(|(_, m)| m.aggregate_id == aggregate).map(|(i, _)| i).collect()
         };
-        let mut streams = AtomicStreams::default();
+        let mut streams = BatchStreams::default();
         let everything: Vec<usize> = (0..messages.len()).collect();
         assert_eq!(streams.plan(&messages, 2).single, everything, "no stream takes batches");
-        streams.set("LESSONS", &["lesson.>".to_owned()], true);
+        streams.set("LESSONS", &["lesson.>".to_owned()], true, false);
         let plan = streams.plan(&messages, 2);
         assert_eq!(plan.batches, vec![of(b)], "a: two streams; c: no atomic stream; d: alone");
         assert!(
             streams.plan(&messages, 1_001).batches.is_empty(),
             "runs shorter than min_batch go one at a time"
         );
-        streams.set("OTHER", &["other.*".to_owned()], true);
+        streams.set("OTHER", &["other.*".to_owned()], true, false);
         assert_eq!(streams.plan(&messages, 2).batches, vec![of(b), of(c)]);
         let mut single = streams.plan(&messages, 2).single;
         single.sort_unstable();
@@ -393,9 +443,30 @@ mod tests {
                 .into_iter()
                 .collect::<Vec<_>>()
         );
-        streams.forget("LESSONS");
-        streams.set("OTHER", &["other.*".to_owned()], false);
+        streams.forget_subject("lesson.x", Batches::Atomic);
+        streams.set("OTHER", &["other.*".to_owned()], false, false);
         assert!(streams.plan(&messages, 2).batches.is_empty());
+    }
+
+    #[test]
+    fn every_run_to_a_stream_with_fast_batches_goes_in_its_one_fast_batch() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // a: both to LESSONS; b: one to LESSONS, one to OTHER; c: to OTHER.
+        let messages =
+            [to(a, "lesson.x"), to(b, "lesson.x"), to(c, "other.x"), to(a, "lesson.y"), to(b, "other.x")];
+        let mut streams = BatchStreams::default();
+        streams.set("LESSONS", &["lesson.>".to_owned()], true, true);
+        streams.set("OTHER", &["other.*".to_owned()], false, true);
+        let plan = streams.plan(&messages, 1);
+        assert_eq!(plan.fast, vec![vec![0, 3], vec![2]], "page order within each stream's batch");
+        assert_eq!(plan.single, vec![1, 4], "b spans two streams: one at a time");
+        assert!(plan.batches.is_empty());
+        streams.forget_subject("lesson.q", Batches::Fast);
+        let plan = streams.plan(&messages, 1);
+        assert_eq!(plan.fast, vec![vec![2]]);
+        assert_eq!(plan.single, vec![0, 1, 3, 4], "LESSONS: atomic batches only, for long runs");
+        streams.forget_subject("other.x", Batches::Fast);
+        assert!(streams.plan(&messages, 1).fast.is_empty());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod batch;
 mod connect;
+mod fast;
 mod held;
 mod lanes;
 mod memory;

@@ -21,9 +21,10 @@ use futures_util::stream::FuturesUnordered;
 use uuid::Uuid;
 
 use crate::broker::batch::{
-    self, ATOMIC_DISABLED, AtomicStreams, BatchOutcome, DUPLICATE_MESSAGE_ID, MAX_BATCH,
+    self, ATOMIC_DISABLED, BatchOutcome, BatchStreams, Batches, DUPLICATE_MESSAGE_ID, MAX_BATCH,
 };
 use crate::broker::connect::{self, NatsCredentials};
+use crate::broker::fast::{self, Start};
 use crate::broker::held;
 use crate::broker::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
 use crate::event::subject::validate_filter;
@@ -92,6 +93,7 @@ setters!(StreamSpec {
     with_max_age => max_age: Duration,
     with_replicas => replicas: usize,
     with_atomic_publish => atomic_publish: bool,
+    with_fast_publish => fast_publish: bool,
 });
 
 impl fmt::Debug for NatsConfig {
@@ -134,6 +136,14 @@ pub struct StreamSpec {
     /// keep one event in flight per aggregate. Off leaves the stream's setting as it is and
     /// sends one at a time.
     pub atomic_publish: bool,
+    /// Fast-ingest batches (default on): on nats-server 2.14 and later, the stream is made
+    /// to take them (`allow_batched`), and each publish of the relay goes to it as one
+    /// batch, every aggregate's events in order, acknowledged every hundred messages
+    /// instead of one round trip per event; the server stores a batch's messages in the
+    /// order sent and stops it at the first it does not store, so no aggregate's event
+    /// lands after one that is missing. This replaces atomic batches where the server has
+    /// both. Off leaves the stream's setting as it is.
+    pub fast_publish: bool,
 }
 
 /// JetStream's largest replica count.
@@ -149,6 +159,7 @@ impl StreamSpec {
             max_age: Duration::ZERO,
             replicas: 0,
             atomic_publish: true,
+            fast_publish: true,
         }
     }
 }
@@ -175,8 +186,8 @@ pub struct NatsPublisher {
     /// The server's `max_payload`, once known (0 before): read on every commit, so kept
     /// here instead of cloning the client's server info each time.
     max_payload: Arc<AtomicUsize>,
-    /// The streams [`ensure_stream`](Self::ensure_stream) found taking atomic batches.
-    atomic: Arc<RwLock<AtomicStreams>>,
+    /// The streams [`ensure_stream`](Self::ensure_stream) found taking batches.
+    batches: Arc<RwLock<BatchStreams>>,
     /// How long a batch's first message and its commit wait for their answer.
     ack_timeout: Duration,
     /// The fewest messages of an aggregate sent as a batch.
@@ -252,7 +263,7 @@ impl NatsPublisher {
             jetstream,
             publishing,
             max_payload: Arc::default(),
-            atomic: Arc::default(),
+            batches: Arc::default(),
             ack_timeout: config.ack_timeout,
             min_batch: config.min_batch,
         })
@@ -292,15 +303,17 @@ impl NatsPublisher {
         }
         // Atomic batches where the server takes message ids in them (2.12.1 and later): an
         // older server accepts the setting and drops it (2.11), or refuses the ids (2.12.0).
-        let atomic =
-            spec.atomic_publish && batch::server_batches(&self.publishing.client().server_info().version);
-        let config = self.bring_to_spec(spec, atomic).await?;
+        // Fast-ingest batches from 2.14 on (2.12 refuses the setting as unknown).
+        let version = self.publishing.client().server_info().version;
+        let atomic = spec.atomic_publish && batch::server_batches(&version);
+        let fast = spec.fast_publish && fast::server_fast(&version);
+        let config = self.bring_to_spec(spec, atomic, fast).await?;
         // The stream's own word, not the request's: a server may have dropped the setting.
-        let takes_batches = atomic && config.allow_atomic_publish;
-        self.atomic.write().unwrap_or_else(PoisonError::into_inner).set(
+        self.batches.write().unwrap_or_else(PoisonError::into_inner).set(
             &spec.name,
             &config.subjects,
-            takes_batches,
+            atomic && config.allow_atomic_publish,
+            fast && config.allow_batch_publish,
         );
         Ok(())
     }
@@ -311,6 +324,7 @@ impl NatsPublisher {
         &self,
         spec: &StreamSpec,
         atomic: bool,
+        fast: bool,
     ) -> Result<jetstream::stream::Config, EventError> {
         let current = match self.stream_config(&spec.name).await? {
             Some(current) => current,
@@ -323,6 +337,7 @@ impl NatsPublisher {
                     num_replicas: spec.replicas.max(1),
                     storage: jetstream::stream::StorageType::File,
                     allow_atomic_publish: atomic,
+                    allow_batch_publish: fast,
                     ..Default::default()
                 };
                 match self.jetstream.create_stream(config).await {
@@ -355,6 +370,7 @@ impl NatsPublisher {
             config.num_replicas = spec.replicas;
         }
         config.allow_atomic_publish |= atomic;
+        config.allow_batch_publish |= fast;
         if config == current {
             return Ok(current);
         }
@@ -493,8 +509,8 @@ impl Publisher for NatsPublisher {
         Box::pin(async move {
             let connection = self.connection_epoch();
             let plan =
-                self.atomic.read().unwrap_or_else(PoisonError::into_inner).plan(messages, self.min_batch);
-            if plan.batches.is_empty() {
+                self.batches.read().unwrap_or_else(PoisonError::into_inner).plan(messages, self.min_batch);
+            if plan.batches.is_empty() && plan.fast.is_empty() {
                 return self.publish_in_order(messages, connection).await;
             }
             let single: Vec<OutgoingMessage> = plan.single.iter().map(|&i| messages[i].clone()).collect();
@@ -514,14 +530,17 @@ impl Publisher for NatsPublisher {
                 }
                 done
             };
-            let (single_outcomes, batch_outcomes) =
-                futures_util::future::join(self.publish_in_order(&single, connection), batches).await;
+            let fast = futures_util::future::join_all(
+                plan.fast.iter().map(|indices| self.publish_fast(messages, indices, connection)),
+            );
+            let (single_outcomes, batch_outcomes, fast_outcomes) =
+                futures_util::future::join3(self.publish_in_order(&single, connection), batches, fast).await;
             let mut outcomes: Vec<Option<Result<PublishReceipt, EventError>>> =
                 messages.iter().map(|_| None).collect();
             for (&i, outcome) in plan.single.iter().zip(single_outcomes) {
                 outcomes[i] = Some(outcome);
             }
-            for (i, outcome) in batch_outcomes {
+            for (i, outcome) in batch_outcomes.into_iter().chain(fast_outcomes.into_iter().flatten()) {
                 outcomes[i] = Some(outcome);
             }
             outcomes.into_iter().map(|o| o.unwrap_or_else(|| Err(EventError::not_sent()))).collect()
@@ -568,12 +587,12 @@ impl NatsPublisher {
                         tracing::debug!(code, %reason, "nats: atomic batch not stored; its messages go one at a time");
                     }
                     if code == ATOMIC_DISABLED {
-                        self.forget_atomic(&messages[rest[0]].subject);
+                        self.forget_batches(&messages[rest[0]].subject, Batches::Atomic);
                     }
                     return self.one_at_a_time(messages, rest, connection, out).await;
                 }
                 BatchOutcome::FirstAlone(receipt) => {
-                    self.forget_atomic(&messages[rest[0]].subject);
+                    self.forget_batches(&messages[rest[0]].subject, Batches::Atomic);
                     out.push((rest[0], Ok(receipt)));
                     return self.one_at_a_time(messages, &rest[1..], connection, out).await;
                 }
@@ -602,11 +621,60 @@ impl NatsPublisher {
         out
     }
 
-    /// Stops batching to the stream that captures `subject`: it said it takes no batches.
-    fn forget_atomic(&self, subject: &str) {
-        let mut atomic = self.atomic.write().unwrap_or_else(PoisonError::into_inner);
-        atomic.forget_subject(subject);
-        tracing::warn!(subject, "nats: the stream does not take atomic batches; events go one at a time");
+    /// Stops sending `kind` batches to the stream that captures `subject`: it said it takes
+    /// none.
+    fn forget_batches(&self, subject: &str, kind: Batches) {
+        let mut batches = self.batches.write().unwrap_or_else(PoisonError::into_inner);
+        batches.forget_subject(subject, kind);
+        tracing::warn!(subject, ?kind, "nats: the stream does not take these batches; events go another way");
+    }
+
+    /// Publishes `indices` of `messages` (every aggregate's messages to one stream with
+    /// fast-ingest batches, in order) as one fast batch (`fast.rs`). What the stream did not
+    /// store fails: the first with why, the rest unsent. A stream that turns out not to take
+    /// the batch (nothing stored) gets the messages one at a time.
+    async fn publish_fast(
+        &self,
+        messages: &[OutgoingMessage],
+        indices: &[usize],
+        connection: u64,
+    ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
+        let client = self.publishing.client();
+        let batch: Vec<&OutgoingMessage> = indices.iter().map(|&i| &messages[i]).collect();
+        let headers = |m: &OutgoingMessage| header_map(&m.headers);
+        let connected = || self.connected_on(connection);
+        let (sent, start, failure) =
+            fast::send_fast(&client, &batch, headers, self.ack_timeout, connected).await;
+        let subject = &batch[0].subject;
+        match start {
+            Start::Disabled => {
+                self.forget_batches(subject, Batches::Fast);
+                return self.one_at_a_time(messages, indices, connection, Vec::new()).await;
+            }
+            Start::Plain => {
+                self.forget_batches(subject, Batches::Fast);
+                let first = sent.outcomes(None).swap_remove(0);
+                return self
+                    .one_at_a_time(messages, &indices[1..], connection, vec![(indices[0], first)])
+                    .await;
+            }
+            Start::Open | Start::Ended => {}
+        }
+        let mut outcomes = sent.outcomes(failure);
+        // The batch's acknowledgement names the sequence of the last message it stored, not
+        // which one that is (it may have passed over messages the stream held already): the
+        // stream says, and that message's receipt carries it, for the relay's marks.
+        if let Some((stream, last, count)) = sent.last_stored()
+            && let Ok(Some(event_id)) = held::event_at(&self.publishing, &stream, last).await
+            && let Some(k) = batch
+                .iter()
+                .take(usize::try_from(count).unwrap_or(usize::MAX))
+                .position(|m| m.event_id == event_id)
+        {
+            outcomes[k] =
+                Ok(PublishReceipt { stream_sequence: last, duplicate: false, stream: Some(stream) });
+        }
+        indices.iter().copied().zip(outcomes).collect()
     }
 
     /// Publishes `messages`, each aggregate's one acknowledgement apart (the [`InOrder`]

@@ -16,7 +16,9 @@ pub use futures_util::future::BoxFuture;
 /// What the broker said about one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishReceipt {
-    /// The message's sequence in the broker's stream (0 for brokers without one).
+    /// The message's sequence in the broker's stream: 0 for brokers without one, and for a
+    /// message of a fast-ingest batch whose sequence the broker did not name (its one
+    /// acknowledgement names the last message's).
     pub stream_sequence: u64,
     /// The broker had the message already (a re-send inside the duplicate window).
     pub duplicate: bool,
@@ -48,7 +50,9 @@ pub type AggregateFilter<'a> = &'a (dyn Fn(Uuid) -> bool + Send + Sync);
 /// Contract: one outcome per message comes back, in the order given. An aggregate's
 /// messages are sent in the order given, each only after the broker acknowledged the one
 /// before, or together in a batch the broker stores whole or not at all (JetStream's atomic
-/// batches), so the broker never holds an aggregate's message before an earlier one;
+/// batches), or in a batch the broker stores in order up to the first message it does not
+/// store (JetStream's fast-ingest batches), so the broker never holds an aggregate's message
+/// before an earlier one;
 /// messages of different aggregates are in flight at once. After a message of an aggregate fails,
 /// its later messages are not sent (they fail too). A failure that is the message's own
 /// (the broker answered and refused it) is [`EventError::Refused`]; any other is

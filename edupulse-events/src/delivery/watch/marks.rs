@@ -132,6 +132,11 @@ impl StreamWatch {
     /// held for the loss.
     pub(crate) fn acknowledged(&mut self, partition: Partition, event_id: Uuid, receipt: &PublishReceipt) {
         let Some(stream) = &receipt.stream else { return };
+        // 0: stored, where the broker did not say (a fast batch names its last message's
+        // sequence only): nothing to compare or to mark.
+        if receipt.stream_sequence == 0 {
+            return;
+        }
         let sequence = StreamSequence::new(receipt.stream_sequence);
         let mark = self.marks.entry((partition, stream.clone())).or_default();
         if !receipt.duplicate && sequence <= mark.floor && mark.lost.is_none() {

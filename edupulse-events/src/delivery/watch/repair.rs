@@ -256,7 +256,7 @@ async fn send_again(
         let resent = &mut state.resent;
         resent.events += 1;
         let sequence = StreamSequence::new(receipt.stream_sequence);
-        if sequence > resent.acknowledged || resent.event_id.is_none() {
+        if receipt.stream_sequence > 0 && (sequence > resent.acknowledged || resent.event_id.is_none()) {
             resent.acknowledged = resent.acknowledged.max(sequence);
             resent.event_id = Some(message.event_id);
         }
