@@ -55,10 +55,10 @@ case "$broker" in
   both) filter=every_committed ;;
   *) echo "torture: --broker takes single, cluster or both" >&2; exit 2 ;;
 esac
-# The runs with batches are the tests named `..._with_atomic_batches`.
+# The runs with batches are the tests named `..._with_batches`.
 case "$batches" in
-  off) select=(--skip with_atomic_batches) ;;
-  on) select=(); if [ "$broker" = both ]; then filter=with_atomic_batches; else filter="${filter}_with_atomic_batches"; fi ;;
+  off) select=(--skip with_batches) ;;
+  on) select=(); if [ "$broker" = both ]; then filter=with_batches; else filter="${filter}_with_batches"; fi ;;
   both) select=() ;;
   *) echo "torture: --batches takes off, on or both" >&2; exit 2 ;;
 esac

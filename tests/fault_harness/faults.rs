@@ -148,6 +148,9 @@ pub(crate) struct Counting {
     in_flight: AtomicU64,
     /// Batches that got at least one acknowledgement back.
     acked_batches: AtomicU64,
+    /// Acknowledgements of messages sent in JetStream's fast-ingest batches (a receipt
+    /// from a stream without its own sequence: the batch names its last message's only).
+    acked_fast: AtomicU64,
 }
 
 impl Counting {
@@ -157,6 +160,7 @@ impl Counting {
             acked: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             acked_batches: AtomicU64::new(0),
+            acked_fast: AtomicU64::new(0),
         })
     }
 
@@ -174,6 +178,11 @@ impl Counting {
     pub(crate) fn acked_batches(&self) -> u64 {
         self.acked_batches.load(Ordering::Relaxed)
     }
+
+    /// Messages acknowledged in fast-ingest batches so far.
+    pub(crate) fn acked_fast(&self) -> u64 {
+        self.acked_fast.load(Ordering::Relaxed)
+    }
 }
 
 impl Publisher for Counting {
@@ -189,6 +198,11 @@ impl Publisher for Counting {
             }
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.acked.fetch_add(outcomes.iter().filter(|o| o.is_ok()).count() as u64, Ordering::Relaxed);
+            let fast = outcomes
+                .iter()
+                .filter(|o| o.as_ref().is_ok_and(|r| r.stream.is_some() && r.stream_sequence == 0))
+                .count();
+            self.acked_fast.fetch_add(fast as u64, Ordering::Relaxed);
             outcomes
         })
     }

@@ -100,7 +100,9 @@ impl Reply {
         let wire: Wire = match serde_json::from_slice(payload) {
             Ok(wire) => wire,
             Err(e) => {
-                return Self::Unreadable(format!("JetStream answered a batch with something unreadable: {e}"));
+                return Self::Unreadable(format!(
+                    "JetStream answered a batch with something unreadable: {e}"
+                ));
             }
         };
         match (wire.kind.as_deref(), wire.error) {
@@ -506,7 +508,9 @@ mod tests {
     #[test]
     fn what_the_batch_stored_is_its_first_messages_and_the_rest_fails_or_waits() {
         let end = |count: u64| format!(r#"{{"stream":"S","seq":40,"batch":"x","count":{count}}}"#);
-        let cases: &[(&str, usize, usize, Vec<(u64, String)>, bool, &str)] = &[
+        // (what, batch size, messages sent, replies, no final answer, outcomes)
+        type Case<'a> = (&'a str, usize, usize, Vec<(u64, String)>, bool, &'a str);
+        let cases: &[Case<'_>] = &[
             ("all stored", 5, 5, vec![(1, FLOW.into()), (5, end(5))], false, "s s s s s"),
             (
                 "refused at 3 (expected sequence): stops there",
