@@ -12,6 +12,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use common::nats::{NatsServer, STREAM, publisher, publisher_on, spec, stream_messages};
 use common::{counted, store};
 use edupulse_events::wire::{OutgoingMessage, headers};
@@ -197,14 +199,23 @@ async fn a_page_goes_out_as_one_fast_batch_every_aggregate_in_order() {
     let publisher = publisher(&server).await;
     let mut stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
     assert!(stream.info().await.unwrap().config.allow_batch_publish, "ensure_stream asks for fast batches");
+    // The server's replies to a fast batch go to subjects ending in `.$FI`: a client of
+    // our own listening to every inbox sees whether the publish used one.
+    let watcher = async_nats::connect(server.url()).await.unwrap();
+    let mut replies = watcher.subscribe("_INBOX.>").await.unwrap();
+    watcher.flush().await.unwrap();
     let aggregates: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
     let page = interleaved(&aggregates, 30);
     let outcomes = publisher.publish(&page).await;
     assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
-    // One acknowledgement for the batch: it names the last message's sequence only.
-    let named: Vec<u64> =
-        outcomes.iter().map(|o| o.as_ref().unwrap().stream_sequence).filter(|s| *s > 0).collect();
-    assert_eq!(named, [600], "the last message's receipt carries the batch's sequence");
+    let mut fast_replies = 0;
+    while let Ok(Some(reply)) = tokio::time::timeout(Duration::from_millis(300), replies.next()).await {
+        fast_replies += usize::from(reply.subject.ends_with(".$FI"));
+    }
+    assert!((1..=10).contains(&fast_replies), "one batch, acknowledged every 100: {fast_replies} replies");
+    // The stream named each message's sequence (one publisher: the batch fills its range).
+    let named: Vec<u64> = outcomes.iter().map(|o| o.as_ref().unwrap().stream_sequence).collect();
+    assert_eq!(named, (1..=600).collect::<Vec<u64>>());
 
     // Through the relay: a hot aggregate past any batch limit, beside many small ones.
     let store = store().await;

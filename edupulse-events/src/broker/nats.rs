@@ -608,6 +608,46 @@ impl NatsPublisher {
         out
     }
 
+    /// Gives the stored messages of a fast batch (`batch`, its first `count` stored) their
+    /// stream sequences, for the relay's marks: the batch's acknowledgement names the
+    /// sequence of the last message it stored (`last`), not which message that is, since it
+    /// may have passed over messages the stream held already, and other publishers' messages
+    /// may lie between its own. When the stream holds the batch's first message at
+    /// `last - count + 1` and its last stored one at `last`, the `count` messages fill that
+    /// range in order (each sequence holds one): every one gets its sequence. Otherwise only
+    /// the message the stream holds at `last` does. Two direct gets, together.
+    async fn name_sequences(
+        &self,
+        batch: &[&OutgoingMessage],
+        outcomes: &mut [Result<PublishReceipt, EventError>],
+        stream: &Arc<str>,
+        last: u64,
+        count: u64,
+    ) {
+        let stored = usize::try_from(count).unwrap_or(usize::MAX).min(batch.len());
+        let first = last.saturating_sub(count.saturating_sub(1));
+        let (at_first, at_last) = futures_util::future::join(
+            held::event_at(&self.publishing, stream, first),
+            held::event_at(&self.publishing, stream, last),
+        )
+        .await;
+        let receipt = |sequence| {
+            Ok(PublishReceipt { stream_sequence: sequence, duplicate: false, stream: Some(stream.clone()) })
+        };
+        let Ok(Some(at_last)) = at_last else { return };
+        if stored > 0
+            && first > 0
+            && matches!(at_first, Ok(Some(id)) if id == batch[0].event_id)
+            && at_last == batch[stored - 1].event_id
+        {
+            for (outcome, sequence) in outcomes[..stored].iter_mut().zip(first..) {
+                *outcome = receipt(sequence);
+            }
+        } else if let Some(k) = batch[..stored].iter().position(|m| m.event_id == at_last) {
+            outcomes[k] = receipt(last);
+        }
+    }
+
     /// Publishes `indices` of `messages` one acknowledgement apart, after `out`.
     async fn one_at_a_time(
         &self,
@@ -661,18 +701,8 @@ impl NatsPublisher {
             Start::Open | Start::Ended => {}
         }
         let mut outcomes = sent.outcomes(failure);
-        // The batch's acknowledgement names the sequence of the last message it stored, not
-        // which one that is (it may have passed over messages the stream held already): the
-        // stream says, and that message's receipt carries it, for the relay's marks.
-        if let Some((stream, last, count)) = sent.last_stored()
-            && let Ok(Some(event_id)) = held::event_at(&self.publishing, &stream, last).await
-            && let Some(k) = batch
-                .iter()
-                .take(usize::try_from(count).unwrap_or(usize::MAX))
-                .position(|m| m.event_id == event_id)
-        {
-            outcomes[k] =
-                Ok(PublishReceipt { stream_sequence: last, duplicate: false, stream: Some(stream) });
+        if let Some((stream, last, count)) = sent.last_stored() {
+            self.name_sequences(&batch, &mut outcomes, &stream, last, count).await;
         }
         indices.iter().copied().zip(outcomes).collect()
     }
