@@ -383,14 +383,55 @@ async fn bench_append(env: &Env) -> Result<()> {
     drop_store(&store).await
 }
 
-/// A publisher with a fresh stream `stream`. `BENCH_ATOMIC=off` makes it without atomic
-/// publishing (events one acknowledgement apart even on a server with batches).
+/// A publisher with a fresh stream `stream`. `BENCH_BATCHES=off` makes it without batches
+/// (events one acknowledgement apart even on a server with them), `atomic` or `fast` with
+/// those only; unset, as `StreamSpec::new` makes it (both, where the server has them).
 async fn nats(env: &Env, stream: &str) -> Result<NatsPublisher> {
     let publisher = NatsPublisher::connect(&env.nats_url, NatsConfig::default()).await?;
     let _ = publisher.jetstream().delete_stream(stream).await;
-    let atomic = std::env::var("BENCH_ATOMIC").map_or(true, |v| v != "off");
-    publisher.ensure_stream(&StreamSpec::new(stream, ["bench.>"]).with_atomic_publish(atomic)).await?;
+    let batches = std::env::var("BENCH_BATCHES").unwrap_or_default();
+    let spec = StreamSpec::new(stream, ["bench.>"])
+        .with_atomic_publish(batches != "off" && batches != "fast")
+        .with_fast_publish(batches != "off" && batches != "atomic");
+    publisher.ensure_stream(&spec).await?;
     Ok(publisher)
+}
+
+/// The drain's ceiling: a raw program that reads the log with plain sqlx in pages of
+/// `page` rows (position order) and publishes each row's payload with raw async-nats
+/// (`Nats-Msg-Id` its own), pipelined, without checkpoints or any ordering; every
+/// acknowledgement awaited at the end.
+async fn raw_read_and_publish(
+    pool: &PgPool,
+    schema: &str,
+    js: &async_nats::jetstream::Context,
+    page: i64,
+) -> Result<(Duration, u64)> {
+    let query = format!(
+        "SELECT global_position, event_id, payload::text FROM \"{schema}\".events \
+         WHERE global_position > $1 ORDER BY global_position LIMIT $2"
+    );
+    let started = Instant::now();
+    let (mut after, mut acks, mut sent) = (0_i64, Vec::new(), 0_u64);
+    loop {
+        let rows: Vec<(i64, Uuid, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(query.clone())).bind(after).bind(page).fetch_all(pool).await?;
+        let Some(last) = rows.last() else { break };
+        after = last.0;
+        for (_, event_id, payload) in rows {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("raw-{event_id}").as_str());
+            let message = async_nats::jetstream::message::PublishMessage::build()
+                .payload(payload.into_bytes().into())
+                .headers(headers);
+            acks.push(js.send_publish("bench.Raw", message).await?);
+            sent += 1;
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok((started.elapsed(), sent))
 }
 
 /// One JetStream message as the bus sends it: an envelope of the event and the headers ours
@@ -717,19 +758,25 @@ async fn bench_relay(env: &Env) -> Result<()> {
     let mut stream = publisher.jetstream().get_stream("BENCH").await?;
     let stored = stream.info().await?.state.messages;
 
-    // The ceiling: the same number of messages of the same size, pipelined by async-nats.
+    // The ceilings: the same rows read in pages and published raw; and the same number of
+    // messages of the same size, pipelined by async-nats.
+    let (read_and_publish, raw_sent) =
+        raw_read_and_publish(pool, schema, publisher.jetstream(), i64::from(config.batch_size)).await?;
     let body = bench_body()?;
     let raw = raw_pipelined(publisher.jetstream(), &body, total).await?;
     println!("\n### Relay drain\n");
     println!(
-        "| backlog | aggregates | batch | time | events/s | in the stream | raw async-nats events/s | ratio |"
+        "| backlog | aggregates | batch | time | events/s | in the stream | raw read + publish events/s | ratio | \
+         raw async-nats events/s | ratio |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     println!(
-        "| {total} | {aggregates} | {} | {:.2} s | {:.0} | {stored} | {:.0} | {:.0} % |",
+        "| {total} | {aggregates} | {} | {:.2} s | {:.0} | {stored} | {:.0} | {:.0} % | {:.0} | {:.0} % |",
         config.batch_size,
         elapsed.as_secs_f64(),
         rate(total, elapsed),
+        rate(raw_sent, read_and_publish),
+        100.0 * rate(total, elapsed) / rate(raw_sent, read_and_publish),
         rate(total, raw),
         100.0 * raw.as_secs_f64() / elapsed.as_secs_f64()
     );
