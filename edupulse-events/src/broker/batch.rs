@@ -139,16 +139,28 @@ impl BatchStreams {
                 .all(|&i| self.stream_of(&messages[i].subject, kind) == Some(stream))
                 .then_some(stream)
         };
-        // Runs to a stream with fast batches: one batch per stream, every run of it.
-        let mut fast: Vec<(&Arc<str>, Vec<usize>)> = Vec::new();
+        // Runs to a stream with fast batches: one batch per stream, every run of it, when
+        // its longest run is longer than what a batch costs (one at a time, a publish lasts
+        // about as many round trips as its longest run has messages).
+        let mut fast: Vec<(&Arc<str>, Vec<Vec<usize>>)> = Vec::new();
         let mut rest = Vec::with_capacity(runs.len());
         for run in runs {
             match one_stream(&run, Batches::Fast) {
                 Some(stream) => match fast.iter_mut().find(|(s, _)| *s == stream) {
-                    Some((_, indices)) => indices.extend(run),
-                    None => fast.push((stream, run)),
+                    Some((_, runs)) => runs.push(run),
+                    None => fast.push((stream, vec![run])),
                 },
                 None => rest.push(run),
+            }
+        }
+        let mut fast_batches = Vec::new();
+        for (_, runs) in fast {
+            if runs.iter().map(Vec::len).max().unwrap_or(0) > FAST_BATCH_COST {
+                let mut indices: Vec<usize> = runs.into_iter().flatten().collect();
+                indices.sort_unstable();
+                fast_batches.push(indices);
+            } else {
+                rest.extend(runs);
             }
         }
         // Runs that may go as atomic batches, longest first; the others go one at a time.
@@ -159,11 +171,7 @@ impl BatchStreams {
         long.sort_by_key(|run| std::cmp::Reverse(run.len()));
         let longest_short = short.iter().map(Vec::len).max().unwrap_or(0);
         let batched = worth_batching(&long.iter().map(Vec::len).collect::<Vec<_>>(), longest_short);
-        let mut plan = Plan::default();
-        for (_, mut indices) in fast {
-            indices.sort_unstable();
-            plan.fast.push(indices);
-        }
+        let mut plan = Plan { fast: fast_batches, ..Plan::default() };
         for (k, run) in long.into_iter().enumerate() {
             if k < batched {
                 plan.batches.push(run);
@@ -178,6 +186,11 @@ impl BatchStreams {
         plan
     }
 }
+
+/// What a fast-ingest batch costs, in acknowledgement round trips of one message: its first
+/// reply, its final acknowledgement, and the stream's word on the sequences it stored
+/// (`fast.rs`).
+const FAST_BATCH_COST: usize = 3;
 
 /// What a batch costs the stream, in acknowledgement round trips of one message under load:
 /// the server commits a stream's batches one after another, about 4.5 ms each whatever their
@@ -450,21 +463,30 @@ mod tests {
 
     #[test]
     fn every_run_to_a_stream_with_fast_batches_goes_in_its_one_fast_batch() {
-        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        // a: both to LESSONS; b: one to LESSONS, one to OTHER; c: to OTHER.
-        let messages =
-            [to(a, "lesson.x"), to(b, "lesson.x"), to(c, "other.x"), to(a, "lesson.y"), to(b, "other.x")];
+        let (a, b, c, d) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        // a: all four to LESSONS; b: one to LESSONS, one to OTHER; c: to OTHER; d: one to
+        // LESSONS.
+        let mut messages = vec![to(a, "lesson.x"), to(b, "lesson.x"), to(c, "other.x"), to(d, "lesson.z")];
+        messages.extend([to(a, "lesson.y"), to(b, "other.x"), to(a, "lesson.y"), to(a, "lesson.y")]);
+        messages.extend((0..4).map(|_| to(c, "other.x")));
         let mut streams = BatchStreams::default();
         streams.set("LESSONS", &["lesson.>".to_owned()], true, true);
         streams.set("OTHER", &["other.*".to_owned()], false, true);
         let plan = streams.plan(&messages, 1);
-        assert_eq!(plan.fast, vec![vec![0, 3], vec![2]], "page order within each stream's batch");
-        assert_eq!(plan.single, vec![1, 4], "b spans two streams: one at a time");
+        assert_eq!(
+            plan.fast,
+            vec![vec![0, 3, 4, 6, 7], vec![2, 8, 9, 10, 11]],
+            "page order in each stream's batch"
+        );
+        assert_eq!(plan.single, vec![1, 5], "b spans two streams: one at a time");
         assert!(plan.batches.is_empty());
+        let short = streams.plan(&messages[..4], 1);
+        assert!(short.fast.is_empty(), "no run longer than a batch costs: one at a time");
+        assert_eq!(short.single, vec![0, 1, 2, 3]);
         streams.forget_subject("lesson.q", Batches::Fast);
         let plan = streams.plan(&messages, 1);
-        assert_eq!(plan.fast, vec![vec![2]]);
-        assert_eq!(plan.single, vec![0, 1, 3, 4], "LESSONS: atomic batches only, for long runs");
+        assert_eq!(plan.fast, vec![vec![2, 8, 9, 10, 11]]);
+        assert_eq!(plan.single, vec![0, 1, 3, 4, 5, 6, 7], "LESSONS: atomic batches only, for long runs");
         streams.forget_subject("other.x", Batches::Fast);
         assert!(streams.plan(&messages, 1).fast.is_empty());
     }

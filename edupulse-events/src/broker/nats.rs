@@ -1,6 +1,8 @@
-//! The NATS JetStream publisher: one message per event; an aggregate's messages one
-//! acknowledgement apart, or as one atomic batch on a stream that takes them (`batch.rs`);
-//! errors sorted into refusals and transient failures.
+//! The NATS JetStream publisher: one message per event; a publish as one fast-ingest batch
+//! on a stream that takes them (`fast.rs`, 2.14 and later), else an aggregate's long run as
+//! one atomic batch on a stream that takes those (`batch.rs`, 2.12.1 and later), else an
+//! aggregate's messages one acknowledgement apart; errors sorted into refusals and
+//! transient failures.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -166,9 +168,12 @@ impl StreamSpec {
 
 /// Publishes events to NATS JetStream: one message per event on its subject, with
 /// `Nats-Msg-Id` = event id and the `Edupulse-*` headers; acknowledgements are awaited
-/// together, not one round trip per event. On a stream with atomic publishing
-/// ([`StreamSpec::atomic_publish`], nats-server 2.12.1 and later) an aggregate's long run of
-/// messages may go as one atomic batch: stored whole or not at all, with one acknowledgement.
+/// together, not one round trip per event. On a stream with fast-ingest batches
+/// ([`StreamSpec::fast_publish`], nats-server 2.14 and later) a publish goes as one batch,
+/// every aggregate's messages in order, acknowledged every hundred messages. On a stream
+/// with atomic publishing only ([`StreamSpec::atomic_publish`], 2.12.1 and later) an
+/// aggregate's long run of messages may go as one atomic batch: stored whole or not at all,
+/// with one acknowledgement.
 ///
 /// Security: [`connect`](NatsPublisher::connect) takes the credentials out of the URL before
 /// async-nats sees it, so they appear in no log line at any level (async-nats logs the
@@ -279,9 +284,10 @@ impl NatsPublisher {
     /// A missing stream is created file-backed with `spec`'s subjects, duplicate window, max
     /// age and replicas, everything else at JetStream's defaults. On an existing stream only
     /// what `spec` asks for changes: the subjects, the duplicate window, and the max age and
-    /// replicas when they are not zero (zero leaves the stream's own), and atomic publishing,
+    /// replicas when they are not zero (zero leaves the stream's own), atomic publishing,
     /// switched on when `spec` asks for it and the server takes message ids in batches (2.12.1
-    /// and later; never switched off). Limits (`max_msgs`,
+    /// and later), and fast-ingest batches, when `spec` asks for them and the server has them
+    /// (2.14 and later); neither is ever switched off. Limits (`max_msgs`,
     /// `max_bytes`, …), retention, discard policy, storage, description and the rest are
     /// kept, so settings an operator made survive a restart of the service. Nothing is sent
     /// when the stream already matches.

@@ -178,3 +178,74 @@ pub async fn run_raw_fast(url: &str) {
     }
     let _ = js51.delete_stream(STREAM).await;
 }
+
+/// Fast ingest, gap "fail", sent without awaiting the first reply; `ops` overrides the
+/// operation per message (None: 0 first, 2 last, 1 otherwise); returns every reply.
+async fn fast_nowait(client: &async_nats::Client, msgs: &[Msg], flow: u32) -> Vec<String> {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(format!("{inbox}.>")).await.unwrap();
+    let n = msgs.len();
+    for (i, m) in msgs.iter().enumerate() {
+        let seq = i + 1;
+        let op = if n == 1 { 2 } else if seq == 1 { 0 } else if seq == n { 2 } else { 1 };
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in &m.headers {
+            h.insert(k.as_str(), v.as_str());
+        }
+        client
+            .publish_with_reply_and_headers(m.subject.clone(), format!("{inbox}.{flow}.fail.{seq}.{op}.$FI"), h, m.payload.clone())
+            .await
+            .unwrap();
+    }
+    let mut out = vec![];
+    while let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+        let tail: Vec<&str> = r.subject.as_str().rsplitn(4, '.').collect();
+        out.push(format!("[{}] {}", tail[..tail.len() - 1].iter().rev().cloned().collect::<Vec<_>>().join("."), String::from_utf8_lossy(&r.payload)));
+    }
+    out
+}
+
+pub async fn run_fast_semantics(url: &str) {
+    let client = async_nats::connect(url).await.unwrap();
+    let js51 = async_nats::jetstream::new(client.clone());
+    let c48 = nats48::connect(url).await.unwrap();
+    let created = create_raw(&c48, r#","allow_batched":true,"allow_atomic":true,"max_msg_size":200"#).await;
+    println!("FASTSEM server {} create allow_batched+allow_atomic: {created}", client.server_info().version);
+    if created != "created" {
+        return;
+    }
+    let ids = |p: &str, r: std::ops::RangeInclusive<u32>| -> Vec<Msg> { r.map(|i| Msg::new(format!("probe.{p}.{i}")).h("Nats-Msg-Id", format!("{p}-{i}"))).collect() };
+    let show = |label: &str, r: Vec<String>| println!("  {label}: {r:?}");
+    show("a1..a5 new, no wait", fast_nowait(&client, &ids("a", 1..=5), 100).await);
+    println!("    stored: {}", crate::stored(&js51, STREAM).await);
+    let mut m = ids("a", 6..=7);
+    m.extend(ids("a", 5..=5));
+    show("a6,a7 new then a5 dup last", fast_nowait(&client, &m, 100).await);
+    println!("    stored: {}", crate::stored(&js51, STREAM).await);
+    let mut m = ids("b", 1..=5);
+    m[2] = std::mem::replace(&mut m[2], Msg::new("x")).h("Nats-Expected-Last-Subject-Sequence", 999);
+    show("b1..b5, b3 expects subject seq 999", fast_nowait(&client, &m, 100).await);
+    println!("    stored: {}", crate::stored(&js51, STREAM).await);
+    let mut m = ids("c", 1..=5);
+    m[2].payload = Bytes::from(vec![b'x'; 400]);
+    show("c1..c5, c3 over max_msg_size", fast_nowait(&client, &m, 100).await);
+    println!("    stored: {}", crate::stored(&js51, STREAM).await);
+    show("d1 alone (one message batch)", fast_nowait(&client, &ids("d", 1..=1), 100).await);
+    show("d1 alone again", fast_nowait(&client, &ids("d", 1..=1), 100).await);
+    println!("    stored: {}", crate::stored(&js51, STREAM).await);
+    show("e1..e50, flow 10, no wait", fast_nowait(&client, &ids("e", 1..=50), 10).await.into_iter().filter(|s| !s.contains("\"ack\"")).collect());
+    println!("    {}", crate::state(&js51, STREAM).await);
+    // two batches at once from two tasks
+    let (c1, c2) = (client.clone(), client.clone());
+    let (f, g) = (ids("f", 1..=200), ids("g", 1..=200));
+    let (r1, r2) = tokio::join!(fast_nowait(&c1, &f, 100), fast_nowait(&c2, &g, 100));
+    println!("  f and g at once: {:?} / {:?}", r1.last(), r2.last());
+    println!("    {}", crate::state(&js51, STREAM).await);
+    // a batch where the last two are duplicates of earlier, one new before them
+    let mut m = ids("h", 1..=1);
+    m.extend(ids("a", 6..=7));
+    show("h1 new then a6,a7 dup", fast_nowait(&client, &m, 100).await);
+    println!("    {}", crate::state(&js51, STREAM).await);
+    let _ = js51.delete_stream(STREAM).await;
+}

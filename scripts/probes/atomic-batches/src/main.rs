@@ -558,6 +558,7 @@ async fn main() {
         "old" => old(&url).await,
         "window" => window(&url).await,
         "rawfast" => extra::run_raw_fast(&url).await,
+        "fastsem" => extra::run_fast_semantics(&url).await,
         other => eprintln!("unknown mode {other}"),
     }
 }
