@@ -198,6 +198,17 @@ fn chrono_now() -> edupulse_events::chrono::DateTime<edupulse_events::chrono::Ut
 
 /// The CPU time this process has used (user and system, every thread), from
 /// `/proc/self/stat` (clock ticks of 10 ms); zero where that cannot be read.
+/// The machine's busy CPU time so far (all processes, every core: `/proc/stat`'s first
+/// line without idle and iowait), to tell whether a run had cores to spare.
+fn machine_busy() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return Duration::ZERO };
+    let fields: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Duration::from_millis(total.saturating_sub(idle) * 10)
+}
+
 fn process_cpu() -> Duration {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return Duration::ZERO };
     // The command name may hold spaces: the fields that follow start after its `)`.
@@ -526,10 +537,11 @@ async fn bench_publish(env: &Env) -> Result<()> {
         "| committers × events | bare commit events/s | p50 | p99 | bare commit + raw publish events/s | \
          raw publication p50 | raw publication p99 | `EventBus::commit` events/s | p50 | p99 | / bare | \
          / bare + raw publish | publication p50 | publication p99 | publication p99 / bare p99 | \
-         all acknowledged events/s |"
+         all acknowledged events/s | end to end / bare + raw publish | publication p99 / raw publication p99 |"
     );
     println!(
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: \
+         | ---: | ---: |"
     );
     let per_run = if env.quick { 1_200 } else { 6_000 };
     for (committers, per_commit) in [(1usize, 1usize), (8, 1), (64, 1), (64, 10)] {
@@ -659,7 +671,7 @@ async fn bench_publish(env: &Env) -> Result<()> {
         println!(
             "| {committers} × {per_commit} | {bare:.0} | {:.2} ms | {:.2} ms | {bare_and_publish:.0} | {:.2} ms | \
              {:.2} ms | {ours:.0} | {:.2} ms | {:.2} ms | {:.0} % | {:.0} % | {:.2} ms | {:.2} ms | {:.2} | \
-             {end_to_end:.0} |",
+             {end_to_end:.0} | {:.0} % | {:.2} |",
             ms(percentile(&bare_latencies, 0.5)),
             ms(bare_p99),
             ms(percentile(&raw_publication, 0.5)),
@@ -671,6 +683,8 @@ async fn bench_publish(env: &Env) -> Result<()> {
             ms(percentile(&publication, 0.5)),
             ms(percentile(&publication, 0.99)),
             percentile(&publication, 0.99).as_secs_f64() / bare_p99.as_secs_f64(),
+            100.0 * end_to_end / bare_and_publish,
+            percentile(&publication, 0.99).as_secs_f64() / percentile(&raw_publication, 0.99).as_secs_f64(),
         );
         bus.shutdown().await;
         drop_store(&store).await?;
@@ -770,42 +784,86 @@ async fn bench_relay(env: &Env) -> Result<()> {
     let batch_size = knob("RELAY_BATCH").unwrap_or(defaults.batch_size);
     let config = defaults.with_batch_size(batch_size);
     let relay = LogRelay::new(store.clone(), Arc::new(publisher.clone()), config.clone());
-    let started = Instant::now();
+    let (started, cpu, busy) = (Instant::now(), process_cpu(), machine_busy());
     let mut published = 0;
     while published < total {
-        let pass = relay.run_once().await?;
-        if std::env::var_os("BENCH_DEBUG").is_some() {
-            eprintln!("pass: {pass:?}");
-        }
-        published += pass.published;
+        published += relay.run_once().await?.published;
     }
     let elapsed = started.elapsed();
+    let (ours_cpu, ours_busy) = (process_cpu() - cpu, machine_busy() - busy);
     let mut stream = publisher.jetstream().get_stream("BENCH").await?;
     let stored = stream.info().await?.state.messages;
 
     // The ceilings: the same rows read in pages and published raw; and the same number of
     // messages of the same size, pipelined by async-nats.
+    let (cpu, busy) = (process_cpu(), machine_busy());
     let (read_and_publish, raw_sent) =
         raw_read_and_publish(pool, schema, publisher.jetstream(), i64::from(config.batch_size)).await?;
+    let (raw_cpu, raw_busy) = (process_cpu() - cpu, machine_busy() - busy);
+    let per_event = |cpu: Duration, n: u64| cpu.as_secs_f64() * 1e6 / n.max(1) as f64;
+    let cores = |busy: Duration, elapsed: Duration| busy.as_secs_f64() / elapsed.as_secs_f64();
     let body = bench_body()?;
     let raw = raw_pipelined(publisher.jetstream(), &body, total).await?;
     println!("\n### Relay drain\n");
     println!(
         "| backlog | aggregates | batch | time | events/s | in the stream | raw read + publish events/s | ratio | \
-         raw async-nats events/s | ratio |"
+         raw async-nats events/s | ratio | client CPU µs/event, ours / raw read + publish | cores busy, ours / raw |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     println!(
-        "| {total} | {aggregates} | {} | {:.2} s | {:.0} | {stored} | {:.0} | {:.0} % | {:.0} | {:.0} % |",
+        "| {total} | {aggregates} | {} | {:.2} s | {:.0} | {stored} | {:.0} | {:.0} % | {:.0} | {:.0} % | \
+         {:.1} / {:.1} | {:.2} / {:.2} |",
         config.batch_size,
         elapsed.as_secs_f64(),
         rate(total, elapsed),
         rate(raw_sent, read_and_publish),
         100.0 * rate(total, elapsed) / rate(raw_sent, read_and_publish),
         rate(total, raw),
-        100.0 * raw.as_secs_f64() / elapsed.as_secs_f64()
+        100.0 * raw.as_secs_f64() / elapsed.as_secs_f64(),
+        per_event(ours_cpu, total),
+        per_event(raw_cpu, raw_sent),
+        cores(ours_busy, elapsed),
+        cores(raw_busy, read_and_publish),
     );
-    drop_store(&store).await
+    drop_store(&store).await?;
+
+    // One hot aggregate committing while the bus's relay publishes it, beside the drain.
+    let hot = if env.quick { 2_000 } else { 10_000 };
+    let (committed, in_stream) = hot_aggregate(env, &publisher, hot).await?;
+    println!("\n### One hot aggregate while it commits\n");
+    println!("| events | per commit | committed events/s | in the stream events/s | / the drain above |");
+    println!("| ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {hot} | 10 | {committed:.0} | {in_stream:.0} | {:.0} % |",
+        100.0 * in_stream / rate(total, elapsed)
+    );
+    Ok(())
+}
+
+/// `total` events committed to one aggregate, 10 per commit, one commit after another,
+/// through a bus whose background relay publishes them meanwhile: the commit rate, and the
+/// rate at which they reach the stream (the last one's acknowledgement).
+async fn hot_aggregate(env: &Env, publisher: &NatsPublisher, total: u64) -> Result<(f64, f64)> {
+    let store = fresh_store(env, 10).await?;
+    let bus = EventBus::new(store.clone(), Arc::new(publisher.clone()), BusConfig::default())?;
+    let id = Uuid::now_v7();
+    let warm = bus.commit(async |tx| tx.append("bench", id, 0, [tick(id, 0)]).await).await?;
+    warm.published().await?;
+    let started = Instant::now();
+    let mut last = None;
+    for first in (1..=total).step_by(10) {
+        let events: Vec<_> = (first..first + 10).map(|n| tick(id, n)).collect();
+        let committed = bus.commit(async |tx| tx.append("bench", id, first as i64, events).await).await?;
+        last = Some(committed.receipt);
+    }
+    let committed = rate(total, started.elapsed());
+    if let Some(receipt) = last {
+        receipt.published().await?;
+    }
+    let in_stream = rate(total, started.elapsed());
+    bus.shutdown().await;
+    drop_store(&store).await?;
+    Ok((committed, in_stream))
 }
 
 /// One row of the durability guide's table, for the broker `NATS_URL` points at (one
