@@ -140,7 +140,7 @@ pub struct StreamSpec {
     pub atomic_publish: bool,
     /// Fast-ingest batches (default on): on nats-server 2.14 and later, the stream is made
     /// to take them (`allow_batched`), and each publish of the relay goes to it as one
-    /// batch, every aggregate's events in order, acknowledged every hundred messages
+    /// batch, every aggregate's events in order, acknowledged every few hundred messages
     /// instead of one round trip per event; the server stores a batch's messages in the
     /// order sent and stops it at the first it does not store, so no aggregate's event
     /// lands after one that is missing. This replaces atomic batches where the server has
@@ -170,7 +170,7 @@ impl StreamSpec {
 /// `Nats-Msg-Id` = event id and the `Edupulse-*` headers; acknowledgements are awaited
 /// together, not one round trip per event. On a stream with fast-ingest batches
 /// ([`StreamSpec::fast_publish`], nats-server 2.14 and later) a publish goes as one batch,
-/// every aggregate's messages in order, acknowledged every hundred messages. On a stream
+/// every aggregate's messages in order, acknowledged every few hundred messages. On a stream
 /// with atomic publishing only ([`StreamSpec::atomic_publish`], 2.12.1 and later) an
 /// aggregate's long run of messages may go as one atomic batch: stored whole or not at all,
 /// with one acknowledgement.
