@@ -614,15 +614,13 @@ impl NatsPublisher {
         out
     }
 
-    /// Gives the stored messages of a fast batch (`batch`, its first `count` stored) their
-    /// stream sequences, for the relay's marks: the batch's acknowledgement names the
-    /// sequence of the last message it stored (`last`), not which message that is, since it
-    /// may have passed over messages the stream held already, and other publishers' messages
-    /// may lie between its own. When the stream holds the batch's first message at
-    /// `last - count + 1` and its last stored one at `last`, the `count` messages fill that
-    /// range in order (each sequence holds one): every one gets its sequence. Otherwise only
-    /// the message the stream holds at `last` does. Two direct gets, together.
-    async fn name_sequences(
+    /// Gives the last message a fast batch stored its stream sequence, for the relay's
+    /// marks (which keep, per partition, the highest sequence acknowledged and the event
+    /// there; the relay publishes each partition's messages as a publish of its own): the
+    /// batch's acknowledgement names the sequence of the last message it stored (`last`),
+    /// not which message that is, since it passes over messages the stream holds already.
+    /// The stream says, with one direct get; the other messages' receipts name none.
+    async fn name_last(
         &self,
         batch: &[&OutgoingMessage],
         outcomes: &mut [Result<PublishReceipt, EventError>],
@@ -631,26 +629,10 @@ impl NatsPublisher {
         count: u64,
     ) {
         let stored = usize::try_from(count).unwrap_or(usize::MAX).min(batch.len());
-        let first = last.saturating_sub(count.saturating_sub(1));
-        let (at_first, at_last) = futures_util::future::join(
-            held::event_at(&self.publishing, stream, first),
-            held::event_at(&self.publishing, stream, last),
-        )
-        .await;
-        let receipt = |sequence| {
-            Ok(PublishReceipt { stream_sequence: sequence, duplicate: false, stream: Some(stream.clone()) })
-        };
-        let Ok(Some(at_last)) = at_last else { return };
-        if stored > 0
-            && first > 0
-            && matches!(at_first, Ok(Some(id)) if id == batch[0].event_id)
-            && at_last == batch[stored - 1].event_id
-        {
-            for (outcome, sequence) in outcomes[..stored].iter_mut().zip(first..) {
-                *outcome = receipt(sequence);
-            }
-        } else if let Some(k) = batch[..stored].iter().position(|m| m.event_id == at_last) {
-            outcomes[k] = receipt(last);
+        let Ok(Some(at_last)) = held::event_at(&self.publishing, stream, last).await else { return };
+        if let Some(k) = batch[..stored].iter().rposition(|m| m.event_id == at_last) {
+            outcomes[k] =
+                Ok(PublishReceipt { stream_sequence: last, duplicate: false, stream: Some(stream.clone()) });
         }
     }
 
@@ -708,7 +690,7 @@ impl NatsPublisher {
         }
         let mut outcomes = sent.outcomes(failure);
         if let Some((stream, last, count)) = sent.last_stored() {
-            self.name_sequences(&batch, &mut outcomes, &stream, last, count).await;
+            self.name_last(&batch, &mut outcomes, &stream, last, count).await;
         }
         indices.iter().copied().zip(outcomes).collect()
     }

@@ -5,6 +5,7 @@
 mod bus;
 mod message;
 mod outstanding;
+mod partitioned;
 mod relay;
 mod republish;
 mod watch;
