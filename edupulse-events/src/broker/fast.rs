@@ -57,6 +57,58 @@ const BATCH_UNKNOWN: u64 = 10208;
 /// JetStream's error code for a stream without fast-ingest batches.
 pub(crate) const FAST_DISABLED: u64 = 10205;
 
+/// How the messages of one publish to a stream with fast batches go out, so that every
+/// aggregate's last message gets a receipt with its stream sequence (what the relay's marks
+/// keep: per partition, the highest sequence acknowledged and the event there; a batch's
+/// acknowledgement names one sequence only, and not which message it holds).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct FastPlan {
+    /// In the batch: every aggregate's messages but its last, in the order given.
+    pub(crate) batch: Vec<usize>,
+    /// Aggregates with one message: sent one at a time meanwhile.
+    pub(crate) alone: Vec<usize>,
+    /// The last message of each aggregate with messages in the batch, and the batch's index
+    /// of its message before (the last of it in the batch): sent one at a time once the batch
+    /// stored that one, with its acknowledgement of its own.
+    pub(crate) tails: Vec<(usize, usize)>,
+}
+
+impl FastPlan {
+    /// The plan for `indices` (into `messages`, in order).
+    pub(crate) fn of(messages: &[OutgoingMessage], indices: &[usize]) -> Self {
+        let mut runs: Vec<Vec<usize>> = Vec::new();
+        let mut run_of: std::collections::HashMap<uuid::Uuid, usize> = std::collections::HashMap::new();
+        for &i in indices {
+            let run = *run_of.entry(messages[i].aggregate_id).or_insert_with(|| {
+                runs.push(Vec::new());
+                runs.len() - 1
+            });
+            runs[run].push(i);
+        }
+        let mut plan = Self::default();
+        let mut lasts = Vec::new();
+        for run in runs {
+            match run.split_last() {
+                Some((&last, [])) => plan.alone.push(last),
+                Some((&last, [.., before])) => lasts.push((last, *before)),
+                None => {}
+            }
+        }
+        let in_batch: std::collections::HashSet<usize> = indices
+            .iter()
+            .copied()
+            .filter(|i| !plan.alone.contains(i) && !lasts.iter().any(|(l, _)| l == i))
+            .collect();
+        plan.batch = indices.iter().copied().filter(|i| in_batch.contains(i)).collect();
+        let position: std::collections::HashMap<usize, usize> =
+            plan.batch.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+        plan.tails =
+            lasts.into_iter().filter_map(|(last, before)| Some((last, *position.get(&before)?))).collect();
+        plan.tails.sort_unstable();
+        plan
+    }
+}
+
 /// One reply of the server about a batch, read from its payload and the batch sequence of
 /// the reply subject it came on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,9 +331,8 @@ impl FastBatch {
     /// them fails with `timed_out`, and the relay sends them again, de-duplicated).
     ///
     /// The stored ones get a receipt without their stream sequence (0: the batch's final
-    /// acknowledgement names one sequence only), except a batch of one message, whose
-    /// acknowledgement is its own; [`last_stored`](Self::last_stored) says where the last
-    /// stored one went.
+    /// acknowledgement names one sequence only, and not which message is there), except a
+    /// batch of one message, whose acknowledgement is its own.
     pub(crate) fn outcomes(&self, timed_out: Option<EventError>) -> Vec<Result<PublishReceipt, EventError>> {
         let (stream, stored, exact) = match &self.end {
             Some((stream, last, count, duplicate)) => {
@@ -316,13 +367,6 @@ impl FastBatch {
                 }
             })
             .collect()
-    }
-
-    /// The stream and sequence of the last message the batch stored, when it stored one and
-    /// the messages' own receipts do not say it (batches of more than one message).
-    pub(crate) fn last_stored(&self) -> Option<(Arc<str>, u64, u64)> {
-        let (stream, last, count, _) = self.end.as_ref()?;
-        (self.sent > 1 && *last > 0 && *count > 0).then(|| (stream.clone(), *last, *count))
     }
 }
 
@@ -584,12 +628,28 @@ mod tests {
     }
 
     #[test]
-    fn the_last_stored_message_is_named_by_the_stream_not_guessed() {
-        let b = batch(5, 5, &[(1, FLOW), (5, r#"{"stream":"S","seq":40,"batch":"x","count":5}"#)]);
-        assert_eq!(b.last_stored(), Some((Arc::from("S"), 40, 5)));
-        let held_already = batch(5, 5, &[(1, FLOW), (5, r#"{"stream":"S","seq":0,"batch":"x","count":5}"#)]);
-        assert_eq!(held_already.last_stored(), None, "stored nothing new");
-        assert_eq!(batch(1, 1, &[(1, r#"{"stream":"S","seq":3}"#)]).last_stored(), None, "its receipt says");
+    fn every_aggregate_s_last_message_goes_after_the_batch_with_a_receipt_of_its_own() {
+        let (a, b, c) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let to = |aggregate_id| OutgoingMessage {
+            event_id: uuid::Uuid::now_v7(),
+            aggregate_id,
+            global_position: 0,
+            subject: "x".into(),
+            headers: Vec::new(),
+            body: bytes::Bytes::new(),
+        };
+        // a: 0 2 4 5; b: 1; c: 3 6
+        let messages = [to(a), to(b), to(a), to(c), to(a), to(a), to(c)];
+        let plan = FastPlan::of(&messages, &[0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(plan.batch, [0, 2, 3, 4]);
+        assert_eq!(plan.alone, [1]);
+        assert_eq!(
+            plan.tails,
+            [(5, 3), (6, 2)],
+            "a's last after the batch's 4th (its 4), c's after its 3rd (its 3)"
+        );
+        let some = FastPlan::of(&messages, &[1, 3, 6]);
+        assert_eq!((some.batch, some.alone, some.tails), (vec![3], vec![1], vec![(6, 0)]));
     }
 
     #[test]

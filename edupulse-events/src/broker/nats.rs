@@ -614,28 +614,6 @@ impl NatsPublisher {
         out
     }
 
-    /// Gives the last message a fast batch stored its stream sequence, for the relay's
-    /// marks (which keep, per partition, the highest sequence acknowledged and the event
-    /// there; the relay publishes each partition's messages as a publish of its own): the
-    /// batch's acknowledgement names the sequence of the last message it stored (`last`),
-    /// not which message that is, since it passes over messages the stream holds already.
-    /// The stream says, with one direct get; the other messages' receipts name none.
-    async fn name_last(
-        &self,
-        batch: &[&OutgoingMessage],
-        outcomes: &mut [Result<PublishReceipt, EventError>],
-        stream: &Arc<str>,
-        last: u64,
-        count: u64,
-    ) {
-        let stored = usize::try_from(count).unwrap_or(usize::MAX).min(batch.len());
-        let Ok(Some(at_last)) = held::event_at(&self.publishing, stream, last).await else { return };
-        if let Some(k) = batch[..stored].iter().rposition(|m| m.event_id == at_last) {
-            outcomes[k] =
-                Ok(PublishReceipt { stream_sequence: last, duplicate: false, stream: Some(stream.clone()) });
-        }
-    }
-
     /// Publishes `indices` of `messages` one acknowledgement apart, after `out`.
     async fn one_at_a_time(
         &self,
@@ -658,41 +636,60 @@ impl NatsPublisher {
     }
 
     /// Publishes `indices` of `messages` (every aggregate's messages to one stream with
-    /// fast-ingest batches, in order) as one fast batch (`fast.rs`). What the stream did not
-    /// store fails: the first with why, the rest unsent. A stream that turns out not to take
-    /// the batch (nothing stored) gets the messages one at a time.
+    /// fast-ingest batches, in order; `fast.rs`): every aggregate's messages but its last as
+    /// one fast batch, while aggregates with one message go one at a time; then each
+    /// aggregate's last message, once the batch stored the one before it, one at a time
+    /// with an acknowledgement of its own (the batch's names one sequence only, and the
+    /// relay's marks need each partition's last). What the stream did not store fails: the
+    /// first with why, the rest unsent. A stream that turns out not to take the batch
+    /// (nothing stored) gets the messages one at a time.
     async fn publish_fast(
         &self,
         messages: &[OutgoingMessage],
         indices: &[usize],
         connection: u64,
     ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
+        let plan = fast::FastPlan::of(messages, indices);
         let client = self.publishing.client();
-        let batch: Vec<&OutgoingMessage> = indices.iter().map(|&i| &messages[i]).collect();
+        let batch: Vec<&OutgoingMessage> = plan.batch.iter().map(|&i| &messages[i]).collect();
         let headers = |m: &OutgoingMessage| header_map(&m.headers);
         let connected = || self.connected_on(connection);
-        let (sent, start, failure) =
-            fast::send_fast(&client, &batch, headers, self.ack_timeout, connected).await;
-        let subject = &batch[0].subject;
+        let alone: Vec<OutgoingMessage> = plan.alone.iter().map(|&i| messages[i].clone()).collect();
+        let ((sent, start, failure), alone_outcomes) = futures_util::future::join(
+            fast::send_fast(&client, &batch, headers, self.ack_timeout, connected),
+            self.publish_in_order(&alone, connection),
+        )
+        .await;
+        let mut out: Vec<(usize, Result<PublishReceipt, EventError>)> =
+            plan.alone.iter().copied().zip(alone_outcomes).collect();
+        let mut rest: Vec<usize> =
+            plan.batch.iter().copied().chain(plan.tails.iter().map(|(i, _)| *i)).collect();
+        rest.sort_unstable();
         match start {
             Start::Disabled => {
-                self.forget_batches(subject, Batches::Fast);
-                return self.one_at_a_time(messages, indices, connection, Vec::new()).await;
+                self.forget_batches(&batch[0].subject, Batches::Fast);
+                return self.one_at_a_time(messages, &rest, connection, out).await;
             }
             Start::Plain => {
-                self.forget_batches(subject, Batches::Fast);
-                let first = sent.outcomes(None).swap_remove(0);
-                return self
-                    .one_at_a_time(messages, &indices[1..], connection, vec![(indices[0], first)])
-                    .await;
+                self.forget_batches(&batch[0].subject, Batches::Fast);
+                out.push((plan.batch[0], sent.outcomes(None).swap_remove(0)));
+                rest.retain(|&i| i != plan.batch[0]);
+                return self.one_at_a_time(messages, &rest, connection, out).await;
             }
             Start::Open | Start::Ended => {}
         }
-        let mut outcomes = sent.outcomes(failure);
-        if let Some((stream, last, count)) = sent.last_stored() {
-            self.name_last(&batch, &mut outcomes, &stream, last, count).await;
-        }
-        indices.iter().copied().zip(outcomes).collect()
+        let batch_outcomes = sent.outcomes(failure);
+        let (ready, waiting): (Vec<_>, Vec<_>) = plan
+            .tails
+            .iter()
+            .copied()
+            .partition(|(_, before)| batch_outcomes.get(*before).is_some_and(Result::is_ok));
+        out.extend(plan.batch.iter().copied().zip(batch_outcomes));
+        out.extend(waiting.into_iter().map(|(i, _)| (i, Err(EventError::not_sent()))));
+        let tails: Vec<OutgoingMessage> = ready.iter().map(|(i, _)| messages[*i].clone()).collect();
+        let tail_outcomes = self.publish_in_order(&tails, connection).await;
+        out.extend(ready.into_iter().map(|(i, _)| i).zip(tail_outcomes));
+        out
     }
 
     /// Publishes `messages`, each aggregate's one acknowledgement apart (the [`InOrder`]

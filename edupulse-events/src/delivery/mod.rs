@@ -5,7 +5,6 @@
 mod bus;
 mod message;
 mod outstanding;
-mod partitioned;
 mod relay;
 mod republish;
 mod watch;

@@ -13,7 +13,6 @@ use uuid::Uuid;
 
 use crate::broker::PublishReceipt;
 use crate::delivery::message;
-use crate::delivery::partitioned::publish_by_partition;
 use crate::delivery::relay::ledger::{Disposition, Entry, Failures, Ledger, Outcome, Save, Settlement, park};
 use crate::delivery::relay::parts::Parts;
 use crate::delivery::relay::pass::RelayPass;
@@ -174,10 +173,7 @@ impl Holding {
             return parked;
         }
         self.streams.batch_starts();
-        let partitions: Vec<Partition> = sent.iter().map(|(entry, _)| entry.partition).collect();
-        let outcomes = publish_by_partition(&*relay.publisher, &partitions, &messages)
-            .instrument(batch_span(&messages))
-            .await;
+        let outcomes = relay.publisher.publish(&messages).instrument(batch_span(&messages)).await;
         // One clock reading for the batch: its acknowledgements came back together.
         let acked_at = Utc::now();
         let missing =

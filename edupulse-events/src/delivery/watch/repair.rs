@@ -11,7 +11,6 @@ use uuid::Uuid;
 
 use crate::broker::Publisher;
 use crate::delivery::message;
-use crate::delivery::partitioned::publish_by_partition;
 use crate::delivery::watch::marks::StreamWatch;
 use crate::delivery::watch::read::{Held, Reading, read_stream};
 use crate::delivery::watch::sequence::StreamSequence;
@@ -245,7 +244,7 @@ async fn send_again(
         ));
     }
     let (owners, outgoing): (Vec<Partition>, Vec<OutgoingMessage>) = messages.into_iter().unzip();
-    let outcomes = publish_by_partition(publisher, &owners, &outgoing).await;
+    let outcomes = publisher.publish(&outgoing).await;
     for ((partition, message), outcome) in owners.into_iter().zip(&outgoing).zip(outcomes) {
         let receipt = outcome.map_err(|e| {
             EventError::broker_message(
