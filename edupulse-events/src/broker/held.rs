@@ -1,5 +1,10 @@
 //! What a JetStream stream still holds: its messages' event ids, read with an ordered
 //! consumer that carries headers only, for a relay repairing a stream that lost messages.
+//!
+//! Not batched direct gets (nats-server 2.11 and later): they answer with whole messages,
+//! bodies included, where the scan needs two headers of each; the ordered consumer streams
+//! the headers alone, from one request, on every server version the relay supports. The one
+//! message the watch reads at a mark (`event_at`) is one message get.
 
 use std::time::Duration;
 
