@@ -383,6 +383,9 @@ pub(crate) async fn send_fast(
     connected: impl Fn() -> bool,
 ) -> (FastBatch, Start, Option<EventError>) {
     let mut batch = FastBatch::new(messages.len());
+    if messages.is_empty() {
+        return (batch, Start::Ended, None);
+    }
     let unavailable = |what: String| EventError::broker_message(BrokerErrorKind::Unavailable, what);
     let inbox = client.new_inbox();
     let mut replies = match client.subscribe(format!("{inbox}.>")).await {

@@ -139,12 +139,13 @@ pub struct StreamSpec {
     /// sends one at a time.
     pub atomic_publish: bool,
     /// Fast-ingest batches (default on): on nats-server 2.14 and later, the stream is made
-    /// to take them (`allow_batched`), and each publish of the relay goes to it as one
-    /// batch, every aggregate's events in order, acknowledged every few hundred messages
-    /// instead of one round trip per event; the server stores a batch's messages in the
-    /// order sent and stops it at the first it does not store, so no aggregate's event
-    /// lands after one that is missing. This replaces atomic batches where the server has
-    /// both. Off leaves the stream's setting as it is.
+    /// to take them (`allow_batched`), and a publish of the relay in which some aggregate
+    /// has more than three events goes to it as one batch, every aggregate's events in
+    /// order, acknowledged every few hundred messages instead of one round trip per event
+    /// (each aggregate's last event follows with an acknowledgement of its own); the server
+    /// stores a batch's messages in the order sent and stops it at the first it does not
+    /// store, so no aggregate's event lands after one that is missing. This replaces atomic
+    /// batches where the server has both. Off leaves the stream's setting as it is.
     pub fast_publish: bool,
 }
 
@@ -169,8 +170,9 @@ impl StreamSpec {
 /// Publishes events to NATS JetStream: one message per event on its subject, with
 /// `Nats-Msg-Id` = event id and the `Edupulse-*` headers; acknowledgements are awaited
 /// together, not one round trip per event. On a stream with fast-ingest batches
-/// ([`StreamSpec::fast_publish`], nats-server 2.14 and later) a publish goes as one batch,
-/// every aggregate's messages in order, acknowledged every few hundred messages. On a stream
+/// ([`StreamSpec::fast_publish`], nats-server 2.14 and later) a publish with a long run of
+/// some aggregate goes as one batch, every aggregate's messages in order, acknowledged every
+/// few hundred messages. On a stream
 /// with atomic publishing only ([`StreamSpec::atomic_publish`], 2.12.1 and later) an
 /// aggregate's long run of messages may go as one atomic batch: stored whole or not at all,
 /// with one acknowledgement.
@@ -650,6 +652,11 @@ impl NatsPublisher {
         connection: u64,
     ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
         let plan = fast::FastPlan::of(messages, indices);
+        if plan.batch.is_empty() {
+            // Every aggregate has one message: nothing to batch (the plan does not ask for
+            // a batch then).
+            return self.one_at_a_time(messages, indices, connection, Vec::new()).await;
+        }
         let client = self.publishing.client();
         let batch: Vec<&OutgoingMessage> = plan.batch.iter().map(|&i| &messages[i]).collect();
         let headers = |m: &OutgoingMessage| header_map(&m.headers);
