@@ -466,9 +466,7 @@ fn read_reply(message: &async_nats::Message) -> Reply {
 
 /// Whether a server of `version` (`2.14.0`, say) has fast-ingest batches.
 pub(crate) fn server_fast(version: &str) -> bool {
-    let mut parts = version.split(['.', '-', '+']).map(|p| p.parse::<u64>().ok());
-    let mut next = || parts.next().flatten().unwrap_or(0);
-    (next(), next(), next()) >= SINCE
+    crate::broker::batch::server_since(version, SINCE)
 }
 
 #[cfg(test)]
