@@ -27,6 +27,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::broker::PublishReceipt;
+use crate::broker::fast::FastPlan;
 use crate::event::subject::filter_matches;
 use crate::event::wire::OutgoingMessage;
 use crate::{BrokerErrorKind, EventError};
@@ -75,7 +76,7 @@ pub(crate) struct BatchStreams {
 /// one at a time.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Plan {
-    pub(crate) fast: Vec<Vec<usize>>,
+    pub(crate) fast: Vec<FastPlan>,
     pub(crate) batches: Vec<Vec<usize>>,
     pub(crate) single: Vec<usize>,
 }
@@ -156,9 +157,7 @@ impl BatchStreams {
         let mut fast_batches = Vec::new();
         for (_, runs) in fast {
             if runs.iter().map(Vec::len).max().unwrap_or(0) > FAST_BATCH_COST {
-                let mut indices: Vec<usize> = runs.into_iter().flatten().collect();
-                indices.sort_unstable();
-                fast_batches.push(indices);
+                fast_batches.push(FastPlan::of(runs));
             } else {
                 rest.extend(runs);
             }
@@ -188,8 +187,8 @@ impl BatchStreams {
 }
 
 /// What a fast-ingest batch costs, in acknowledgement round trips of one message: its first
-/// reply, its final acknowledgement, and the stream's word on the sequences it stored
-/// (`fast.rs`).
+/// reply, its final acknowledgement, and its aggregates' last messages, acknowledged each
+/// on its own after it (`fast.rs`).
 const FAST_BATCH_COST: usize = 3;
 
 /// What a batch costs the stream, in acknowledgement round trips of one message under load:
@@ -478,10 +477,13 @@ mod tests {
         streams.set("LESSONS", &["lesson.>".to_owned()], true, true);
         streams.set("OTHER", &["other.*".to_owned()], false, true);
         let plan = streams.plan(&messages, 1);
+        // LESSONS: a's all but its last in the batch, then its last; d alone. OTHER: c's.
+        assert_eq!(plan.fast.len(), 2);
+        assert_eq!((plan.fast[0].batch.clone(), plan.fast[0].alone.clone()), (vec![0, 4, 6], vec![3]));
+        assert_eq!(plan.fast[0].tails, [(7, 2)]);
         assert_eq!(
-            plan.fast,
-            vec![vec![0, 3, 4, 6, 7], vec![2, 8, 9, 10, 11]],
-            "page order in each stream's batch"
+            (plan.fast[1].batch.clone(), plan.fast[1].tails.clone()),
+            (vec![2, 8, 9, 10], vec![(11, 3)])
         );
         assert_eq!(plan.single, vec![1, 5], "b spans two streams: one at a time");
         assert!(plan.batches.is_empty());
@@ -490,7 +492,8 @@ mod tests {
         assert_eq!(short.single, vec![0, 1, 2, 3]);
         streams.forget_subject("lesson.q", Batches::Fast);
         let plan = streams.plan(&messages, 1);
-        assert_eq!(plan.fast, vec![vec![2, 8, 9, 10, 11]]);
+        assert_eq!(plan.fast.len(), 1);
+        assert_eq!(plan.fast[0].batch, [2, 8, 9, 10]);
         assert_eq!(plan.single, vec![0, 1, 3, 4, 5, 6, 7], "LESSONS: atomic batches only, for long runs");
         streams.forget_subject("other.x", Batches::Fast);
         assert!(streams.plan(&messages, 1).fast.is_empty());

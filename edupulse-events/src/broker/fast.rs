@@ -74,36 +74,27 @@ pub(crate) struct FastPlan {
 }
 
 impl FastPlan {
-    /// The plan for `indices` (into `messages`, in order).
-    pub(crate) fn of(messages: &[OutgoingMessage], indices: &[usize]) -> Self {
-        let mut runs: Vec<Vec<usize>> = Vec::new();
-        let mut run_of: std::collections::HashMap<uuid::Uuid, usize> = std::collections::HashMap::new();
-        for &i in indices {
-            let run = *run_of.entry(messages[i].aggregate_id).or_insert_with(|| {
-                runs.push(Vec::new());
-                runs.len() - 1
-            });
-            runs[run].push(i);
-        }
+    /// The plan for `runs`: each aggregate's messages (indices into the publish, in order).
+    pub(crate) fn of(runs: Vec<Vec<usize>>) -> Self {
         let mut plan = Self::default();
         let mut lasts = Vec::new();
         for run in runs {
             match run.split_last() {
                 Some((&last, [])) => plan.alone.push(last),
-                Some((&last, [.., before])) => lasts.push((last, *before)),
+                Some((&last, before)) => {
+                    plan.batch.extend_from_slice(before);
+                    lasts.push((last, before[before.len() - 1]));
+                }
                 None => {}
             }
         }
-        let in_batch: std::collections::HashSet<usize> = indices
-            .iter()
-            .copied()
-            .filter(|i| !plan.alone.contains(i) && !lasts.iter().any(|(l, _)| l == i))
+        plan.batch.sort_unstable();
+        plan.alone.sort_unstable();
+        // Each tail waits for its message before: its index in the batch.
+        plan.tails = lasts
+            .into_iter()
+            .filter_map(|(last, before)| Some((last, plan.batch.binary_search(&before).ok()?)))
             .collect();
-        plan.batch = indices.iter().copied().filter(|i| in_batch.contains(i)).collect();
-        let position: std::collections::HashMap<usize, usize> =
-            plan.batch.iter().enumerate().map(|(k, &i)| (i, k)).collect();
-        plan.tails =
-            lasts.into_iter().filter_map(|(last, before)| Some((last, *position.get(&before)?))).collect();
         plan.tails.sort_unstable();
         plan
     }
@@ -630,18 +621,8 @@ mod tests {
 
     #[test]
     fn every_aggregate_s_last_message_goes_after_the_batch_with_a_receipt_of_its_own() {
-        let (a, b, c) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-        let to = |aggregate_id| OutgoingMessage {
-            event_id: uuid::Uuid::now_v7(),
-            aggregate_id,
-            global_position: 0,
-            subject: "x".into(),
-            headers: Vec::new(),
-            body: bytes::Bytes::new(),
-        };
         // a: 0 2 4 5; b: 1; c: 3 6
-        let messages = [to(a), to(b), to(a), to(c), to(a), to(a), to(c)];
-        let plan = FastPlan::of(&messages, &[0, 1, 2, 3, 4, 5, 6]);
+        let plan = FastPlan::of(vec![vec![0, 2, 4, 5], vec![1], vec![3, 6]]);
         assert_eq!(plan.batch, [0, 2, 3, 4]);
         assert_eq!(plan.alone, [1]);
         assert_eq!(
@@ -649,7 +630,7 @@ mod tests {
             [(5, 3), (6, 2)],
             "a's last after the batch's 4th (its 4), c's after its 3rd (its 3)"
         );
-        let some = FastPlan::of(&messages, &[1, 3, 6]);
+        let some = FastPlan::of(vec![vec![1], vec![3, 6]]);
         assert_eq!((some.batch, some.alone, some.tails), (vec![3], vec![1], vec![(6, 0)]));
     }
 

@@ -539,7 +539,7 @@ impl Publisher for NatsPublisher {
                 done
             };
             let fast = futures_util::future::join_all(
-                plan.fast.iter().map(|indices| self.publish_fast(messages, indices, connection)),
+                plan.fast.iter().map(|fast| self.publish_fast(messages, fast, connection)),
             );
             let (single_outcomes, batch_outcomes, fast_outcomes) =
                 futures_util::future::join3(self.publish_in_order(&single, connection), batches, fast).await;
@@ -637,7 +637,7 @@ impl NatsPublisher {
         tracing::warn!(subject, ?kind, "nats: the stream does not take these batches; events go another way");
     }
 
-    /// Publishes `indices` of `messages` (every aggregate's messages to one stream with
+    /// Publishes the messages `plan` names (every aggregate's messages to one stream with
     /// fast-ingest batches, in order; `fast.rs`): every aggregate's messages but its last as
     /// one fast batch, while aggregates with one message go one at a time; then each
     /// aggregate's last message, once the batch stored the one before it, one at a time
@@ -648,14 +648,13 @@ impl NatsPublisher {
     async fn publish_fast(
         &self,
         messages: &[OutgoingMessage],
-        indices: &[usize],
+        plan: &fast::FastPlan,
         connection: u64,
     ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
-        let plan = fast::FastPlan::of(messages, indices);
         if plan.batch.is_empty() {
             // Every aggregate has one message: nothing to batch (the plan does not ask for
             // a batch then).
-            return self.one_at_a_time(messages, indices, connection, Vec::new()).await;
+            return self.one_at_a_time(messages, &plan.alone, connection, Vec::new()).await;
         }
         let client = self.publishing.client();
         let batch: Vec<&OutgoingMessage> = plan.batch.iter().map(|&i| &messages[i]).collect();
