@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::broker::PublishReceipt;
 use crate::broker::fast::FastPlan;
+use crate::broker::version::server_since;
 use crate::event::subject::filter_matches;
 use crate::event::wire::OutgoingMessage;
 use crate::{BrokerErrorKind, EventError};
@@ -343,13 +344,6 @@ fn settle(payload: &[u8], messages: &[&OutgoingMessage], commit: bool) -> BatchO
 /// Whether a server of `version` (`2.12.1`, say) takes message ids in atomic batches.
 pub(crate) fn server_batches(version: &str) -> bool {
     server_since(version, SINCE)
-}
-
-/// Whether a server of `version` (`2.12.1`, `2.14.0-beta`, …) is `since` or later.
-pub(crate) fn server_since(version: &str, since: (u64, u64, u64)) -> bool {
-    let mut parts = version.split(['.', '-', '+']).map(|p| p.parse::<u64>().ok());
-    let mut next = || parts.next().flatten().unwrap_or(0);
-    (next(), next(), next()) >= since
 }
 
 fn no_answer(e: async_nats::RequestError) -> EventError {

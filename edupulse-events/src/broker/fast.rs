@@ -35,6 +35,7 @@ use futures_util::{FutureExt, StreamExt};
 use serde::Deserialize;
 
 use crate::broker::PublishReceipt;
+use crate::broker::version::server_since;
 use crate::event::wire::OutgoingMessage;
 use crate::{BrokerErrorKind, EventError};
 
@@ -457,7 +458,7 @@ fn read_reply(message: &async_nats::Message) -> Reply {
 
 /// Whether a server of `version` (`2.14.0`, say) has fast-ingest batches.
 pub(crate) fn server_fast(version: &str) -> bool {
-    crate::broker::batch::server_since(version, SINCE)
+    server_since(version, SINCE)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod publisher;
 mod pulls;
 mod recovery;
 mod subscriber;
+mod version;
 
 pub use self::memory::{BrokerMessage, InMemoryBroker};
 pub use self::nats::{NatsConfig, NatsPublisher, StreamSpec};
