@@ -283,7 +283,10 @@ async fn a_fast_batch_sent_again_stores_nothing_twice_and_a_refused_message_stop
     assert_eq!((order[&a].clone(), order[&b].clone()), ((1..=5).collect(), (1..=5).collect()));
 
     // A message the stream refuses (larger than its max_msg_size) stops the batch at it:
-    // what came before is stored, nothing after it is.
+    // what came before is stored, nothing after it is. No acknowledgement came after what
+    // it stored (each aggregate's last message waited for its message before), so each
+    // aggregate's last stored message is sent again, one at a time: the stream drops it and
+    // names its sequence, which the relay's marks keep.
     let mut stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
     let mut config = stream.info().await.unwrap().config.clone();
     config.max_message_size = 2_048;
@@ -292,18 +295,28 @@ async fn a_fast_batch_sent_again_stores_nothing_twice_and_a_refused_message_stop
     let mut page = interleaved(&[c, d], 4);
     page[4].body = vec![b' '; 4_096].into(); // c's third
     let outcomes = publisher.publish(&page).await;
-    let shape: Vec<&str> = outcomes
+    let shape: Vec<String> = outcomes
         .iter()
         .map(|o| match o {
-            Ok(_) => "stored",
-            Err(e) if e.is_refusal() => "refused",
-            Err(e) if e.broker_kind() == Some(edupulse_events::BrokerErrorKind::NotSent) => "not sent",
-            Err(_) => "failed",
+            Ok(r) if r.stream_sequence == 0 => "stored".to_owned(),
+            Ok(r) => format!("stored at {}{}", r.stream_sequence, if r.duplicate { ", held" } else { "" }),
+            Err(e) if e.is_refusal() => "refused".into(),
+            Err(e) if e.broker_kind() == Some(edupulse_events::BrokerErrorKind::NotSent) => "not sent".into(),
+            Err(_) => "failed".into(),
         })
         .collect();
     assert_eq!(
         shape,
-        ["stored", "stored", "stored", "stored", "refused", "not sent", "not sent", "not sent"]
+        [
+            "stored",
+            "stored",
+            "stored at 13, held",
+            "stored at 14, held",
+            "refused",
+            "not sent",
+            "not sent",
+            "not sent"
+        ]
     );
     let (order, _, total) = stored(&publisher).await;
     assert_eq!(total, 14);

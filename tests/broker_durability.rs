@@ -528,7 +528,6 @@ async fn nothing_sent_while_the_broker_is_down_goes_out_unchecked_when_it_is_bac
 
 #[tokio::test]
 async fn a_server_back_from_an_older_copy_while_a_page_is_read_gets_nothing_before_its_streams_are_checked() {
-    use edupulse_events::Publisher;
     let store = store().await;
     let mut server = NatsServer::start().await;
     let publisher = nats::publisher(&server).await;
@@ -574,14 +573,17 @@ async fn a_server_back_from_an_older_copy_while_a_page_is_read_gets_nothing_befo
         assert!(tokio::time::Instant::now() < deadline, "the relay never read its page");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Meanwhile the server comes back from the older copy (without A), and the client
-    // connects to it again.
-    let epoch = publisher.connection_epoch();
+    // Meanwhile the server comes back from the older copy (without A), and the clients
+    // connect to it again (the application's on its own; the publishing one is made again
+    // by the next publish).
+    let connects =
+        || publisher.jetstream().client().statistics().connects.load(std::sync::atomic::Ordering::Relaxed);
+    let before = connects();
     server.kill().await;
     std::fs::remove_dir_all(server.dir()).unwrap();
     std::fs::rename(&older, server.dir()).unwrap();
     server.restart().await;
-    while publisher.connection_epoch() == epoch {
+    while connects() == before {
         assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(10), "no reconnection");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -602,4 +604,87 @@ async fn a_server_back_from_an_older_copy_while_a_page_is_read_gets_nothing_befo
     assert_eq!(order.len(), 16);
     assert_complete(&order, &seen, &ids, 4);
     assert!(store.relay_lag().await.unwrap().lost.is_empty());
+}
+
+/// `n` messages of `size` bytes each, one per aggregate (all pipelined), on the test stream.
+fn big_messages(n: usize, size: usize) -> Vec<edupulse_events::wire::OutgoingMessage> {
+    use edupulse_events::wire::{OutgoingMessage, headers};
+    (0..n)
+        .map(|i| {
+            let (event_id, aggregate) = (Uuid::now_v7(), Uuid::now_v7());
+            let body = serde_json::json!({
+                "event_id": event_id, "event_type": "Counted", "schema_version": 1, "aggregate_type": "course",
+                "aggregate_id": aggregate, "sequence": 1, "occurred_at": "2026-12-03T00:00:00Z",
+                "recorded_at": "2026-12-03T00:00:00Z", "global_position": i, "payload": {"pad": "x".repeat(size)},
+                "metadata": {},
+            });
+            OutgoingMessage {
+                event_id,
+                aggregate_id: aggregate,
+                global_position: i as i64,
+                subject: "courses.counted".into(),
+                headers: vec![(headers::MSG_ID, event_id.to_string()), (headers::AGGREGATE_ID, aggregate.to_string())],
+                body: serde_json::to_vec(&body).unwrap().into(),
+            }
+        })
+        .collect()
+}
+
+/// The messages the test stream holds, read on a connection of its own.
+async fn held_by(server: &NatsServer) -> u64 {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client).get_stream(STREAM).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// The NATS client keeps what it was handed while its connection was breaking and sends it
+/// on the next connection, before the relay could check the stream: against a server that
+/// came back without messages it had acknowledged (an older copy of its store), such a
+/// message lands after the hole, before the lost ones are sent again (found by the fault
+/// harness with fast batches: 376 order violations). The publisher's connection is never
+/// made again: what it held when the connection broke is dropped, and reported as not
+/// acknowledged; publishing goes on over a new connection once the streams are checked.
+#[tokio::test]
+async fn nothing_the_client_held_when_its_connection_broke_reaches_the_server_afterwards() {
+    use edupulse_events::Publisher;
+    let server = NatsServer::start().await;
+    let proxy = common::proxy::Proxy::start(server.port()).await;
+    let config = NatsConfig::default().with_ack_timeout(Duration::from_secs(3));
+    let publisher = NatsPublisher::connect(&proxy.url(), config).await.unwrap();
+    publisher.ensure_stream(&nats::spec()).await.unwrap();
+    let first = publisher.publish(&big_messages(1, 10)).await;
+    assert!(first.iter().all(Result::is_ok), "{first:?}");
+    let epoch = publisher.connection_epoch();
+
+    // The proxy stops carrying what the client sends: 40 MB back up in the client, most
+    // of it in its own queue (the sockets hold a few MB).
+    proxy.stall();
+    let held = big_messages(40, 1_000_000);
+    let publishing = tokio::spawn({
+        let publisher = publisher.clone();
+        async move { publisher.publish(&held).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.cut();
+    let outcomes = tokio::time::timeout(Duration::from_secs(30), publishing).await.unwrap().unwrap();
+    assert!(outcomes.iter().all(Result::is_err), "acknowledged across the break: {outcomes:?}");
+
+    // Whatever connects again through the proxy, nothing of what was held reaches the
+    // server.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(held_by(&server).await, 1, "messages the client held at the break were stored afterwards");
+
+    // Publishing goes on, on a new connection (a new epoch, so the relay checks its streams
+    // first).
+    let mut next = Vec::new();
+    for _ in 0..20 {
+        next = publisher.publish(&big_messages(2, 10)).await;
+        if next.iter().all(Result::is_ok) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(next.iter().all(Result::is_ok), "{next:?}");
+    assert_ne!(publisher.connection_epoch(), epoch);
+    assert_eq!(held_by(&server).await, 3);
 }

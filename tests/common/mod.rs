@@ -3,6 +3,7 @@
 #![allow(dead_code, missing_docs, unreachable_pub)]
 
 pub mod nats;
+pub mod proxy;
 
 use edupulse_events::sqlx::{PgConnection, PgPool, SqliteConnection};
 use edupulse_events::upcast::{self, JsonValue, UpcastError};

@@ -15,6 +15,7 @@ use crate::connect::{connect_error, percent_decode, timeout_hint};
 use crate::error::ConnectCause;
 
 /// Credentials taken out of a NATS URL.
+#[derive(Clone)]
 pub(crate) enum NatsCredentials {
     UserPassword(String, String),
     Token(String),

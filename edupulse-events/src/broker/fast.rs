@@ -27,12 +27,14 @@
 //! this crate builds on, so the protocol is spoken here (`batch.rs` says the same of atomic
 //! batches).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, HeaderMap};
 use futures_util::{FutureExt, StreamExt};
 use serde::Deserialize;
+use uuid::Uuid;
 
 use crate::broker::PublishReceipt;
 use crate::broker::version::server_since;
@@ -99,6 +101,65 @@ impl FastPlan {
         plan.tails.sort_unstable();
         plan
     }
+}
+
+/// The messages a batch stored that no acknowledgement names yet, to send again one at a
+/// time: for each aggregate whose tail was not acknowledged, its last message the batch
+/// stored (`batch`: index into the publish and outcome).
+///
+/// The relay's marks must cover every message it counts as acknowledged, and a batch's
+/// acknowledgement names one sequence, not which message is there: an aggregate's tail,
+/// acknowledged after the batch, names a sequence past all of its messages. Without it, a
+/// stream that went back to before them but kept the partition's older mark would not be
+/// found out, and the aggregate's next event would land after the hole. Sent again, the
+/// message is dropped by the stream (it holds its id), whose answer names its sequence.
+pub(crate) fn to_confirm<R>(
+    batch: &[(usize, Result<PublishReceipt, EventError>)],
+    tails: &[(usize, Result<R, EventError>)],
+    aggregate: impl Fn(usize) -> Uuid,
+) -> Vec<usize> {
+    let uncovered: HashSet<Uuid> =
+        tails.iter().filter(|(_, outcome)| outcome.is_err()).map(|(i, _)| aggregate(*i)).collect();
+    let mut last: HashMap<Uuid, usize> = HashMap::new();
+    for (i, outcome) in batch {
+        if outcome.as_ref().is_ok_and(|r| r.stream_sequence == 0) && uncovered.contains(&aggregate(*i)) {
+            last.insert(aggregate(*i), *i);
+        }
+    }
+    let mut out: Vec<usize> = last.into_values().collect();
+    out.sort_unstable();
+    out
+}
+
+/// The batch's outcomes once the messages of [`to_confirm`] were sent again
+/// (`confirmations`): each gets the receipt that names its sequence; the stored messages
+/// of an aggregate whose confirmation failed fail (the relay sends them again).
+pub(crate) fn confirmed(
+    batch: Vec<(usize, Result<PublishReceipt, EventError>)>,
+    confirmations: Vec<(usize, Result<PublishReceipt, EventError>)>,
+    aggregate: impl Fn(usize) -> Uuid,
+) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
+    let failed: HashSet<Uuid> =
+        confirmations.iter().filter(|(_, o)| o.is_err()).map(|(i, _)| aggregate(*i)).collect();
+    let mut receipts: HashMap<usize, PublishReceipt> =
+        confirmations.into_iter().filter_map(|(i, o)| Some((i, o.ok()?))).collect();
+    batch
+        .into_iter()
+        .map(|(i, outcome)| match outcome {
+            Ok(_) if failed.contains(&aggregate(i)) => (i, Err(unconfirmed())),
+            Ok(receipt) => (i, Ok(receipts.remove(&i).unwrap_or(receipt))),
+            outcome => (i, outcome),
+        })
+        .collect()
+}
+
+/// A message a fast batch stored, whose sequence nothing named (see [`to_confirm`]).
+fn unconfirmed() -> EventError {
+    EventError::broker_message(
+        BrokerErrorKind::Other,
+        "stored by a fast batch, but no acknowledgement named its sequence: sent again (the stream \
+         drops the copy)",
+    )
 }
 
 /// One reply of the server about a batch, read from its payload and the batch sequence of
@@ -633,6 +694,53 @@ mod tests {
         );
         let some = FastPlan::of(vec![vec![1], vec![3, 6]]);
         assert_eq!((some.batch, some.alone, some.tails), (vec![3], vec![1], vec![(6, 0)]));
+    }
+
+    #[test]
+    fn a_message_the_batch_stored_counts_only_once_an_acknowledgement_names_a_sequence_past_it() {
+        // a: 0 1 | 4 (tail acknowledged); b: 2 3 | 5 (tail failed); c: 6 | 7 (tail not
+        // sent); d: 8 9 | 10 (tail failed, confirmation failed).
+        let (a, b, c, d) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3), Uuid::from_u128(4));
+        let owner = |i: usize| match i {
+            0 | 1 | 4 => a,
+            2 | 3 | 5 => b,
+            6 | 7 => c,
+            _ => d,
+        };
+        let receipt = |sequence| {
+            Ok(PublishReceipt { stream_sequence: sequence, duplicate: sequence > 0, stream: None })
+        };
+        let batch = || {
+            vec![
+                (0, receipt(0)),
+                (1, receipt(0)),
+                (2, receipt(0)),
+                (3, receipt(0)),
+                (6, Err(EventError::not_sent())),
+                (8, receipt(0)),
+                (9, receipt(0)),
+            ]
+        };
+        let tails = [
+            (4, Ok(())),
+            (5, Err(EventError::not_sent())),
+            (7, Err(EventError::not_sent())),
+            (10, Err(EventError::not_sent())),
+        ];
+        assert_eq!(
+            to_confirm(&batch(), &tails, owner),
+            [3, 9],
+            "b's and d's last stored; a is covered, c stored none"
+        );
+        let outcomes = confirmed(batch(), vec![(3, receipt(12)), (9, Err(EventError::not_sent()))], owner);
+        let shape: Vec<(usize, Option<u64>)> =
+            outcomes.iter().map(|(i, o)| (*i, o.as_ref().ok().map(|r| r.stream_sequence))).collect();
+        assert_eq!(
+            shape,
+            [(0, Some(0)), (1, Some(0)), (2, Some(0)), (3, Some(12)), (6, None), (8, None), (9, None)]
+        );
+        let Err(e) = &outcomes[5].1 else { unreachable!() };
+        assert!(!e.is_refusal() && e.broker_kind() != Some(BrokerErrorKind::NotSent), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod connect;
 mod fast;
 mod held;
 mod lanes;
+mod link;
 mod memory;
 mod nats;
 mod publisher;

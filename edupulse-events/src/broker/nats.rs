@@ -28,6 +28,7 @@ use crate::broker::batch::{
 use crate::broker::connect::{self, NatsCredentials};
 use crate::broker::fast::{self, Start};
 use crate::broker::held;
+use crate::broker::link::{Dial, Link, Publishing};
 use crate::broker::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
 use crate::event::subject::validate_filter;
 use crate::event::wire::OutgoingMessage;
@@ -187,9 +188,9 @@ pub struct NatsPublisher {
     /// The context handed to the application (async-nats' defaults: a publish waits for a
     /// free acknowledgement slot).
     jetstream: jetstream::Context,
-    /// Ours: without backpressure, so that a publish holding unawaited acknowledgements is
-    /// told "none left" instead of waiting for slots that only it can free.
-    publishing: jetstream::Context,
+    /// The connection events are published on (`link.rs`: one that is never made again,
+    /// unless the application's client was given).
+    link: Arc<Link>,
     /// The server's `max_payload`, once known (0 before): read on every commit, so kept
     /// here instead of cloning the client's server info each time.
     max_payload: Arc<AtomicUsize>,
@@ -238,42 +239,57 @@ impl NatsPublisher {
         config.check()?;
         let target = connect::nats_target(url)?;
         let options = async_nats::ConnectOptions::new().connection_timeout(config.connect_timeout);
-        let options = match target.credentials {
+        let options = match target.credentials.clone() {
             Some(NatsCredentials::UserPassword(user, password)) => options.user_and_password(user, password),
             Some(NatsCredentials::Token(token)) => options.token(token),
             None => options,
         };
         // Without `retry_on_initial_connect`: the first failure comes back to the caller
         // instead of surfacing later as a request timeout. The bound covers DNS too.
-        let client = match tokio::time::timeout(config.connect_timeout, options.connect(target.servers)).await
-        {
+        let servers = target.servers.clone();
+        let client = match tokio::time::timeout(config.connect_timeout, options.connect(servers)).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => return Err(connect::nats_connect_error(e, &target.names)),
             Err(_) => return Err(connect::nats_timeout(&target.names, config.connect_timeout)),
         };
-        Self::from_client(client, &config)
+        let dial = Dial {
+            servers: target.servers,
+            credentials: target.credentials,
+            names: target.names,
+            connect_timeout: config.connect_timeout,
+        };
+        let publishing = dial.open().await?;
+        let link = Link::dialed(publishing, dial, (config.ack_timeout, config.max_ack_inflight));
+        Ok(Self::with_link(client, link, &config))
     }
 
-    /// Uses an existing client.
+    /// Uses an existing client, for the application's context and for publishing.
+    ///
+    /// The client reconnects on its own after an outage and then sends what it was handed
+    /// while its connection was breaking, before the relay could check the streams: against
+    /// a server that came back without messages it had acknowledged, such an event lands
+    /// after the hole, ahead of the lost ones sent again. A publisher made by
+    /// [`connect`](Self::connect) publishes on a connection of its own that is never made
+    /// again, and has no such exposure: prefer it for the relay.
     ///
     /// # Errors
     /// [`EventError::Config`] for an invalid configuration.
     pub fn from_client(client: async_nats::Client, config: &NatsConfig) -> Result<Self, EventError> {
         config.check()?;
-        let jetstream = jetstream::ContextBuilder::new().timeout(config.ack_timeout).build(client.clone());
-        let publishing = jetstream::ContextBuilder::new()
-            .timeout(config.ack_timeout)
-            .max_ack_inflight(config.max_ack_inflight)
-            .backpressure_on_inflight(false)
-            .build(client);
-        Ok(Self {
+        let link = Link::shared(client.clone(), (config.ack_timeout, config.max_ack_inflight));
+        Ok(Self::with_link(client, link, config))
+    }
+
+    fn with_link(client: async_nats::Client, link: Link, config: &NatsConfig) -> Self {
+        let jetstream = jetstream::ContextBuilder::new().timeout(config.ack_timeout).build(client);
+        Self {
             jetstream,
-            publishing,
+            link: Arc::new(link),
             max_payload: Arc::default(),
             batches: Arc::default(),
             ack_timeout: config.ack_timeout,
             min_batch: config.min_batch,
-        })
+        }
     }
 
     /// The JetStream context, for the application's own use.
@@ -312,7 +328,7 @@ impl NatsPublisher {
         // Atomic batches where the server takes message ids in them (2.12.1 and later): an
         // older server accepts the setting and drops it (2.11), or refuses the ids (2.12.0).
         // Fast-ingest batches from 2.14 on (2.12 refuses the setting as unknown).
-        let version = self.publishing.client().server_info().version;
+        let version = self.link.client().server_info().version;
         let atomic = spec.atomic_publish && batch::server_batches(&version);
         let fast = spec.fast_publish && fast::server_fast(&version);
         let config = self.bring_to_spec(spec, atomic, fast).await?;
@@ -448,7 +464,7 @@ impl Publisher for NatsPublisher {
             return Some(known);
         }
         // Zero until the client has met the server.
-        let told = self.publishing.client().server_info().max_payload;
+        let told = self.link.client().server_info().max_payload;
         self.max_payload.store(told, Ordering::Relaxed);
         Some(told).filter(|&n| n > 0)
     }
@@ -507,15 +523,32 @@ impl Publisher for NatsPublisher {
     }
 
     fn connection_epoch(&self) -> u64 {
-        self.publishing.client().statistics().connects.load(Ordering::Relaxed)
+        self.link.epoch()
     }
 
     fn publish<'a>(
         &'a self,
         messages: &'a [OutgoingMessage],
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        self.publish_on(messages, self.connection_epoch())
+    }
+
+    fn publish_on<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+        epoch: u64,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
         Box::pin(async move {
-            let connection = self.connection_epoch();
+            let connection = match self.link.on(epoch).await {
+                Ok(connection) => connection,
+                Err(why) => {
+                    return messages
+                        .iter()
+                        .map(|_| Err(EventError::broker_message(BrokerErrorKind::Unavailable, why.clone())))
+                        .collect();
+                }
+            };
+            let connection = &connection;
             let plan =
                 self.batches.read().unwrap_or_else(PoisonError::into_inner).plan(messages, self.min_batch);
             if plan.batches.is_empty() && plan.fast.is_empty() {
@@ -560,12 +593,6 @@ impl Publisher for NatsPublisher {
 const BATCHES_IN_FLIGHT: usize = 32;
 
 impl NatsPublisher {
-    /// Whether the client is connected on `connection`.
-    fn connected_on(&self, connection: u64) -> bool {
-        self.publishing.client().connection_state() == async_nats::connection::State::Connected
-            && self.connection_epoch() == connection
-    }
-
     /// Publishes one aggregate's messages (`run`, indices into `messages`) as atomic batches
     /// of at most [`MAX_BATCH`], each after the one before was stored. A batch the stream
     /// refused (a message id it already holds: all or part of it was stored before) or
@@ -575,16 +602,16 @@ impl NatsPublisher {
         &self,
         messages: &[OutgoingMessage],
         run: &[usize],
-        connection: u64,
+        connection: &Publishing,
     ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
-        let client = self.publishing.client();
+        let client = connection.client().clone();
         let mut out = Vec::with_capacity(run.len());
         let mut rest = run;
         while !rest.is_empty() {
             let (chunk, after) = rest.split_at(rest.len().min(MAX_BATCH));
             let batch: Vec<&OutgoingMessage> = chunk.iter().map(|&i| &messages[i]).collect();
             let headers = |m: &OutgoingMessage| header_map(&m.headers);
-            let connected = || self.connected_on(connection);
+            let connected = || connection.is_up();
             match batch::send_batch(&client, &batch, headers, self.ack_timeout, connected).await {
                 BatchOutcome::Stored(receipts) => {
                     out.extend(chunk.iter().copied().zip(receipts.into_iter().map(Ok)));
@@ -621,7 +648,7 @@ impl NatsPublisher {
         &self,
         messages: &[OutgoingMessage],
         indices: &[usize],
-        connection: u64,
+        connection: &Publishing,
         mut out: Vec<(usize, Result<PublishReceipt, EventError>)>,
     ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
         let owned: Vec<OutgoingMessage> = indices.iter().map(|&i| messages[i].clone()).collect();
@@ -649,17 +676,17 @@ impl NatsPublisher {
         &self,
         messages: &[OutgoingMessage],
         plan: &fast::FastPlan,
-        connection: u64,
+        connection: &Publishing,
     ) -> Vec<(usize, Result<PublishReceipt, EventError>)> {
         if plan.batch.is_empty() {
             // Every aggregate has one message: nothing to batch (the plan does not ask for
             // a batch then).
             return self.one_at_a_time(messages, &plan.alone, connection, Vec::new()).await;
         }
-        let client = self.publishing.client();
+        let client = connection.client().clone();
         let batch: Vec<&OutgoingMessage> = plan.batch.iter().map(|&i| &messages[i]).collect();
         let headers = |m: &OutgoingMessage| header_map(&m.headers);
-        let connected = || self.connected_on(connection);
+        let connected = || connection.is_up();
         let alone: Vec<OutgoingMessage> = plan.alone.iter().map(|&i| messages[i].clone()).collect();
         let ((sent, start, failure), alone_outcomes) = futures_util::future::join(
             fast::send_fast(&client, &batch, headers, self.ack_timeout, connected),
@@ -690,11 +717,19 @@ impl NatsPublisher {
             .iter()
             .copied()
             .partition(|(_, before)| batch_outcomes.get(*before).is_some_and(Result::is_ok));
-        out.extend(plan.batch.iter().copied().zip(batch_outcomes));
-        out.extend(waiting.into_iter().map(|(i, _)| (i, Err(EventError::not_sent()))));
+        let batch: Vec<_> = plan.batch.iter().copied().zip(batch_outcomes).collect();
+        let mut tail_outcomes: Vec<_> =
+            waiting.into_iter().map(|(i, _)| (i, Err(EventError::not_sent()))).collect();
         let tails: Vec<OutgoingMessage> = ready.iter().map(|(i, _)| messages[*i].clone()).collect();
-        let tail_outcomes = self.publish_in_order(&tails, connection).await;
-        out.extend(ready.into_iter().map(|(i, _)| i).zip(tail_outcomes));
+        let sent_tails = self.publish_in_order(&tails, connection).await;
+        tail_outcomes.extend(ready.into_iter().map(|(i, _)| i).zip(sent_tails));
+        let aggregate = |i: usize| messages[i].aggregate_id;
+        let confirm = fast::to_confirm(&batch, &tail_outcomes, aggregate);
+        let again: Vec<OutgoingMessage> = confirm.iter().map(|&i| messages[i].clone()).collect();
+        let confirmations =
+            confirm.into_iter().zip(self.publish_in_order(&again, connection).await).collect();
+        out.extend(fast::confirmed(batch, confirmations, aggregate));
+        out.extend(tail_outcomes);
         out
     }
 
@@ -703,7 +738,7 @@ impl NatsPublisher {
     async fn publish_in_order(
         &self,
         messages: &[OutgoingMessage],
-        connection: u64,
+        connection: &Publishing,
     ) -> Vec<Result<PublishReceipt, EventError>> {
         let mut order = InOrder::new(messages);
         let mut in_flight = FuturesUnordered::new();
@@ -749,8 +784,8 @@ impl NatsPublisher {
     /// call started on: the client would keep the message and send it once it reconnects,
     /// to a server that may have come back without what it acknowledged, before the relay
     /// could check the stream (and after the hole).
-    async fn send(&self, message: &OutgoingMessage, connection: u64) -> Sent {
-        if !self.connected_on(connection) {
+    async fn send(&self, message: &OutgoingMessage, connection: &Publishing) -> Sent {
+        if !connection.is_up() {
             return Sent::Failed(EventError::broker_message(
                 BrokerErrorKind::Unavailable,
                 "not connected to the NATS server: not sent (it would go out unchecked on reconnection)",
@@ -761,7 +796,7 @@ impl NatsPublisher {
             Err(e) => return Sent::Failed(e),
         };
         let publish = PublishMessage::build().payload(message.body.clone()).headers(headers);
-        match self.publishing.send_publish(message.subject.clone(), publish).await {
+        match connection.jetstream().send_publish(message.subject.clone(), publish).await {
             Ok(ack) => Sent::Awaiting(ack),
             Err(e) if e.kind() == PublishErrorKind::MaxAckPending => Sent::NoSlot,
             Err(e) => Sent::Failed(publish_error(e)),

@@ -64,6 +64,34 @@ pub trait Publisher: Send + Sync + 'static {
         messages: &'a [OutgoingMessage],
     ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>>;
 
+    /// Publishes `messages` on the connection of `epoch` only: what
+    /// [`connection_epoch`](Self::connection_epoch) returned when the relay last checked
+    /// its streams. A publisher whose connection was made again since fails every message
+    /// unsent, so that nothing reaches a server whose streams were not checked.
+    ///
+    /// The default compares the epochs, then calls [`publish`](Self::publish): a wrapper
+    /// gets it without writing anything, and a broker whose connection can change between
+    /// the two (NATS) overrides it.
+    fn publish_on<'a>(
+        &'a self,
+        messages: &'a [OutgoingMessage],
+        epoch: u64,
+    ) -> BoxFuture<'a, Vec<Result<PublishReceipt, EventError>>> {
+        if self.connection_epoch() == epoch {
+            return self.publish(messages);
+        }
+        let refused = messages
+            .iter()
+            .map(|_| {
+                Err(EventError::broker_message(
+                    crate::BrokerErrorKind::Unavailable,
+                    "the connection to the broker was made again since the streams were checked: not sent",
+                ))
+            })
+            .collect();
+        Box::pin(std::future::ready(refused))
+    }
+
     /// The largest message the broker accepts, headers included, when it is known (NATS
     /// tells its clients its `max_payload`). The bus refuses larger events before writing
     /// them.

@@ -157,7 +157,8 @@ impl Holding {
         if messages.is_empty() {
             return parked;
         }
-        if !self.streams.verified(relay.publisher.connection_epoch()) {
+        let epoch = relay.publisher.connection_epoch();
+        if !self.streams.verified(epoch) {
             // The connection to the broker was made again while the page was read: the
             // server may have come back without what it acknowledged, and these would land
             // after the hole. They wait for the check, as when the broker is down.
@@ -173,7 +174,8 @@ impl Holding {
             return parked;
         }
         self.streams.batch_starts();
-        let outcomes = relay.publisher.publish(&messages).instrument(batch_span(&messages)).await;
+        // On the connection the streams were checked on, or not at all.
+        let outcomes = relay.publisher.publish_on(&messages, epoch).instrument(batch_span(&messages)).await;
         // One clock reading for the batch: its acknowledgements came back together.
         let acked_at = Utc::now();
         let missing =
@@ -360,11 +362,12 @@ impl Holding {
         }
         // Refused again, with the position and the reason; or failed otherwise (retried).
         let (metas, messages, mut refused) = requeued_messages(rows);
-        if !self.streams.verified(relay.publisher.connection_epoch()) {
+        let epoch = relay.publisher.connection_epoch();
+        if !self.streams.verified(epoch) {
             // Made again since the streams were checked: the next pass, once they are.
             return Ok(());
         }
-        let outcomes = relay.publisher.publish(&messages).await;
+        let outcomes = relay.publisher.publish_on(&messages, epoch).await;
         let (mut acked, mut failed) = (Vec::new(), HashSet::new());
         for ((aggregate_id, position), outcome) in metas.into_iter().zip(outcomes) {
             if failed.contains(&aggregate_id) || refused.contains_key(&aggregate_id) {

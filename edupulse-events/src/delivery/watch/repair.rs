@@ -244,7 +244,7 @@ async fn send_again(
         ));
     }
     let (owners, outgoing): (Vec<Partition>, Vec<OutgoingMessage>) = messages.into_iter().unzip();
-    let outcomes = publisher.publish(&outgoing).await;
+    let outcomes = publisher.publish_on(&outgoing, epoch).await;
     for ((partition, message), outcome) in owners.into_iter().zip(&outgoing).zip(outcomes) {
         let receipt = outcome.map_err(|e| {
             EventError::broker_message(
