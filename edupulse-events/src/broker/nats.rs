@@ -40,8 +40,9 @@ use crate::{BrokerErrorKind, EventError};
 pub struct NatsConfig {
     /// How long to wait for JetStream's acknowledgement of a message (default 5 s).
     pub ack_timeout: Duration,
-    /// How long the first connection may take, DNS included (default 5 s); once
-    /// connected, the client reconnects in the background without limit.
+    /// How long a connection may take, DNS included (default 5 s): the first ones, and
+    /// each new publishing connection after an outage. Once connected, the application's
+    /// client reconnects in the background without limit.
     pub connect_timeout: Duration,
     /// Messages awaiting their acknowledgement at once, over all concurrent publishes of
     /// this publisher (default 5 000). A publish that finds none left awaits its own oldest
@@ -178,6 +179,9 @@ impl StreamSpec {
 /// aggregate's long run of messages may go as one atomic batch: stored whole or not at all,
 /// with one acknowledgement.
 ///
+/// Events go out on a connection of their own that is never made again after an outage
+/// (see [`connect`](NatsPublisher::connect)).
+///
 /// Security: [`connect`](NatsPublisher::connect) takes the credentials out of the URL before
 /// async-nats sees it, so they appear in no log line at any level (async-nats logs the
 /// server addresses at DEBUG, and its CONNECT message at TRACE with password and token
@@ -226,10 +230,17 @@ impl NatsPublisher {
     /// sent in the CONNECT message only (which async-nats logs with the secrets masked) and
     /// never in the server addresses it logs.
     ///
-    /// The first connection is made here, within `config.connect_timeout`: a server that is
-    /// down, an unknown host or refused credentials are reported at once. Once connected,
-    /// the client reconnects in the background after an outage, and publishes fail until
-    /// the server is back (the events wait in the store's log).
+    /// Two connections are made here, each within `config.connect_timeout`: a server that
+    /// is down, an unknown host or refused credentials are reported at once. One carries
+    /// the application's [`jetstream`](Self::jetstream) context and the relay's stream
+    /// checks, and reconnects in the background after an outage. The other carries the
+    /// events and is never made again: after an outage the next publish makes a new one,
+    /// on which the relay checks its streams before anything goes out, so that nothing the
+    /// client held at the break reaches a server that may have come back without messages
+    /// it acknowledged (`broker/link.rs` tells why; async-nats logs the refused
+    /// reconnection, `auth callback failed`, and `max reconnection attempts reached`, at
+    /// ERROR, once per outage). Publishes fail until the server is back (the events wait
+    /// in the store's log).
     ///
     /// # Errors
     /// [`EventError::Config`] when the URL or the configuration is invalid; [`EventError::Connect`] when the
