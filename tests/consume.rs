@@ -503,3 +503,14 @@ async fn a_slow_handler_over_a_backlog_holds_at_most_max_in_flight() {
     assert!((2..=8).contains(&most), "handlers at once: {most}");
     assert!((1..=24).contains(&most_pending), "unacknowledged at once: {most_pending}");
 }
+
+#[tokio::test]
+async fn a_subscriber_on_a_missing_stream_names_it_and_the_fix() {
+    let server = NatsServer::start().await;
+    let publisher = nats::publisher(&server).await;
+    let config = SubscriberConfig::new("NO_SUCH_STREAM", "reader");
+    let err = Subscriber::<CourseEvent>::new(publisher.jetstream(), config).await.unwrap_err();
+    assert_eq!(err.broker_kind(), Some(edupulse_events::BrokerErrorKind::NoStream), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("`NO_SUCH_STREAM`") && text.contains("ensure_stream"), "{text}");
+}

@@ -188,6 +188,8 @@ mod write;
 
 mod setup;
 
+pub mod prelude;
+
 /// Upcasting steps for `#[event(previous = …)]` chains.
 pub use crate::event::upcast;
 /// The message format, for consumers of other languages or frameworks.

@@ -11,6 +11,25 @@ use crate::store::{DatabasePool, EventStore, StoreConfig};
 pub const EMBEDDED_DATABASE_URL: &str = "sqlite::memory:";
 
 /// A store and a publisher, connected, migrated and with the stream in place.
+///
+/// ```
+/// use edupulse_events::{Backends, StreamSpec};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), edupulse_events::EventError> {
+/// // PostgreSQL and NATS when DATABASE_URL and NATS_URL are set; else SQLite in memory and
+/// // the in-process broker. The code that follows is the same for both.
+/// let stream = StreamSpec::new("EDUPULSE", ["courses.>"]);
+/// let backends = Backends::connect(None, None, Default::default(), &stream).await?;
+/// assert_eq!(backends.database_kind, "SQLite (embedded)");
+/// // On NATS, `backends.nats` holds the connected publisher: its JetStream context is
+/// // what a `Subscriber` consumes from, without a second connection.
+/// if let Some(nats) = &backends.nats {
+///     let _context = nats.jetstream();
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Backends {
     /// The event store.
@@ -19,6 +38,10 @@ pub struct Backends {
     pub publisher: Arc<dyn Publisher>,
     /// The in-process broker, when no NATS URL was given (to look at what was published).
     pub in_memory: Option<InMemoryBroker>,
+    /// The NATS publisher, when a NATS URL was given: its
+    /// [`jetstream`](NatsPublisher::jetstream) context is the connected client, for a
+    /// [`Subscriber`](crate::Subscriber) and the application's own use.
+    pub nats: Option<NatsPublisher>,
     /// `"PostgreSQL"` or `"SQLite (embedded)"`.
     pub database_kind: &'static str,
     /// `"NATS JetStream"` or `"in-process broker"`.
@@ -55,19 +78,19 @@ impl Backends {
             DatabasePool::Postgres(_) => "PostgreSQL",
             DatabasePool::Sqlite(_) => "SQLite (embedded)",
         };
-        let (publisher, in_memory, broker_kind): (Arc<dyn Publisher>, _, _) =
+        let (publisher, in_memory, nats, broker_kind): (Arc<dyn Publisher>, _, _, _) =
             match nats_url.filter(|u| !u.is_empty()) {
                 Some(url) => {
                     let nats = NatsPublisher::connect(url, NatsConfig::default()).await?;
                     nats.ensure_stream(stream).await?;
-                    (Arc::new(nats), None, "NATS JetStream")
+                    (Arc::new(nats.clone()), None, Some(nats), "NATS JetStream")
                 }
                 None => {
                     let broker = InMemoryBroker::new();
-                    (Arc::new(broker.clone()), Some(broker), "in-process broker")
+                    (Arc::new(broker.clone()), Some(broker), None, "in-process broker")
                 }
             };
-        Ok(Self { store, publisher, in_memory, database_kind, broker_kind })
+        Ok(Self { store, publisher, in_memory, nats, database_kind, broker_kind })
     }
 
     /// [`connect`](Backends::connect) with `DATABASE_URL` and `NATS_URL` from the

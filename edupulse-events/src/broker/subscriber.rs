@@ -205,6 +205,21 @@ where
     EventError::broker(kind, format!("{what}: {e}"), e)
 }
 
+/// The stream `name` could not be opened: named, and the fix when it does not exist.
+fn stream_error(name: &str, e: async_nats::error::Error<GetStreamErrorKind>) -> EventError {
+    let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND);
+    if missing {
+        let message = format!(
+            "no stream `{name}` on the NATS server: the publishing service creates it at start-up \
+             (`NatsPublisher::ensure_stream(&StreamSpec::new(\"{name}\", [\"<context>.>\"]))`), or \
+             `SubscriberConfig::stream` names another stream"
+        );
+        return EventError::broker(BrokerErrorKind::NoStream, message, e);
+    }
+    broker(&format!("cannot open the stream `{name}`"), e)
+}
+
 /// What kind of broker failure an async-nats error kind is.
 trait ErrorKindOf {
     fn broker_kind(&self) -> BrokerErrorKind;
@@ -268,7 +283,8 @@ impl<E: DomainEvent> Subscriber<E> {
     ///   reached.
     pub async fn new(jetstream: &jetstream::Context, config: SubscriberConfig) -> Result<Self, EventError> {
         config.check()?;
-        let stream = jetstream.get_stream(&config.stream).await.map_err(|e| broker("no such stream", e))?;
+        let stream =
+            jetstream.get_stream(&config.stream).await.map_err(|e| stream_error(&config.stream, e))?;
         let in_flight = i64::try_from(config.max_in_flight).unwrap_or(i64::MAX);
         let wanted = pull::Config {
             durable_name: Some(config.durable_name.clone()),
