@@ -453,7 +453,9 @@ async fn an_existing_database_migrates_and_keeps_its_aggregates_in_order() {
     let old = std::env::temp_dir().join(format!("edupulse-old-migrations-{schema}"));
     std::fs::create_dir_all(&old).unwrap();
     for file in ["0001_event_store.sql", "0002_snapshots.sql"] {
-        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres").join(file);
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("edupulse-events/migrations/postgres")
+            .join(file);
         std::fs::copy(source, old.join(file)).unwrap();
     }
     let mut conn = sqlx::PgConnection::connect(&common::database_url()).await.unwrap();

@@ -36,7 +36,7 @@ mod tests {
     /// listed one renamed) fails here, not in production.
     #[tokio::test]
     async fn each_list_is_its_folder() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
         for (folder, listed) in [
             ("postgres", crate::store::postgres::MIGRATION_FILES),
             ("sqlite", crate::store::sqlite::MIGRATION_FILES),

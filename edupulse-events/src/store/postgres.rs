@@ -33,16 +33,16 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// `migrations/postgres`, file by file (`store::migrations` tests that the list is the folder).
 pub(crate) const MIGRATION_FILES: &[MigrationFile] = &[
-    (1, "event store", include_str!("../../../migrations/postgres/0001_event_store.sql")),
-    (2, "snapshots", include_str!("../../../migrations/postgres/0002_snapshots.sql")),
+    (1, "event store", include_str!("../../migrations/postgres/0001_event_store.sql")),
+    (2, "snapshots", include_str!("../../migrations/postgres/0002_snapshots.sql")),
     (
         3,
         "stream transaction order",
-        include_str!("../../../migrations/postgres/0003_stream_transaction_order.sql"),
+        include_str!("../../migrations/postgres/0003_stream_transaction_order.sql"),
     ),
-    (4, "delivery from log", include_str!("../../../migrations/postgres/0004_delivery_from_log.sql")),
-    (5, "relay stream marks", include_str!("../../../migrations/postgres/0005_relay_stream_marks.sql")),
-    (6, "payload as written", include_str!("../../../migrations/postgres/0006_payload_as_written.sql")),
+    (4, "delivery from log", include_str!("../../migrations/postgres/0004_delivery_from_log.sql")),
+    (5, "relay stream marks", include_str!("../../migrations/postgres/0005_relay_stream_marks.sql")),
+    (6, "payload as written", include_str!("../../migrations/postgres/0006_payload_as_written.sql")),
 ];
 
 static MIGRATOR: LazyLock<Migrator> = LazyLock::new(|| migrator(MIGRATION_FILES));

@@ -37,10 +37,10 @@ use crate::{DomainEvent, EventEnvelope, EventError, KeyValue};
 
 /// `migrations/sqlite`, file by file (`store::migrations` tests that the list is the folder).
 pub(crate) const MIGRATION_FILES: &[MigrationFile] = &[
-    (1, "event store", include_str!("../../../migrations/sqlite/0001_event_store.sql")),
-    (2, "snapshots", include_str!("../../../migrations/sqlite/0002_snapshots.sql")),
-    (3, "delivery from log", include_str!("../../../migrations/sqlite/0003_delivery_from_log.sql")),
-    (4, "relay stream marks", include_str!("../../../migrations/sqlite/0004_relay_stream_marks.sql")),
+    (1, "event store", include_str!("../../migrations/sqlite/0001_event_store.sql")),
+    (2, "snapshots", include_str!("../../migrations/sqlite/0002_snapshots.sql")),
+    (3, "delivery from log", include_str!("../../migrations/sqlite/0003_delivery_from_log.sql")),
+    (4, "relay stream marks", include_str!("../../migrations/sqlite/0004_relay_stream_marks.sql")),
 ];
 
 const MARK_COLUMNS: &str =
