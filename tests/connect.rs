@@ -305,3 +305,17 @@ async fn postgres_unknown_database() {
     assert_eq!(cause, ConnectCause::UnknownDatabase);
     assert!(err_text.contains("no_such_database_edupulse"), "{err_text}");
 }
+
+#[tokio::test]
+async fn a_sqlite_file_in_a_missing_folder_is_named_with_the_fix() {
+    let folder = std::env::temp_dir().join(format!("edupulse-missing-{}", Uuid::now_v7().simple()));
+    let url = format!("sqlite://{}/events.db", folder.display());
+    let Err(err) = EventStore::connect(&url, StoreConfig::default()).await else {
+        panic!("a missing folder fails")
+    };
+    let EventError::Connect { system, ref server, .. } = err else { panic!("{err:?}") };
+    assert_eq!(system, "SQLite");
+    assert!(server.ends_with("events.db"), "{server}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("the folder {} does not exist", folder.display())), "{text}");
+}

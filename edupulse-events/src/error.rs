@@ -206,13 +206,15 @@ pub enum EventError {
         problem: EventProblem,
     },
 
-    /// The first connection to PostgreSQL or NATS failed. The message names the server and
-    /// the cause and says what to do; it never holds credentials.
+    /// The first connection to PostgreSQL or NATS failed, or the SQLite file could not be
+    /// opened. The message names the server (the file) and the cause and says what to do;
+    /// it never holds credentials.
     #[error("cannot connect to {system} at {server}: {cause} ({source}); {hint}")]
     Connect {
-        /// `"PostgreSQL"` or `"NATS"`.
+        /// `"PostgreSQL"`, `"SQLite"` or `"NATS"`.
         system: &'static str,
-        /// `host:port` (several, comma-separated, for a NATS server list), or a socket path.
+        /// `host:port` (several, comma-separated, for a NATS server list), a socket path, or
+        /// the SQLite file.
         server: String,
         /// Why, for callers that branch on it.
         cause: ConnectCause,

@@ -58,6 +58,18 @@ macro_rules! columns {
     };
 }
 
+/// The database file `file` could not be opened: named, with the likely fix.
+fn open_error(file: &std::path::Path, e: sqlx::Error) -> EventError {
+    let hint = match file.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() && !folder.is_dir() => format!(
+            "the folder {} does not exist: create it, or name a file in a folder that does",
+            folder.display()
+        ),
+        _ => "check that the file can be created, read and written there by this process".to_owned(),
+    };
+    crate::connect::connect_error("SQLite", &file.display().to_string(), crate::ConnectCause::Other, hint, e)
+}
+
 pub(crate) struct SqliteBackend {
     pub(crate) pool: SqlitePool,
     /// One holder per partition among this process's relays.
@@ -72,11 +84,13 @@ impl SqliteBackend {
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
+        let file = options.get_filename().to_path_buf();
         let pool = SqlitePoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|e| open_error(&file, e))?;
         Ok(Self::new(pool))
     }
 
