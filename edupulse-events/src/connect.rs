@@ -16,6 +16,7 @@ pub(crate) fn connect_error(
     EventError::Connect { system, server: server.to_owned(), cause, hint, source: source.into() }
 }
 
+#[cfg_attr(not(any(feature = "postgres", feature = "nats")), allow(dead_code))] // URLs with hosts
 /// Decodes `%XX` escapes (URL user info and query keys arrive percent-encoded).
 pub(crate) fn percent_decode(s: &str) -> Result<String, &'static str> {
     let bytes = s.as_bytes();
@@ -38,6 +39,7 @@ pub(crate) fn percent_decode(s: &str) -> Result<String, &'static str> {
     String::from_utf8(out).map_err(|_| "its user info is not UTF-8 once percent-decoded")
 }
 
+#[cfg_attr(not(any(feature = "postgres", feature = "nats")), allow(dead_code))] // URLs with hosts
 /// What to check when a server did not answer in time.
 pub(crate) fn timeout_hint(servers: &str, variable: &str) -> String {
     format!(

@@ -167,6 +167,11 @@
 //!   [`EventError::Connect`] naming `host:port`, a [`ConnectCause`] and the next step. Once
 //!   connected, NATS reconnects in the background and the pool reopens connections.
 
+#[cfg(not(any(feature = "postgres", feature = "sqlite")))]
+compile_error!(
+    "edupulse-events needs an event store: enable its `postgres` feature, its `sqlite` feature, or both"
+);
+
 // The layers, each importing only those listed before it (`error`, `connect` and the
 // metrics of `telemetry` below them all): events; then the store and the broker, which never
 // import each other; delivery, which joins them; the read and write sides on top.
@@ -194,7 +199,9 @@ pub mod prelude;
 pub use crate::event::upcast;
 /// The message format, for consumers of other languages or frameworks.
 pub use crate::event::wire;
-/// The given/when/then harness for aggregates.
+/// The given/when/then harness for aggregates (on the embedded store: the `sqlite` feature,
+/// in `[dev-dependencies]` for a service that runs on PostgreSQL).
+#[cfg(feature = "sqlite")]
 pub use crate::write::testing;
 
 #[doc(hidden)]
@@ -205,8 +212,12 @@ pub use serde_json;
 pub use uuid::{self, Uuid};
 
 pub use crate::broker::{
-    AggregateFilter, BoxFuture, BrokerMessage, InMemoryBroker, NatsConfig, NatsPublisher, PoisonReport,
-    PublishReceipt, Publisher, StreamSpec, StreamState, Subscriber, SubscriberConfig, SubscriberStats,
+    AggregateFilter, BoxFuture, BrokerMessage, InMemoryBroker, PublishReceipt, Publisher, StreamSpec,
+    StreamState,
+};
+#[cfg(feature = "nats")]
+pub use crate::broker::{
+    NatsConfig, NatsPublisher, PoisonReport, Subscriber, SubscriberConfig, SubscriberStats,
     UnknownEventPolicy,
 };
 pub use crate::delivery::{
@@ -228,6 +239,7 @@ pub use crate::store::{
     StoreConfig, StoreStatus, StoredRecord, StoredSnapshot, StreamMark, StreamPosition, Transaction,
 };
 pub use crate::write::{Aggregate, CommandError, Loaded, Repository};
+#[cfg(feature = "nats")]
 pub use async_nats;
 pub use futures_core::Stream;
 pub use sqlx;

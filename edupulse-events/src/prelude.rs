@@ -39,6 +39,8 @@ pub use crate::event::DomainEvent;
 pub use crate::{
     Aggregate, AggregateId, Backends, BusConfig, CommandError, EventBus, EventEnvelope, EventError,
     EventSchema, EventStore, ExpectedSequence, Projection, ProjectionRunner, Publisher, Repository,
-    StoreConfig, StreamPosition, Subscriber, SubscriberConfig, Uuid,
+    StoreConfig, StreamPosition, Uuid,
 };
+#[cfg(feature = "nats")]
+pub use crate::{Subscriber, SubscriberConfig};
 pub use futures_util::StreamExt as _;

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::EventError;
-use crate::broker::{InMemoryBroker, NatsConfig, NatsPublisher, Publisher, StreamSpec};
+use crate::broker::{InMemoryBroker, Publisher, StreamSpec};
+#[cfg(feature = "nats")]
+use crate::broker::{NatsConfig, NatsPublisher};
 use crate::store::{DatabasePool, EventStore, StoreConfig};
 
 /// The URL of the embedded default: an in-memory SQLite database.
@@ -41,6 +43,7 @@ pub struct Backends {
     /// The NATS publisher, when a NATS URL was given: its
     /// [`jetstream`](NatsPublisher::jetstream) context is the connected client, for a
     /// [`Subscriber`](crate::Subscriber) and the application's own use.
+    #[cfg(feature = "nats")]
     pub nats: Option<NatsPublisher>,
     /// `"PostgreSQL"` or `"SQLite (embedded)"`.
     pub database_kind: &'static str,
@@ -75,22 +78,42 @@ impl Backends {
         let store = EventStore::connect(database_url, config).await?;
         store.migrate().await?;
         let database_kind = match store.pool() {
+            #[cfg(feature = "postgres")]
             DatabasePool::Postgres(_) => "PostgreSQL",
+            #[cfg(feature = "sqlite")]
             DatabasePool::Sqlite(_) => "SQLite (embedded)",
         };
-        let (publisher, in_memory, nats, broker_kind): (Arc<dyn Publisher>, _, _, _) =
-            match nats_url.filter(|u| !u.is_empty()) {
-                Some(url) => {
-                    let nats = NatsPublisher::connect(url, NatsConfig::default()).await?;
-                    nats.ensure_stream(stream).await?;
-                    (Arc::new(nats.clone()), None, Some(nats), "NATS JetStream")
-                }
-                None => {
-                    let broker = InMemoryBroker::new();
-                    (Arc::new(broker.clone()), Some(broker), None, "in-process broker")
-                }
-            };
-        Ok(Self { store, publisher, in_memory, nats, database_kind, broker_kind })
+        match nats_url.filter(|u| !u.is_empty()) {
+            #[cfg(feature = "nats")]
+            Some(url) => {
+                let nats = NatsPublisher::connect(url, NatsConfig::default()).await?;
+                nats.ensure_stream(stream).await?;
+                let publisher = Arc::new(nats.clone());
+                let broker_kind = "NATS JetStream";
+                Ok(Self { store, publisher, in_memory: None, nats: Some(nats), database_kind, broker_kind })
+            }
+            #[cfg(not(feature = "nats"))]
+            Some(_) => {
+                let _ = stream;
+                Err(EventError::Config(
+                    "a NATS URL was given, but NATS support is not built in: enable the `nats` feature of \
+                     edupulse-events"
+                        .into(),
+                ))
+            }
+            None => {
+                let broker = InMemoryBroker::new();
+                Ok(Self {
+                    store,
+                    publisher: Arc::new(broker.clone()),
+                    in_memory: Some(broker),
+                    #[cfg(feature = "nats")]
+                    nats: None,
+                    database_kind,
+                    broker_kind: "in-process broker",
+                })
+            }
+        }
     }
 
     /// [`connect`](Backends::connect) with `DATABASE_URL` and `NATS_URL` from the

@@ -7,16 +7,21 @@
 
 pub(crate) mod append;
 pub(crate) mod backend;
+#[cfg(feature = "postgres")]
 mod connect;
 pub(crate) mod log;
 mod migrations;
 pub(crate) mod model;
 pub(crate) use self::model::{GlobalPosition, Partition};
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "postgres")]
 mod postgres_sql;
 pub(crate) mod row;
 pub(crate) mod signals;
+#[cfg(feature = "sqlite")]
 mod sqlite;
+#[cfg(feature = "sqlite")]
 mod sqlite_tx;
 mod status;
 mod stream;

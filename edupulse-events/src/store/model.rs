@@ -187,6 +187,7 @@ impl Partition {
     }
 
     /// The number, as the store keeps it.
+    #[cfg(feature = "sqlite")]
     pub(crate) const fn number(self) -> i32 {
         self.0
     }

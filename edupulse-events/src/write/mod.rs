@@ -2,6 +2,7 @@
 //! the given/when/then harness that tests them.
 
 pub(crate) mod aggregate;
+#[cfg(feature = "sqlite")]
 pub mod testing;
 
 pub use self::aggregate::{Aggregate, CommandError, Loaded, Repository};
