@@ -1,13 +1,15 @@
 //! Quickstart: define a context's events with `#[derive(DomainEvent)]`, commit them through
-//! the bus, wait until the broker acknowledged them, replay an aggregate, and catch a
-//! concurrency conflict.
+//! the bus, wait until the broker acknowledged them, replay an aggregate, catch a
+//! concurrency conflict, and consume the events as another service would.
 //!
 //! `cargo run --example quickstart` runs on the embedded default (SQLite in memory and an
 //! in-process broker). With `DATABASE_URL=postgres://…` and `NATS_URL=nats://…` set, the
 //! same code runs on PostgreSQL and NATS JetStream.
 
 use edupulse_events::upcast::{self, JsonValue, UpcastError};
-use edupulse_events::{Backends, BusConfig, DomainEvent, EventBus, EventError, StreamSpec, Uuid};
+use edupulse_events::{
+    Backends, BusConfig, DomainEvent, EventBus, EventEnvelope, EventError, StreamSpec, SubscriberConfig, Uuid,
+};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +129,37 @@ async fn main() -> Result<(), EventError> {
     // 4. Find a teacher's lessons through the promoted key.
     let count = backends.store.events_by_key::<CourseEvent>("author_id", author).count().await;
     println!("Lessons by author {author}: {count}.");
+
+    // 5. Another service consumes the context: a durable consumer, each aggregate's events in
+    //    order, acknowledged once the handler succeeded. The same code runs on the in-process
+    //    broker and on JetStream (where the consumer's progress survives restarts).
+    let config =
+        SubscriberConfig::new("EDUPULSE_EXAMPLES", "quickstart-reader").with_filter_subject("courses.>");
+    let subscriber = backends.subscriber::<CourseEvent>(config).await?;
+    let (seen, done) = (std::sync::atomic::AtomicUsize::new(0), tokio::sync::Notify::new());
+    let handler = async |envelope: EventEnvelope<CourseEvent>| {
+        if envelope.aggregate_id == course {
+            println!("  consumed #{} {}", envelope.sequence, envelope.event.event_type());
+            if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == stored.len() {
+                done.notify_one();
+            }
+        }
+        Ok(())
+    };
+    println!("Consuming as another service would:");
+    let deadline = tokio::time::sleep(std::time::Duration::from_secs(10));
+    subscriber
+        .run(handler, async {
+            tokio::select! { () = done.notified() => {}, () = deadline => {} }
+        })
+        .await?;
+    let consumed = seen.load(std::sync::atomic::Ordering::SeqCst);
+    if consumed != stored.len() {
+        return Err(EventError::Config(format!(
+            "consumed {consumed} of the course's {} events",
+            stored.len()
+        )));
+    }
 
     // Close the bus before the process exits: what it committed is published first (within
     // the timeout; anything left stays in the log for the next relay, and is counted).

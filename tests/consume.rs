@@ -1,4 +1,5 @@
-//! Typed consumers against a real nats-server: ack after success, retry on failure, poison
+//! Typed consumers, each test against a real nats-server and against the in-process broker
+//! (one consumer API, `on_both!`): ack after success, retry on failure, poison
 //! messages terminated and reported, a panicking handler caught like a failure, old versions
 //! upcast, unknown types by policy, an existing durable consumer brought in line with the
 //! configuration; aggregates handled concurrently, each in order across failures, a
@@ -14,8 +15,8 @@ use async_nats::jetstream::consumer::{self, pull};
 use common::nats::{self, NatsServer, STREAM};
 use common::{CourseEvent, LessonPublishedV2, LessonRenamed, counted, store};
 use edupulse_events::{
-    BoxError, BusConfig, DomainEvent, EventBus, EventEnvelope, EventError, NatsPublisher, PoisonReport,
-    Subscriber, SubscriberConfig, UnknownEventPolicy, Uuid,
+    BoxError, BusConfig, DomainEvent, EventBus, EventEnvelope, EventError, InMemoryBroker, NatsPublisher,
+    PoisonReport, Publisher, Subscriber, SubscriberConfig, UnknownEventPolicy, Uuid,
 };
 use std::sync::atomic::Ordering;
 
@@ -26,12 +27,81 @@ enum RenamesOnly {
     LessonRenamed(LessonRenamed),
 }
 
-async fn setup() -> (NatsServer, NatsPublisher, EventBus) {
-    let server = NatsServer::start().await;
-    let publisher = nats::publisher(&server).await;
-    let bus = EventBus::new(store().await, Arc::new(publisher.clone()), BusConfig::default()).unwrap();
-    (server, publisher, bus)
+/// Which broker a test consumes from.
+#[derive(Clone, Copy)]
+enum Kind {
+    Nats,
+    Memory,
 }
+
+/// The broker of a test: a nats-server of its own (kept running while the test does), or
+/// the in-process broker.
+#[allow(clippy::large_enum_variant)] // one per test
+enum Broker {
+    Nats(#[allow(dead_code)] NatsServer, NatsPublisher),
+    Memory(InMemoryBroker),
+}
+
+impl Broker {
+    /// A subscriber with `config`, the same call on both.
+    async fn subscriber<E: DomainEvent>(&self, config: SubscriberConfig) -> Subscriber<E> {
+        match self {
+            Self::Nats(_, publisher) => Subscriber::new(publisher.jetstream(), config).await.unwrap(),
+            Self::Memory(broker) => Subscriber::in_memory(broker, config).unwrap(),
+        }
+    }
+
+    /// The messages the durable consumer `name` was delivered and has not settled.
+    async fn unacknowledged(&self, name: &str) -> Option<usize> {
+        match self {
+            Self::Nats(_, publisher) => {
+                let stream = publisher.jetstream().get_stream(STREAM).await.ok()?;
+                stream.consumer_info(name).await.ok().map(|info| info.num_ack_pending)
+            }
+            Self::Memory(broker) => broker.unacknowledged(name),
+        }
+    }
+}
+
+async fn setup(kind: Kind) -> (Broker, EventBus) {
+    let (broker, publisher): (Broker, Arc<dyn Publisher>) = match kind {
+        Kind::Nats => {
+            let server = NatsServer::start().await;
+            let publisher = nats::publisher(&server).await;
+            (Broker::Nats(server, publisher.clone()), Arc::new(publisher))
+        }
+        Kind::Memory => {
+            let broker = InMemoryBroker::new();
+            (Broker::Memory(broker.clone()), Arc::new(broker))
+        }
+    };
+    let bus = EventBus::new(store().await, publisher, BusConfig::default()).unwrap();
+    (broker, bus)
+}
+
+/// Each test, once on nats-server (`on_nats::…`) and once on the in-process broker
+/// (`in_memory::…`): one consumer API, the same rules.
+macro_rules! on_both {
+    ($($test:ident),* $(,)?) => {
+        mod on_nats {
+            $(#[tokio::test] async fn $test() { super::$test(super::Kind::Nats).await })*
+        }
+        mod in_memory {
+            $(#[tokio::test] async fn $test() { super::$test(super::Kind::Memory).await })*
+        }
+    };
+}
+
+on_both!(
+    a_handler_that_fails_twice_applies_the_event_once,
+    a_poison_event_is_terminated_reported_and_the_consumer_moves_on,
+    an_old_version_on_the_wire_reaches_the_handler_upcast,
+    unknown_event_types_are_acked_and_counted_or_refused_by_policy,
+    a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_on,
+    aggregates_are_handled_concurrently_each_in_order_across_failures_and_a_restart,
+    after_a_crash_the_unacknowledged_messages_are_handled_before_newer_ones_of_their_aggregates,
+    a_slow_handler_over_a_backlog_holds_at_most_max_in_flight,
+);
 
 fn config(name: &str, max_deliver: i64) -> SubscriberConfig {
     SubscriberConfig::new(STREAM, name)
@@ -63,13 +133,12 @@ async fn run_until<E: DomainEvent>(
     result.unwrap();
 }
 
-#[tokio::test]
-async fn a_handler_that_fails_twice_applies_the_event_once() {
-    let (_server, publisher, bus) = setup().await;
+async fn a_handler_that_fails_twice_applies_the_event_once(kind: Kind) {
+    let (broker, bus) = setup(kind).await;
     let id = Uuid::now_v7();
     bus.commit(async |tx| tx.append("lesson", id, 0, [counted(7)]).await).await.unwrap();
 
-    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("twice", 5)).await.unwrap();
+    let subscriber = broker.subscriber::<CourseEvent>(config("twice", 5)).await;
     let attempts = Mutex::new(0);
     let applied = Mutex::new(Vec::new());
     run_until(
@@ -95,18 +164,17 @@ async fn a_handler_that_fails_twice_applies_the_event_once() {
     assert_eq!(subscriber.stats().poisoned.load(Ordering::Relaxed), 0);
 }
 
-#[tokio::test]
-async fn a_poison_event_is_terminated_reported_and_the_consumer_moves_on() {
-    let (_server, publisher, bus) = setup().await;
+async fn a_poison_event_is_terminated_reported_and_the_consumer_moves_on(kind: Kind) {
+    let (broker, bus) = setup(kind).await;
     let (poison, healthy) = (Uuid::now_v7(), Uuid::now_v7());
     bus.commit(async |tx| tx.append("lesson", poison, 0, [counted(1)]).await).await.unwrap();
     bus.commit(async |tx| tx.append("lesson", healthy, 0, [counted(2)]).await).await.unwrap();
 
     let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
     let sink = reports.clone();
-    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("poison", 3))
+    let subscriber = broker
+        .subscriber::<CourseEvent>(config("poison", 3))
         .await
-        .unwrap()
         .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
     let calls: Mutex<HashMap<Uuid, u32>> = Mutex::default();
     run_until(
@@ -128,16 +196,14 @@ async fn a_poison_event_is_terminated_reported_and_the_consumer_moves_on() {
     assert!(reports[0].error.contains("cannot apply"), "{:?}", reports[0]);
 }
 
-#[tokio::test]
-async fn an_old_version_on_the_wire_reaches_the_handler_upcast() {
-    let (_server, publisher, bus) = setup().await;
+async fn an_old_version_on_the_wire_reaches_the_handler_upcast(kind: Kind) {
+    let (broker, bus) = setup(kind).await;
     let id = Uuid::now_v7();
     // An old deployment publishes version 2 of LessonPublished.
     let old = LessonPublishedV2 { lesson_id: id, title: "From v2".into() };
     bus.commit(async |tx| tx.append("lesson", id, 0, [old]).await).await.unwrap();
 
-    let subscriber =
-        Subscriber::<CourseEvent>::new(publisher.jetstream(), config("upcast", 3)).await.unwrap();
+    let subscriber = broker.subscriber::<CourseEvent>(config("upcast", 3)).await;
     let received = Mutex::new(Vec::new());
     run_until(
         &subscriber,
@@ -154,9 +220,8 @@ async fn an_old_version_on_the_wire_reaches_the_handler_upcast() {
     }
 }
 
-#[tokio::test]
-async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
-    let (_server, publisher, bus) = setup().await;
+async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy(kind: Kind) {
+    let (broker, bus) = setup(kind).await;
     let id = Uuid::now_v7();
     bus.commit(async |tx| {
         tx.append("lesson", id, 0, [counted(1)]).await?;
@@ -166,7 +231,7 @@ async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
     .await
     .unwrap();
 
-    let lenient = Subscriber::<RenamesOnly>::new(publisher.jetstream(), config("lenient", 3)).await.unwrap();
+    let lenient = broker.subscriber::<RenamesOnly>(config("lenient", 3)).await;
     let seen = Mutex::new(Vec::new());
     run_until(
         &lenient,
@@ -186,9 +251,9 @@ async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
     let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
     let sink = reports.clone();
     let strict_config = config("strict", 3).with_unknown_events(UnknownEventPolicy::Refuse);
-    let strict = Subscriber::<RenamesOnly>::new(publisher.jetstream(), strict_config)
+    let strict = broker
+        .subscriber::<RenamesOnly>(strict_config)
         .await
-        .unwrap()
         .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
     run_until(
         &strict,
@@ -201,9 +266,8 @@ async fn unknown_event_types_are_acked_and_counted_or_refused_by_policy() {
     assert_eq!(strict.stats().unknown.load(Ordering::Relaxed), 0);
 }
 
-#[tokio::test]
-async fn a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_on() {
-    let (_server, publisher, bus) = setup().await;
+async fn a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_on(kind: Kind) {
+    let (broker, bus) = setup(kind).await;
     let (before, poison, after) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     for (id, n) in [(before, 1), (poison, 2), (after, 3)] {
         bus.commit(async |tx| tx.append("lesson", id, 0, [counted(n)]).await).await.unwrap();
@@ -211,9 +275,9 @@ async fn a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_
 
     let reports: Arc<Mutex<Vec<PoisonReport>>> = Arc::default();
     let sink = reports.clone();
-    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("panics", 3))
+    let subscriber = broker
+        .subscriber::<CourseEvent>(config("panics", 3))
         .await
-        .unwrap()
         .on_poison(move |r| sink.lock().unwrap().push(r.clone()));
     let calls: Mutex<HashMap<Uuid, u32>> = Mutex::default();
     run_until(
@@ -248,10 +312,11 @@ async fn a_handler_that_panics_is_retried_then_reported_and_the_subscriber_goes_
 
 #[tokio::test]
 async fn an_existing_durable_consumer_takes_the_new_settings_and_keeps_its_progress() {
-    let (_server, publisher, bus) = setup().await;
+    let (broker, bus) = setup(Kind::Nats).await;
+    let Broker::Nats(_, publisher) = &broker else { unreachable!() };
     let id = Uuid::now_v7();
     bus.commit(async |tx| tx.append("lesson", id, 0, [counted(1)]).await).await.unwrap();
-    let first = Subscriber::<CourseEvent>::new(publisher.jetstream(), config("evolving", 3)).await.unwrap();
+    let first = broker.subscriber::<CourseEvent>(config("evolving", 3)).await;
     run_until(
         &first,
         async |_: EventEnvelope<CourseEvent>| Ok(()),
@@ -266,7 +331,7 @@ async fn an_existing_durable_consumer_takes_the_new_settings_and_keeps_its_progr
         .with_filter_subject("courses.>")
         .with_ack_wait(Duration::from_secs(7))
         .with_max_in_flight(16);
-    let _second = Subscriber::<CourseEvent>::new(publisher.jetstream(), changed).await.unwrap();
+    let _second = broker.subscriber::<CourseEvent>(changed).await;
     let info = stream.consumer_info("evolving").await.unwrap();
     assert_eq!(
         (info.config.max_deliver, info.config.ack_wait, info.config.max_ack_pending),
@@ -347,9 +412,8 @@ async fn observe(observed: &Mutex<Observed>, envelope: EventEnvelope<CourseEvent
 /// Messages of different aggregates are handled at once, an aggregate's strictly in order,
 /// across injected failures (their retries keep the aggregate's later events waiting) and
 /// across a restart of the subscriber in the middle of the stream.
-#[tokio::test]
-async fn aggregates_are_handled_concurrently_each_in_order_across_failures_and_a_restart() {
-    let (_server, publisher, bus) = setup().await;
+async fn aggregates_are_handled_concurrently_each_in_order_across_failures_and_a_restart(kind: Kind) {
+    let (broker, bus) = setup(kind).await;
     let ids: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
     for n in 0..10 {
         for id in &ids {
@@ -358,7 +422,7 @@ async fn aggregates_are_handled_concurrently_each_in_order_across_failures_and_a
     }
     let config = config("ordered", 5).with_max_concurrency(16).with_max_in_flight(64);
     let observed = Mutex::new(Observed::default());
-    let first = Subscriber::<CourseEvent>::new(publisher.jetstream(), config.clone()).await.unwrap();
+    let first = broker.subscriber::<CourseEvent>(config.clone()).await;
     // Stopped in the middle: running handlers finish, the waiting messages go back.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run = first.run(async |e| observe(&observed, e).await, async move {
@@ -374,7 +438,7 @@ async fn aggregates_are_handled_concurrently_each_in_order_across_failures_and_a
     result.unwrap();
     let handled_first = first.stats().handled.load(Ordering::Relaxed);
     assert!(handled_first < 400, "the restart happens in the middle: {handled_first}");
-    let second = Subscriber::<CourseEvent>::new(publisher.jetstream(), config).await.unwrap();
+    let second = broker.subscriber::<CourseEvent>(config).await;
     run_until(
         &second,
         async |e| observe(&observed, e).await,
@@ -402,9 +466,10 @@ async fn aggregates_are_handled_concurrently_each_in_order_across_failures_and_a
 /// subscriber on the durable consumer starts at once. The crashed run's messages come back
 /// only once `ack_wait` has passed, after the newer ones are available: the new subscriber
 /// waits for them, so every aggregate's events are applied exactly once, in order.
-#[tokio::test]
-async fn after_a_crash_the_unacknowledged_messages_are_handled_before_newer_ones_of_their_aggregates() {
-    let (_server, publisher, bus) = setup().await;
+async fn after_a_crash_the_unacknowledged_messages_are_handled_before_newer_ones_of_their_aggregates(
+    kind: Kind,
+) {
+    let (broker, bus) = setup(kind).await;
     let ids: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
     let commit_round = async |n: i64| {
         for id in &ids {
@@ -420,7 +485,7 @@ async fn after_a_crash_the_unacknowledged_messages_are_handled_before_newer_ones
         .with_max_in_flight(64);
     let observed = Mutex::new(Observed::default());
     let started = std::sync::atomic::AtomicUsize::new(0);
-    let first = Subscriber::<CourseEvent>::new(publisher.jetstream(), config.clone()).await.unwrap();
+    let first = broker.subscriber::<CourseEvent>(config.clone()).await;
     // After 30 handler calls, every call hangs: the run is then dropped (no hand-back).
     let run = first.run(
         async |e| {
@@ -446,7 +511,7 @@ async fn after_a_crash_the_unacknowledged_messages_are_handled_before_newer_ones
     for n in 6..9 {
         commit_round(n).await;
     }
-    let second = Subscriber::<CourseEvent>::new(publisher.jetstream(), config).await.unwrap();
+    let second = broker.subscriber::<CourseEvent>(config).await;
     run_until(
         &second,
         async |e| observe(&observed, e).await,
@@ -466,23 +531,21 @@ async fn after_a_crash_the_unacknowledged_messages_are_handled_before_newer_ones
 /// A slow handler and a backlog: the subscriber holds at most `max_in_flight` messages (the
 /// server's count of unacknowledged ones never passes it) and runs at most
 /// `max_concurrency` handlers.
-#[tokio::test]
-async fn a_slow_handler_over_a_backlog_holds_at_most_max_in_flight() {
-    let (_server, publisher, bus) = setup().await;
+async fn a_slow_handler_over_a_backlog_holds_at_most_max_in_flight(kind: Kind) {
+    let (broker, bus) = setup(kind).await;
     for _ in 0..300 {
         let id = Uuid::now_v7();
         bus.commit(async |tx| tx.append("lesson", id, 0, [counted(1)]).await).await.unwrap();
     }
     let config = config("bounded", 3).with_max_in_flight(24).with_max_concurrency(8);
-    let subscriber = Subscriber::<CourseEvent>::new(publisher.jetstream(), config).await.unwrap();
-    let stream = publisher.jetstream().get_stream(STREAM).await.unwrap();
+    let subscriber = broker.subscriber::<CourseEvent>(config).await;
     let running = std::sync::atomic::AtomicUsize::new(0);
     let most = std::sync::atomic::AtomicUsize::new(0);
     let most_pending = std::sync::atomic::AtomicU64::new(0);
     let sample = async {
         while subscriber.stats().handled.load(Ordering::Relaxed) < 300 {
-            if let Ok(info) = stream.consumer_info("bounded").await {
-                most_pending.fetch_max(info.num_ack_pending as u64, Ordering::Relaxed);
+            if let Some(pending) = broker.unacknowledged("bounded").await {
+                most_pending.fetch_max(pending as u64, Ordering::Relaxed);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -31,6 +31,23 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("write", &["delivery", "store", "broker", "event", "setup", "error", "connect"]),
     ("setup", &["store", "broker", "event", "error", "connect"]),
     ("__private", &["event", "error"]),
+    // What a service imports at once: re-exports of every layer.
+    (
+        "prelude",
+        &[
+            "setters",
+            "telemetry",
+            "error",
+            "connect",
+            "event",
+            "store",
+            "broker",
+            "delivery",
+            "read",
+            "write",
+            "setup",
+        ],
+    ),
 ];
 
 /// The only files allowed to name a concrete backend.

@@ -212,14 +212,11 @@ pub use serde_json;
 pub use uuid::{self, Uuid};
 
 pub use crate::broker::{
-    AggregateFilter, BoxFuture, BrokerMessage, InMemoryBroker, PublishReceipt, Publisher, StreamSpec,
-    StreamState,
+    AggregateFilter, BoxFuture, BrokerMessage, InMemoryBroker, PoisonReport, PublishReceipt, Publisher,
+    StreamSpec, StreamState, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy,
 };
 #[cfg(feature = "nats")]
-pub use crate::broker::{
-    NatsConfig, NatsPublisher, PoisonReport, Subscriber, SubscriberConfig, SubscriberStats,
-    UnknownEventPolicy,
-};
+pub use crate::broker::{NatsConfig, NatsPublisher};
 pub use crate::delivery::{
     BusConfig, BusTransaction, Closed, Committed, EventBus, LogRelay, Receipt, RelayConfig, RelayPass,
     Republished,

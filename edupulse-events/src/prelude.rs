@@ -39,8 +39,6 @@ pub use crate::event::DomainEvent;
 pub use crate::{
     Aggregate, AggregateId, Backends, BusConfig, CommandError, EventBus, EventEnvelope, EventError,
     EventSchema, EventStore, ExpectedSequence, Projection, ProjectionRunner, Publisher, Repository,
-    StoreConfig, StreamPosition, Uuid,
+    StoreConfig, StreamPosition, Subscriber, SubscriberConfig, Uuid,
 };
-#[cfg(feature = "nats")]
-pub use crate::{Subscriber, SubscriberConfig};
 pub use futures_util::StreamExt as _;

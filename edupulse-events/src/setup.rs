@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use crate::EventError;
-use crate::broker::{InMemoryBroker, Publisher, StreamSpec};
+use crate::broker::{InMemoryBroker, Publisher, StreamSpec, Subscriber, SubscriberConfig};
 #[cfg(feature = "nats")]
 use crate::broker::{NatsConfig, NatsPublisher};
 use crate::store::{DatabasePool, EventStore, StoreConfig};
+use crate::{DomainEvent, EventError};
 
 /// The URL of the embedded default: an in-memory SQLite database.
 pub const EMBEDDED_DATABASE_URL: &str = "sqlite::memory:";
@@ -113,6 +113,26 @@ impl Backends {
                     broker_kind: "in-process broker",
                 })
             }
+        }
+    }
+
+    /// A [`Subscriber`] on the broker these backends connected: a durable JetStream consumer
+    /// of `config.stream`, or a durable consumer of the in-process broker; the same
+    /// settings, rules and handler on both.
+    ///
+    /// # Errors
+    /// As [`Subscriber::new`] and [`Subscriber::in_memory`].
+    pub async fn subscriber<E: DomainEvent>(
+        &self,
+        config: SubscriberConfig,
+    ) -> Result<Subscriber<E>, EventError> {
+        #[cfg(feature = "nats")]
+        if let Some(nats) = &self.nats {
+            return Subscriber::new(nats.jetstream(), config).await;
+        }
+        match &self.in_memory {
+            Some(broker) => Subscriber::in_memory(broker, config),
+            None => Err(EventError::Config("these backends have no broker to subscribe to".into())),
         }
     }
 

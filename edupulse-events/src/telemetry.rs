@@ -95,14 +95,12 @@ pub(crate) fn projection_lag(projection: &str, behind: u64) {
 }
 
 /// A subscriber's counters, registered once (with the recorder installed at that moment).
-#[cfg(feature = "nats")]
 pub(crate) struct SubscriberMetrics {
     pub(crate) handled: metrics::Counter,
     pub(crate) retried: metrics::Counter,
     pub(crate) poisoned: metrics::Counter,
 }
 
-#[cfg(feature = "nats")]
 impl SubscriberMetrics {
     pub(crate) fn new(consumer: &str) -> Self {
         let label = || ("consumer", consumer.to_owned());

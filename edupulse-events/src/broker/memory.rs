@@ -1,7 +1,8 @@
 //! An in-process broker behind the same [`Publisher`] trait, for the embedded default and
 //! for tests of domain code: a stream of messages with JetStream's de-duplication by
-//! `Nats-Msg-Id`, subscriptions with NATS subject filters, and a switch to simulate an
-//! outage.
+//! `Nats-Msg-Id`, durable consumers with JetStream's delivery rules (`durable.rs`: what a
+//! [`Subscriber`](crate::Subscriber) consumes), plain subscriptions with NATS subject
+//! filters, and a switch to simulate an outage.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,9 +10,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
+use crate::broker::durable::{Durable, DurableProgress, DurableSettings, Settle};
 use crate::broker::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
 use crate::event::subject::{filter_matches, validate_filter};
 use crate::event::wire::{DEFAULT_MAX_MESSAGE_BYTES, OutgoingMessage, header_block_len, headers};
@@ -43,6 +45,8 @@ struct State {
     seen: HashMap<String, (u64, Instant)>,
     subscribers: Vec<(Vec<String>, mpsc::UnboundedSender<BrokerMessage>)>,
     refusing: Option<Vec<String>>,
+    /// The durable consumers, by name.
+    consumers: HashMap<String, Durable>,
 }
 
 /// The in-process broker. Cheap to clone: clones share one stream.
@@ -51,6 +55,8 @@ pub struct InMemoryBroker {
     state: Arc<Mutex<State>>,
     available: Arc<AtomicBool>,
     duplicate_window: Duration,
+    /// Woken when a message is stored or handed back: consumers waiting for one look again.
+    arrived: Arc<Notify>,
 }
 
 impl Default for InMemoryBroker {
@@ -74,6 +80,7 @@ impl InMemoryBroker {
             state: Arc::default(),
             available: Arc::new(AtomicBool::new(true)),
             duplicate_window: Duration::from_secs(120),
+            arrived: Arc::new(Notify::new()),
         }
     }
 
@@ -108,6 +115,12 @@ impl InMemoryBroker {
     /// Every message stored so far, in order.
     pub fn messages(&self) -> Vec<BrokerMessage> {
         self.lock().messages.clone()
+    }
+
+    /// The messages delivered to the durable consumer `name` (a [`Subscriber`](crate::Subscriber)'s
+    /// durable name) and not settled yet; `None` when there is no such consumer.
+    pub fn unacknowledged(&self, name: &str) -> Option<usize> {
+        self.consumer_progress(name).map(|p| p.pending)
     }
 
     /// Receives every message published from now on whose subject matches `filter`
@@ -167,7 +180,97 @@ impl InMemoryBroker {
         });
         state.messages.push(stored);
         state.seen.insert(id, (sequence, now));
+        drop(state);
+        self.arrived.notify_waiters();
         Ok(PublishReceipt { stream_sequence: sequence, duplicate: false, stream: None })
+    }
+
+    /// Creates the durable consumer `name`, or gives it `settings` (its progress kept).
+    pub(crate) fn durable(&self, name: &str, settings: DurableSettings) {
+        let mut state = self.lock();
+        match state.consumers.get_mut(name) {
+            Some(consumer) => consumer.configure(settings),
+            None => {
+                state.consumers.insert(name.to_owned(), Durable::new(settings));
+            }
+        }
+    }
+
+    /// Up to `count` messages for the durable consumer `name`, as soon as there is one, or
+    /// none after `expires` (a pull request).
+    pub(crate) async fn pull(&self, name: &str, count: usize, expires: Duration) -> Vec<Delivered> {
+        let deadline = Instant::now() + expires;
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            // Registered before looking: a message stored meanwhile wakes it.
+            arrived.as_mut().enable();
+            let now = Instant::now();
+            let (taken, due) = {
+                let mut state = self.lock();
+                let State { messages, consumers, .. } = &mut *state;
+                let Some(consumer) = consumers.get_mut(name) else { return Vec::new() };
+                let subject_of = |sequence: u64| {
+                    let i = usize::try_from(sequence).ok()?.checked_sub(1)?;
+                    messages.get(i).map(|m| m.subject.as_str())
+                };
+                let taken = consumer.take(now, count, subject_of);
+                let due = consumer.next_due();
+                let taken: Vec<Delivered> = taken
+                    .into_iter()
+                    .filter_map(|(sequence, deliveries)| {
+                        let message = messages.get(usize::try_from(sequence).ok()?.checked_sub(1)?)?.clone();
+                        Some(Delivered {
+                            message,
+                            deliveries,
+                            consumer: name.to_owned(),
+                            broker: self.clone(),
+                        })
+                    })
+                    .collect();
+                (taken, due)
+            };
+            if !taken.is_empty() || now >= deadline {
+                return taken;
+            }
+            let wake = due.map_or(deadline, |due| due.clamp(now, deadline));
+            tokio::select! {
+                () = &mut arrived => {}
+                () = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    /// Settles message `sequence` of the durable consumer `name`.
+    pub(crate) fn settle(&self, name: &str, sequence: u64, how: Settle) {
+        if let Some(consumer) = self.lock().consumers.get_mut(name) {
+            consumer.settle(sequence, how, Instant::now());
+        }
+        if matches!(how, Settle::Nak(_)) {
+            self.arrived.notify_waiters();
+        }
+    }
+
+    /// Where the durable consumer `name` stands (`None`: there is none).
+    pub(crate) fn consumer_progress(&self, name: &str) -> Option<DurableProgress> {
+        self.lock().consumers.get(name).map(Durable::progress)
+    }
+}
+
+/// A message delivered to a durable consumer of the in-process broker.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivered {
+    pub(crate) message: BrokerMessage,
+    /// Deliveries so far, this one included.
+    pub(crate) deliveries: i64,
+    consumer: String,
+    broker: InMemoryBroker,
+}
+
+impl Delivered {
+    /// Settles it with its consumer.
+    pub(crate) fn settle(&self, how: Settle) {
+        self.broker.settle(&self.consumer, self.message.sequence, how);
     }
 }
 

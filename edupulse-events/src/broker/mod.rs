@@ -3,18 +3,21 @@
 //! Builds on the event layer only; it knows nothing of the store.
 
 //!
-//! NATS (the publisher, the subscriber and the batches they speak) is built with the `nats`
-//! feature; the in-process broker always.
+//! NATS (the publisher, JetStream's consumers and the batches they speak) is built with the
+//! `nats` feature; the in-process broker and the subscriber always.
 
 #[cfg(feature = "nats")]
 mod batch;
 #[cfg(feature = "nats")]
 mod connect;
+mod consumer;
+mod durable;
 #[cfg(feature = "nats")]
 mod fast;
 #[cfg(feature = "nats")]
 mod held;
 #[cfg(feature = "nats")]
+mod jetstream_durable;
 mod lanes;
 #[cfg(feature = "nats")]
 mod link;
@@ -22,13 +25,11 @@ mod memory;
 #[cfg(feature = "nats")]
 mod nats;
 mod publisher;
-#[cfg(feature = "nats")]
 mod pulls;
-#[cfg(feature = "nats")]
 mod recovery;
 mod stream_spec;
-#[cfg(feature = "nats")]
 mod subscriber;
+mod subscriber_config;
 #[cfg(feature = "nats")]
 mod version;
 
@@ -37,5 +38,4 @@ pub use self::memory::{BrokerMessage, InMemoryBroker};
 pub use self::nats::{NatsConfig, NatsPublisher};
 pub use self::publisher::{AggregateFilter, BoxFuture, PublishReceipt, Publisher, StreamState};
 pub use self::stream_spec::StreamSpec;
-#[cfg(feature = "nats")]
 pub use self::subscriber::{PoisonReport, Subscriber, SubscriberConfig, SubscriberStats, UnknownEventPolicy};

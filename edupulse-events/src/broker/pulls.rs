@@ -6,9 +6,10 @@
 use std::collections::VecDeque;
 use std::task::Poll;
 
-use async_nats::jetstream;
-use async_nats::jetstream::consumer::pull::Batch;
 use futures_util::StreamExt;
+
+use crate::BoxError;
+use crate::broker::consumer::{Batch, Received};
 
 /// Pull requests open at once.
 const OPEN_AT_ONCE: usize = 2;
@@ -18,11 +19,11 @@ const OPEN_AT_ONCE: usize = 2;
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Pulled {
     /// A message.
-    Message(jetstream::Message),
+    Message(Received),
     /// A request ended (filled, or expired on the server): room for another.
     Ended,
     /// A request failed; it is closed.
-    Failed(async_nats::Error),
+    Failed(BoxError),
 }
 
 /// One open request and the messages it may still bring.
@@ -92,7 +93,7 @@ impl Pulls {
 
     /// The messages the open requests still bring, until each has ended (at most its
     /// expiry away).
-    pub(crate) async fn drain(mut self) -> Vec<jetstream::Message> {
+    pub(crate) async fn drain(mut self) -> Vec<Received> {
         let mut messages = Vec::new();
         while self.is_open() {
             if let Pulled::Message(message) = self.next().await {

@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
 use tokio::time::Instant;
+
+use crate::broker::consumer::Consumer;
 
 /// How long past `ack_wait` the subscriber waits for its predecessor's messages before it
 /// goes on without them: the server's redelivery timer and one pull request's expiry.
@@ -27,17 +28,17 @@ pub(crate) struct Recovery {
 impl Recovery {
     /// What the consumer has delivered and not had acknowledged, if anything. A consumer
     /// that cannot be read (the first pull then says why) is taken as having nothing.
-    pub(crate) async fn begin(consumer: &PullConsumer, ack_wait: Duration) -> Option<Self> {
-        let info = consumer.get_info().await.ok()?;
-        (info.num_ack_pending > 0).then(|| {
+    pub(crate) async fn begin(consumer: &Consumer, ack_wait: Duration) -> Option<Self> {
+        let info = consumer.progress().await.ok()?;
+        (info.pending > 0).then(|| {
             tracing::info!(
-                unacknowledged = info.num_ack_pending,
-                up_to_stream_sequence = info.delivered.stream_sequence,
+                unacknowledged = info.pending,
+                up_to_stream_sequence = info.delivered,
                 "subscriber: waiting for the messages a previous run left unacknowledged before handling any"
             );
             Self {
-                upto: info.delivered.stream_sequence,
-                left: info.num_ack_pending,
+                upto: info.delivered,
+                left: info.pending,
                 deadline: Instant::now() + ack_wait.saturating_add(GRACE),
             }
         })
@@ -52,7 +53,7 @@ impl Recovery {
     /// Whether the wait is over: every message delivered before the start was acknowledged
     /// (by another instance, or it was not left at all), or every unacknowledged message is
     /// held here (`held` of them), or the deadline passed.
-    pub(crate) async fn is_over(&self, consumer: &PullConsumer, held: usize) -> bool {
+    pub(crate) async fn is_over(&self, consumer: &Consumer, held: usize) -> bool {
         if Instant::now() >= self.deadline {
             tracing::warn!(
                 up_to_stream_sequence = self.upto,
@@ -61,9 +62,9 @@ impl Recovery {
             );
             return true;
         }
-        match consumer.get_info().await {
+        match consumer.progress().await {
             Ok(info) => {
-                let over = info.ack_floor.stream_sequence >= self.upto || info.num_ack_pending <= held;
+                let over = info.ack_floor >= self.upto || info.pending <= held;
                 if over {
                     tracing::info!("subscriber: the previous run's messages are back; handling starts");
                 }

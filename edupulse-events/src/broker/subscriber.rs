@@ -1,155 +1,40 @@
-//! Typed consumers: a durable JetStream pull consumer that yields decoded, upcast events,
-//! different aggregates at once and each aggregate in order (the rules are on
-//! [`Subscriber`]).
+//! Typed consumers: a durable consumer (JetStream's, or the in-process broker's) that
+//! yields decoded, upcast events, different aggregates at once and each aggregate in order
+//! (the rules are on [`Subscriber`]). What differs between the brokers is in `consumer.rs`.
 
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::Batch;
-use async_nats::jetstream::consumer::{self, FromConsumer, PullConsumer, pull};
-use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
-use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
-use async_nats::jetstream::{self, AckKind};
+#[cfg(feature = "nats")]
+use async_nats::jetstream;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::broker::consumer::{Batch, Consumer, Received, Settle};
+use crate::broker::durable::DurableSettings;
 use crate::broker::lanes::{Held, Lanes};
+use crate::broker::memory::InMemoryBroker;
 use crate::broker::pulls::{Pulled, Pulls};
 use crate::broker::recovery::Recovery;
-use crate::event::subject::validate_filter;
+pub use crate::broker::subscriber_config::{
+    PoisonReport, SubscriberConfig, SubscriberStats, UnknownEventPolicy,
+};
 use crate::event::wire::{self, headers};
 use crate::telemetry::SubscriberMetrics;
-use crate::{BoxError, BrokerErrorKind, DomainEvent, EventEnvelope, EventError};
-
-/// What to do with a message whose event type the consumer does not know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnknownEventPolicy {
-    /// Acknowledge it and count it in [`SubscriberStats::unknown`]: the consumer is not
-    /// interested (the default).
-    Ack,
-    /// Terminate it and report it like a poison message: every event on these subjects
-    /// should be known.
-    Refuse,
-}
-
-/// Settings of a [`Subscriber`]: [`SubscriberConfig::new`], then the `with_*` setters.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct SubscriberConfig {
-    /// The JetStream stream to consume.
-    pub stream: String,
-    /// The durable consumer's name: the server remembers its progress.
-    pub durable_name: String,
-    /// Only subjects matching this filter (default: every subject of the stream).
-    pub filter_subject: Option<String>,
-    /// Deliveries before a failing message is terminated (default 5).
-    pub max_deliver: i64,
-    /// Delay before a failed message is redelivered (default 1 s).
-    pub nak_delay: Duration,
-    /// How long the server waits for an acknowledgement before redelivering (default 30 s).
-    pub ack_wait: Duration,
-    /// Messages fetched and not yet settled at once: the memory bound (default 256; the
-    /// server's `max_ack_pending` for the consumer).
-    pub max_in_flight: usize,
-    /// Messages handled at once, each of another aggregate (default 64; at most
-    /// `max_in_flight` run, as only those are held).
-    pub max_concurrency: usize,
-    /// Unknown event types (default [`UnknownEventPolicy::Ack`]).
-    pub unknown_events: UnknownEventPolicy,
-}
-
-impl SubscriberConfig {
-    /// Defaults for a durable consumer `durable_name` of `stream`.
-    pub fn new(stream: impl Into<String>, durable_name: impl Into<String>) -> Self {
-        Self {
-            stream: stream.into(),
-            durable_name: durable_name.into(),
-            filter_subject: None,
-            max_deliver: 5,
-            nak_delay: Duration::from_secs(1),
-            ack_wait: Duration::from_secs(30),
-            max_in_flight: 256,
-            max_concurrency: 64,
-            unknown_events: UnknownEventPolicy::Ack,
-        }
-    }
-}
-
-setters!(SubscriberConfig {
-    with_max_deliver => max_deliver: i64,
-    with_nak_delay => nak_delay: Duration,
-    with_ack_wait => ack_wait: Duration,
-    with_max_in_flight => max_in_flight: usize,
-    with_max_concurrency => max_concurrency: usize,
-    with_unknown_events => unknown_events: UnknownEventPolicy,
-});
-
-impl SubscriberConfig {
-    /// Only subjects matching `filter` (a subject, `*` and `>` wildcards allowed).
-    #[must_use]
-    pub fn with_filter_subject(mut self, filter: impl Into<String>) -> Self {
-        self.filter_subject = Some(filter.into());
-        self
-    }
-
-    /// An invalid setting, as an error.
-    fn check(&self) -> Result<(), EventError> {
-        if self.max_deliver < 1
-            || self.max_in_flight == 0
-            || self.max_concurrency == 0
-            || self.ack_wait.is_zero()
-        {
-            return Err(EventError::Config(
-                "subscriber configuration: max_deliver, max_in_flight and max_concurrency must be at least 1, \
-                 ack_wait above zero"
-                    .into(),
-            ));
-        }
-        if let Some(filter) = &self.filter_subject {
-            validate_filter(filter)?;
-        }
-        Ok(())
-    }
-}
-
-/// A message given up on: terminated after its last delivery, or refused.
-#[derive(Debug, Clone)]
-pub struct PoisonReport {
-    /// The message's sequence in the stream.
-    pub stream_sequence: u64,
-    /// Its subject.
-    pub subject: String,
-    /// Its event type header, if any.
-    pub event_type: Option<String>,
-    /// How often it was delivered.
-    pub deliveries: i64,
-    /// The last error.
-    pub error: String,
-}
-
-/// Counters of a subscriber.
-#[derive(Debug, Default)]
-pub struct SubscriberStats {
-    /// Messages handled and acknowledged.
-    pub handled: AtomicU64,
-    /// Failed attempts that were negatively acknowledged for redelivery.
-    pub retried: AtomicU64,
-    /// Messages terminated and reported.
-    pub poisoned: AtomicU64,
-    /// Messages of unknown event types acknowledged under [`UnknownEventPolicy::Ack`].
-    pub unknown: AtomicU64,
-}
+use crate::{BoxError, DomainEvent, EventEnvelope, EventError};
 
 type PoisonHook = Arc<dyn Fn(&PoisonReport) + Send + Sync>;
 
-/// A durable JetStream pull consumer of events of `E` (a struct or a derived enum).
+/// A durable consumer of events of `E` (a struct or a derived enum): a JetStream pull
+/// consumer ([`Subscriber::new`]), or one of the in-process broker ([`Subscriber::in_memory`],
+/// the embedded default: the same rules, within the process).
 ///
 /// Delivery rules of [`Subscriber::run`]:
 /// - **Ordered concurrency.** Messages of different aggregates are handled at once (up to
@@ -181,7 +66,7 @@ type PoisonHook = Arc<dyn Fn(&PoisonReport) + Send + Sync>;
 ///   again. A handler that must never see an aggregate's event twice or out of order keeps
 ///   the last `sequence` it applied (as projections do, in the same transaction).
 pub struct Subscriber<E> {
-    consumer: PullConsumer,
+    consumer: Consumer,
     config: SubscriberConfig,
     stats: Arc<SubscriberStats>,
     metrics: SubscriberMetrics,
@@ -192,72 +77,6 @@ pub struct Subscriber<E> {
 impl<E> fmt::Debug for Subscriber<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscriber").field("config", &self.config).field("stats", &self.stats).finish()
-    }
-}
-
-/// A failed JetStream request of the subscriber, its kind from the client's, the client's
-/// error as the source.
-fn broker<K>(what: &str, e: async_nats::error::Error<K>) -> EventError
-where
-    K: ErrorKindOf + Clone + fmt::Debug + fmt::Display + PartialEq + Send + Sync + 'static,
-{
-    let kind = e.kind().broker_kind();
-    EventError::broker(kind, format!("{what}: {e}"), e)
-}
-
-/// The stream `name` could not be opened: named, and the fix when it does not exist.
-fn stream_error(name: &str, e: async_nats::error::Error<GetStreamErrorKind>) -> EventError {
-    let missing = matches!(e.kind(), GetStreamErrorKind::JetStream(j)
-        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND);
-    if missing {
-        let message = format!(
-            "no stream `{name}` on the NATS server: the publishing service creates it at start-up \
-             (`NatsPublisher::ensure_stream(&StreamSpec::new(\"{name}\", [\"<context>.>\"]))`), or \
-             `SubscriberConfig::stream` names another stream"
-        );
-        return EventError::broker(BrokerErrorKind::NoStream, message, e);
-    }
-    broker(&format!("cannot open the stream `{name}`"), e)
-}
-
-/// What kind of broker failure an async-nats error kind is.
-trait ErrorKindOf {
-    fn broker_kind(&self) -> BrokerErrorKind;
-}
-
-impl ErrorKindOf for GetStreamErrorKind {
-    fn broker_kind(&self) -> BrokerErrorKind {
-        match self {
-            Self::JetStream(e) if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
-                BrokerErrorKind::NoStream
-            }
-            Self::JetStream(_) => BrokerErrorKind::Api,
-            Self::Request => BrokerErrorKind::Unavailable,
-            _ => BrokerErrorKind::Other,
-        }
-    }
-}
-
-impl ErrorKindOf for ConsumerErrorKind {
-    fn broker_kind(&self) -> BrokerErrorKind {
-        match self {
-            Self::TimedOut => BrokerErrorKind::TimedOut,
-            Self::Request => BrokerErrorKind::Unavailable,
-            Self::JetStream(_) => BrokerErrorKind::Api,
-            _ => BrokerErrorKind::Other,
-        }
-    }
-}
-
-impl ErrorKindOf for ConsumerInfoErrorKind {
-    fn broker_kind(&self) -> BrokerErrorKind {
-        match self {
-            Self::TimedOut => BrokerErrorKind::TimedOut,
-            Self::StreamNotFound => BrokerErrorKind::NoStream,
-            Self::Request | Self::NoResponders | Self::Offline => BrokerErrorKind::Unavailable,
-            Self::JetStream(_) => BrokerErrorKind::Api,
-            _ => BrokerErrorKind::Other,
-        }
     }
 }
 
@@ -281,42 +100,59 @@ impl<E: DomainEvent> Subscriber<E> {
     ///   update: delete the durable consumer (its progress is lost) or choose another name;
     /// - [`EventError::Broker`] when the stream does not exist or the server cannot be
     ///   reached.
+    #[cfg(feature = "nats")]
     pub async fn new(jetstream: &jetstream::Context, config: SubscriberConfig) -> Result<Self, EventError> {
         config.check()?;
-        let stream =
-            jetstream.get_stream(&config.stream).await.map_err(|e| stream_error(&config.stream, e))?;
-        let in_flight = i64::try_from(config.max_in_flight).unwrap_or(i64::MAX);
-        let wanted = pull::Config {
-            durable_name: Some(config.durable_name.clone()),
-            filter_subject: config.filter_subject.clone().unwrap_or_default(),
-            ack_policy: consumer::AckPolicy::Explicit,
+        let consumer = crate::broker::jetstream_durable::open(jetstream, &config).await?;
+        Ok(Self::with(Consumer::JetStream(Box::new(consumer)), config))
+    }
+
+    /// A durable consumer of the in-process broker `broker` (the embedded default), with
+    /// the same settings and rules as on JetStream: created, or bound to and given
+    /// `config`'s settings (its progress kept). `config.stream` is not looked at (the
+    /// broker has one stream).
+    ///
+    /// What it cannot keep: the broker and its consumers live as long as the process, so
+    /// nothing survives a restart (neither the messages nor the consumer's progress), and
+    /// "after a crash" means after a subscriber of the process stopped without handing its
+    /// messages back (its future dropped): they come back once `ack_wait` has passed, as
+    /// on JetStream.
+    ///
+    /// ```
+    /// use edupulse_events::{InMemoryBroker, Subscriber, SubscriberConfig, Uuid};
+    /// # use edupulse_events::DomainEvent;
+    /// # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, DomainEvent)]
+    /// # #[event(context = "courses")]
+    /// # struct LessonPublished { #[event(aggregate_id)] lesson_id: Uuid }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), edupulse_events::EventError> {
+    /// let broker = InMemoryBroker::new();
+    /// let subscriber = Subscriber::<LessonPublished>::in_memory(&broker, SubscriberConfig::new("EDUPULSE", "billing"))?;
+    /// // Until the future given as `shutdown` completes (here: at once).
+    /// subscriber.run(async |envelope| { println!("{}", envelope.event.lesson_id); Ok(()) }, async {}).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`EventError::Config`] for an invalid setting or filter.
+    pub fn in_memory(broker: &InMemoryBroker, config: SubscriberConfig) -> Result<Self, EventError> {
+        config.check()?;
+        let settings = DurableSettings {
+            filter: config.filter_subject.as_ref().map(|f| f.split('.').map(str::to_owned).collect()),
             ack_wait: config.ack_wait,
             max_deliver: config.max_deliver,
-            max_ack_pending: in_flight,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
+            max_ack_pending: config.max_in_flight,
         };
-        let name = &config.durable_name;
-        let consumer = match stream.consumer_info(name).await {
-            Ok(info) => match reconcile(name, info.config, &wanted)? {
-                None => stream.get_consumer(name).await.map_err(|e| {
-                    EventError::broker(BrokerErrorKind::Other, format!("cannot bind to the consumer: {e}"), e)
-                })?,
-                Some(updated) => {
-                    tracing::info!(consumer = %name, "subscriber: updating the durable consumer's settings");
-                    stream.create_consumer(updated).await.map_err(|e| refused_update(name, e))?
-                }
-            },
-            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-                stream.create_consumer(wanted).await.map_err(|e| broker("cannot create the consumer", e))?
-            }
-            Err(e) if e.kind() == ConsumerInfoErrorKind::InvalidName => {
-                return Err(EventError::Config(format!("invalid durable consumer name `{name}`: {e}")));
-            }
-            Err(e) => return Err(broker("cannot read the consumer", e)),
-        };
+        broker.durable(&config.durable_name, settings);
+        let consumer = Consumer::Memory(broker.clone(), config.durable_name.clone());
+        Ok(Self::with(consumer, config))
+    }
+
+    fn with(consumer: Consumer, config: SubscriberConfig) -> Self {
         let metrics = SubscriberMetrics::new(&config.durable_name);
-        Ok(Self { consumer, config, stats: Arc::default(), metrics, on_poison: None, _event: PhantomData })
+        Self { consumer, config, stats: Arc::default(), metrics, on_poison: None, _event: PhantomData }
     }
 
     /// Calls `hook` for every message given up on (in addition to a `tracing` error).
@@ -431,15 +267,13 @@ impl<E: DomainEvent> Subscriber<E> {
 
     /// A pull request for at most `count` messages, open for a second.
     async fn pull(&self, count: usize) -> Result<Batch, EventError> {
-        self.consumer.batch().max_messages(count).expires(PULL_EXPIRES).messages().await.map_err(|e| {
-            EventError::broker(BrokerErrorKind::Unavailable, format!("cannot pull messages: {e}"), e)
-        })
+        self.consumer.pull(count, PULL_EXPIRES).await
     }
 
     /// Keeps the held messages from being redelivered while they wait or run.
     async fn keep_held(&self, lanes: &Lanes<Delivery>) {
         for delivery in lanes.all() {
-            self.ack(&delivery.message, AckKind::Progress).await;
+            self.ack(&delivery.message, Settle::Progress).await;
         }
     }
 
@@ -455,10 +289,10 @@ impl<E: DomainEvent> Subscriber<E> {
             lanes.finish(done.key());
         }
         for delivery in lanes.take_waiting() {
-            self.ack(&delivery.message, AckKind::Nak(None)).await;
+            self.ack(&delivery.message, Settle::Nak(None)).await;
         }
         for message in pulls.drain().await {
-            self.ack(&message, AckKind::Nak(None)).await;
+            self.ack(&message, Settle::Nak(None)).await;
         }
     }
 
@@ -471,8 +305,7 @@ impl<E: DomainEvent> Subscriber<E> {
     {
         let message = &delivery.message;
         let (mut attempt, stream_sequence) = (delivery.delivered, delivery.sequence);
-        let event_type =
-            message.headers.as_ref().and_then(|h| h.get(headers::EVENT_TYPE)).map(|v| v.as_str().to_owned());
+        let event_type = message.header(headers::EVENT_TYPE).map(str::to_owned);
         if let Some(event_type) = &event_type
             && !E::accepts(event_type)
         {
@@ -484,7 +317,7 @@ impl<E: DomainEvent> Subscriber<E> {
                 Ok(()) => {
                     self.stats.handled.fetch_add(1, Ordering::Relaxed);
                     self.metrics.handled.increment(1);
-                    self.ack(message, AckKind::Ack).await;
+                    self.ack(message, Settle::Ack).await;
                     return;
                 }
                 Err(error) => error,
@@ -501,13 +334,13 @@ impl<E: DomainEvent> Subscriber<E> {
             // so any task spawning it) not `Send`. Copy the flag; drop the `Ref` at once.
             let stop = *stopped.borrow();
             if stop {
-                self.ack(message, AckKind::Nak(None)).await;
+                self.ack(message, Settle::Nak(None)).await;
                 return;
             }
             tokio::select! {
                 () = tokio::time::sleep(self.config.nak_delay) => attempt += 1,
                 () = stopped.wait_for(|stop| *stop).map(drop) => {
-                    self.ack(message, AckKind::Nak(None)).await;
+                    self.ack(message, Settle::Nak(None)).await;
                     return;
                 }
             }
@@ -517,12 +350,12 @@ impl<E: DomainEvent> Subscriber<E> {
     /// One attempt: decode, upcast and handle. A panic in the handler (or in an upcaster)
     /// is a failed attempt like an error: caught here, it neither unwinds through `run` nor
     /// stops the subscriber.
-    async fn attempt<H>(&self, handler: &H, message: &jetstream::Message) -> Result<(), String>
+    async fn attempt<H>(&self, handler: &H, message: &Received) -> Result<(), String>
     where
         H: AsyncFn(EventEnvelope<E>) -> Result<(), BoxError>,
     {
         let attempt = async {
-            let envelope = wire::decode_message::<E>(&message.payload).map_err(|e| e.to_string())?;
+            let envelope = wire::decode_message::<E>(message.payload()).map_err(|e| e.to_string())?;
             handler(envelope).await.map_err(|e| e.to_string())
         };
         match AssertUnwindSafe(attempt).catch_unwind().await {
@@ -534,17 +367,11 @@ impl<E: DomainEvent> Subscriber<E> {
     }
 
     /// A message of an event type the consumer does not know, settled by the policy.
-    async fn unknown(
-        &self,
-        message: &jetstream::Message,
-        stream_sequence: u64,
-        deliveries: i64,
-        event_type: &str,
-    ) {
+    async fn unknown(&self, message: &Received, stream_sequence: u64, deliveries: i64, event_type: &str) {
         match self.config.unknown_events {
             UnknownEventPolicy::Ack => {
                 self.stats.unknown.fetch_add(1, Ordering::Relaxed);
-                self.ack(message, AckKind::Ack).await;
+                self.ack(message, Settle::Ack).await;
             }
             UnknownEventPolicy::Refuse => {
                 let error = format!("unknown event type `{event_type}` refused by policy");
@@ -555,7 +382,7 @@ impl<E: DomainEvent> Subscriber<E> {
 
     async fn give_up(
         &self,
-        message: &jetstream::Message,
+        message: &Received,
         stream_sequence: u64,
         deliveries: i64,
         event_type: Option<String>,
@@ -563,7 +390,7 @@ impl<E: DomainEvent> Subscriber<E> {
     ) {
         let report = PoisonReport {
             stream_sequence,
-            subject: message.subject.to_string(),
+            subject: message.subject().to_owned(),
             event_type,
             deliveries,
             error,
@@ -571,7 +398,7 @@ impl<E: DomainEvent> Subscriber<E> {
         tracing::error!(?report, "subscriber: message terminated");
         self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
         self.metrics.poisoned.increment(1);
-        self.ack(message, AckKind::Term).await;
+        self.ack(message, Settle::Term).await;
         if let Some(hook) = &self.on_poison
             && std::panic::catch_unwind(AssertUnwindSafe(|| hook(&report))).is_err()
         {
@@ -579,11 +406,8 @@ impl<E: DomainEvent> Subscriber<E> {
         }
     }
 
-    async fn ack(&self, message: &jetstream::Message, kind: AckKind) {
-        // A lost acknowledgement means a redelivery, which handlers must tolerate anyway.
-        if let Err(e) = message.ack_with(kind).await {
-            tracing::warn!(error = %e, "subscriber: acknowledgement failed");
-        }
+    async fn ack(&self, message: &Received, how: Settle) {
+        message.settle(how).await;
     }
 }
 
@@ -629,7 +453,7 @@ fn backoff(failures: u32) -> Duration {
 /// A message held by the subscriber, with its lane: the aggregate id header, or the subject
 /// for a message without one.
 struct Delivery {
-    message: jetstream::Message,
+    message: Received,
     key: Lane,
     sequence: u64,
     /// Deliveries so far, this one included (the server's count).
@@ -644,13 +468,13 @@ enum Lane {
 }
 
 impl Delivery {
-    fn new(message: jetstream::Message) -> Self {
-        let aggregate = message.headers.as_ref().and_then(|h| h.get(headers::AGGREGATE_ID));
-        let key = match aggregate.and_then(|id| Uuid::parse_str(id.as_str()).ok()) {
+    fn new(message: Received) -> Self {
+        let aggregate = message.header(headers::AGGREGATE_ID);
+        let key = match aggregate.and_then(|id| Uuid::parse_str(id).ok()) {
             Some(id) => Lane::Aggregate(id),
-            None => Lane::Subject(message.subject.to_string()),
+            None => Lane::Subject(message.subject().to_owned()),
         };
-        let (delivered, sequence) = message.info().map_or((1, 0), |i| (i.delivered, i.stream_sequence));
+        let (delivered, sequence) = message.delivery();
         Self { message, key, sequence, delivered }
     }
 }
@@ -664,62 +488,6 @@ impl Held for Delivery {
 
     fn sequence(&self) -> u64 {
         self.sequence
-    }
-}
-
-/// Compares an existing durable consumer with the wanted settings: `None` when the settings
-/// the subscriber owns are equal, else the existing configuration with those settings
-/// replaced (everything else kept), to send as an update.
-fn reconcile(
-    name: &str,
-    existing: consumer::Config,
-    wanted: &pull::Config,
-) -> Result<Option<pull::Config>, EventError> {
-    if existing.deliver_subject.is_some() {
-        return Err(EventError::Config(format!(
-            "the durable consumer `{name}` is a push consumer; a subscriber needs a pull consumer: \
-             delete it or choose another durable name"
-        )));
-    }
-    // The server refuses to change these in place; say so before asking it.
-    let fixed = [
-        ("deliver policy", existing.deliver_policy != wanted.deliver_policy),
-        ("acknowledgement policy", existing.ack_policy != wanted.ack_policy),
-    ];
-    if let Some((setting, _)) = fixed.iter().find(|(_, differs)| *differs) {
-        return Err(EventError::Config(format!(
-            "the durable consumer `{name}` exists with another {setting}, which the server cannot \
-             change in place: delete the consumer (its progress is lost) or choose another durable name"
-        )));
-    }
-    if existing.filter_subject == wanted.filter_subject
-        && existing.ack_wait == wanted.ack_wait
-        && existing.max_deliver == wanted.max_deliver
-        && existing.max_ack_pending == wanted.max_ack_pending
-    {
-        return Ok(None);
-    }
-    let updated = consumer::Config {
-        filter_subject: wanted.filter_subject.clone(),
-        ack_wait: wanted.ack_wait,
-        max_deliver: wanted.max_deliver,
-        max_ack_pending: wanted.max_ack_pending,
-        ..existing
-    };
-    pull::Config::try_from_consumer_config(updated)
-        .map(Some)
-        .map_err(|e| EventError::Config(format!("the durable consumer `{name}` cannot be updated: {e}")))
-}
-
-/// The server refused to update an existing consumer: a request it answers with an error
-/// is a setting it cannot change (a configuration problem), anything else the broker's.
-fn refused_update(name: &str, error: ConsumerError) -> EventError {
-    match error.kind() {
-        ConsumerErrorKind::JetStream(e) if e.code() == 400 => EventError::Config(format!(
-            "the server refuses to update the durable consumer `{name}` ({e}): delete the consumer \
-             (its progress is lost) or choose another durable name"
-        )),
-        _ => broker("cannot update the consumer", error),
     }
 }
 
