@@ -434,3 +434,50 @@ async fn catch_up_grows_its_batches_with_the_backlog_and_shrinks_them_when_live(
     invalid.max_batch_size = 10;
     assert!(matches!(invalid.catch_up().await, Err(EventError::Config(_))));
 }
+
+/// `execute!` runs one statement, written once, on either backend's connection: the read
+/// model's upsert of a projection, on PostgreSQL and on the embedded store.
+#[tokio::test]
+async fn a_statement_written_once_runs_on_both_backends() {
+    let embedded = EventStore::connect("sqlite::memory:", StoreConfig::default()).await.unwrap();
+    embedded.migrate().await.unwrap();
+    for store in [store().await, embedded] {
+        let table = format!("read_{}", Uuid::now_v7().simple());
+        let mut tx = store.begin().await.unwrap();
+        let create = format!(
+            "CREATE TABLE {table} (author TEXT PRIMARY KEY, lessons BIGINT NOT NULL, at TIMESTAMPTZ)"
+        );
+        edupulse_events::execute!(tx.connection(), sqlx::AssertSqlSafe(create.clone())).unwrap();
+        let upsert = format!(
+            "INSERT INTO {table} (author, lessons, at) VALUES ($1, $2, $3) \
+             ON CONFLICT (author) DO UPDATE SET lessons = {table}.lessons + $2, at = $3"
+        );
+        let now = edupulse_events::chrono::Utc::now();
+        for n in [1_i64, 2, 3] {
+            let rows = edupulse_events::execute!(
+                tx.connection(),
+                sqlx::AssertSqlSafe(upsert.clone()),
+                "ada",
+                n,
+                now
+            )
+            .unwrap();
+            assert_eq!(rows, 1);
+        }
+        let read = format!("SELECT lessons FROM {table} WHERE author = $1");
+        let lessons: i64 = match tx.connection() {
+            edupulse_events::Connection::Postgres(c) => sqlx::query_scalar(sqlx::AssertSqlSafe(read.clone()))
+                .bind("ada")
+                .fetch_one(&mut *c)
+                .await
+                .unwrap(),
+            edupulse_events::Connection::Sqlite(c) => sqlx::query_scalar(sqlx::AssertSqlSafe(read.clone()))
+                .bind("ada")
+                .fetch_one(&mut *c)
+                .await
+                .unwrap(),
+        };
+        assert_eq!(lessons, 6, "{}", store.config().schema.as_str());
+        tx.rollback().await.unwrap();
+    }
+}

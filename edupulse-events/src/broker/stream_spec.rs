@@ -25,7 +25,7 @@ pub struct StreamSpec {
     pub duplicate_window: Duration,
     /// Keep messages this long; zero keeps them until limits apply (default zero). On an
     /// existing stream, zero leaves the stream's own max age as it is (see
-    /// [`NatsPublisher::ensure_stream`]).
+    /// [`NatsPublisher::ensure_stream`](crate::NatsPublisher::ensure_stream)).
     pub max_age: Duration,
     /// Copies of the stream kept on different servers of a JetStream cluster: 1, 3 or 5
     /// (at most 5; 0, the default, means JetStream's default of 1 for a new stream and the
@@ -36,7 +36,7 @@ pub struct StreamSpec {
     /// Atomic publishing (default on): on nats-server 2.12.1 and later, the stream is made
     /// to take atomic batches, and an aggregate's long run of pending events may go as one
     /// batch (stored all together or not at all, one acknowledgement) instead of one
-    /// acknowledgement round trip per event (see [`NatsConfig::min_batch`]). Older servers
+    /// acknowledgement round trip per event (see [`NatsConfig::min_batch`](crate::NatsConfig::min_batch)). Older servers
     /// keep one event in flight per aggregate. Off leaves the stream's setting as it is and
     /// sends one at a time.
     pub atomic_publish: bool,

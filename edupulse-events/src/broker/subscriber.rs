@@ -34,7 +34,7 @@ type PoisonHook = Arc<dyn Fn(&PoisonReport) + Send + Sync>;
 
 /// A durable consumer of events of `E` (a struct or a derived enum): a JetStream pull
 /// consumer ([`Subscriber::new`]), or one of the in-process broker ([`Subscriber::in_memory`],
-/// the embedded default: the same rules, within the process).
+/// the embedded default: the same rules, within the process; it has an example).
 ///
 /// Delivery rules of [`Subscriber::run`]:
 /// - **Ordered concurrency.** Messages of different aggregates are handled at once (up to

@@ -18,7 +18,7 @@ pub enum UnknownEventPolicy {
     Refuse,
 }
 
-/// Settings of a [`Subscriber`]: [`SubscriberConfig::new`], then the `with_*` setters.
+/// Settings of a [`Subscriber`](crate::Subscriber): [`SubscriberConfig::new`], then the `with_*` setters.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SubscriberConfig {

@@ -25,6 +25,53 @@ use crate::{BoxError, DomainEvent, EventEnvelope, EventError, telemetry};
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// A read model fed by events of `E`.
+///
+/// ```
+/// use edupulse_events::prelude::*;
+/// use edupulse_events::{BoxError, Transaction};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+/// # #[event(context = "courses")]
+/// # pub struct LessonPublished { #[event(aggregate_id)] pub lesson_id: Uuid, pub author: String }
+///
+/// /// How many lessons each author published.
+/// struct LessonsPerAuthor;
+///
+/// impl Projection<LessonPublished> for LessonsPerAuthor {
+///     fn name(&self) -> &str {
+///         "lessons-per-author"
+///     }
+///
+///     // In the runner's transaction, with the checkpoint: each event applied exactly once.
+///     async fn apply(&self, tx: &mut Transaction, event: &EventEnvelope<LessonPublished>) -> Result<(), BoxError> {
+///         let sql = "INSERT INTO lessons_per_author (author, lessons) VALUES ($1, 1) \
+///                    ON CONFLICT (author) DO UPDATE SET lessons = lessons_per_author.lessons + 1";
+///         edupulse_events::execute!(tx.connection(), sql, &event.event.author)?;
+///         Ok(())
+///     }
+///
+///     async fn reset(&self, tx: &mut Transaction) -> Result<(), BoxError> {
+///         edupulse_events::execute!(tx.connection(), "DELETE FROM lessons_per_author")?;
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = EventStore::connect("sqlite::memory:", StoreConfig::default()).await?;
+/// store.migrate().await?;
+/// let mut tx = store.begin().await?;
+/// edupulse_events::execute!(tx.connection(), "CREATE TABLE lessons_per_author (author TEXT PRIMARY KEY, lessons BIGINT NOT NULL)")?;
+/// let lesson_id = Uuid::now_v7();
+/// tx.append("lesson", lesson_id, 0, [LessonPublished { lesson_id, author: "ada".into() }]).await?;
+/// tx.commit().await?;
+///
+/// // Once here; `run(shutdown)` catches up, then follows new events until shutdown.
+/// let applied = ProjectionRunner::new(store, LessonsPerAuthor).catch_up().await?;
+/// assert_eq!(applied, 1);
+/// # Ok(())
+/// # }
+/// ```
 pub trait Projection<E: DomainEvent>: Send + Sync {
     /// The checkpoint's name: unique per projection, stable across deployments.
     fn name(&self) -> &str;

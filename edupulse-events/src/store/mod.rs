@@ -9,6 +9,7 @@ pub(crate) mod append;
 pub(crate) mod backend;
 #[cfg(feature = "postgres")]
 mod connect;
+mod execute;
 pub(crate) mod log;
 mod migrations;
 pub(crate) mod model;

@@ -19,6 +19,62 @@ use crate::{DomainEvent, EventEnvelope, EventError};
 /// The state is `Serialize + DeserializeOwned` so that it can be snapshotted; raise
 /// [`STATE_VERSION`](Aggregate::STATE_VERSION) whenever its shape or meaning changes, and
 /// older snapshots are ignored.
+///
+/// ```
+/// use edupulse_events::prelude::*;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+/// #[event(context = "courses")]
+/// pub struct StudentEnrolled { #[event(aggregate_id)] pub course_id: Uuid, pub student_id: Uuid }
+///
+/// /// A course takes at most three students.
+/// #[derive(Debug, Default, Serialize, Deserialize)]
+/// pub struct Course { students: Vec<Uuid> }
+///
+/// #[derive(Debug, PartialEq, thiserror::Error)]
+/// pub enum Refused { #[error("the course is full")] Full, #[error("already enrolled")] Already }
+///
+/// impl Aggregate for Course {
+///     const TYPE: &'static str = "course";
+///     type Event = StudentEnrolled;
+///     type Command = (Uuid, Uuid); // (course, student)
+///     type Error = Refused;
+///
+///     fn apply(&mut self, event: &StudentEnrolled) {
+///         self.students.push(event.student_id);
+///     }
+///
+///     fn decide(&self, &(course_id, student_id): &(Uuid, Uuid)) -> Result<Vec<StudentEnrolled>, Refused> {
+///         if self.students.contains(&student_id) {
+///             return Err(Refused::Already);
+///         }
+///         if self.students.len() >= 3 {
+///             return Err(Refused::Full);
+///         }
+///         Ok(vec![StudentEnrolled { course_id, student_id }])
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let backends = Backends::connect(None, None, StoreConfig::default(), &edupulse_events::StreamSpec::new("EDUPULSE", ["courses.>"])).await?;
+/// let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), BusConfig::default())?;
+/// // Load (snapshot, then the tail), decide, append at the loaded sequence; retried on a
+/// // lost race.
+/// let courses = Repository::<Course>::new(bus);
+/// let course = Uuid::now_v7();
+/// for _ in 0..3 {
+///     courses.execute(course, &(course, Uuid::now_v7())).await?;
+/// }
+/// let refused = courses.execute(course, &(course, Uuid::now_v7())).await;
+/// assert!(matches!(refused, Err(CommandError::Domain(Refused::Full))));
+/// assert_eq!(courses.load(course).await?.sequence, 3);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// [`testing::AggregateTest`](crate::testing::AggregateTest) tests one without a server.
 pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The aggregate type stored with every event (`"course"`).
     const TYPE: &'static str;
@@ -74,7 +130,7 @@ pub struct Loaded<A> {
     pub events_read: u64,
 }
 
-/// Loads aggregates and executes commands on them.
+/// Loads aggregates and executes commands on them ([`Aggregate`] has an example).
 pub struct Repository<A> {
     bus: EventBus,
     /// Decisions tried on a concurrency conflict before giving up (default 10).
