@@ -92,6 +92,7 @@ fn quiz_v3(payload: JsonValue) -> Result<JsonValue, UpcastError> {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
 #[event(context = "courses")]
+#[event(no_aggregate_id)]
 struct CourseArchived {}
 
 #[derive(Debug, Clone, PartialEq, DomainEvent)]

@@ -38,6 +38,7 @@ impl From<LessonPublishedV1> for LessonPublished {
 /// Raw chain.
 #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
 #[event(version = 3, subject = "courses.quiz", upcast(from = 1, with = step), upcast(from = 2, with = fallible))]
+#[event(no_aggregate_id)]
 pub struct Quiz {
     /// The score.
     #[event(key = "points")]
@@ -55,6 +56,7 @@ fn fallible(v: JsonValue) -> Result<JsonValue, UpcastError> {
 /// Unit event.
 #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
 #[event(context = "courses")]
+#[event(no_aggregate_id)]
 pub struct Tick;
 
 /// All of them.

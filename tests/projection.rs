@@ -133,6 +133,7 @@ async fn two_runners_of_one_projection_never_apply_a_batch_twice() {
 /// Another bounded context's events, in the same store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
 #[event(context = "billing")]
+#[event(no_aggregate_id)]
 struct InvoicePaid {
     cents: u64,
 }

@@ -9,8 +9,8 @@ use syn::{Attribute, Lit, LitInt, LitStr, Path, Token, Type};
 
 use crate::ctxt::Ctxt;
 use crate::symbol::{
-    AGGREGATE_ID, ALIAS, CONTEXT, ENUM_KEYS, EVENT, FIELD_KEYS, FROM, KEY, NAME, PREVIOUS, STRUCT_KEYS,
-    SUBJECT, UPCAST, UPCAST_KEYS, VERSION, WITH,
+    AGGREGATE_ID, ALIAS, CONTEXT, ENUM_KEYS, EVENT, FIELD_KEYS, FROM, KEY, NAME, NO_AGGREGATE_ID, PREVIOUS,
+    STRUCT_KEYS, SUBJECT, UPCAST, UPCAST_KEYS, VERSION, WITH,
 };
 
 /// Where an attribute was found: decides which keys are allowed.
@@ -46,6 +46,8 @@ pub(crate) struct Container {
     pub(crate) subject: Option<LitStr>,
     pub(crate) previous: Option<Type>,
     pub(crate) upcasts: Vec<Upcast>,
+    /// `no_aggregate_id`: the event does not carry its aggregate's id (said on purpose).
+    pub(crate) no_aggregate_id: Option<Ident>,
 }
 
 /// `#[event(key)]` or `#[event(key = "name")]`.
@@ -80,6 +82,16 @@ pub(crate) fn container(cx: &Ctxt, attrs: &[Attribute], place: Place) -> Contain
                     set_once(cx, &mut out.previous, &key, Some(ty));
                 }
                 UPCAST => out.upcasts.push(parse_upcast(cx, &meta, key)?),
+                NO_AGGREGATE_ID => {
+                    if meta.input.peek(Token![=]) || meta.input.peek(syn::token::Paren) {
+                        skip_value(&meta)?;
+                        cx.error_spanned_by(
+                            &key,
+                            "`no_aggregate_id` takes no value: write `#[event(no_aggregate_id)]`",
+                        );
+                    }
+                    set_once(cx, &mut out.no_aggregate_id, &key, Some(key.clone()));
+                }
                 _ => unreachable_key(cx, &key),
             }
             Ok(())

@@ -159,10 +159,37 @@ fn expand_struct(s: &Struct<'_>) -> TokenStream {
     );
     let schema = schema_impl(s);
     let previous_check = previous_version_check(s);
+    let aggregate_warning = missing_aggregate_id_warning(s);
     quote! {
         #domain_event
         #schema
         #previous_check
+        #aggregate_warning
+    }
+}
+
+/// A warning, on the struct's name, when no field is the aggregate id and the struct does
+/// not say `no_aggregate_id`: forgetting the attribute compiles, and an append can then not
+/// check that the event belongs to the aggregate it is appended to. A derive cannot emit a
+/// warning of its own on stable Rust: it uses a deprecated constant, whose note is the
+/// message (`#[deny(deprecated)]` makes it an error).
+fn missing_aggregate_id_warning(s: &Struct<'_>) -> TokenStream {
+    if s.aggregate_field().is_some() || s.attrs.no_aggregate_id.is_some() {
+        return TokenStream::new();
+    }
+    let ident = &s.original.ident;
+    let note = format!(
+        "`{ident}` has no field marked `#[event(aggregate_id)]`, so an append cannot check that the \
+         event belongs to the aggregate it is appended to: mark the field that holds the aggregate's \
+         id, or write `#[event(no_aggregate_id)]` on the struct if the event does not carry it"
+    );
+    quote_spanned! {ident.span()=>
+        const _: () = {
+            #[deprecated(note = #note)]
+            #[allow(non_upper_case_globals)]
+            const no_aggregate_id_field: () = ();
+            no_aggregate_id_field
+        };
     }
 }
 

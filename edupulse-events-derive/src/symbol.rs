@@ -24,11 +24,14 @@ pub(crate) const WITH: &str = "with";
 
 /// `#[event(aggregate_id)]` on a field.
 pub(crate) const AGGREGATE_ID: &str = "aggregate_id";
+/// `#[event(no_aggregate_id)]` on a struct: the event does not carry its aggregate's id.
+pub(crate) const NO_AGGREGATE_ID: &str = "no_aggregate_id";
 /// `#[event(key)]` / `#[event(key = "…")]` on a field.
 pub(crate) const KEY: &str = "key";
 
 /// Keys allowed on an event struct.
-pub(crate) const STRUCT_KEYS: &[&str] = &[NAME, ALIAS, VERSION, CONTEXT, SUBJECT, PREVIOUS, UPCAST];
+pub(crate) const STRUCT_KEYS: &[&str] =
+    &[NAME, ALIAS, VERSION, CONTEXT, SUBJECT, PREVIOUS, UPCAST, NO_AGGREGATE_ID];
 /// Keys allowed on an enum of events.
 pub(crate) const ENUM_KEYS: &[&str] = &[CONTEXT];
 /// Keys allowed on a field.

@@ -85,12 +85,22 @@ fn validate_version(cx: &Ctxt, attrs: &Container) {
     }
 }
 
-/// Errors for a second `aggregate_id` field and for invalid key names, field by field.
+/// Errors for a second `aggregate_id` field, for one beside `no_aggregate_id`, and for
+/// invalid key names, field by field.
 fn validate_fields(cx: &Ctxt, s: &Struct<'_>) {
     let mut aggregate: Option<String> = None;
     for field in &s.fields {
         check_aggregate_id(cx, field, &mut aggregate);
         check_key_name(cx, field);
+    }
+    if let (Some(keyword), Some(field)) = (&s.attrs.no_aggregate_id, aggregate) {
+        cx.error_spanned_by(
+            keyword,
+            format!(
+                "`no_aggregate_id` says the event does not carry its aggregate's id, but `{field}` is \
+                 marked `#[event(aggregate_id)]`: keep one of them"
+            ),
+        );
     }
 }
 

@@ -101,6 +101,7 @@ pub struct LessonRenamed {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
 #[event(context = "courses")]
+#[event(no_aggregate_id)]
 pub struct Counted {
     pub n: u64,
 }

@@ -20,6 +20,7 @@ struct QuizSubmitted {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
 #[event(context = "billing.v1")]
+#[event(no_aggregate_id)]
 struct InvoicePaid {
     invoice_id: Uuid,
 }

@@ -25,6 +25,7 @@ impl IntoKeyValue for Locale {
 
 #[derive(Debug, Serialize, Deserialize, DomainEvent)]
 #[event(name = "LessonPublished", version = 2, upcast(from = 1, with = v1))]
+#[event(no_aggregate_id)]
 struct LessonPublishedV2 {
     lesson_id: LessonId,
     title: String,
@@ -78,6 +79,7 @@ impl From<LessonPublishedV2> for Published {
 
 /// An event without fields and without attributes.
 #[derive(Debug, Serialize, Deserialize, DomainEvent)]
+#[event(no_aggregate_id)]
 struct Heartbeat;
 
 #[test]

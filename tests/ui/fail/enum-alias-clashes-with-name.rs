@@ -3,13 +3,13 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, DomainEvent)]
 struct LessonPublished {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(alias = "LessonPublished")]
 struct LessonReleased {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 #[derive(DomainEvent)]

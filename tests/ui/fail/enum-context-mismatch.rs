@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(context = "billing")]
 struct InvoicePaid {
-    invoice_id: Uuid,
+    #[event(aggregate_id)] invoice_id: Uuid,
 }
 
 #[derive(DomainEvent)]

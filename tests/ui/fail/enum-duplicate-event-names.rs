@@ -4,13 +4,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(name = "LessonPublished")]
 struct LessonPublished {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(name = "LessonPublished")]
 struct LessonReleased {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 #[derive(DomainEvent)]

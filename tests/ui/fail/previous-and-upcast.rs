@@ -4,13 +4,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(name = "LessonPublished")]
 struct LessonPublishedV1 {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(version = 2, previous = LessonPublishedV1, upcast(from = 1, with = step))]
 struct LessonPublished {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 impl From<LessonPublishedV1> for LessonPublished {

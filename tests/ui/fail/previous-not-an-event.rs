@@ -9,7 +9,7 @@ struct LessonPublishedV1 {
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(version = 2, previous = LessonPublishedV1)]
 struct LessonPublished {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 impl From<LessonPublishedV1> for LessonPublished {

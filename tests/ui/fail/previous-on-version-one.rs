@@ -4,13 +4,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(name = "LessonPublished")]
 struct LessonPublishedV0 {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(previous = LessonPublishedV0)]
 struct LessonPublished {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 impl From<LessonPublishedV0> for LessonPublished {

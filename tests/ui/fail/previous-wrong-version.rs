@@ -4,13 +4,13 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(name = "LessonPublished")]
 struct LessonPublishedV1 {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(version = 3, previous = LessonPublishedV1)]
 struct LessonPublished {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 impl From<LessonPublishedV1> for LessonPublished {

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, DomainEvent)]
 #[event(version = 2, upcast(from = 1, with = step))]
 struct LessonPublished {
-    lesson_id: Uuid,
+    #[event(aggregate_id)] lesson_id: Uuid,
 }
 
 fn step(v: String) -> String {
