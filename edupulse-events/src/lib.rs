@@ -1,8 +1,10 @@
 //! Domain events for Rust services: annotate plain event structs with
 //! `#[derive(DomainEvent)]` and get stable type names, NATS subjects, schema versions with an
 //! upcaster chain for old payloads, and typed SQL bindings; store them in PostgreSQL with
-//! optimistic concurrency, and publish them to NATS JetStream from the log once they
-//! committed.
+//! optimistic concurrency, publish them to NATS JetStream from the log once they committed,
+//! consume them with durable consumers and project them exactly once. With no server at all
+//! it runs embedded: SQLite and an in-process broker, same API. Start with the [`prelude`];
+//! [From events to a read model](#from-events-to-a-read-model) walks the whole path.
 //!
 //! # Example
 //!
@@ -85,35 +87,194 @@
 //!   and refusing upcasters all give an [`EventError`].
 //! - Upcasting is pure and runs on every read: stored rows are never rewritten.
 //!
+//! # From events to a read model
+//!
+//! The path the repository's README walks (its code is `examples/five_minutes.rs`), here on
+//! the embedded default: SQLite in memory and the in-process broker, no server.
+//! [`Backends::from_env`] runs the same code on PostgreSQL and NATS JetStream when
+//! `DATABASE_URL` and `NATS_URL` are set. The [`prelude`] brings what it uses most.
+//!
+//! **Commit through the bus, then consume.** [`Backends`] connects, migrates and makes the
+//! stream; [`EventBus::commit`] appends in one transaction, and once it committed the bus's
+//! relay publishes the events from the log; [`Backends::subscriber`] is a durable consumer of
+//! whichever broker the backends connected (JetStream's, or [`Subscriber::in_memory`] on the
+//! in-process broker), with the same rules: different aggregates at once, each aggregate's
+//! events in order, acknowledged when the handler returns `Ok`.
+//!
+//! ```
+//! use edupulse_events::prelude::*;
+//! use edupulse_events::StreamSpec;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+//! #[event(context = "workshops")]
+//! pub struct SeatBooked {
+//!     #[event(aggregate_id)]
+//!     pub workshop_id: Uuid,
+//!     pub student_id: Uuid,
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), EventError> {
+//! let stream = StreamSpec::new("WORKSHOPS", ["workshops.>"]);
+//! let backends = Backends::connect(None, None, StoreConfig::default(), &stream).await?;
+//! let bus = EventBus::new(backends.store.clone(), backends.publisher.clone(), BusConfig::default())?;
+//!
+//! let workshop_id = Uuid::now_v7();
+//! let booked = SeatBooked { workshop_id, student_id: Uuid::now_v7() };
+//! let committed = bus.commit(async |tx| tx.append("workshop", workshop_id, 0, [booked]).await).await?;
+//! committed.receipt.published().await?; // only if you must know: the broker acknowledged it
+//!
+//! let config = SubscriberConfig::new("WORKSHOPS", "welcome-mails");
+//! let subscriber = backends.subscriber::<SeatBooked>(config).await?;
+//! let done = tokio::sync::Notify::new();
+//! let handler = async |envelope: EventEnvelope<SeatBooked>| {
+//!     assert_eq!(envelope.event.workshop_id, workshop_id);
+//!     done.notify_one();
+//!     Ok(()) // acknowledged; an error is retried, then reported as poison
+//! };
+//! subscriber.run(handler, done.notified()).await?; // until that future completes
+//!
+//! bus.close(std::time::Duration::from_secs(10)).await?; // before the process exits
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **Project.** A [`Projection`] applies each event in one transaction with its checkpoint,
+//! so each is applied exactly once; [`execute!`](crate::execute) runs a statement written
+//! once on whichever database the transaction is on. [`ProjectionRunner::run`] catches up,
+//! then follows; [`ProjectionRunner::catch_up`] stops at the end.
+//!
+//! ```
+//! use edupulse_events::prelude::*;
+//! use edupulse_events::{BoxError, Transaction, execute};
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+//! # #[event(context = "workshops")]
+//! # pub struct SeatBooked { #[event(aggregate_id)] pub workshop_id: Uuid, pub student_id: Uuid }
+//!
+//! /// Seats booked per workshop.
+//! struct SeatsBooked;
+//!
+//! impl Projection<SeatBooked> for SeatsBooked {
+//!     fn name(&self) -> &str {
+//!         "seats-booked"
+//!     }
+//!
+//!     async fn apply(&self, tx: &mut Transaction, e: &EventEnvelope<SeatBooked>) -> Result<(), BoxError> {
+//!         let sql = "INSERT INTO seats_booked (workshop_id, seats) VALUES ($1, 1) \
+//!                    ON CONFLICT (workshop_id) DO UPDATE SET seats = seats_booked.seats + 1";
+//!         execute!(tx.connection(), sql, e.event.workshop_id.to_string())?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = EventStore::connect("sqlite::memory:", StoreConfig::default()).await?;
+//! store.migrate().await?;
+//! let mut tx = store.begin().await?;
+//! let table = "CREATE TABLE seats_booked (workshop_id TEXT PRIMARY KEY, seats BIGINT NOT NULL)";
+//! execute!(tx.connection(), table)?;
+//! let workshop_id = Uuid::now_v7();
+//! tx.append("workshop", workshop_id, 0, [SeatBooked { workshop_id, student_id: Uuid::now_v7() }]).await?;
+//! tx.commit().await?;
+//!
+//! let applied = ProjectionRunner::new(store, SeatsBooked).catch_up().await?;
+//! assert_eq!(applied, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! **Test an aggregate.** An [`Aggregate`] folds its events into a state and decides on
+//! commands; [`Repository::execute`] loads it (a snapshot, then the tail), decides, appends
+//! at the loaded sequence and retries a lost race. [`testing::AggregateTest`] runs
+//! given / when / then through a repository on the embedded store; a mismatch panics with
+//! the expected (`-`) and actual (`+`) events.
+//!
+//! ```
+//! use edupulse_events::prelude::*;
+//! use edupulse_events::testing::AggregateTest;
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+//! # #[event(context = "workshops")]
+//! # pub struct SeatBooked { #[event(aggregate_id)] pub workshop_id: Uuid, pub student_id: Uuid }
+//!
+//! /// A workshop of two seats.
+//! #[derive(Debug, Default, Serialize, Deserialize)]
+//! struct Workshop { students: Vec<Uuid> }
+//!
+//! #[derive(Debug, PartialEq, thiserror::Error)]
+//! #[error("the workshop is full")]
+//! struct Full;
+//!
+//! impl Aggregate for Workshop {
+//!     const TYPE: &'static str = "workshop";
+//!     type Event = SeatBooked;
+//!     type Command = SeatBooked; // the booking asked for
+//!     type Error = Full;
+//!
+//!     fn apply(&mut self, event: &SeatBooked) {
+//!         self.students.push(event.student_id);
+//!     }
+//!
+//!     fn decide(&self, booking: &SeatBooked) -> Result<Vec<SeatBooked>, Full> {
+//!         if self.students.len() >= 2 { Err(Full) } else { Ok(vec![booking.clone()]) }
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let workshop_id = Uuid::now_v7();
+//! let booking = |student_id| SeatBooked { workshop_id, student_id };
+//! let (ada, bob, cy) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+//! AggregateTest::<Workshop>::given([booking(ada)]).when(booking(bob)).await.then_expect([booking(bob)]);
+//! AggregateTest::<Workshop>::given([booking(ada), booking(bob)]).when(booking(cy)).await.then_error(Full);
+//! # }
+//! ```
+//!
 //! # The store, the bus and the relay
 //!
-//! ```no_run
-//! # use edupulse_events::*;
-//! # use std::sync::Arc;
-//! # async fn demo<E: DomainEvent + Clone>(event: E, lesson_id: Uuid) -> Result<(), EventError> {
-//! let store = EventStore::connect("postgres://app@127.0.0.1/app", StoreConfig::default()).await?;
+//! The path above in its parts, on the embedded store and broker; the comments say what
+//! changes on PostgreSQL and NATS.
+//!
+//! ```
+//! use edupulse_events::*;
+//! use futures_util::StreamExt;
+//! use std::sync::Arc;
+//! # #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, DomainEvent)]
+//! # #[event(context = "courses")]
+//! # struct LessonPublished { #[event(aggregate_id)] lesson_id: Uuid, title: String }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), EventError> {
+//! // On PostgreSQL: EventStore::connect("postgres://app@127.0.0.1/app", …).
+//! let store = EventStore::connect("sqlite::memory:", StoreConfig::default()).await?;
 //! store.migrate().await?;
-//! let nats = NatsPublisher::connect("nats://127.0.0.1:4222", NatsConfig::default()).await?;
-//! nats.ensure_stream(&StreamSpec::new("EDUPULSE", ["courses.>"])).await?;
-//! let nats: Arc<dyn Publisher> = Arc::new(nats);
+//! // On NATS: NatsPublisher::connect("nats://127.0.0.1:4222", NatsConfig::default()), then
+//! // ensure_stream(&StreamSpec::new("EDUPULSE", ["courses.>"])).
+//! let broker: Arc<dyn Publisher> = Arc::new(InMemoryBroker::new());
 //!
 //! // Events and the caller's own writes commit together; the bus's background relay
 //! // publishes them from the log. Wait for the acknowledgement only when you need it.
-//! let bus = EventBus::new(store.clone(), nats.clone(), BusConfig::default())?;
-//! let committed = bus.commit(async |tx| tx.append("lesson", lesson_id, 0, [event.clone()]).await).await?;
+//! let bus = EventBus::new(store.clone(), broker.clone(), BusConfig::default())?;
+//! let lesson_id = Uuid::now_v7();
+//! let event = LessonPublished { lesson_id, title: "Ownership".into() };
+//! let committed = bus.commit(async |tx| tx.append("lesson", lesson_id, 0, [event]).await).await?;
 //! committed.receipt.published().await?;
 //!
 //! // Or publish from a process of its own (any number of relays share the partitions).
-//! let relay = LogRelay::new(store.clone(), nats, RelayConfig::default());
+//! let relay = LogRelay::new(store.clone(), broker, RelayConfig::default());
 //! tokio::spawn(async move { relay.run(std::future::pending()).await });
 //!
 //! // Replay one aggregate, or follow the global stream from a checkpoint.
-//! use futures_util::StreamExt;
-//! let mut history = store.load::<E>(lesson_id, 1);
+//! let mut history = store.load::<LessonPublished>(lesson_id, 1);
 //! while let Some(envelope) = history.next().await {
-//!     let envelope = envelope?;
+//!     assert_eq!(envelope?.event.title, "Ownership");
 //! }
-//! let mut all = store.stream_all::<E>(StreamPosition::START).follow(std::time::Duration::from_millis(200));
+//! let poll = std::time::Duration::from_millis(200);
+//! let mut all = store.stream_all::<LessonPublished>(StreamPosition::START).follow(poll);
+//! assert_eq!(all.next().await.transpose()?.map(|e| e.sequence), Some(1));
 //! # Ok(()) }
 //! ```
 //!
@@ -128,8 +289,8 @@
 //!   transaction PostgreSQL aborted (a failed statement, even an ignored one) or that the
 //!   caller ended on its raw connection, on either backend
 //!   ([`EventError::TransactionAborted`]); an event that could not be delivered or read back
-//!   is refused before anything is written ([`EventError::InvalidEvent`]; the README's "What
-//!   an append checks" lists every check and its limit). It returns a
+//!   is refused before anything is written ([`EventError::InvalidEvent`]; "What an append
+//!   checks" in the repository's RELIABILITY.md lists every check and its limit). It returns a
 //!   [`Receipt`]: `published().await` waits for the broker's acknowledgement.
 //! - [`LogRelay`]: reads the log past its checkpoints, below the transaction horizon, and
 //!   publishes it pipelined, one message per aggregate in flight; a checkpoint per partition
