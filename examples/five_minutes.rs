@@ -27,7 +27,7 @@ struct WorkshopScheduled {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
 #[event(context = "workshops")] // published on `workshops.SeatBooked`
 struct SeatBooked {
-    #[event(aggregate_id)]
+    #[event(aggregate_id)] // appends check it (a struct without one warns)
     workshop_id: Uuid,
     #[event(key)] // indexed: `store.events_by_key("student_id", id)`
     student_id: Uuid,

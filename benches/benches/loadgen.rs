@@ -880,7 +880,7 @@ async fn hot_aggregate(env: &Env, publisher: &NatsPublisher, total: u64) -> Resu
     Ok((committed, in_stream, bare))
 }
 
-/// One row of the durability guide's table, for the broker `NATS_URL` points at (one
+/// One row of DURABILITY.md's table, for the broker `NATS_URL` points at (one
 /// server, one with `sync_interval: always`, or a cluster with `BENCH_REPLICAS=3`; named by
 /// `BENCH_BROKER`): raw JetStream publishing pipelined and one message at a time, the relay
 /// draining a backlog, beside PostgreSQL's bare commit (a multi-row INSERT per commit) at 8

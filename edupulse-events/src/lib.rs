@@ -76,8 +76,11 @@
 //!     version `K`, each a raw JSON step `K -> K + 1` (see [`upcast`]). A gap is a compile
 //!     error.
 //! - Field attributes: `#[event(aggregate_id)]` on one field of type `Uuid` (or a newtype
-//!   implementing [`AggregateId`]); `#[event(key)]` or `#[event(key = "name")]` promotes a
-//!   field into the store's indexed keys (see [`IntoKeyValue`]).
+//!   implementing [`AggregateId`]): an append checks that the event belongs to the
+//!   aggregate it is appended to. A struct without one gets a warning on its name, unless it
+//!   says `#[event(no_aggregate_id)]` (an event that does not carry its aggregate's id).
+//!   `#[event(key)]` or `#[event(key = "name")]` promotes a field into the store's indexed
+//!   keys (see [`IntoKeyValue`]).
 //! - On an enum whose variants each wrap one event type, the derive dispatches all of the
 //!   above and decodes by event type (aliases included). `#[event(context = "…")]` on the
 //!   enum checks at compile time that every variant is published under that context. A

@@ -31,7 +31,7 @@ pub struct StreamSpec {
     /// (at most 5; 0, the default, means JetStream's default of 1 for a new stream and the
     /// stream's own setting for an existing one). With 3, JetStream acknowledges a message
     /// once two of the three servers stored it, and the stream survives the loss of one
-    /// server; see the README's durability guide.
+    /// server; see DURABILITY.md in the repository.
     pub replicas: usize,
     /// Atomic publishing (default on): on nats-server 2.12.1 and later, the stream is made
     /// to take atomic batches, and an aggregate's long run of pending events may go as one

@@ -5,8 +5,8 @@
 //! Per partition and stream, the relay keeps the highest stream sequence acknowledged for an
 //! event of the partition and that event's id (a *mark*, saved with the checkpoints). A
 //! stream *lost* acknowledged messages (it was deleted, restored from an older copy, or it is
-//! a single server's stream that lost power before syncing: see the README's durability
-//! guide) when its last sequence is below a mark, or when it holds another message, or none,
+//! a single server's stream that lost power before syncing: see DURABILITY.md in the
+//! repository) when its last sequence is below a mark, or when it holds another message, or none,
 //! at a mark's sequence (newer messages of other publishers may have taken its last sequence
 //! past the mark). A new acknowledgement at or below the marks a batch started from says the
 //! same. The relay checks when it takes partitions, after each reconnection to the broker,
