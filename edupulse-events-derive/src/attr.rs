@@ -83,14 +83,8 @@ pub(crate) fn container(cx: &Ctxt, attrs: &[Attribute], place: Place) -> Contain
                 }
                 UPCAST => out.upcasts.push(parse_upcast(cx, &meta, key)?),
                 NO_AGGREGATE_ID => {
-                    if meta.input.peek(Token![=]) || meta.input.peek(syn::token::Paren) {
-                        skip_value(&meta)?;
-                        cx.error_spanned_by(
-                            &key,
-                            "`no_aggregate_id` takes no value: write `#[event(no_aggregate_id)]`",
-                        );
-                    }
-                    set_once(cx, &mut out.no_aggregate_id, &key, Some(key.clone()));
+                    let flag = parse_flag(cx, &meta, &key)?;
+                    set_once(cx, &mut out.no_aggregate_id, &key, flag);
                 }
                 _ => unreachable_key(cx, &key),
             }
@@ -113,14 +107,8 @@ pub(crate) fn field(cx: &Ctxt, attrs: &[Attribute], place: Place) -> Field {
             };
             match key.to_string().as_str() {
                 AGGREGATE_ID => {
-                    if meta.input.peek(Token![=]) || meta.input.peek(syn::token::Paren) {
-                        skip_value(&meta)?;
-                        cx.error_spanned_by(
-                            &key,
-                            "`aggregate_id` takes no value: write `#[event(aggregate_id)]`",
-                        );
-                    }
-                    set_once(cx, &mut out.aggregate_id, &key, Some(key.clone()));
+                    let flag = parse_flag(cx, &meta, &key)?;
+                    set_once(cx, &mut out.aggregate_id, &key, flag);
                 }
                 KEY => {
                     let rename = if meta.input.peek(Token![=]) { parse_str(cx, &meta)? } else { None };
@@ -136,6 +124,16 @@ pub(crate) fn field(cx: &Ctxt, attrs: &[Attribute], place: Place) -> Field {
         }
     }
     out
+}
+
+/// A key that takes no value (`aggregate_id`, `no_aggregate_id`): the key itself, with an
+/// error (and the value skipped) when one is given.
+fn parse_flag(cx: &Ctxt, meta: &ParseNestedMeta<'_>, key: &Ident) -> syn::Result<Option<Ident>> {
+    if meta.input.peek(Token![=]) || meta.input.peek(syn::token::Paren) {
+        skip_value(meta)?;
+        cx.error_spanned_by(key, format!("`{key}` takes no value: write `#[event({key})]`"));
+    }
+    Ok(Some(key.clone()))
 }
 
 /// The `#[event]` attributes; anything but the list form is an error reported on the spot

@@ -42,10 +42,10 @@ macro_rules! execute {
     ($connection:expr, $sql:expr $(, $value:expr)* $(,)?) => {
         match $connection {
             $crate::Connection::Postgres(connection) => {
-                $crate::sqlx::query($sql)$(.bind($value))*.execute(&mut *connection).await.map(|r| r.rows_affected())
+                $crate::__execute_on!(connection, $sql $(, $value)*)
             }
             $crate::Connection::Sqlite(connection) => {
-                $crate::sqlx::query($sql)$(.bind($value))*.execute(&mut *connection).await.map(|r| r.rows_affected())
+                $crate::__execute_on!(connection, $sql $(, $value)*)
             }
         }
     };
@@ -59,7 +59,7 @@ macro_rules! execute {
     ($connection:expr, $sql:expr $(, $value:expr)* $(,)?) => {
         match $connection {
             $crate::Connection::Postgres(connection) => {
-                $crate::sqlx::query($sql)$(.bind($value))*.execute(&mut *connection).await.map(|r| r.rows_affected())
+                $crate::__execute_on!(connection, $sql $(, $value)*)
             }
         }
     };
@@ -73,8 +73,17 @@ macro_rules! execute {
     ($connection:expr, $sql:expr $(, $value:expr)* $(,)?) => {
         match $connection {
             $crate::Connection::Sqlite(connection) => {
-                $crate::sqlx::query($sql)$(.bind($value))*.execute(&mut *connection).await.map(|r| r.rows_affected())
+                $crate::__execute_on!(connection, $sql $(, $value)*)
             }
         }
+    };
+}
+
+/// The statement of [`execute!`](crate::execute) on one driver's connection.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __execute_on {
+    ($connection:ident, $sql:expr $(, $value:expr)*) => {
+        $crate::sqlx::query($sql)$(.bind($value))*.execute(&mut *$connection).await.map(|r| r.rows_affected())
     };
 }
